@@ -1,0 +1,22 @@
+"""ScaleLab entry point: page config, navigation over the labs, and the environment badge."""
+
+import streamlit as st
+
+from app_pages._ui import environment_badge
+
+st.set_page_config(page_title="ScaleLab", page_icon=":material/science:", layout="wide")
+
+PAGES = [
+    st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("app_pages/routing.py", title="MoE routing lab", icon=":material/alt_route:", url_path="routing"),
+    st.Page("app_pages/expert_parallel.py", title="Expert parallelism", icon=":material/hub:",
+            url_path="expert-parallel"),
+    st.Page("app_pages/attention.py", title="Attention kernels", icon=":material/bolt:", url_path="attention"),
+    st.Page("app_pages/scaling.py", title="Scaling breakpoints", icon=":material/show_chart:",
+            url_path="scaling"),
+    st.Page("app_pages/cost.py", title="MoE vs dense cost", icon=":material/calculate:", url_path="cost"),
+]
+
+page = st.navigation(PAGES)
+environment_badge()
+page.run()

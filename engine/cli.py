@@ -1,0 +1,84 @@
+"""`python -m engine <command>`: one sub-command per lab, printing a table or JSON (--json).
+
+Each command lives in engine/commands/<name>.py and defines
+    HELP: str                                  one line for `--help`
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace) -> CommandResult
+so the CLI reproduces exactly what a page shows, through the same engine calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+# Sub-command name -> module under engine.commands. Imported lazily: `--help` stays fast.
+COMMANDS = ("route", "attention", "fit", "cost", "dispatch")
+
+
+@dataclass
+class CommandResult:
+    """What a command prints: titled tables for humans, one JSON document for --json."""
+
+    tables: dict[str, pd.DataFrame]
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, pd.DataFrame):
+        return [_jsonable(r) for r in obj.to_dict(orient="records")]
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every command's sub-parser."""
+    parser = argparse.ArgumentParser(prog="python -m engine", description="ScaleLab engine CLI")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"engine.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"engine.commands.{name}":
+                raise
+            continue
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv`, run the command, print its result; bad input exits 2 with the message."""
+    args = build_parser().parse_args(argv)
+    try:
+        result: CommandResult = args._run(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        doc = {**{k: _jsonable(v) for k, v in result.tables.items()}, **_jsonable(result.data)}
+        print(json.dumps(doc, indent=2))
+    else:
+        with pd.option_context("display.width", 200, "display.max_columns", 50,
+                               "display.max_rows", 500):
+            for title, table in result.tables.items():
+                print(f"== {title}")
+                print(table.to_string(index=False))
+                print()
+    return 0

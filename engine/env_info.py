@@ -1,0 +1,22 @@
+"""The environment a result was produced in: device, torch, CUDA, FA3 provider."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+
+def environment() -> dict[str, str]:
+    """Plain strings describing this process's device and library versions."""
+    from engine.flash_attention3 import PROVIDER
+
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+        cuda = torch.version.cuda or "?"
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        cuda = "none"
+    fa3 = f"{PROVIDER.description} {PROVIDER.version or ''}".strip() if PROVIDER.available else "not available"
+    return {"device": device, "torch": torch.__version__, "cuda": cuda, "fa3": fa3,
+            "python": platform.python_version()}
