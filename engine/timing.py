@@ -1,0 +1,83 @@
+"""Wall-clock timing of a callable, the same way on CPU and CUDA.
+
+CUDA: CUDA events around each call, warm-up first, L2 flushed between repetitions (a write to a
+buffer larger than L2) so every repetition reads its inputs from HBM, as in a real model step.
+CPU: perf_counter after warm-up. Both report the median and the spread.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from engine.validation import check_int
+
+# Larger than the L2 of current GPUs (H100 and H200: 50 MB; B200: 126 MB).
+_L2_FLUSH_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call: median, 10th and 90th percentile, over `reps` repetitions."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    reps: int
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / median: the relative spread of the repetitions."""
+        return (self.p90_ms - self.p10_ms) / self.median_ms if self.median_ms > 0 else 0.0
+
+
+def _summary(samples: list[float]) -> Timing:
+    s = sorted(samples)
+    n = len(s)
+    return Timing(statistics.median(s), s[int(0.1 * (n - 1))], s[int(round(0.9 * (n - 1)))], n)
+
+
+def time_fn(fn: Callable[[], object], device: str | torch.device = "cpu", warmup: int = 3,
+            reps: int = 10, flush_l2: bool = True, min_total_s: float = 0.0) -> Timing:
+    """Time `fn()` on `device`; returns milliseconds per call (median and spread).
+
+    `min_total_s` raises the repetition count for very fast calls so the median is stable.
+    """
+    warmup = check_int("warmup", warmup, 0, 10_000)
+    reps = check_int("reps", reps, 1, 100_000)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return _time_cuda(fn, dev, warmup, reps, flush_l2)
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    start_all = time.perf_counter()
+    while len(samples) < reps or time.perf_counter() - start_all < min_total_s:
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+        if len(samples) >= 100_000:
+            break
+    return _summary(samples)
+
+
+def _time_cuda(fn: Callable[[], object], dev: torch.device, warmup: int, reps: int,
+               flush_l2: bool) -> Timing:
+    flush = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=dev) if flush_l2 else None
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize(dev)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        if flush is not None:
+            flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize(dev)
+    return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
