@@ -1,0 +1,68 @@
+"""The CLI dispatcher and the timing helper, checked against hand-computed values."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from engine.cli import CommandResult, _jsonable, main
+from engine.timing import _summary, time_fn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cli_help_lists_every_installed_command():
+    out = subprocess.run([sys.executable, "-m", "engine", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0
+    present = [p.stem for p in (ROOT / "engine" / "commands").glob("*.py") if p.stem != "__init__"]
+    for name in present:
+        assert name in out.stdout
+
+
+def test_jsonable_turns_tables_and_nonfinite_into_json_values():
+    df = pd.DataFrame({"a": [1, 2], "b": [0.5, math.inf]})
+    assert _jsonable(df) == [{"a": 1, "b": 0.5}, {"a": 2, "b": None}]
+    assert _jsonable({"x": (1, float("nan"))}) == {"x": [1, None]}
+
+
+def test_main_reports_value_errors_with_exit_code_2(monkeypatch, capsys):
+    import engine.cli as cli
+
+    class Fake:
+        HELP = "fake"
+
+        @staticmethod
+        def add_arguments(p):
+            p.add_argument("--n", type=int, default=1)
+
+        @staticmethod
+        def run(args):
+            if args.n < 1:
+                raise ValueError("n must be >= 1, got 0")
+            return CommandResult({"t": pd.DataFrame({"n": [args.n]})}, {"ok": True})
+
+    monkeypatch.setattr(cli, "COMMANDS", ("fake",))
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: Fake)
+    assert main(["fake", "--n", "0"]) == 2
+    assert "n must be >= 1" in capsys.readouterr().err
+    assert main(["fake", "--n", "3", "--json"]) == 0
+    assert '"ok": true' in capsys.readouterr().out
+
+
+def test_summary_percentiles_by_hand():
+    t = _summary([5.0, 1.0, 3.0, 2.0, 4.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0])
+    # Sorted 1..11: median 6; p10 index int(0.1*10)=1 -> 2; p90 index round(0.9*10)=9 -> 10.
+    assert (t.median_ms, t.p10_ms, t.p90_ms, t.reps) == (6.0, 2.0, 10.0, 11)
+    assert t.spread == pytest.approx((10 - 2) / 6)
+
+
+def test_time_fn_calls_warmup_plus_reps_times_on_cpu():
+    calls = []
+    t = time_fn(lambda: calls.append(1), warmup=2, reps=7)
+    assert len(calls) == 9 and t.reps == 7 and t.median_ms >= 0
+    with pytest.raises(ValueError, match="reps must be >= 1"):
+        time_fn(lambda: None, reps=0)
