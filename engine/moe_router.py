@@ -115,3 +115,25 @@ class HashRouter:
         bits = (x @ planes > 0).long().view(-1, self.top_k, nbits)
         codes = (bits << torch.arange(nbits, device=x.device)).sum(dim=2)
         return [codes[:, s] % self.num_experts for s in range(self.top_k)]
+
+
+def topk_softmax_route(logits: torch.Tensor, k: int) -> Routing:
+    """Mixtral's rule on gate logits (T, E): softmax over E, keep the top k, renormalise to sum 1.
+
+    Differentiable: the weights are softmax(logits) restricted to the chosen experts and
+    renormalised, which equals a softmax over the k chosen logits, so autograd reaches `logits`.
+    Returns experts (T, k) int64, weights (T, k) in the logits' float dtype, probs (T, E).
+    """
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() != 2:
+        raise ValueError(f"logits must be a float tensor of shape (T, E), got "
+                         f"{getattr(logits, 'shape', type(logits).__name__)}")
+    if logits.shape[0] == 0:
+        raise ValueError("logits must have at least one token (T >= 1)")
+    num_experts = int(logits.shape[1])
+    k = check_int("k", k, 1, num_experts)
+    # top-k of the logits equals top-k of the softmax (monotone), and the renormalised weights are
+    # a softmax over the k chosen logits: no (T, E) division or second pass over the probs.
+    top, experts = logits.topk(k, dim=-1)
+    weights = torch.softmax(top, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    return Routing(experts, weights, num_experts, probs, (int(logits.shape[0]),))
