@@ -1,0 +1,378 @@
+"""Expert parallelism what-if: place E experts on R ranks and count the all-to-all it costs.
+
+Model. R ranks each hold `tokens` tokens (data parallel). Every rank's batch is made the same way
+(`rank_batch`: seeded Zipf token ids, a router, an optional hot expert), so this module and the real
+dispatch in engine.ep_dispatch see identical routings. Each valid (token, slot) pair is one row of
+d_model values sent to the rank hosting its expert (dispatch) and one row sent back (combine); two
+slots of a token that land on the same rank are sent twice, exactly as ep_dispatch does. An expert
+with replicas serves the pair on replica `global token index mod replicas`, an even split.
+
+Placements: contiguous blocks, round-robin, and a load-aware greedy placement with replicas of hot
+experts in the style of vLLM's EPLB (DeepSeek's Expert Parallelism Load Balancer): extra physical
+slots go to the expert with the most load per replica, then physical experts are packed heaviest
+first onto the least-loaded rank that has room. EPLB uses loads averaged over past steps; here the
+loads are this batch's own counts (an oracle, the best case for the greedy placement).
+
+Pure torch and stdlib (pandas only inside the table helpers): the GPU benchmark box imports this.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from engine.moe_router import HashRouter, topk_softmax_route
+from engine.validation import check_bytes, check_choice, check_float, check_int
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+PLACEMENTS = ("contiguous", "round_robin", "greedy")
+ROUTERS = ("hash", "topk")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VOCAB = 32768
+GATE_DIM = 64  # width of the token feature the top-k gate reads (the what-if never builds d_model)
+MAX_WHATIF_TOKENS = 1 << 21  # all ranks together; ~100 MB of routing tensors at the limit
+
+
+@dataclass(frozen=True)
+class EPSettings:
+    """One expert-parallel layer: experts on ranks, tokens per rank, payload width and dtype."""
+
+    experts: int = 64
+    ranks: int = 4
+    top_k: int = 2
+    tokens: int = 4096  # per rank
+    d_model: int = 4096
+    dtype: str = "bf16"
+    placement: str = "contiguous"
+    replicas: int = 0  # extra physical experts for hot ones; greedy placement only
+    router: str = "hash"
+    zipf: float = 1.0  # exponent of the token-id distribution; 0 is uniform
+    hot_share: float = 0.0  # share of tokens whose first slot is forced to expert 0
+    seed: int = 0
+
+    def validated(self) -> "EPSettings":
+        """Return self after checking every field; raises ValueError naming the bad one."""
+        check_int("experts", self.experts, 1, 4096)
+        check_int("ranks", self.ranks, 1, 1024)
+        if self.ranks > self.experts:
+            raise ValueError(f"ranks must be <= experts ({self.experts}) so every rank hosts an "
+                             f"expert, got {self.ranks}")
+        check_int("top_k", self.top_k, 1, min(self.experts, 2 if self.router == "hash" else 8))
+        check_int("tokens", self.tokens, 1, 1 << 20)
+        check_int("d_model", self.d_model, 1, 65536)
+        check_choice("dtype", self.dtype, tuple(DTYPES))
+        check_choice("placement", self.placement, PLACEMENTS)
+        check_int("replicas", self.replicas, 0, self.experts * (self.ranks - 1))
+        check_choice("router", self.router, ROUTERS)
+        check_float("zipf", self.zipf, 0.0, 3.0)
+        check_float("hot_share", self.hot_share, 0.0, 1.0)
+        check_int("seed", self.seed, 0, 2**31 - 1)
+        return self
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one token's hidden state: d_model * dtype size."""
+        return self.d_model * DTYPES[self.dtype].itemsize
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Physical experts per rank: slots[r] lists the expert ids rank r hosts (replicas allowed)."""
+
+    name: str
+    num_experts: int
+    slots: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_ranks(self) -> int:
+        """R, the number of ranks."""
+        return len(self.slots)
+
+    def slot_rank(self) -> torch.Tensor:
+        """Rank of every physical slot, shape (P,) int64, slots numbered rank by rank."""
+        return torch.tensor([r for r, s in enumerate(self.slots) for _ in s], dtype=torch.int64)
+
+    def slot_expert(self) -> torch.Tensor:
+        """Expert id of every physical slot, shape (P,) int64."""
+        return torch.tensor([e for s in self.slots for e in s], dtype=torch.int64)
+
+    def replica_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table (E, max replicas) of physical slot ids padded with -1, replicas per expert (E,))."""
+        reps: list[list[int]] = [[] for _ in range(self.num_experts)]
+        for p, e in enumerate(self.slot_expert().tolist()):
+            reps[e].append(p)
+        width = max(len(r) for r in reps)
+        table = torch.full((self.num_experts, width), -1, dtype=torch.int64)
+        for e, r in enumerate(reps):
+            table[e, : len(r)] = torch.tensor(r, dtype=torch.int64)
+        return table, torch.tensor([len(r) for r in reps], dtype=torch.int64)
+
+
+def validate_placement(placement: Placement) -> Placement:
+    """Return `placement` if every rank hosts >= 1 expert and every expert is hosted, else ValueError."""
+    e_count = placement.num_experts
+    for r, slot in enumerate(placement.slots):
+        if not slot:
+            raise ValueError(f"placement: rank {r} hosts no expert")
+        bad = [e for e in slot if not 0 <= e < e_count]
+        if bad:
+            raise ValueError(f"placement: rank {r} lists expert ids {bad} outside [0, {e_count - 1}]")
+    missing = sorted(set(range(e_count)) - {e for s in placement.slots for e in s})
+    if missing:
+        raise ValueError(f"placement misses experts {missing[:10]}{'...' if len(missing) > 10 else ''}"
+                         f"; every expert in [0, {e_count - 1}] needs a rank")
+    return placement
+
+
+def parse_placement(text: str, num_experts: int) -> Placement:
+    """A custom placement from 'ids;ids;...' (one group per rank, ids comma-separated, a-b ranges)."""
+    slots = []
+    for group in text.split(";"):
+        ids: list[int] = []
+        for item in filter(None, (t.strip() for t in group.split(","))):
+            lo, _, hi = item.partition("-")
+            try:
+                ids.extend(range(int(lo), int(hi or lo) + 1))
+            except ValueError:
+                raise ValueError(f"placement map: {item!r} is not an expert id or a-b range") from None
+        slots.append(tuple(ids))
+    return validate_placement(Placement("custom", num_experts, tuple(slots)))
+
+
+def contiguous_placement(num_experts: int, ranks: int) -> Placement:
+    """Experts in R contiguous blocks whose sizes differ by at most one."""
+    _check_er(num_experts, ranks)
+    return Placement("contiguous", num_experts, tuple(
+        tuple(range(r * num_experts // ranks, (r + 1) * num_experts // ranks)) for r in range(ranks)))
+
+
+def round_robin_placement(num_experts: int, ranks: int) -> Placement:
+    """Expert e on rank e mod R."""
+    _check_er(num_experts, ranks)
+    return Placement("round_robin", num_experts,
+                     tuple(tuple(range(r, num_experts, ranks)) for r in range(ranks)))
+
+
+def greedy_placement(loads: Sequence[float], ranks: int, replicas: int = 0) -> Placement:
+    """EPLB-style: `replicas` extra slots for the hottest experts, then heaviest-first bin packing.
+
+    loads: per-expert load (tokens), length E. Each rank gets at most ceil((E + replicas) / R)
+    slots; an expert's replicas go to distinct ranks where possible.
+    """
+    num_experts = len(loads)
+    _check_er(num_experts, ranks)
+    replicas = check_int("replicas", replicas, 0, num_experts * (ranks - 1))
+    copies = [1] * num_experts
+    # Max-heap on load per replica; ties broken by lower expert id for reproducibility.
+    heap = [(-float(w), e) for e, w in enumerate(loads)]
+    heapq.heapify(heap)
+    for _ in range(replicas):
+        _, e = heapq.heappop(heap)
+        copies[e] += 1
+        if copies[e] < ranks:  # at most one replica per rank
+            heapq.heappush(heap, (-float(loads[e]) / copies[e], e))
+    items = sorted(((float(loads[e]) / copies[e], e) for e in range(num_experts) for _ in range(copies[e])),
+                   key=lambda t: (-t[0], t[1]))
+    cap = math.ceil(len(items) / ranks)
+    slots: list[list[int]] = [[] for _ in range(ranks)]
+    rank_load = [0.0] * ranks
+    for w, e in items:
+        open_ranks = [r for r in range(ranks) if len(slots[r]) < cap]
+        fresh = [r for r in open_ranks if e not in slots[r]] or open_ranks
+        r = min(fresh, key=lambda q: (rank_load[q], len(slots[q]), q))
+        slots[r].append(e)
+        rank_load[r] += w
+    return Placement("greedy", num_experts, tuple(tuple(sorted(s)) for s in slots))
+
+
+def _check_er(num_experts: int, ranks: int) -> None:
+    check_int("experts", num_experts, 1)
+    check_int("ranks", ranks, 1)
+    if ranks > num_experts:
+        raise ValueError(f"ranks must be <= experts ({num_experts}), got {ranks}")
+
+
+def zipf_token_ids(n: int, exponent: float, generator: torch.Generator) -> torch.Tensor:
+    """n token ids in [0, VOCAB) with P(id = i) proportional to (i + 1) ** -exponent; shape (n,)."""
+    probs = torch.arange(1, VOCAB + 1, dtype=torch.float64).pow(-exponent)
+    return torch.multinomial(probs, n, replacement=True, generator=generator)
+
+
+def token_features(ids: torch.Tensor, width: int, seed: int, dtype: torch.dtype = torch.float32
+                   ) -> torch.Tensor:
+    """Deterministic hidden state per token id: sin(id * f_j + phase_j), shape (T, width).
+
+    Computed on ids' device; the same id gives the same row on every rank and in every test.
+    """
+    gen = torch.Generator().manual_seed(seed + 7)
+    freq = (torch.rand(width, generator=gen) * 0.1).to(ids.device)
+    phase = (torch.rand(width, generator=gen) * 6.283).to(ids.device)
+    return torch.sin(ids.to(torch.float32)[:, None] * freq + phase).to(dtype)
+
+
+def _route(settings: EPSettings, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if settings.router == "hash":
+        out = HashRouter(settings.experts, settings.top_k, settings.seed)(ids)
+    else:
+        gen = torch.Generator().manual_seed(settings.seed + 11)
+        gate = torch.randn(GATE_DIM, settings.experts, generator=gen).to(ids.device)
+        out = topk_softmax_route(token_features(ids, GATE_DIM, settings.seed) @ gate, settings.top_k)
+    return out.experts, out.weights.float()
+
+
+def rank_batch(settings: EPSettings, rank: int, device: str | torch.device = "cpu"
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank `rank`'s tokens: ids (T,), experts (T, k) int64 (-1 empty), weights (T, k) float32.
+
+    A share `hot_share` of tokens (seeded per rank) has its first slot forced to expert 0; a second
+    slot already on expert 0 is emptied and its weight moved to the first.
+    """
+    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + rank)
+    ids = zipf_token_ids(settings.tokens, settings.zipf, gen)
+    hot = torch.rand(settings.tokens, generator=gen) < settings.hot_share
+    ids = ids.to(device)
+    experts, weights = _route(settings, ids)
+    hot = hot.to(experts.device)
+    if bool(hot.any()):
+        experts, weights = experts.clone(), weights.clone()
+        dup = hot[:, None] & (experts == 0)
+        dup[:, 0] = False
+        weights[:, 0] += (weights * dup).sum(dim=1)
+        experts[dup] = -1
+        weights[dup] = 0.0
+        experts[hot, 0] = 0
+    return ids, experts, weights
+
+
+def expert_counts(settings: EPSettings) -> torch.Tensor:
+    """Token-expert pairs per expert over all ranks' batches, shape (E,) int64."""
+    counts = torch.zeros(settings.experts, dtype=torch.int64)
+    for r in range(settings.ranks):
+        e = rank_batch(settings, r)[1].reshape(-1)
+        counts += torch.bincount(e[e >= 0], minlength=settings.experts)
+    return counts
+
+
+def make_placement(settings: EPSettings, counts: torch.Tensor | None = None) -> Placement:
+    """The placement `settings.placement` names; greedy uses `counts` (E,) (computed if None)."""
+    s = settings
+    if s.placement == "contiguous":
+        return contiguous_placement(s.experts, s.ranks)
+    if s.placement == "round_robin":
+        return round_robin_placement(s.experts, s.ranks)
+    loads = (expert_counts(s) if counts is None else counts).tolist()
+    return greedy_placement(loads, s.ranks, s.replicas)
+
+
+def destinations(experts: torch.Tensor, token_index: torch.Tensor,
+                 replicas: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Physical slot serving each (token, slot) pair, shape (T, k) int64, -1 where experts is -1.
+
+    experts: (T, k) expert ids; token_index: (T,) global token indices (pick among replicas);
+    replicas: Placement.replica_table(), on experts' device.
+    """
+    table, copies = replicas
+    e = experts.clamp(min=0)
+    pick = token_index[:, None].to(experts.device) % copies[e]
+    return torch.where(experts >= 0, table[e, pick], torch.full_like(experts, -1))
+
+
+@dataclass(frozen=True)
+class EPStats:
+    """Per-rank load and rank-to-rank traffic of one expert-parallel layer (plain values)."""
+
+    placement: Placement
+    load: tuple[int, ...]  # token-expert pairs each rank's experts compute
+    balancedness: float  # mean / max of load; 1 is perfect
+    pair_matrix: tuple[tuple[int, ...], ...]  # [src][dst] pairs sent in the dispatch
+    row_bytes: int  # bytes per pair each way (d_model * dtype size)
+    leave_share: float  # share of pairs whose expert is on another rank
+
+    def dispatch_bytes(self) -> list[list[int]]:
+        """Bytes sent [src][dst] in the dispatch (the diagonal stays on its rank)."""
+        return [[c * self.row_bytes for c in row] for row in self.pair_matrix]
+
+    def combine_bytes(self) -> list[list[int]]:
+        """Bytes sent [src][dst] in the combine: results return, so the dispatch transposed."""
+        return [list(col) for col in zip(*self.dispatch_bytes())]
+
+
+def pair_matrix(experts: torch.Tensor, token_index: torch.Tensor, src_rank: torch.Tensor,
+                placement: Placement) -> torch.Tensor:
+    """Pairs sent from each source rank to each destination rank, shape (R, R) int64."""
+    r = placement.num_ranks
+    slots = destinations(experts, token_index, placement.replica_table())
+    valid = slots >= 0
+    dst = placement.slot_rank().to(slots.device)[slots[valid]]
+    src = src_rank[:, None].expand_as(slots)[valid]
+    return torch.bincount(src * r + dst, minlength=r * r).view(r, r).cpu()
+
+
+def ep_stats(settings: EPSettings, placement: Placement | None = None) -> EPStats:
+    """Load per rank, balancedness and traffic for `settings` (placement built from it if None)."""
+    s = settings.validated()
+    check_int("ranks * tokens", s.ranks * s.tokens, 1, MAX_WHATIF_TOKENS)
+    check_bytes("what-if routing", s.ranks * s.tokens * (8 + 4 * GATE_DIM + 24 * s.top_k))
+    batches = [rank_batch(s, r) for r in range(s.ranks)]
+    experts = torch.cat([b[1] for b in batches])
+    if placement is None:
+        flat = experts.reshape(-1)
+        placement = make_placement(s, torch.bincount(flat[flat >= 0], minlength=s.experts))
+    validate_placement(placement)
+    if placement.num_ranks != s.ranks or placement.num_experts != s.experts:
+        raise ValueError(f"placement has {placement.num_ranks} ranks and {placement.num_experts} "
+                         f"experts; settings ask for {s.ranks} and {s.experts}")
+    index = torch.arange(experts.shape[0])
+    m = pair_matrix(experts, index, index // s.tokens, placement)
+    load = m.sum(dim=0)
+    total = int(m.sum())
+    peak = int(load.max())
+    return EPStats(
+        placement=placement,
+        load=tuple(load.tolist()),
+        balancedness=float(load.double().mean()) / peak if peak else 1.0,
+        pair_matrix=tuple(tuple(row) for row in m.tolist()),
+        row_bytes=s.row_bytes,
+        leave_share=(total - int(m.diagonal().sum())) / total if total else 0.0,
+    )
+
+
+def hot_expert_sweep(settings: EPSettings, shares: Sequence[float]) -> list[dict]:
+    """Slowest rank's load against the hot-expert share, for every placement (rows of plain dicts)."""
+    rows = []
+    for share in shares:
+        for name in PLACEMENTS:
+            st = ep_stats(replace(settings, hot_share=float(share), placement=name))
+            rows.append({"hot_share": float(share), "placement": name, "max_load": max(st.load),
+                         "mean_load": sum(st.load) / len(st.load), "balancedness": st.balancedness})
+    return rows
+
+
+def rank_table(stats: EPStats) -> "pd.DataFrame":
+    """One row per rank: experts hosted, load, and dispatch bytes sent to / received from others."""
+    import pandas as pd  # lazily: the GPU box runs ep_dispatch without pandas
+
+    m = stats.dispatch_bytes()
+    r_count = len(m)
+    return pd.DataFrame({
+        "rank": range(r_count),
+        "experts": [" ".join(map(str, s)) for s in stats.placement.slots],
+        "load_pairs": stats.load,
+        "load_vs_mean": [x / (sum(stats.load) / r_count) if sum(stats.load) else 0.0 for x in stats.load],
+        "sent_off_rank_MB": [(sum(m[r]) - m[r][r]) / 1e6 for r in range(r_count)],
+        "received_off_rank_MB": [(sum(row[r] for row in m) - m[r][r]) / 1e6 for r in range(r_count)],
+    })
+
+
+def traffic_table(stats: EPStats) -> "pd.DataFrame":
+    """Dispatch bytes [src][dst] as a long table (src, dst, pairs, MB); combine is its transpose."""
+    import pandas as pd
+
+    return pd.DataFrame([{"src": i, "dst": j, "pairs": c, "MB": c * stats.row_bytes / 1e6}
+                         for i, row in enumerate(stats.pair_matrix) for j, c in enumerate(row)])
