@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from engine.expert_parallel import (DTYPES, EPSettings, Placement, destinations, make_placement,
-                                    rank_batch, token_features)
+                                    parse_placement, rank_batch, token_features)
 from engine.timing import time_fn
 from engine.validation import MAX_BYTES, check_bytes, check_int
 
@@ -133,13 +133,16 @@ def working_set_bytes(settings: EPSettings) -> int:
 
 
 def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, reps: int,
-            dump: Path | None = None) -> dict:
-    """Run and time the layer on this rank; returns this rank's row (plain values)."""
+            dump: Path | None = None, placement: Placement | None = None) -> dict:
+    """Run and time the layer on this rank; returns this rank's row (plain values).
+
+    placement: a fixed one (e.g. parsed from --map), else built from settings and global loads.
+    """
     s = settings
     ids, experts, weights = rank_batch(s, rank, device)
     counts = torch.bincount(experts[experts >= 0], minlength=s.experts)
     dist.all_reduce(counts)  # global loads, as EPLB collects them, for the greedy placement
-    placement = make_placement(s, counts.cpu())
+    placement = placement or make_placement(s, counts.cpu())
     x = token_features(ids, s.d_model, s.seed, DTYPES[s.dtype])
     token_index = rank * s.tokens + torch.arange(s.tokens, device=device)
     gains = expert_gains(s.experts, s.seed)
@@ -202,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES))
     p.add_argument("--placement", default=d.placement)
     p.add_argument("--replicas", type=int, default=d.replicas)
+    p.add_argument("--map", default="", help="custom placement 'ids;ids;...', one group per rank")
     p.add_argument("--router", default=d.router)
     p.add_argument("--zipf", type=float, default=d.zipf)
     p.add_argument("--hot-share", type=float, default=d.hot_share)
@@ -232,6 +236,17 @@ def settings_from_args(args: argparse.Namespace, world: int, tokens: int) -> EPS
                       hot_share=args.hot_share, seed=args.seed).validated()
 
 
+def checked_map(text: str, settings: EPSettings) -> Placement | None:
+    """The custom placement in `text` (None if empty), checked against the settings' E and R."""
+    if not text:
+        return None
+    placement = parse_placement(text, settings.experts)
+    if placement.num_ranks != settings.ranks:
+        raise ValueError(f"placement map has {placement.num_ranks} rank groups; the job has "
+                         f"{settings.ranks} ranks")
+    return placement
+
+
 def worker(argv: list[str] | None = None) -> None:
     """Entry point of every torchrun process: measure each token count, rank 0 reports."""
     args = build_parser().parse_args(argv)
@@ -257,7 +272,8 @@ def worker(argv: list[str] | None = None) -> None:
             limit = int(0.8 * torch.cuda.get_device_properties(device).total_memory) \
                 if device.type == "cuda" else MAX_BYTES
             check_bytes("dispatch working set per rank", working_set_bytes(s), limit)
-            row = measure(s, rank, device, args.warmup, args.reps, args.dump)
+            row = measure(s, rank, device, args.warmup, args.reps, args.dump,
+                          checked_map(args.map, s))
             rows: list[dict] = [{}] * world
             dist.all_gather_object(rows, row)
             per_rank += rows
@@ -294,13 +310,15 @@ class LaunchError(RuntimeError):
 
 
 def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,
-           timeout_s: float = 120.0, fail_rank: int = -1, dump: Path | None = None) -> dict:
+           timeout_s: float = 120.0, placement_map: str = "", fail_rank: int = -1,
+           dump: Path | None = None) -> dict:
     """Run the dispatch on `processes` local CPU processes (gloo) via torchrun; returns rank 0's JSON.
 
     Everything is checked before launching; the whole job is killed after `timeout_s` seconds.
     """
     processes = check_int("processes", processes, 1, MAX_CPU_PROCESSES)
     s = replace(settings, ranks=processes).validated()
+    checked_map(placement_map, s)
     check_bytes("dispatch working set (all processes)", processes * working_set_bytes(s))
     check_int("warmup", warmup, 0, 100)
     check_int("reps", reps, 1, 1000)
@@ -312,7 +330,7 @@ def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,
                "--replicas", str(s.replicas), "--router", s.router, "--zipf", str(s.zipf),
                "--hot-share", str(s.hot_share), "--seed", str(s.seed), "--warmup", str(warmup),
                "--reps", str(reps), "--backend", "gloo", "--timeout", str(max(5.0, timeout_s / 2)),
-               "--out", tmp, "--fail-rank", str(fail_rank)] + (["--dump", str(dump)] if dump else [])
+               "--map", placement_map, "--out", tmp, "--fail-rank", str(fail_rank)] + (["--dump", str(dump)] if dump else [])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         # Own session: on timeout the whole tree (torchrun and its workers) is killed at once.
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,

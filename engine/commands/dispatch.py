@@ -1,0 +1,68 @@
+"""`python -m engine dispatch`: expert placement what-if, or `--launch N` for a real gloo dispatch."""
+
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+
+from engine.cli import CommandResult
+from engine.ep_dispatch import launch
+from engine.expert_parallel import (DTYPES, PLACEMENTS, ROUTERS, EPSettings, ep_stats,
+                                    parse_placement, rank_table)
+
+HELP = "expert parallelism: per-rank load and all-to-all bytes of a placement, or a measured dispatch"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Settings of EPSettings, a custom --map, and --launch N for the measured run."""
+    d = EPSettings()
+    p.add_argument("--experts", type=int, default=d.experts)
+    p.add_argument("--ranks", type=int, default=d.ranks, help="ranks of the what-if")
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--tokens", type=int, default=d.tokens, help="tokens per rank")
+    p.add_argument("--d-model", type=int, default=d.d_model)
+    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES))
+    p.add_argument("--placement", default=d.placement, choices=list(PLACEMENTS))
+    p.add_argument("--replicas", type=int, default=d.replicas, help="extra slots (greedy only)")
+    p.add_argument("--router", default=d.router, choices=list(ROUTERS))
+    p.add_argument("--zipf", type=float, default=d.zipf)
+    p.add_argument("--hot-share", type=float, default=d.hot_share)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--map", default="",
+                   help="custom placement 'ids;ids;...' (one group per rank, e.g. '0-3;4-7')")
+    p.add_argument("--launch", type=int, metavar="N",
+                   help="run the real dispatch on N local processes (torchrun, gloo) instead")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=120.0, help="wall-time limit of --launch, s")
+
+
+def _settings(args: argparse.Namespace, ranks: int) -> EPSettings:
+    return EPSettings(experts=args.experts, ranks=ranks, top_k=args.top_k, tokens=args.tokens,
+                      d_model=args.d_model, dtype=args.dtype, placement=args.placement,
+                      replicas=args.replicas, router=args.router, zipf=args.zipf,
+                      hot_share=args.hot_share, seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> CommandResult:
+    """The what-if tables, or the measured per-rank and summary tables of a launch."""
+    if args.launch is not None:
+        doc = launch(_settings(args, args.launch), args.launch, reps=args.reps,
+                     timeout_s=args.timeout, placement_map=args.map)
+        per_rank = pd.DataFrame(doc["per_rank"]).drop(columns=["pairs_sent"])
+        env = {k: doc[k] for k in ("backend", "world", "device", "date", "torch")}
+        return CommandResult({"measured per rank": per_rank,
+                              "slowest rank (ratio = plain time / layer time)":
+                                  pd.DataFrame(doc["summary"])}, {"environment": env})
+    placement = parse_placement(args.map, args.experts) if args.map else None
+    ranks = placement.num_ranks if placement else args.ranks
+    stats = ep_stats(_settings(args, ranks), placement)
+    traffic = pd.DataFrame(stats.dispatch_bytes()).map(lambda b: b / 1e6)
+    traffic.insert(0, "src \\ dst", range(ranks))
+    summary = pd.DataFrame([{"placement": stats.placement.name, "balancedness": stats.balancedness,
+                             "leave_share": stats.leave_share, "max_load": max(stats.load),
+                             "dispatch_off_rank_MB": (sum(map(sum, stats.dispatch_bytes()))
+                                                      - sum(stats.dispatch_bytes()[r][r]
+                                                            for r in range(ranks))) / 1e6}])
+    return CommandResult({"per rank": rank_table(stats), "dispatch MB (combine = transpose)": traffic,
+                          "summary": summary}, {"placement": [list(s) for s in stats.placement.slots]})
