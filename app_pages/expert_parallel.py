@@ -1,5 +1,140 @@
-"""Placeholder until this lab lands."""
+"""Expert parallelism: place experts on ranks, see load and all-to-all traffic, run a real dispatch."""
 
+from dataclasses import asdict
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 
-st.info("This lab is being built.")
+from app_pages._ui import download_buttons, guarded
+from engine.ep_dispatch import LaunchError, committed_results, launch
+from engine.expert_parallel import (DTYPES, PLACEMENTS, ROUTERS, EPSettings, EPStats, ep_stats,
+                                    hot_expert_sweep, rank_table, traffic_table)
+
+HOT_SHARES = tuple(round(0.05 * i, 2) for i in range(11))
+Q = {"bind": "query-params"}
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _stats(**fields) -> EPStats:
+    return ep_stats(EPSettings(**fields))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _sweep(**fields) -> list[dict]:
+    return hot_expert_sweep(EPSettings(**fields), HOT_SHARES)
+
+
+st.title("Expert parallelism")
+st.caption("E experts on R ranks, each rank holding its own tokens: what each rank computes, what "
+           "crosses the network in the dispatch and the combine, and what one hot expert does to "
+           "the slowest rank. Same numbers from a shell: `python -m engine dispatch --help`.")
+
+c = st.columns(4)
+experts = c[0].number_input("Experts", 2, 1024, 64, key="experts", **Q)
+ranks = c[1].number_input("Ranks", 1, 256, 4, key="ranks", **Q)
+top_k = c[2].number_input("Experts per token (k)", 1, 8, 2, key="k", **Q)
+tokens = c[3].select_slider("Tokens per rank", [2**i for i in range(8, 17)], 4096, key="tokens", **Q)
+c = st.columns(4)
+d_model = c[0].select_slider("d_model", [2**i for i in range(6, 15)], 4096, key="d", **Q)
+dtype = c[1].selectbox("Payload dtype", list(DTYPES), index=1, key="dtype", **Q)
+router = c[2].selectbox("Router", list(ROUTERS), key="router", **Q,
+                        help="hash: Hash Layers on token ids (k <= 2); topk: softmax top-k gate")
+zipf = c[3].slider("Token skew (Zipf exponent)", 0.0, 2.0, 1.0, 0.1, key="zipf", **Q)
+c = st.columns(4)
+placement = c[0].radio("Placement", list(PLACEMENTS), key="place", **Q,
+                       help="greedy: EPLB-style packing by load, with replicas of hot experts")
+replicas = c[1].slider("Replicas of hot experts (greedy)", 0, 64, 0, key="rep", **Q)
+hot = c[2].slider("Hot expert share", 0.0, 0.9, 0.0, 0.05, key="hot", **Q,
+                  help="share of tokens whose first expert is forced to expert 0")
+seed = c[3].number_input("Seed", 0, 2**31 - 1, 0, key="seed", **Q)
+
+settings = EPSettings(experts=int(experts), ranks=int(ranks), top_k=int(top_k), tokens=int(tokens),
+                      d_model=int(d_model), dtype=dtype, placement=placement, replicas=int(replicas),
+                      router=router, zipf=float(zipf), hot_share=float(hot), seed=int(seed))
+stats = guarded("ep_stats", lambda: _stats(**asdict(settings)))
+
+if stats is not None:
+    ranks_n = len(stats.load)
+    mean = sum(stats.load) / ranks_n
+    dispatch = stats.dispatch_bytes()
+    off_rank = sum(map(sum, dispatch)) - sum(dispatch[r][r] for r in range(ranks_n))
+    m = st.columns(4)
+    m[0].metric("Balancedness (mean / max load)", f"{stats.balancedness:.3f}")
+    m[1].metric("Slowest rank vs mean", f"{max(stats.load) / mean:.2f}x" if mean else "-")
+    m[2].metric("Pairs leaving their rank", f"{stats.leave_share:.1%}")
+    m[3].metric("Off-rank MB per layer, each way", f"{off_rank / 1e6:,.1f}")
+
+    left, right = st.columns(2)
+    table = rank_table(stats)
+    fig = px.bar(table, x="rank", y="load_pairs", hover_data=["experts"],
+                 labels={"load_pairs": "token-expert pairs computed", "rank": "rank"},
+                 title=f"Load per rank ({stats.placement.name})")
+    fig.add_hline(y=mean, line_dash="dot", annotation_text="mean")
+    left.plotly_chart(fig, key="ep_load")
+    heat = go.Figure(go.Heatmap(z=[[b / 1e6 for b in row] for row in dispatch],
+                                colorscale="Viridis", colorbar={"title": "MB"}, zmin=0,
+                                hovertemplate="src %{y} -> dst %{x}: %{z:.2f} MB<extra></extra>"))
+    heat.update_layout(title="Dispatch MB, source -> destination (combine: transposed)",
+                       xaxis_title="destination rank", yaxis_title="source rank",
+                       yaxis_autorange="reversed")
+    right.plotly_chart(heat, key="ep_heat")
+    st.dataframe(table, hide_index=True)
+    download_buttons("ep_ranks", table, {"settings": asdict(settings),
+                                         "placement": [list(s) for s in stats.placement.slots]})
+    with st.expander("Rank-to-rank traffic table"):
+        traffic = traffic_table(stats)
+        st.dataframe(traffic, hide_index=True)
+        download_buttons("ep_traffic", traffic, {"settings": asdict(settings)})
+
+st.subheader("What a hot expert does to the slowest rank")
+st.caption("Expert 0 gets a growing share of all tokens; every placement sees the same tokens. "
+           "Greedy uses this batch's loads (an oracle) and the replicas set above.")
+sweep = guarded("ep_sweep", lambda: _sweep(**asdict(settings)))
+if sweep is not None:
+    sweep_df = pd.DataFrame(sweep)
+    sweep_df["slowest_vs_mean"] = sweep_df["max_load"] / sweep_df["mean_load"]
+    fig = px.line(sweep_df, x="hot_share", y="slowest_vs_mean", color="placement", markers=True,
+                  labels={"hot_share": "share of tokens on expert 0",
+                          "slowest_vs_mean": "slowest rank load / mean load"})
+    st.plotly_chart(fig, key="ep_sweep_fig")
+    st.dataframe(sweep_df, hide_index=True)
+    download_buttons("ep_hot_sweep", sweep_df, {"settings": asdict(settings)})
+
+st.subheader("Measured: a real dispatch on this machine")
+st.caption("torchrun starts N CPU processes (gloo); each routes its tokens, exchanges counts and "
+           "rows with all_to_all_single, runs its experts and combines. A plain all_to_all_single of "
+           "the same bytes is timed in the same run. CPU times show the mechanics, not GPU speed.")
+c = st.columns([1, 1, 2])
+procs = c[0].number_input("Processes", 2, 4, 2, key="procs", **Q)
+if c[1].button("Run the dispatch", key="run_dispatch", icon=":material/play_arrow:"):
+    # Not through guarded(): a failed launch should show the workers' own last lines.
+    try:
+        with st.spinner(f"Running {procs} processes..."):
+            st.session_state["ep_measured"] = launch(settings, int(procs), timeout_s=120)
+    except ValueError as exc:
+        st.error(str(exc), icon=":material/error:")
+    except LaunchError as exc:
+        st.error("The dispatch failed; its last output:", icon=":material/error:")
+        st.code(str(exc))
+measured = st.session_state.get("ep_measured")
+if measured is not None:
+    st.caption(f"{measured['world']} ranks, {measured['backend']}, {measured['device']}, "
+               f"{measured['date']}, torch {measured['torch']}")
+    per_rank = pd.DataFrame(measured["per_rank"]).drop(columns=["pairs_sent"])
+    summary = pd.DataFrame(measured["summary"])
+    st.dataframe(summary, hide_index=True)
+    st.dataframe(per_rank, hide_index=True)
+    download_buttons("ep_measured", per_rank, {"summary": measured["summary"],
+                                               "settings": measured["settings"]})
+
+st.subheader("Committed GPU results")
+results = committed_results()
+if not results:
+    st.caption("None committed yet: `benchmarks/bench_ep_nccl.py` writes them under "
+               "benchmarks/results/.")
+for doc in results:
+    st.markdown(f"**{doc['device']}**, {doc['world']} ranks, {doc['backend']}, {doc['date']} "
+                f"(torch {doc['torch']}, CUDA {doc.get('cuda')}, NCCL {doc.get('nccl')})")
+    st.dataframe(pd.DataFrame(doc["summary"]), hide_index=True)

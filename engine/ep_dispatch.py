@@ -305,6 +305,12 @@ def _report(args: argparse.Namespace, backend: str, world: int, device: torch.de
         stem.with_suffix(".md").write_text(f"```text\n{text}```\n")
 
 
+def committed_results(directory: Path = ROOT / "benchmarks" / "results") -> list[dict]:
+    """Every committed dispatch result (ep_*.json written by the worker), newest first."""
+    docs = [json.loads(p.read_text()) for p in sorted(directory.glob("ep_*.json"))]
+    return sorted(docs, key=lambda d: d.get("date", ""), reverse=True)
+
+
 class LaunchError(RuntimeError):
     """torchrun failed or exceeded its wall time; the message carries the workers' last output."""
 
