@@ -67,8 +67,9 @@ class BreakpointModel:
 
 
 def validate_xy(x: object, y: object, x_name: str = "params", y_name: str = "losses",
-                rows: list[str] | None = None, min_points: int = MIN_POINTS) -> tuple[np.ndarray, np.ndarray]:
-    """Check two equal-length positive finite 1-D arrays with distinct x; return them as float64.
+                rows: list[str] | None = None, min_points: int = MIN_POINTS,
+                distinct: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Check two equal-length positive finite 1-D arrays (x distinct unless told); return float64.
 
     `rows` labels each element in messages (e.g. CSV line numbers); default "row i" (0-based).
     """
@@ -90,6 +91,8 @@ def validate_xy(x: object, y: object, x_name: str = "params", y_name: str = "los
             raise ValueError(f"{name} must be > 0 (log-log fit): {label(bad[0])} is {a[bad[0]]:g}")
     if n < min_points:
         raise ValueError(f"need at least {min_points} points, got {n}")
+    if not distinct:
+        return xa, ya
     order = np.argsort(xa, kind="stable")
     xs = xa[order]
     if xs[0] == xs[-1]:

@@ -1,0 +1,86 @@
+"""`python -m engine fit data.csv --x COL --y COL`: the scaling page's fit, from a shell."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from engine.cli import CommandResult
+from engine.scaling_data import DATASETS, MAX_UPLOAD_BYTES, Filter, load_dataset, parse_csv, select_xy
+from engine.scaling_forms import FORMS, FitSettings, analyse
+
+HELP = "exact two-segment power-law fit of a CSV or bundled table, with CIs, tests and other forms"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments: a CSV path or --dataset, column mapping, filters, fit and hold-out settings."""
+    p.add_argument("csv", nargs="?", help="CSV file with a header row (or use --dataset)")
+    p.add_argument("--dataset", choices=sorted(DATASETS), help="a bundled table instead of a CSV")
+    p.add_argument("--x", help="size column (params, data or compute); default: the dataset's")
+    p.add_argument("--y", help="loss column; default: the dataset's")
+    p.add_argument("--filter", action="append", default=[], metavar="COL:LO:HI",
+                   help="keep rows with LO <= COL <= HI (empty LO or HI: unbounded); repeatable")
+    p.add_argument("--nd", metavar="NCOL,DCOL", help="params and tokens columns for the Chinchilla form")
+    p.add_argument("--split", help="column whose 'train' rows are fitted (with --holdout split)")
+    p.add_argument("--holdout", choices=("none", "split", "first_k"), default=None,
+                   help="which rows to fit; the others are extrapolated (default: split if given)")
+    p.add_argument("--first-k", type=int, default=10, help="with --holdout first_k: fit the k smallest")
+    p.add_argument("--min-segment", type=int, default=2, help="minimum points per segment")
+    p.add_argument("--discontinuous", action="store_true", help="allow a jump at the breakpoint")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
+    p.add_argument("--n-sim", type=int, default=999, help="null simulations of the sup-F test")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", type=float, help="extrapolate the loss to this size")
+    p.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated subset of {','.join(FORMS)}")
+
+
+def _filter(text: str) -> Filter:
+    parts = text.rsplit(":", 2)  # column names may contain ':'; bounds may not
+    if len(parts) != 3 or not parts[0]:
+        raise ValueError(f"--filter must be COL:LO:HI, got {text!r}")
+    try:
+        lo = float(parts[1]) if parts[1] else None
+        hi = float(parts[2]) if parts[2] else None
+    except ValueError:
+        raise ValueError(f"--filter bounds must be numbers, got {text!r}") from None
+    return Filter(parts[0], lo, hi)
+
+
+def run(args: argparse.Namespace) -> CommandResult:
+    """Load, select, fit and tabulate exactly as the scaling page does."""
+    if (args.csv is None) == (args.dataset is None):
+        raise ValueError("give either a CSV path or --dataset NAME")
+    if args.dataset:
+        ds = DATASETS[args.dataset]
+        df = load_dataset(args.dataset)
+        x, y = args.x or ds.x, args.y or ds.y
+        split = args.split or ds.split
+        nd = tuple(args.nd.split(",")) if args.nd else ds.nd
+    else:
+        path = Path(args.csv)
+        if not path.is_file():
+            raise ValueError(f"CSV file {args.csv!r} not found")
+        if path.stat().st_size > MAX_UPLOAD_BYTES:
+            raise ValueError(f"CSV file is over the {MAX_UPLOAD_BYTES / 2**20:.0f} MiB limit")
+        df = parse_csv(path.read_bytes())
+        if not args.x or not args.y:
+            raise ValueError("--x and --y are required with a CSV file")
+        x, y, split = args.x, args.y, args.split
+        nd = tuple(args.nd.split(",")) if args.nd else None
+    if nd is not None and len(nd) != 2:
+        raise ValueError(f"--nd must be NCOL,DCOL, got {args.nd!r}")
+    holdout = args.holdout or ("split" if split else "none")
+    sel = select_xy(df, x, y, tuple(_filter(f) for f in args.filter), nd,
+                    split if holdout == "split" else None)
+    settings = FitSettings(min_segment=args.min_segment, continuous=not args.discontinuous,
+                           n_boot=args.n_boot, level=args.level, n_sim=args.n_sim, seed=args.seed,
+                           holdout=holdout, first_k=args.first_k, target=args.target,
+                           forms=tuple(f.strip() for f in args.forms.split(",") if f.strip()))
+    res = analyse(sel, settings)
+    tables = {"two-segment fit (intervals: bootstrap percentile)": res.summary,
+              "forms (RMSLE in natural-log units)": res.forms}
+    if not res.extrapolation.empty:
+        tables["extrapolation"] = res.extrapolation
+    return CommandResult(tables=tables, data={"model": res.model.summary, "x": x, "y": y,
+                                              "settings": settings.__dict__})
