@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from engine import routing_metrics
 from engine.moe_router import HashRouter, topk_softmax_route
 from engine.validation import check_bytes, check_choice, check_float, check_int
 
@@ -146,10 +147,11 @@ def parse_placement(text: str, num_experts: int) -> Placement:
 
 
 def contiguous_placement(num_experts: int, ranks: int) -> Placement:
-    """Experts in R contiguous blocks whose sizes differ by at most one."""
+    """Experts in R contiguous blocks, expert e on rank floor(e R / E) as the routing lab places them."""
     _check_er(num_experts, ranks)
+    rank_of = routing_metrics.contiguous_placement(num_experts, ranks).tolist()
     return Placement("contiguous", num_experts, tuple(
-        tuple(range(r * num_experts // ranks, (r + 1) * num_experts // ranks)) for r in range(ranks)))
+        tuple(e for e in range(num_experts) if rank_of[e] == r) for r in range(ranks)))
 
 
 def round_robin_placement(num_experts: int, ranks: int) -> Placement:
@@ -303,24 +305,12 @@ class EPStats:
         return [list(col) for col in zip(*self.dispatch_bytes())]
 
 
-def pair_matrix(experts: torch.Tensor, token_index: torch.Tensor, src_rank: torch.Tensor,
-                placement: Placement) -> torch.Tensor:
-    """Pairs sent from each source rank to each destination rank, shape (R, R) int64."""
-    r = placement.num_ranks
-    slots = destinations(experts, token_index, placement.replica_table())
-    valid = slots >= 0
-    dst = placement.slot_rank().to(slots.device)[slots[valid]]
-    src = src_rank[:, None].expand_as(slots)[valid]
-    return torch.bincount(src * r + dst, minlength=r * r).view(r, r).cpu()
-
-
 def ep_stats(settings: EPSettings, placement: Placement | None = None) -> EPStats:
     """Load per rank, balancedness and traffic for `settings` (placement built from it if None)."""
     s = settings.validated()
     check_int("ranks * tokens", s.ranks * s.tokens, 1, MAX_WHATIF_TOKENS)
     check_bytes("what-if routing", s.ranks * s.tokens * (8 + 4 * GATE_DIM + 24 * s.top_k))
-    batches = [rank_batch(s, r) for r in range(s.ranks)]
-    experts = torch.cat([b[1] for b in batches])
+    experts = torch.cat([rank_batch(s, r)[1] for r in range(s.ranks)])
     if placement is None:
         flat = experts.reshape(-1)
         placement = make_placement(s, torch.bincount(flat[flat >= 0], minlength=s.experts))
@@ -328,15 +318,21 @@ def ep_stats(settings: EPSettings, placement: Placement | None = None) -> EPStat
     if placement.num_ranks != s.ranks or placement.num_experts != s.experts:
         raise ValueError(f"placement has {placement.num_ranks} ranks and {placement.num_experts} "
                          f"experts; settings ask for {s.ranks} and {s.experts}")
+    r = s.ranks
     index = torch.arange(experts.shape[0])
-    m = pair_matrix(experts, index, index // s.tokens, placement)
-    load = m.sum(dim=0)
+    slots = destinations(experts, index, placement.replica_table())
+    valid = slots >= 0
+    slot_rank = placement.slot_rank()
+    src = (index // s.tokens)[:, None].expand_as(slots)[valid]
+    m = torch.bincount(src * r + slot_rank[slots[valid]], minlength=r * r).view(r, r)
+    # Physical slots are the "experts" of the routing lab's per-rank load, mapped to their ranks.
+    load = routing_metrics.per_rank_load(torch.bincount(slots[valid], minlength=len(slot_rank)),
+                                         r, slot_rank)
     total = int(m.sum())
-    peak = int(load.max())
     return EPStats(
         placement=placement,
-        load=tuple(load.tolist()),
-        balancedness=float(load.double().mean()) / peak if peak else 1.0,
+        load=tuple(int(x) for x in load.tolist()),
+        balancedness=routing_metrics.balancedness(load),
         pair_matrix=tuple(tuple(row) for row in m.tolist()),
         row_bytes=s.row_bytes,
         leave_share=(total - int(m.diagonal().sum())) / total if total else 0.0,
