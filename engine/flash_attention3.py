@@ -1,13 +1,22 @@
-"""FlashAttention-3 when a kernel is installed, else torch's scaled_dot_product_attention.
+"""FlashAttention-3 when a kernel is installed and the call qualifies, else torch's SDPA.
 
-Layouts: FA3 takes (B, S, H, D); SDPA takes (B, H, S, D).
+Layouts: FA3 and FA2 take (B, S, H, D); SDPA and FlexAttention take (B, H, S, D). `attention()`
+accepts either (`layout="bshd"` or `"bhsd"`) and returns the output in the layout it was given.
+Grouped-query attention: k and v may have fewer heads than q (H_q divisible by H_kv); query head
+h attends to kv head h // (H_q / H_kv) on every path.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from engine.validation import check_choice
 
 # Import names of FA3 builds, in order of preference: the official hopper/ build (installed as
 # `flash_attn_interface`, or by some releases as the `flash_attn_3` package), then PyPI's
@@ -17,11 +26,12 @@ _PROVIDERS = (
     ("flash_attn_3.flash_attn_interface", "flash_attn_3 package (official FA3)"),
     ("fa3_fwd_interface", "fa3-fwd (PyPI, forward only)"),
 )
+LAYOUTS = ("bshd", "bhsd")
 
 
 @dataclass(frozen=True)
 class ProviderStatus:
-    """Which FA3 build imported (module, description, version), or why none did."""
+    """Which kernel build imported (module, description, version), or why none did."""
 
     available: bool
     module: str | None
@@ -30,9 +40,18 @@ class ProviderStatus:
     reason: str
 
 
-def _detect() -> tuple[ModuleType | None, ProviderStatus]:
+@dataclass(frozen=True)
+class AttentionPath:
+    """The kernel `attention()` runs for a call ("fa3" or "sdpa") and why."""
+
+    backend: str
+    reason: str
+
+
+def _import_first(candidates: tuple[tuple[str, str], ...], dists: tuple[str, ...]
+                  ) -> tuple[ModuleType | None, ProviderStatus]:
     errors = []
-    for name, desc in _PROVIDERS:
+    for name, desc in candidates:
         try:
             mod = importlib.import_module(name)
         except Exception as exc:  # ImportError, or a build that fails to load its .so
@@ -41,15 +60,19 @@ def _detect() -> tuple[ModuleType | None, ProviderStatus]:
         if not hasattr(mod, "flash_attn_func"):
             errors.append(f"{name}: has no flash_attn_func")
             continue
-        version = _version_of(name)
-        return mod, ProviderStatus(True, name, desc, version, "imported")
-    return None, ProviderStatus(False, None, "none", None, "no FA3 build installed (" + "; ".join(errors) + ")")
+        return mod, ProviderStatus(True, name, desc, _version_of(dists), "imported")
+    return None, ProviderStatus(False, None, "none", None,
+                                "not installed (" + "; ".join(errors) + ")")
 
 
-def _version_of(module_name: str) -> str | None:
+def _detect() -> tuple[ModuleType | None, ProviderStatus]:
+    return _import_first(_PROVIDERS, ("flash_attn_3", "flash-attn-3", "fa3-fwd", "flash_attn"))
+
+
+def _version_of(dists: tuple[str, ...]) -> str | None:
     from importlib import metadata
 
-    for dist in ("flash_attn_3", "flash-attn-3", "fa3-fwd", "flash_attn"):
+    for dist in dists:
         try:
             return metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -59,3 +82,140 @@ def _version_of(module_name: str) -> str | None:
 
 _FA3_MODULE, PROVIDER = _detect()
 _HAS_FLASH3: bool = PROVIDER.available
+# FA2 from the `flash-attn` package (Ampere and newer, fp16/bf16, head dim <= 256).
+_FA2_MODULE, FA2 = _import_first((("flash_attn", "flash-attn (FA2)"),), ("flash-attn", "flash_attn"))
+
+
+def _flex_status() -> tuple[bool, str]:
+    try:
+        importlib.import_module("torch.nn.attention.flex_attention")
+    except ImportError as exc:
+        return False, f"torch {torch.__version__} has no FlexAttention ({exc})"
+    return True, "torch.nn.attention.flex_attention"
+
+
+HAS_FLEX, FLEX_REASON = _flex_status()
+
+
+def fa3_dtypes() -> tuple[torch.dtype, ...]:
+    """Input dtypes the loaded FA3 build runs through `attention()` (fa3-fwd has no fp16 kernels)."""
+    if not _HAS_FLASH3:
+        return ()
+    if PROVIDER.module == "fa3_fwd_interface":
+        return (torch.bfloat16,)
+    return (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) compute capability of a CUDA device, None for other devices (cached)."""
+    if device.type != "cuda":
+        return None
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> None:
+    """Raise ValueError for what neither FA3 nor SDPA can take; shapes are read in `layout`."""
+    check_choice("layout", layout, LAYOUTS)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D ({layout.upper()}), got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not q.dtype.is_floating_point or q.element_size() < 2:
+        raise ValueError(f"dtype must be float16, bfloat16 or float32 (fp8 needs descale factors), "
+                         f"got {q.dtype}")
+    s_dim, h_dim = (1, 2) if layout == "bshd" else (2, 1)
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[s_dim] != v.shape[s_dim]:
+        raise ValueError(f"k and v seqlens differ: {k.shape[s_dim]} vs {v.shape[s_dim]}")
+    if k.shape[h_dim] != v.shape[h_dim]:
+        raise ValueError(f"k and v head counts differ: {k.shape[h_dim]} vs {v.shape[h_dim]}")
+    if q.shape[h_dim] % k.shape[h_dim]:
+        raise ValueError(f"q heads ({q.shape[h_dim]}) must be a multiple of kv heads ({k.shape[h_dim]})")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k head dims differ: {q.shape[3]} vs {k.shape[3]}")
+
+
+def choose_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str = "bshd") -> AttentionPath:
+    """Which kernel `attention()` would run for these tensors, and why (no computation)."""
+    _check_inputs(q, k, v, layout)
+    if not _HAS_FLASH3:
+        return AttentionPath("sdpa", "FA3 not installed")
+    if q.device.type != "cuda":
+        return AttentionPath("sdpa", f"tensors on {q.device.type}; FA3 needs a CUDA Hopper GPU")
+    cap = device_capability(q.device)
+    if cap != (9, 0):
+        return AttentionPath("sdpa", f"GPU is sm_{cap[0]}{cap[1]}; FA3 needs Hopper sm_90")
+    if q.dtype not in fa3_dtypes():
+        names = ", ".join(str(d).removeprefix("torch.") for d in fa3_dtypes())
+        return AttentionPath("sdpa", f"{PROVIDER.module} takes {names}, not {q.dtype}")
+    d, dv = q.shape[3], v.shape[3]
+    if d % 8 or d > 256 or dv != d:
+        return AttentionPath("sdpa", f"head dims q/k {d}, v {dv}: FA3 needs equal, a multiple of 8, <= 256")
+    if PROVIDER.module == "fa3_fwd_interface" and torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad):
+        return AttentionPath("sdpa", "inputs require grad and fa3-fwd is forward only")
+    return AttentionPath("fa3", f"{PROVIDER.description} on sm_90, {q.dtype}, head dim {d}")
+
+
+def fa3_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+             softmax_scale: float | None = None) -> torch.Tensor:
+    """The FA3 provider's flash_attn_func on (B, S, H, D) inputs; returns out (B, S, H_q, D)."""
+    if _FA3_MODULE is None:
+        raise RuntimeError(f"FA3 is not available: {PROVIDER.reason}")
+    out = _FA3_MODULE.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal)
+    return out[0] if isinstance(out, tuple) else out  # older official builds return (out, lse)
+
+
+def fa2_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+             softmax_scale: float | None = None) -> torch.Tensor:
+    """flash-attn (FA2) flash_attn_func on (B, S, H, D) inputs; returns out (B, S, H_q, D)."""
+    if _FA2_MODULE is None:
+        raise RuntimeError(f"FA2 is not available: {FA2.reason}")
+    out = _FA2_MODULE.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def sdpa_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+              softmax_scale: float | None = None) -> torch.Tensor:
+    """torch SDPA on (B, H, S, D) inputs with GQA; returns out (B, H_q, S, D).
+
+    Causal means query i sees keys <= i (top-left), which equals FA3's bottom-right alignment
+    when S_q == S_k, the only case the labs use.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale, enable_gqa=gqa)
+
+
+def attention_with_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                        softmax_scale: float | None = None, layout: str = "bshd"
+                        ) -> tuple[torch.Tensor, AttentionPath]:
+    """Like `attention()`, and also returns the path taken and why."""
+    path = choose_path(q, k, v, layout)
+    if path.backend == "fa3":
+        if layout == "bshd":
+            return fa3_call(q, k, v, causal, softmax_scale), path
+        out = fa3_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, softmax_scale)
+        return out.transpose(1, 2), path
+    if layout == "bhsd":
+        return sdpa_call(q, k, v, causal, softmax_scale), path
+    out = sdpa_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, softmax_scale)
+    return out.transpose(1, 2), path
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+              softmax_scale: float | None = None, layout: str = "bshd") -> torch.Tensor:
+    """softmax(q k^T * scale [+ causal mask]) v via FA3 if it qualifies, else SDPA.
+
+    q: (B, S_q, H_q, D) for layout "bshd" or (B, H_q, S_q, D) for "bhsd"; k, v: the same with H_kv
+    heads and S_k keys. Returns out in the input layout; scale defaults to 1/sqrt(D).
+    """
+    return attention_with_path(q, k, v, causal, softmax_scale, layout)[0]
