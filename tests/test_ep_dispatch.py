@@ -1,0 +1,115 @@
+"""The real dispatch under torchrun (2 gloo processes): round trip, traffic, faults, bad input.
+
+Every launch is bounded by launch()'s own timeout, which kills the whole process tree.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine.ep_dispatch as ep
+from engine.cli import main
+from engine.ep_dispatch import LaunchError, expert_gains, launch, summarize
+from engine.expert_parallel import EPSettings, ep_stats, parse_placement, rank_batch, token_features
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _loop_reference(x, experts, weights, gains):
+    """Token by token: sum over slots of weight * gain[expert] * x, in x's dtype."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(experts.shape[1]):
+            e = int(experts[t, j])
+            if e >= 0:
+                out[t] += (x[t] * gains[e].to(x.dtype)) * weights[t, j].to(x.dtype)
+    return out
+
+
+def test_two_rank_round_trip_equals_single_process_reference(tmp_path):
+    # top-k router with k = 3, greedy placement with replicas and a hot expert: every path at once.
+    s = EPSettings(experts=6, top_k=3, tokens=48, d_model=16, dtype="fp32", placement="greedy",
+                   replicas=2, router="topk", hot_share=0.3, seed=5)
+    doc = launch(s, 2, warmup=0, reps=1, timeout_s=90, dump=tmp_path)
+    gains = expert_gains(6, 5)
+    predicted = ep_stats(EPSettings(**{**s.__dict__, "ranks": 2}))
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        ids, experts, weights = rank_batch(EPSettings(**{**s.__dict__, "ranks": 2}), r)
+        assert torch.equal(got["ids"], ids) and torch.equal(got["experts"], experts)
+        x = token_features(ids, 16, 5)
+        torch.testing.assert_close(got["out"], _loop_reference(x, experts, weights, gains),
+                                   rtol=1e-6, atol=1e-6)
+        # The rows each rank really sent are the what-if's prediction for that source rank.
+        assert got["send"] == list(predicted.pair_matrix[r])
+    assert doc["world"] == 2 and doc["backend"] == "gloo"
+    assert [row["rank"] for row in doc["per_rank"]] == [0, 1]
+    assert doc["summary"][0]["max_abs_err"] < 1e-6
+
+
+def test_a_rank_that_dies_fails_the_launch_instead_of_hanging():
+    s = EPSettings(experts=4, tokens=16, d_model=8)
+    with pytest.raises(LaunchError) as err:
+        launch(s, 2, warmup=0, reps=1, timeout_s=60, fail_rank=1)
+    # A failure reported by torchrun, not our wall-time kill ("did not finish").
+    assert "dispatch failed" in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"processes": 9}, "processes must be >= 1 and <= 8"),
+    ({"processes": 0}, "processes must be >= 1"),
+    ({"processes": 4, "settings": EPSettings(experts=2)}, "ranks must be <= experts"),
+    ({"processes": 2, "placement_map": "0-3;4-6"}, "misses experts"),
+    ({"processes": 3, "placement_map": "0-3;4-7"}, "2 rank groups; the job has 3"),
+])
+def test_bad_launches_are_refused_before_anything_starts(monkeypatch, kwargs, message):
+    def no_popen(*a, **k):
+        raise AssertionError("launched despite bad input")
+
+    monkeypatch.setattr(ep.subprocess, "Popen", no_popen)
+    settings = kwargs.pop("settings", EPSettings(experts=8))
+    with pytest.raises(ValueError, match=message):
+        launch(settings, **kwargs)
+
+
+def test_summary_takes_the_slowest_rank():
+    rows = [{"tokens": 8, "layer_ms": 2.0, "plain_ms": 1.0, "max_abs_err": 0.0},
+            {"tokens": 8, "layer_ms": 4.0, "plain_ms": 3.0, "max_abs_err": 1e-3}]
+    assert summarize(rows) == {"tokens": 8, "layer_ms": 4.0, "plain_ms": 3.0, "ratio": 0.75,
+                               "max_abs_err": 1e-3}
+
+
+def test_benchmark_script_writes_json_and_markdown_with_gloo(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "benchmarks/bench_ep_nccl.py", "--experts", "4", "--d-model", "32", "--dtype", "bf16",
+           "--tokens", "64,128", "--chunks", "2", "--warmup", "0", "--reps", "2", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    doc = json.loads((tmp_path / "ep_gloo_2ranks.json").read_text())
+    assert [r["tokens"] for r in doc["summary"]] == [64, 128]
+    for row in doc["summary"]:
+        assert row["ratio"] == pytest.approx(row["plain_ms"] / row["layer_ms"])
+        assert row["max_abs_err"] == 0.0  # bf16, k = 2: the same two roundings in both paths
+    assert {"device", "date", "torch"} <= doc.keys()
+    assert "ratio" in (tmp_path / "ep_gloo_2ranks.md").read_text()
+
+
+def test_cli_what_if_tables_add_up(capsys):
+    assert main(["dispatch", "--experts", "8", "--ranks", "2", "--tokens", "100", "--d-model", "10",
+                 "--dtype", "fp32", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    s = EPSettings(experts=8, ranks=2, tokens=100, d_model=10, dtype="fp32")
+    pairs = sum(int((rank_batch(s, r)[1] >= 0).sum()) for r in range(2))
+    assert sum(row["load_pairs"] for row in doc["per rank"]) == pairs
+    assert doc["placement"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_cli_refuses_a_map_that_misses_an_expert(capsys):
+    assert main(["dispatch", "--experts", "8", "--map", "0-3;4-6"]) == 2
+    assert "misses experts [7]" in capsys.readouterr().err
+    assert parse_placement("0-3;4-7", 8).num_ranks == 2
