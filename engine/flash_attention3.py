@@ -118,6 +118,20 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def fa3_readiness(device: torch.device | None = None) -> tuple[bool, str]:
+    """Whether FA3 can run on `device` (default: cuda if present, else cpu) and a one-line why."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not _HAS_FLASH3:
+        return False, "not installed (pip install fa3-fwd, or build flash-attention's hopper/)"
+    if device.type != "cuda":
+        return False, f"{PROVIDER.description} installed, but this is a CPU run; FA3 needs a Hopper GPU"
+    cap = device_capability(device)
+    if cap != (9, 0):
+        return False, f"{PROVIDER.description} installed, but the GPU is sm_{cap[0]}{cap[1]}, not Hopper sm_90"
+    return True, f"{PROVIDER.description} {PROVIDER.version or ''}".strip()
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> None:
     """Raise ValueError for what neither FA3 nor SDPA can take; shapes are read in `layout`."""
     check_choice("layout", layout, LAYOUTS)
