@@ -3,18 +3,34 @@
 Token layout: routers flatten the batch shape, so T = B * S tokens in row-major order, and every
 result is per token. The seed's API is kept: `HashRouter(num_experts=16)`, `router(x)`,
 `load_balance_std(assign)` and `expert_utilization(assign)`.
+
+Routers:
+    HashRouter           token ids (Hash Layers, Roller et al. 2021) or hidden states (random-
+                         hyperplane LSH); nothing learned.
+    BalancedHashRouter   token ids through a table built from token frequencies (greedy, most
+                         frequent ids first, each to the least-loaded experts).
+    TopKRouter           Mixtral: softmax over E, top-k, renormalise.
+    SwitchRouter         Switch Transformer: top-1, capacity ceil(C * T / E), overflow dropped.
+    GShardRouter         GShard: top-2 with capacity ceil(C * 2T / E); first choices take slots
+                         before any second choice.
+    ExpertChoiceRouter   Expert Choice (Zhou et al. 2022): each expert takes its top
+                         ceil(C * k * T / E) tokens; a token may get 0 or several experts.
+    DeepSeekV3Router     DeepSeek-V3 auxiliary-loss-free balancing: sigmoid scores, a per-expert
+                         bias used only for selection, nudged by +-gamma per step.
+The learned routers use a seeded random gate projection (D, E) scaled by 1/sqrt(D): nothing is
+trained, so they show what the routing rule does to a fixed score distribution.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from engine.validation import check_int
+from engine.validation import check_float, check_int
 
-# Odd 63-bit multipliers (from the splitmix64 constants) for the multiplicative hash of token ids.
-_MIX = (0x1E3779B97F4A7C15, 0x3F58476D1CE4E5B9, 0x14D049BB133111EB)
+MAX_EXPERTS = 1 << 15  # the id hash reduces 16-bit hash values to an expert (see _reduce)
 
 
 @dataclass(frozen=True)
@@ -28,6 +44,8 @@ class Routing:
     probs: (T, E) float32 router probabilities, for routers that have them (else None); used by the
         Switch auxiliary loss.
     batch_shape: the leading shape of the input, e.g. (B, S), so results can be reshaped back.
+    counts: optional (E,) int64 tokens per expert, filled by routers that get it for free while
+        routing; `expert_utilization` returns it instead of counting again. Treat as read-only.
     """
 
     experts: torch.Tensor
@@ -35,6 +53,7 @@ class Routing:
     num_experts: int
     probs: torch.Tensor | None = None
     batch_shape: tuple[int, ...] = ()
+    counts: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -44,77 +63,33 @@ class Routing:
 
 def expert_utilization(assign: Routing) -> torch.Tensor:
     """Tokens per expert, shape (E,), zeros included (a token counts once per expert it reaches)."""
-    flat = assign.experts.reshape(-1)
-    return torch.bincount(flat[flat >= 0], minlength=assign.num_experts)
+    if assign.counts is not None:
+        return assign.counts
+    # Shift by one so empty slots (-1) land in bin 0 and are cut off: no masked copy of experts.
+    flat = assign.experts.reshape(-1) + 1
+    return torch.bincount(flat, minlength=assign.num_experts + 1)[1:]
 
 
 def load_balance_std(assign: Routing) -> float:
-    """Relative standard deviation (std / mean, population std) of tokens per expert; 0 is perfect."""
+    """Relative std (std / mean, population std) of tokens per expert; 0 is perfect balance."""
     counts = expert_utilization(assign).double()
     mean = counts.mean()
     return float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0
 
 
-class HashRouter:
-    """Routes each token to at most `top_k` (1 or 2) experts by hashing; nothing is learned.
-
-    Token ids (int, any shape): a fixed random hash of the id (Hash Layers, Roller et al. 2021).
-    Hidden states (float, (..., D)): a locality-sensitive hash with random hyperplanes, so similar
-    vectors share experts. With top_k=2 the two hashes are independent; when they collide the token
-    has one expert and slot 1 is -1. Weights are 1 / (number of experts the token reached).
-    """
-
-    def __init__(self, num_experts: int = 16, top_k: int = 2, seed: int = 0) -> None:
-        self.num_experts = check_int("num_experts", num_experts, 1, 1 << 20)
-        self.top_k = check_int("top_k", top_k, 1, 2)
-        self.seed = check_int("seed", seed, 0)
-        gen = torch.Generator().manual_seed(self.seed)
-        # Per-slot additive keys, so each slot is an independent hash of the same id.
-        self._keys = torch.randint(0, 2**62, (self.top_k,), generator=gen).tolist()
-        self._planes: dict[int, torch.Tensor] = {}
-
-    def __call__(self, x: torch.Tensor) -> Routing:
-        """Route `x`: int token ids of any shape, or float hidden states (..., D)."""
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.numel() == 0:
-            raise ValueError("x must not be empty")
-        if x.is_floating_point():
-            if x.dim() < 2:
-                raise ValueError(f"x (hidden states) must have shape (..., D), got {tuple(x.shape)}")
-            batch_shape = tuple(x.shape[:-1])
-            slots = self._lsh(x.reshape(-1, x.shape[-1]))
-        elif x.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            batch_shape = tuple(x.shape)
-            slots = self._hash_ids(x.reshape(-1).long())
-        else:
-            raise ValueError(f"x must be integer token ids or float hidden states, got {x.dtype}")
-        experts = torch.stack(slots, dim=1)
-        if self.top_k == 2:
-            experts[:, 1].masked_fill_(experts[:, 1] == experts[:, 0], -1)
-        valid = experts >= 0
-        weights = valid.float() / valid.sum(dim=1, keepdim=True).float()
-        return Routing(experts, weights, self.num_experts, None, batch_shape)
-
-    def _hash_ids(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        # Multiply-shift hashing on wrapping int64: mix the id with a slot key, keep high bits.
-        out = []
-        for key in self._keys:
-            h = (ids ^ key) * _MIX[0]
-            h = (h ^ (h >> 31)) * _MIX[1]
-            out.append(((h >> 33) & 0x7FFFFFFF) % self.num_experts)
-        return out
-
-    def _lsh(self, x: torch.Tensor) -> list[torch.Tensor]:
-        nbits = max(1, (self.num_experts - 1).bit_length())
-        d = x.shape[1]
-        if d not in self._planes:
-            gen = torch.Generator().manual_seed(self.seed + 1)
-            self._planes[d] = torch.randn(d, self.top_k * nbits, generator=gen)
-        planes = self._planes[d].to(device=x.device, dtype=x.dtype)
-        bits = (x @ planes > 0).long().view(-1, self.top_k, nbits)
-        codes = (bits << torch.arange(nbits, device=x.device)).sum(dim=2)
-        return [codes[:, s] % self.num_experts for s in range(self.top_k)]
+def _check_hidden(x: object, d_model: int | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Validate hidden states (..., D); return them as (T, D) and the batch shape."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"x (hidden states) must be a float tensor, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"x (hidden states) must have shape (..., D), got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError("x must not be empty")
+    if d_model is not None and x.shape[-1] != d_model:
+        raise ValueError(f"x must have last dimension d_model = {d_model}, got {x.shape[-1]}")
+    return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
 
 
 def topk_softmax_route(logits: torch.Tensor, k: int) -> Routing:
@@ -137,3 +112,406 @@ def topk_softmax_route(logits: torch.Tensor, k: int) -> Routing:
     weights = torch.softmax(top, dim=-1)
     probs = torch.softmax(logits, dim=-1)
     return Routing(experts, weights, num_experts, probs, (int(logits.shape[0]),))
+
+
+def expert_capacity(capacity_factor: float, top_k: int, num_tokens: int, num_experts: int) -> int:
+    """Slots per expert at capacity factor C: ceil(C * k * T / E) (Switch: k = 1; GShard: k = 2)."""
+    c = check_float("capacity_factor", capacity_factor, 0.0, lo_open=True)
+    k = check_int("top_k", top_k, 1)
+    t = check_int("num_tokens", num_tokens, 1)
+    e = check_int("num_experts", num_experts, 1)
+    return math.ceil(c * k * t / e)
+
+
+def apply_capacity(routing: Routing, capacity: int) -> Routing:
+    """Drop assignments beyond `capacity` tokens per expert; slot 0 of every token fills first.
+
+    Within a slot, earlier tokens win (GShard and Switch order). Dropped slots get expert -1 and
+    weight 0; the surviving weights are not renormalised (as in both papers).
+    """
+    capacity = check_int("capacity", capacity, 0)
+    e = routing.experts
+    num_tokens, k = e.shape
+    num_experts = routing.num_experts
+    # Slot-major order: all first choices (in token order), then all second choices.
+    flat = e.t().reshape(-1)
+    keys = torch.where(flat >= 0, flat, num_experts)
+    order = torch.argsort(keys, stable=True)
+    per_expert = torch.bincount(keys, minlength=num_experts + 1)
+    starts = torch.cumsum(per_expert, 0) - per_expert
+    rank_sorted = torch.arange(flat.numel(), device=e.device) - starts[keys[order]]
+    rank = torch.empty_like(rank_sorted)
+    rank[order] = rank_sorted
+    keep = (flat >= 0) & (rank < capacity)
+    keep = keep.view(k, num_tokens).t()
+    experts = torch.where(keep, e, -1)
+    weights = torch.where(keep, routing.weights, 0.0)
+    counts = torch.clamp(per_expert[:num_experts], max=capacity)
+    return Routing(experts, weights, num_experts, routing.probs, routing.batch_shape, counts)
+
+
+def _odd_keys(seed: int, n: int) -> list[int]:
+    """`n` seeded random odd 32-bit multipliers (multiply-shift hashing needs odd multipliers)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [int(v) | 1 for v in torch.randint(0, 2**32, (n,), generator=gen, dtype=torch.int64)]
+
+
+def _signed64(v: int) -> int:
+    """Reinterpret an unsigned 64-bit integer as int64 (torch scalars are signed)."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _pair_result(lanes: torch.Tensor, num_experts: int, top_k: int,
+                 batch_shape: tuple[int, ...]) -> Routing:
+    """Routing from expert ids held as int32 lanes (T, 2) (modified in place): counts, collisions,
+    weights. A token whose two slots name the same expert keeps slot 0 only (slot 1 = -1, weight 1).
+    """
+    num_tokens = lanes.shape[0]
+    if top_k == 1:
+        experts = lanes[:, :1].long()
+        counts = torch.bincount(lanes[:, 0], minlength=num_experts)
+        weights = torch.ones(num_tokens, 1, device=lanes.device)
+        return Routing(experts, weights, num_experts, None, batch_shape, counts)
+    collided = lanes[:, 0] == lanes[:, 1]
+    lanes[:, 1].masked_fill_(collided, -1)
+    # Pair code e0 * (E + 1) + (e1 + 1) straight from the packed int64 e0 + e1 * 2^32 (e1 = -1
+    # included): one multiply-add and one shift, then a single bincount over E * (E + 1) pairs
+    # counts both slots, instead of a masked copy and a bincount of all 2T slots.
+    packed = lanes.view(torch.int64).view(-1)
+    mult = _signed64(((num_experts + 1) << 32) | 1)
+    code = packed.mul(mult).add_(1 << 32).bitwise_right_shift_(32)
+    pairs = torch.bincount(code, minlength=num_experts * (num_experts + 1))
+    pairs = pairs.view(num_experts, num_experts + 1)
+    counts = pairs.sum(1) + pairs[:, 1:].sum(0)
+    experts = lanes.long()
+    # Weights 1/(experts reached): (0.5, 0.5) or (1, 0), written as one int64 per token holding
+    # the two float32 bit patterns, so one pass fills both columns.
+    half = int(torch.tensor([0.5, 0.5]).view(torch.int64))
+    solo = int(torch.tensor([1.0, 0.0]).view(torch.int64))
+    bits = torch.full((num_tokens,), half, dtype=torch.int64, device=lanes.device)
+    bits.masked_fill_(collided, solo)
+    weights = bits.view(torch.float32).view(num_tokens, 2)
+    return Routing(experts, weights, num_experts, None, batch_shape, counts)
+
+
+class HashRouter:
+    """Routes each token to at most `top_k` (1 or 2) experts by hashing; nothing is learned.
+
+    Token ids (int, any shape): a fixed random hash of the id (Hash Layers, Roller et al. 2021).
+    Hidden states (float, (..., D)): a locality-sensitive hash with random hyperplanes, so similar
+    vectors share experts. With top_k=2 the two hashes are independent; when they collide the token
+    has one expert and slot 1 is -1. Weights are 1 / (number of experts the token reached).
+    The same id (or vector) gets the same experts whatever the batch shape; ids are hashed modulo
+    2^32.
+    """
+
+    def __init__(self, num_experts: int = 16, top_k: int = 2, seed: int = 0) -> None:
+        self.num_experts = check_int("num_experts", num_experts, 1, MAX_EXPERTS)
+        self.top_k = check_int("top_k", top_k, 1, 2)
+        self.seed = check_int("seed", seed, 0)
+        m0, m1, b_lo, b_hi = _odd_keys(self.seed, 4)
+        # One int64 multiply-add hashes both slots: for id < 2^32 the low 32 bits of
+        # id * (m1 * 2^32 + m0) + b are (m0 * id + b_lo) mod 2^32, a multiply-add-shift hash
+        # (Dietzfelbinger 1996); the high 32 bits are m1 * id plus the carry, a second one.
+        self._mult = _signed64((m1 << 32) | m0)
+        self._add = _signed64((b_hi << 32) | b_lo)
+        self._planes: dict[int, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor) -> Routing:
+        """Route `x`: int token ids of any shape, or float hidden states (..., D)."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.numel() == 0:
+            raise ValueError("x must not be empty")
+        if x.is_floating_point():
+            x2, batch_shape = _check_hidden(x)
+            return self._lsh(x2, batch_shape)
+        if x.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            return self._hash_ids(x.reshape(-1), tuple(x.shape))
+        raise ValueError(f"x must be integer token ids or float hidden states, got {x.dtype}")
+
+    def _hash_ids(self, ids: torch.Tensor, batch_shape: tuple[int, ...]) -> Routing:
+        packed = ids.long().mul(self._mult).add_(self._add)  # (T,) int64, a fresh buffer
+        lanes = packed.view(torch.int32).view(-1, 2)  # little-endian: [:, 0] = low 32 bits
+        _reduce(lanes, self.num_experts)
+        return _pair_result(lanes, self.num_experts, self.top_k, batch_shape)
+
+    def _lsh(self, x: torch.Tensor, batch_shape: tuple[int, ...]) -> Routing:
+        # Each slot reads nbits signs of random projections as a binary code; similar vectors
+        # fall on the same side of most hyperplanes and so share codes.
+        nbits = max(1, (self.num_experts - 1).bit_length())
+        d = x.shape[1]
+        if d not in self._planes:
+            gen = torch.Generator().manual_seed(self.seed + 1)
+            planes = torch.randn(d, 2 * nbits, generator=gen)
+            self._planes[d] = planes
+        planes = self._planes[d].to(device=x.device, dtype=x.dtype)
+        signs = (x @ planes > 0).to(torch.int32).view(-1, 2, nbits)
+        weights = 1 << torch.arange(nbits, device=x.device, dtype=torch.int32)
+        codes = (signs * weights).sum(dim=2, dtype=torch.int32)  # (T, 2) in [0, 2^nbits)
+        lanes = torch.remainder(codes, self.num_experts).to(torch.int32)
+        return _pair_result(lanes, self.num_experts, self.top_k, batch_shape)
+
+
+def _reduce(lanes: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """32-bit hash values -> experts in [0, E), from each hash's top 16 bits (in place; returns
+    the result, which may be a new tensor).
+
+    floor(u16 * E / 2^16) (Lemire's multiply-shift range reduction) avoids a division; u16 is the
+    top 16 bits read as unsigned, i.e. the arithmetic shift plus 2^15, folded into one multiply-add.
+    For E a power of two it is exactly the top log2(E) bits; for other E the bias is below E / 2^16.
+    """
+    return lanes.bitwise_right_shift_(16).mul_(num_experts).add_(32768 * num_experts) \
+        .bitwise_right_shift_(16)
+
+
+class BalancedHashRouter:
+    """Hash routing from a token-frequency table: most frequent ids first, each to the least-loaded
+    experts (greedy, in rounds of E ids); ids outside the table fall back to `HashRouter`.
+
+    `frequencies`: (V,) non-negative counts or probabilities of ids 0..V-1 (e.g. from a training
+    sample). Token ids only.
+    """
+
+    def __init__(self, num_experts: int, top_k: int, seed: int, frequencies: torch.Tensor) -> None:
+        self._fallback = HashRouter(num_experts, top_k, seed)
+        self.num_experts, self.top_k = self._fallback.num_experts, self._fallback.top_k
+        if not isinstance(frequencies, torch.Tensor) or frequencies.dim() != 1 \
+                or frequencies.numel() == 0:
+            raise ValueError("frequencies must be a non-empty 1-D tensor of per-id counts")
+        if bool((frequencies < 0).any()):
+            raise ValueError("frequencies must be >= 0")
+        self.table = _greedy_table(frequencies.double(), self.num_experts, self.top_k, seed)
+
+    def __call__(self, x: torch.Tensor) -> Routing:
+        """Route integer token ids of any shape."""
+        if not isinstance(x, torch.Tensor) or x.is_floating_point() or x.is_complex() \
+                or x.dtype == torch.bool:
+            raise ValueError("x must be integer token ids (balanced hashing needs ids, "
+                             "not hidden states)")
+        if x.numel() == 0:
+            raise ValueError("x must not be empty")
+        ids = x.reshape(-1).long()
+        vocab = self.table.shape[0]
+        known = (ids >= 0) & (ids < vocab)
+        if self.table.device != ids.device:
+            self.table = self.table.to(ids.device)
+        lanes = self.table[ids.clamp(0, vocab - 1)]  # (T, 2) int32
+        if not bool(known.all()):
+            lanes = torch.where(known[:, None], lanes, self._fallback_lanes(ids))
+        return _pair_result(lanes.contiguous(), self.num_experts, self.top_k, tuple(x.shape))
+
+    def _fallback_lanes(self, ids: torch.Tensor) -> torch.Tensor:
+        fb = self._fallback
+        lanes = ids.mul(fb._mult).add_(fb._add).view(torch.int32).view(-1, 2)
+        _reduce(lanes, self.num_experts)
+        return lanes
+
+
+def _greedy_table(freq: torch.Tensor, num_experts: int, top_k: int, seed: int,
+                  greedy_rounds: int = 64) -> torch.Tensor:
+    """(V, 2) int32 expert table: ids by decreasing frequency, in rounds of E items, the heaviest
+    item of a round to the currently least-loaded expert (LPT scheduling, vectorised by rounds).
+
+    After `greedy_rounds` rounds the remaining (light) items are dealt in one vectorised snake
+    draft over the experts ordered by load (lightest first, then back), as the per-round re-sort
+    changes little once items are small. With top_k = 2 each id is two adjacent items of the same
+    weight; a round gives every expert at most one item, so both copies of an id land on different
+    experts unless a round boundary splits them (odd E). Ties between equally loaded experts are
+    broken by a seeded permutation, so the heaviest ids do not all land on the low expert ids
+    (which contiguous placement would put on one rank).
+    """
+    vocab = freq.numel()
+    items = torch.argsort(freq, descending=True, stable=True).repeat_interleave(top_k)
+    weight = freq[items]
+    n_items = items.numel()
+    perm = torch.randperm(num_experts, generator=torch.Generator().manual_seed(seed))
+    load = torch.zeros(num_experts, dtype=torch.float64)  # indexed by position in perm
+    expert_of_item = torch.empty(n_items, dtype=torch.int64)
+    start = 0
+    for _ in range(greedy_rounds):
+        if start >= n_items:
+            break
+        stop = min(start + num_experts, n_items)
+        lightest = torch.argsort(load, stable=True)[:stop - start]
+        expert_of_item[start:stop] = perm[lightest]
+        load.index_add_(0, lightest, weight[start:stop])
+        start = stop
+    if start < n_items:
+        order = perm[torch.argsort(load, stable=True)]
+        i = torch.arange(n_items - start)
+        pos, rnd = i % num_experts, i // num_experts
+        expert_of_item[start:] = order[torch.where(rnd % 2 == 0, pos, num_experts - 1 - pos)]
+    table = torch.empty(vocab, 2, dtype=torch.int32)
+    slots = expert_of_item.view(vocab, top_k).to(torch.int32)
+    table[items.view(vocab, top_k)[:, 0]] = slots.expand(vocab, 2) if top_k == 1 else slots
+    return table
+
+
+class _GatedRouter:
+    """Shared by the learned routers: a seeded random gate W (D, E), logits = x @ W."""
+
+    min_k, max_k = 1, None
+
+    def __init__(self, num_experts: int, top_k: int, d_model: int, seed: int = 0) -> None:
+        self.num_experts = check_int("num_experts", num_experts, 1, MAX_EXPERTS)
+        hi = self.num_experts if self.max_k is None else self.max_k
+        self.top_k = check_int("top_k", top_k, self.min_k, hi)
+        self.d_model = check_int("d_model", d_model, 1, 1 << 16)
+        self.seed = check_int("seed", seed, 0)
+        gen = torch.Generator().manual_seed(self.seed + 7919)
+        # 1/sqrt(D) keeps logits O(1) for unit-variance inputs, as a trained gate's init would.
+        self.gate = torch.randn(self.d_model, self.num_experts, generator=gen) / math.sqrt(d_model)
+
+    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Gate logits (T, E) for hidden states x (..., D), and x's batch shape."""
+        x2, batch_shape = _check_hidden(x, self.d_model)
+        return x2 @ self.gate.to(device=x2.device, dtype=x2.dtype), batch_shape
+
+
+class TopKRouter(_GatedRouter):
+    """Mixtral routing: softmax over the E logits, top-k, renormalise (see topk_softmax_route)."""
+
+    def __call__(self, x: torch.Tensor) -> Routing:
+        """Route hidden states x (..., D)."""
+        logits, batch_shape = self.logits(x)
+        r = topk_softmax_route(logits, self.top_k)
+        return Routing(r.experts, r.weights, r.num_experts, r.probs, batch_shape)
+
+
+class SwitchRouter(_GatedRouter):
+    """Switch Transformer (Fedus et al. 2021): top-1, gate weight = its softmax probability,
+    capacity ceil(C * T / E) per expert, overflow tokens dropped (expert -1) in token order."""
+
+    max_k = 1
+
+    def __init__(self, num_experts: int, top_k: int = 1, d_model: int = 64, seed: int = 0,
+                 capacity_factor: float = 1.0) -> None:
+        super().__init__(num_experts, top_k, d_model, seed)
+        self.capacity_factor = check_float("capacity_factor", capacity_factor, 0.0, lo_open=True)
+
+    def __call__(self, x: torch.Tensor) -> Routing:
+        """Route hidden states x (..., D)."""
+        logits, batch_shape = self.logits(x)
+        probs = torch.softmax(logits, dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        cap = expert_capacity(self.capacity_factor, self.top_k, experts.shape[0], self.num_experts)
+        return apply_capacity(Routing(experts, weights, self.num_experts, probs, batch_shape), cap)
+
+
+class GShardRouter(SwitchRouter):
+    """GShard (Lepikhin et al. 2020): top-2, weights g1/(g1+g2) and g2/(g1+g2), capacity
+    ceil(C * 2T / E) per expert; every token's first choice is placed before any second choice.
+    (GShard's random dispatch of weak second choices is left out: routing here is deterministic.)
+    """
+
+    min_k = max_k = 2
+
+    def __init__(self, num_experts: int, top_k: int = 2, d_model: int = 64, seed: int = 0,
+                 capacity_factor: float = 1.0) -> None:
+        super().__init__(num_experts, top_k, d_model, seed, capacity_factor)
+
+    def __call__(self, x: torch.Tensor) -> Routing:
+        """Route hidden states x (..., D)."""
+        logits, batch_shape = self.logits(x)
+        r = topk_softmax_route(logits, self.top_k)
+        cap = expert_capacity(self.capacity_factor, self.top_k, r.num_tokens, self.num_experts)
+        r = Routing(r.experts, r.weights, r.num_experts, r.probs, batch_shape)
+        return apply_capacity(r, cap)
+
+
+class ExpertChoiceRouter(_GatedRouter):
+    """Expert Choice (Zhou et al. 2022): softmax over E per token, then each expert takes the
+    ceil(C * k * T / E) tokens with its highest scores (at most T). Experts are perfectly loaded;
+    a token may get 0 or several experts. experts/weights are (T, m), m the most experts any token
+    got, padded with -1 / 0; weights are the chosen softmax scores (not renormalised)."""
+
+    def __init__(self, num_experts: int, top_k: int = 1, d_model: int = 64, seed: int = 0,
+                 capacity_factor: float = 1.0) -> None:
+        super().__init__(num_experts, top_k, d_model, seed)
+        self.capacity_factor = check_float("capacity_factor", capacity_factor, 0.0, lo_open=True)
+
+    def __call__(self, x: torch.Tensor) -> Routing:
+        """Route hidden states x (..., D)."""
+        logits, batch_shape = self.logits(x)
+        probs = torch.softmax(logits, dim=-1)
+        num_tokens, num_experts = probs.shape
+        cap = min(num_tokens, expert_capacity(self.capacity_factor, self.top_k, num_tokens,
+                                              num_experts))
+        gates, tokens = probs.t().topk(cap, dim=1)  # (E, cap) each
+        tok = tokens.reshape(-1)
+        exp = torch.arange(num_experts, device=tok.device).repeat_interleave(cap)
+        # Regroup (expert, token) pairs by token: sort by token, rank within token = column.
+        order = torch.argsort(tok, stable=True)
+        tok_sorted = tok[order]
+        per_token = torch.bincount(tok, minlength=num_tokens)
+        starts = torch.cumsum(per_token, 0) - per_token
+        col = torch.arange(tok.numel(), device=tok.device) - starts[tok_sorted]
+        width = max(1, int(per_token.max()))
+        experts = torch.full((num_tokens, width), -1, dtype=torch.int64, device=tok.device)
+        weights = torch.zeros(num_tokens, width, dtype=probs.dtype, device=tok.device)
+        experts[tok_sorted, col] = exp[order]
+        weights[tok_sorted, col] = gates.reshape(-1)[order]
+        counts = torch.full((num_experts,), cap, dtype=torch.int64, device=tok.device)
+        return Routing(experts, weights, num_experts, probs, batch_shape, counts)
+
+
+@dataclass(frozen=True)
+class BalanceStep:
+    """One bias update of DeepSeekV3Router: the load before the update (CV and MaxVio)."""
+
+    step: int
+    cv: float
+    max_vio: float
+
+
+class DeepSeekV3Router(_GatedRouter):
+    """DeepSeek-V3 auxiliary-loss-free balancing (DeepSeek-AI 2024, sec. 2.1.2).
+
+    Scores s = sigmoid(x @ W) (T, E); experts = top-k of s + b, where the per-expert bias b is used
+    only for selection; weights = the chosen s renormalised to sum 1. `balance(x, steps)` runs
+    `steps` updates b_i += gamma * sign(mean load - load_i), one per batch of tokens, and records
+    the load at every step in `history`. (Node-limited routing and the scaling factor are left out.)
+    """
+
+    def __init__(self, num_experts: int, top_k: int = 2, d_model: int = 64, seed: int = 0,
+                 bias_update_speed: float = 0.001) -> None:
+        super().__init__(num_experts, top_k, d_model, seed)
+        self.gamma = check_float("bias_update_speed", bias_update_speed, 0.0, 1.0)
+        self.bias = torch.zeros(self.num_experts)
+        self.history: list[BalanceStep] = []
+
+    def _route_scores(self, scores: torch.Tensor, batch_shape: tuple[int, ...]) -> Routing:
+        _, experts = (scores + self.bias.to(scores)).topk(self.top_k, dim=-1)
+        chosen = scores.gather(1, experts)
+        weights = chosen / chosen.sum(dim=-1, keepdim=True)
+        counts = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+        return Routing(experts, weights, self.num_experts, None, batch_shape, counts)
+
+    def balance(self, x: torch.Tensor, steps: int, batch_tokens: int = 8192) -> list[BalanceStep]:
+        """Run `steps` bias updates, each on the next `batch_tokens` tokens of x (..., D) (cycling,
+        as training steps see new batches); returns the history: the batch's load before each
+        update, steps + 1 entries (the last is measured after the final update)."""
+        steps = check_int("steps", steps, 0, 10_000)
+        batch_tokens = check_int("batch_tokens", batch_tokens, 1)
+        logits, batch_shape = self.logits(x)
+        scores = torch.sigmoid(logits)  # the gate is fixed, so the scores are computed once
+        num_tokens = scores.shape[0]
+        batch = min(batch_tokens, num_tokens)
+        offsets = torch.arange(batch, device=scores.device)
+        self.history = []
+        for step in range(steps + 1):
+            rows = (offsets + step * batch) % num_tokens
+            counts = self._route_scores(scores[rows], (batch,)).counts.double()
+            mean = counts.mean()
+            self.history.append(BalanceStep(step, float(counts.std(unbiased=False) / mean),
+                                            float(counts.max() / mean - 1)))
+            if step < steps:
+                self.bias += self.gamma * torch.sign(mean - counts).float().cpu()
+        return self.history
+
+    def __call__(self, x: torch.Tensor) -> Routing:
+        """Route hidden states x (..., D) with the current bias."""
+        logits, batch_shape = self.logits(x)
+        return self._route_scores(torch.sigmoid(logits), batch_shape)

@@ -1,0 +1,164 @@
+"""Load-balance metrics of a routing: all take tokens per expert, a count vector of shape (E,).
+
+Definitions (counts c_i, i = 1..E, total N = sum c_i, mean m = N / E):
+    CV (relative std)   std(c) / m, population std; 0 is perfect balance.
+    max/mean, MaxVio    max(c) / m and max(c) / m - 1 (MaxVio: DeepSeek-V3 / Wang et al. 2024).
+    drop rate at C      sum max(c_i - cap, 0) / N with cap = ceil(C * k * T / E).
+    normalised entropy  -sum p_i log p_i / log E with p = c / N; 1 is perfect balance.
+    Gini                sum_i sum_j |c_i - c_j| / (2 E N); 0 is perfect, (E - 1) / E is one expert.
+    Switch aux loss     E * sum f_i P_i, f = c / N, P = mean router probability (Fedus et al. 2021).
+    per-rank load       tokens on each of R ranks for an expert -> rank placement; balancedness
+                        mean / max of the per-rank loads (1 is perfect).
+    null CV             sqrt((E - 1) / (k T)): k T slots thrown uniformly at random into E experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.moe_router import Routing, expert_capacity, expert_utilization
+from engine.validation import check_float, check_int
+
+
+def _counts(counts: torch.Tensor) -> torch.Tensor:
+    """Validate a count vector (E,) and return it as float64."""
+    if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError("counts must be a non-empty 1-D tensor of tokens per expert")
+    c = counts.detach().double().cpu()
+    if bool((c < 0).any()):
+        raise ValueError("counts must be >= 0")
+    return c
+
+
+def cv(counts: torch.Tensor) -> float:
+    """Relative standard deviation std / mean (population std) of tokens per expert; 0 if empty."""
+    c = _counts(counts)
+    m = c.mean()
+    return float(c.std(unbiased=False) / m) if m > 0 else 0.0
+
+
+def max_over_mean(counts: torch.Tensor) -> float:
+    """max / mean tokens per expert (1 is perfect balance; E if one expert takes all)."""
+    c = _counts(counts)
+    m = c.mean()
+    return float(c.max() / m) if m > 0 else 1.0
+
+
+def max_vio(counts: torch.Tensor) -> float:
+    """MaxVio = max / mean - 1: how far the busiest expert is above the mean, as a fraction."""
+    return max_over_mean(counts) - 1.0
+
+
+def drop_rate(counts: torch.Tensor, cap: int) -> float:
+    """Fraction of routed slots over `cap` per expert: sum max(c_i - cap, 0) / sum c_i."""
+    c = _counts(counts)
+    cap = check_int("cap", cap, 0)
+    total = c.sum()
+    return float((c - cap).clamp(min=0).sum() / total) if total > 0 else 0.0
+
+
+def normalized_entropy(counts: torch.Tensor) -> float:
+    """Entropy of the load distribution over log E, in [0, 1]; 1 is perfect balance (E = 1: 1)."""
+    c = _counts(counts)
+    total = c.sum()
+    if c.numel() == 1 or total == 0:
+        return 1.0
+    p = c[c > 0] / total
+    return float(-(p * p.log()).sum() / math.log(c.numel()))
+
+
+def gini(counts: torch.Tensor) -> float:
+    """Gini coefficient of tokens per expert: 0 is perfect balance, (E - 1) / E one expert."""
+    c = _counts(counts).sort().values
+    n, total = c.numel(), c.sum()
+    if total == 0:
+        return 0.0
+    # Sorted ascending, sum_ij |c_i - c_j| / 2 = sum_i (2i - n - 1) c_i (i from 1).
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return float(((2 * i - n - 1) * c).sum() / (n * total))
+
+
+def switch_aux_loss(routing: Routing) -> float | None:
+    """Switch Transformer auxiliary loss E * sum_i f_i P_i; None if the router has no probs.
+
+    f_i = the share of routed slots on expert i (after the router's own drops), P_i = the mean
+    router probability of expert i over tokens. 1 at perfect balance with uniform probabilities.
+    """
+    if routing.probs is None:
+        return None
+    c = _counts(expert_utilization(routing))
+    total = c.sum()
+    if total == 0:
+        return None
+    p_mean = routing.probs.detach().mean(dim=0, dtype=torch.float64).cpu()
+    return float(routing.num_experts * ((c / total) * p_mean).sum())
+
+
+def contiguous_placement(num_experts: int, num_ranks: int) -> torch.Tensor:
+    """Expert -> rank map (E,) int64 placing experts in contiguous blocks: expert i on rank
+    floor(i * R / E) (E / R experts per rank when R divides E)."""
+    e = check_int("num_experts", num_experts, 1)
+    r = check_int("num_ranks", num_ranks, 1, e)
+    return torch.arange(e, dtype=torch.int64) * r // e
+
+
+def per_rank_load(counts: torch.Tensor, num_ranks: int,
+                  placement: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens per rank (R,) float64 for tokens per expert (E,) and an expert -> rank map (E,)
+    (default: contiguous_placement). Expert-parallel layouts pass their own map."""
+    c = _counts(counts)
+    r = check_int("num_ranks", num_ranks, 1, c.numel())
+    if placement is None:
+        placement = contiguous_placement(c.numel(), r)
+    if not isinstance(placement, torch.Tensor) or placement.shape != c.shape \
+            or placement.is_floating_point():
+        raise ValueError(f"placement must be an integer tensor of shape ({c.numel()},)")
+    placement = placement.long().cpu()
+    if bool(((placement < 0) | (placement >= r)).any()):
+        raise ValueError(f"placement values must be ranks in [0, {r - 1}]")
+    return torch.zeros(r, dtype=torch.float64).index_add_(0, placement, c)
+
+
+def balancedness(loads: torch.Tensor) -> float:
+    """mean / max of per-rank (or per-expert) loads: 1 is perfect; 1 / R if one rank takes all."""
+    c = _counts(loads)
+    top = c.max()
+    return float(c.mean() / top) if top > 0 else 1.0
+
+
+def null_cv(num_experts: int, top_k: int, num_tokens: int) -> float:
+    """Expected CV of uniform random routing: sqrt((E - 1) / (k T)) (multinomial, k T slots)."""
+    e = check_int("num_experts", num_experts, 1)
+    k = check_int("top_k", top_k, 1)
+    t = check_int("num_tokens", num_tokens, 1)
+    return math.sqrt((e - 1) / (k * t))
+
+
+def unrouted_fraction(routing: Routing) -> float:
+    """Share of tokens that reached no expert at all (dropped by capacity, or unpicked in
+    Expert Choice)."""
+    return float((routing.experts < 0).all(dim=1).double().mean())
+
+
+def summarize(routing: Routing, top_k: int, capacity_factor: float, num_ranks: int,
+              placement: torch.Tensor | None = None) -> dict[str, float | int | None]:
+    """Every metric of one routing as a flat dict (top_k: the router's nominal k, used for the
+    capacity; counts are those after the router's own drops, if any)."""
+    counts = expert_utilization(routing)
+    t, e = routing.num_tokens, routing.num_experts
+    ranks = per_rank_load(counts, num_ranks, placement)
+    return {
+        "k": top_k,
+        "slots routed": int(counts.sum()),
+        "CV": cv(counts),
+        "max/mean": max_over_mean(counts),
+        "MaxVio": max_vio(counts),
+        "drop rate at C": drop_rate(counts, expert_capacity(capacity_factor, top_k, t, e)),
+        "tokens unrouted": unrouted_fraction(routing),
+        "norm. entropy": normalized_entropy(counts),
+        "Gini": gini(counts),
+        "Switch aux loss": switch_aux_loss(routing),
+        "rank balancedness": balancedness(ranks),
+    }
