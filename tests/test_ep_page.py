@@ -1,0 +1,102 @@
+"""The expert-parallelism page under AppTest: widgets -> tables, bad input, the dispatch button."""
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import engine.ep_dispatch as ep
+from engine.expert_parallel import EPSettings, rank_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = "app_pages/expert_parallel.py"
+
+
+def _page(chdir) -> AppTest:
+    chdir(ROOT)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    # Small, fast settings through the URL; every other widget keeps its default.
+    at.query_params.update({"tokens": "256", "d": "64"})
+    return at.run().switch_page(PAGE).run()
+
+
+def _table_with(at: AppTest, *columns: str):
+    """The first dataframe on the page that has all `columns`."""
+    return next(d.value for d in at.dataframe if set(columns) <= set(d.value.columns))
+
+
+@pytest.fixture
+def at(monkeypatch):
+    return _page(monkeypatch.chdir)
+
+
+def test_round_robin_on_two_ranks_fills_the_table(at):
+    at.number_input(key="experts").set_value(4)
+    at.number_input(key="ranks").set_value(2)
+    at.radio(key="place").set_value("round_robin")
+    at.run()
+    assert not at.exception and not at.error
+    table = at.dataframe[0].value
+    assert table["experts"].tolist() == ["0 2", "1 3"]
+    s = EPSettings(experts=4, ranks=2, tokens=256, d_model=64)
+    pairs = sum(int((rank_batch(s, r)[1] >= 0).sum()) for r in range(2))
+    assert table["load_pairs"].sum() == pairs
+    # Round robin: odd experts live on rank 1. bf16 rows of 64 values are 128 bytes.
+    e0 = rank_batch(s, 0)[1]
+    to_rank1 = int(((e0 >= 0) & (e0 % 2 == 1)).sum())
+    assert table["sent_off_rank_MB"][0] == pytest.approx(to_rank1 * 128 / 1e6)
+    sweep = _table_with(at, "hot_share")
+    assert set(sweep["placement"]) == {"contiguous", "round_robin", "greedy"}
+    assert len(sweep) == 11 * 3
+
+
+def test_more_ranks_than_experts_shows_the_error_and_keeps_the_last_result(at):
+    at.number_input(key="experts").set_value(4)
+    at.number_input(key="ranks").set_value(2)
+    at.run()
+    at.number_input(key="ranks").set_value(8)
+    at.run()
+    assert not at.exception
+    assert any("ranks must be <= experts" in e.value for e in at.error)
+    assert len(at.dataframe[0].value) == 2  # the last good table (2 ranks) is still shown
+
+
+def test_query_params_reproduce_the_settings(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.query_params.update({"experts": "6", "ranks": "3", "place": "contiguous", "tokens": "256",
+                            "d": "64"})
+    at.run().switch_page(PAGE).run()
+    assert not at.exception
+    assert at.dataframe[0].value["experts"].tolist() == ["0 1", "2 3", "4 5"]
+
+
+def test_dispatch_button_shows_the_measured_tables(at, monkeypatch):
+    calls = []
+
+    def fake_launch(settings, processes, timeout_s):
+        calls.append((settings, processes))
+        rows = [{"rank": r, "tokens": settings.tokens, "pairs_sent": [1, 1], "layer_ms": 2.0 + r,
+                 "plain_ms": 1.0, "max_abs_err": 0.0} for r in range(processes)]
+        return {"world": processes, "backend": "gloo", "device": "CPU (test)", "date": "d",
+                "torch": "t", "settings": {}, "per_rank": rows,
+                "summary": [{"tokens": settings.tokens, "layer_ms": 3.0, "plain_ms": 1.0,
+                             "ratio": 1 / 3, "max_abs_err": 0.0}]}
+
+    monkeypatch.setattr(ep, "launch", fake_launch)
+    at.number_input(key="procs").set_value(3)
+    at.button(key="run_dispatch").click().run()
+    assert not at.exception
+    assert calls[0][1] == 3 and calls[0][0].tokens == 256
+    per_rank = _table_with(at, "layer_ms", "rank")
+    assert per_rank["layer_ms"].tolist() == [2.0, 3.0, 4.0]
+
+
+def test_a_failed_launch_shows_the_workers_output(at, monkeypatch):
+    def failing(settings, processes, timeout_s):
+        raise ep.LaunchError("dispatch failed (torchrun exit 1):\nrank 1 exited with code 3")
+
+    monkeypatch.setattr(ep, "launch", failing)
+    at.button(key="run_dispatch").click().run()
+    assert not at.exception
+    assert any("dispatch failed" in c.value for c in at.code)
