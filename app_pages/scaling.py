@@ -1,5 +1,227 @@
-"""Placeholder until this lab lands."""
+"""Scaling breakpoints: is there a knee in this scaling curve, where, and how sure are we?"""
 
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
-st.info("This lab is being built.")
+from app_pages._ui import download_buttons, guarded
+from engine.scaling_data import (DATASETS, MAX_UPLOAD_BYTES, Filter, SyntheticSpec, detection_curve,
+                                 generate_synthetic, load_dataset, parse_csv, select_xy)
+from engine.scaling_forms import FORMS, FitSettings, LabResult, analyse
+
+Q = {"bind": "query-params"}
+NONE = "(none)"
+SOURCES = {"bnsl_4digit": "BNSL 4-digit addition", "chinchilla": "Chinchilla runs (Epoch extraction)",
+           "synthetic": "Synthetic (known knee)", "upload": "Upload a CSV"}
+NOISE_LEVELS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
+COLORS = {"power": "#7f7f7f", "saturating": "#17becf", "bnsl": "#9467bd"}
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _table(source: str, csv: bytes | None, syn: dict | None) -> pd.DataFrame:
+    if source == "upload":
+        return parse_csv(csv or b"")
+    if source == "synthetic":
+        return generate_synthetic(SyntheticSpec(**syn))
+    return load_dataset(source)
+
+
+@st.cache_data(show_spinner="Fitting...", max_entries=32)
+def _lab(source: str, csv: bytes | None, syn: dict | None, x: str, y: str, flt: tuple | None,
+         nd: tuple[str, str] | None, split: str | None, fit: dict) -> LabResult:
+    table = _table(source, csv, syn)
+    filters = (Filter.parse(*flt),) if flt else ()
+    return analyse(select_xy(table, x, y, filters, nd, split), FitSettings(**fit))
+
+
+@st.cache_data(show_spinner="Simulating detection...", max_entries=16)
+def _detection(syn: dict, min_segment: int) -> pd.DataFrame:
+    return detection_curve(SyntheticSpec(**syn), NOISE_LEVELS, 200, min_segment)
+
+
+def _reset_columns() -> None:
+    """A new data source has other columns: drop the old column choices so its defaults apply."""
+    for key in ("x", "y", "fcol", "frange", "hold", "split", "ncol", "dcol", "target"):
+        st.session_state.pop(key, None)
+
+
+def _pick(label: str, options: list[str], default: str | None, key: str, col=st) -> str:
+    index = options.index(default) if default in options else 0
+    return col.selectbox(label, options, index=index, key=key, **Q)
+
+
+st.title("Scaling breakpoints")
+st.caption("Is there really a knee in this scaling curve, and where? Exact global least-squares fit of "
+           "a two-segment power law in log-log space, bootstrap intervals, a test that accounts for "
+           "the searched breakpoint, and other scaling forms on the same points. Same numbers from a "
+           "shell: `python -m engine fit --help`.")
+
+# ---------------------------------------------------------------- data
+c = st.columns([4, 1])
+# No format_func on bound radios: the URL carries the displayed label, so options stay short.
+source = c[0].radio("Data", list(SOURCES), captions=list(SOURCES.values()), horizontal=True, key="src",
+                     on_change=_reset_columns, **Q)
+seed = c[1].number_input("Seed", 0, 2**31 - 1, 0, key="seed", **Q, help="noise, resamples, simulations")
+csv_bytes, syn = None, None
+if source == "upload":
+    up = st.file_uploader(f"CSV with a header row (at most {MAX_UPLOAD_BYTES // 2**20} MiB)", type="csv",
+                          key="csv")
+    if up is None:
+        st.info("Upload a CSV with a size column and a loss column, or pick a bundled table.")
+        st.stop()
+    csv_bytes = up.getvalue()
+elif source == "synthetic":
+    c = st.columns(5)
+    syn = asdict(SyntheticSpec(
+        n_points=int(c[0].slider("Points", 6, 200, 30, key="n", **Q)),
+        breakpoint=10 ** c[1].slider("Knee (log10 size)", 7.2, 10.8, 9.0, 0.1, key="knee", **Q),
+        slope_before=c[2].slider("Slope before", -1.0, 0.5, -0.08, 0.01, key="s1", **Q),
+        slope_after=c[3].slider("Slope after", -1.0, 0.5, -0.14, 0.01, key="s2", **Q),
+        noise=c[4].select_slider("Noise (std of ln loss)", (0.0,) + NOISE_LEVELS, 0.01, key="noise", **Q),
+        seed=int(seed)))
+
+table = guarded("scaling_table", lambda: _table(source, csv_bytes, syn))
+if table is None:
+    st.stop()
+ds = DATASETS.get(source)
+cols = [str(c) for c in table.columns]
+c = st.columns(4)
+x_col = _pick("Size column (x)", cols, ds.x if ds else "params", "x", c[0])
+y_col = _pick("Loss column (y)", cols, ds.y if ds else "loss", "y", c[1])
+f_col = _pick("Filter column", [NONE] + cols, NONE, "fcol", c[2])
+f_range = c[3].text_input("Filter range: low, high", "", key="frange", **Q,
+                       help="two numbers separated by a comma, either may be empty, e.g. 8e18,1.2e19")
+
+with st.expander("Fit settings", expanded=False):
+    c = st.columns(4)
+    min_seg = c[0].number_input("Min points per segment", 2, 50, 2, key="m", **Q)
+    continuous = c[1].checkbox("Continuous at the knee", True, key="cont", **Q)
+    n_boot = c[2].select_slider("Bootstrap resamples", (200, 500, 1000, 2000), 1000, key="boot", **Q)
+    level = c[3].select_slider("Interval level", (0.8, 0.9, 0.95, 0.99), 0.95, key="lvl", **Q)
+    c = st.columns(4)
+    holdout = c[0].radio("Fit on", ("none", "split", "first_k"), key="hold", **Q,
+                         index=1 if ds and ds.split else 0,
+                         captions=("all rows", "the split column's 'train' rows", "the k smallest sizes"))
+    split_col = _pick("Split column", [NONE] + cols, ds.split if ds else NONE, "split", c[1])
+    first_k = c[2].number_input("k", 4, 100_000, 10, key="k", **Q)
+    c = st.columns(4)
+    n_col = _pick("Params column for L(N, D)", [NONE] + cols, ds.nd[0] if ds and ds.nd else NONE, "ncol", c[0])
+    d_col = _pick("Tokens column for L(N, D)", [NONE] + cols, ds.nd[1] if ds and ds.nd else NONE, "dcol", c[1])
+    forms = c[2].multiselect("Other forms", list(FORMS), list(FORMS), key="forms", **Q)
+    target = c[3].number_input("Extrapolate to size", value=None, min_value=0.0, format="%g", key="target",
+                               **Q, help="empty: no extrapolation")
+
+flt = None
+if f_col != NONE:
+    lo, _, hi = f_range.partition(",")
+    flt = (f_col, lo, hi)
+fit = asdict(FitSettings(min_segment=int(min_seg), continuous=bool(continuous), n_boot=int(n_boot),
+                         level=float(level), seed=int(seed), holdout=holdout, first_k=int(first_k),
+                         target=float(target) if target else None, forms=tuple(forms)))
+nd = (n_col, d_col) if NONE not in (n_col, d_col) else None
+split = split_col if holdout == "split" and split_col != NONE else None
+res: LabResult | None = guarded("scaling_lab", lambda: _lab(source, csv_bytes, syn, x_col, y_col, flt,
+                                                             nd, split, fit))
+if res is None:
+    st.stop()
+
+# ---------------------------------------------------------------- headline
+m, t = res.model, res.test
+lo, hi = res.boot.breakpoint_ci
+k = st.columns(5)
+k[0].metric("Breakpoint", f"{m.breakpoint:.4g}", help=f"{res.boot.level:.0%} bootstrap interval")
+k[0].caption(f"{res.boot.level:.0%} CI {lo:.4g} - {hi:.4g}")
+for col, name, value, (a, b) in ((k[1], "Slope before", m.slope_before, res.boot.slope_before_ci),
+                                 (k[2], "Slope after", m.slope_after, res.boot.slope_after_ci)):
+    col.metric(name, f"{value:.3f}", help="d ln(loss) / d ln(size)")
+    col.caption(f"CI {a:.3f} to {b:.3f}")
+k[3].metric("sup-F p-value", f"{t.supf_pvalue:.3g}", help="Monte Carlo p-value of 'no break' that "
+            "accounts for the breakpoint being searched (Davies-type); naive F-test p "
+            f"{t.f_pvalue:.2g}")
+k[4].metric("BIC(broken) - BIC(single)", f"{t.delta_bic:.1f}", help="negative favours a break")
+verdict = t.supf_pvalue < 0.05 and t.delta_bic < 0
+(st.success if verdict else st.warning)(
+    "A break is supported: the test rejects a single power law and BIC prefers the break."
+    if verdict else "No convincing break: a single power law is not rejected, or BIC prefers it.")
+
+# ---------------------------------------------------------------- figures
+pts, cur = res.points, res.curve
+fig = go.Figure()
+fig.add_vrect(x0=lo, x1=hi, fillcolor="orange", opacity=0.15, line_width=0,
+              annotation_text="breakpoint CI", annotation_position="top left")
+fig.add_trace(go.Scatter(x=cur["x"], y=cur["pi_high"], line_width=0, showlegend=False, hoverinfo="skip"))
+fig.add_trace(go.Scatter(x=cur["x"], y=cur["pi_low"], line_width=0, fill="tonexty",
+                         fillcolor="rgba(31,119,180,0.12)", name=f"{res.boot.level:.0%} prediction band"))
+fig.add_trace(go.Scatter(x=cur["x"], y=cur["ci_high"], line_width=0, showlegend=False, hoverinfo="skip"))
+fig.add_trace(go.Scatter(x=cur["x"], y=cur["ci_low"], line_width=0, fill="tonexty",
+                         fillcolor="rgba(31,119,180,0.3)", name=f"{res.boot.level:.0%} confidence band"))
+fig.add_trace(go.Scatter(x=cur["x"], y=cur["broken_fit"], name="two-segment fit", line_color="#1f77b4"))
+for name, color in COLORS.items():
+    if name in cur:
+        fig.add_trace(go.Scatter(x=cur["x"], y=cur[name], name=name, line=dict(color=color, dash="dot"),
+                                 visible="legendonly"))
+for train, label, sym in ((True, "fitted points", "circle"), (False, "held-out points", "x")):
+    p = pts[pts["train"] == train]
+    if len(p):
+        fig.add_trace(go.Scatter(x=p["x"], y=p["y"], mode="markers", name=label, marker_symbol=sym,
+                                 marker_color="black" if train else "#d62728",
+                                 customdata=p["line"], hovertemplate="line %{customdata}: %{x:.4g}, %{y:.4g}"))
+if not res.extrapolation.empty:
+    e = res.extrapolation.iloc[0]
+    fig.add_trace(go.Scatter(x=[e["target"]], y=[e["predicted_loss"]], mode="markers", name="extrapolation",
+                             marker=dict(symbol="star", size=14, color="#2ca02c"),
+                             error_y=dict(type="data", symmetric=False, array=[e["pi_high"] - e["predicted_loss"]],
+                                          arrayminus=[e["predicted_loss"] - e["pi_low"]])))
+if syn is not None:
+    fig.add_vline(x=syn["breakpoint"], line_dash="dash", line_color="green", annotation_text="true knee")
+fig.update_xaxes(type="log", title=x_col)
+fig.update_yaxes(type="log", title=y_col)
+fig.update_layout(title="Log-log fit with the breakpoint interval", height=520, legend_orientation="h")
+st.plotly_chart(fig, key="scaling_fit")
+
+left, right = st.columns(2)
+resid = go.Figure(go.Scatter(x=pts["x"], y=pts["residual"], mode="markers",
+                             marker_color=np.where(pts["train"], "black", "#d62728")))
+resid.add_hline(y=0, line_dash="dot")
+resid.add_vline(x=m.breakpoint, line_dash="dash", line_color="orange")
+resid.update_xaxes(type="log", title=x_col)
+resid.update_layout(title="Residuals, ln(loss) - ln(fit)", yaxis_title="log residual", height=360)
+left.plotly_chart(resid, key="scaling_resid")
+hist = go.Figure(go.Histogram(x=res.boot.breakpoints, nbinsx=40, marker_color="orange"))
+hist.update_xaxes(title=f"bootstrap breakpoints ({res.boot.n_valid} resamples)")
+hist.update_layout(title="Where the resamples put the knee", height=360)
+right.plotly_chart(hist, key="scaling_boot")
+
+# ---------------------------------------------------------------- tables
+st.subheader("Two-segment fit")
+st.dataframe(res.summary, hide_index=True, key="scaling_summary")
+download_buttons("scaling_fit_summary", res.summary, {"model": m.summary, "settings": fit, "x": x_col,
+                                                      "y": y_col})
+st.subheader("Other forms on the same points")
+st.caption("RMSLE is the root mean squared error of natural-log loss; hold-out rows are extrapolated.")
+st.dataframe(res.forms, hide_index=True, key="scaling_forms")
+download_buttons("scaling_forms", res.forms)
+if not res.extrapolation.empty:
+    st.subheader("Extrapolation")
+    st.dataframe(res.extrapolation, hide_index=True, key="scaling_extrap")
+st.subheader("Predictions per point")
+st.dataframe(pts, hide_index=True, key="scaling_points")
+download_buttons("scaling_predictions", pts)
+
+# ---------------------------------------------------------------- what-if
+if source == "synthetic":
+    st.subheader("When does the knee stop being detectable?")
+    det = guarded("scaling_detect", lambda: _detection(syn, int(min_seg)))
+    if det is not None:
+        dfig = go.Figure(go.Scatter(x=det["noise"], y=det["detection_rate"], mode="lines+markers"))
+        dfig.add_vline(x=syn["noise"] or NOISE_LEVELS[0], line_dash="dot", annotation_text="current noise")
+        dfig.update_xaxes(type="log", title="noise (std of ln loss)")
+        dfig.update_yaxes(range=[0, 1.05], title="share of 200 seeds where BIC prefers the break")
+        dfig.update_layout(title="Detection rate of this knee against noise", height=360)
+        st.plotly_chart(dfig, key="scaling_detect")
+        st.dataframe(det, hide_index=True, key="scaling_detect_table")

@@ -67,8 +67,8 @@ class SyntheticSpec:
     x_min: float = 1e7
     x_max: float = 1e11
     breakpoint: float = 1e9
-    slope_before: float = -0.05
-    slope_after: float = -0.25
+    slope_before: float = -0.08
+    slope_after: float = -0.14
     loss_at_break: float = 3.0
     noise: float = 0.01
     seed: int = 0
@@ -145,6 +145,18 @@ class Filter:
     column: str
     low: float | None = None
     high: float | None = None
+
+    @staticmethod
+    def parse(column: str, low: str | None, high: str | None) -> "Filter":
+        """A filter from text bounds as typed in a form or on the command line ('' = unbounded)."""
+        def bound(name: str, text: str | None) -> float | None:
+            if text is None or not str(text).strip():
+                return None
+            try:
+                return float(text)
+            except ValueError:
+                raise ValueError(f"filter {name} bound for {column!r} must be a number, got {text!r}") from None
+        return Filter(column, bound("low", low), bound("high", high))
 
 
 @dataclass(frozen=True)

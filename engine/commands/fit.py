@@ -39,12 +39,7 @@ def _filter(text: str) -> Filter:
     parts = text.rsplit(":", 2)  # column names may contain ':'; bounds may not
     if len(parts) != 3 or not parts[0]:
         raise ValueError(f"--filter must be COL:LO:HI, got {text!r}")
-    try:
-        lo = float(parts[1]) if parts[1] else None
-        hi = float(parts[2]) if parts[2] else None
-    except ValueError:
-        raise ValueError(f"--filter bounds must be numbers, got {text!r}") from None
-    return Filter(parts[0], lo, hi)
+    return Filter.parse(*parts)
 
 
 def run(args: argparse.Namespace) -> CommandResult:
