@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
+import torch
 
 from engine import routing_metrics as rm
 from engine import workloads as wl
@@ -85,8 +86,9 @@ def estimate_bytes(s: LabSettings) -> float:
 
 @dataclass(frozen=True)
 class LabResult:
-    """Tables of one lab run: counts (router, expert, tokens), metrics (one row per router plus
-    the null baseline), ranks (router, rank, tokens), balance (DeepSeek step, CV, MaxVio)."""
+    """Tables of one lab run: counts (router, expert, tokens, load/mean, load rank: 0 = busiest),
+    metrics (one row per router plus the null baseline), ranks (router, rank, tokens) for the
+    contiguous placement, balance (DeepSeek step, CV, MaxVio)."""
 
     counts: pd.DataFrame
     metrics: pd.DataFrame
@@ -138,18 +140,23 @@ def run_lab(s: LabSettings) -> LabResult:
     for key, r in routings.items():
         label, k = ROUTERS[key], _k_of(key, s)
         rows.append({"router": label, **rm.summarize(r, k, s.capacity_factor, s.num_ranks)})
-        counts = expert_utilization(r)
-        counts_rows.append(pd.DataFrame({"router": label, "expert": range(e),
-                                         "tokens": counts.cpu().numpy()}))
+        counts = expert_utilization(r).cpu()
+        mean = max(float(counts.double().mean()), 1e-12)
+        # Position of each expert when sorted by load, busiest first (the "sorted" histogram).
+        by_load = torch.empty(e, dtype=torch.int64)
+        by_load[torch.argsort(counts, descending=True, stable=True)] = torch.arange(e)
+        counts_rows.append(pd.DataFrame({
+            "router": label, "expert": range(e), "tokens": counts.numpy(),
+            "load/mean": counts.double().numpy() / mean, "load rank": by_load.numpy()}))
         loads = rm.per_rank_load(counts, s.num_ranks)
         rank_rows.append(pd.DataFrame({"router": label, "rank": range(s.num_ranks),
-                                       "tokens": loads.numpy()}))
+                                       "tokens": loads.long().numpy()}))
     rows.append({"router": NULL_LABEL, "k": s.top_k, "slots routed": s.top_k * s.num_tokens,
                  "CV": rm.null_cv(e, s.top_k, s.num_tokens)})
     metrics = pd.DataFrame(rows)
     return LabResult(
         counts=pd.concat(counts_rows, ignore_index=True) if counts_rows else
-        pd.DataFrame(columns=["router", "expert", "tokens"]),
+        pd.DataFrame(columns=["router", "expert", "tokens", "load/mean", "load rank"]),
         metrics=metrics,
         ranks=pd.concat(rank_rows, ignore_index=True) if rank_rows else
         pd.DataFrame(columns=["router", "rank", "tokens"]),
