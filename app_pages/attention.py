@@ -79,7 +79,9 @@ def _show(result: SweepResult, name: str) -> None:
                       facet_col="head_dim", facet_row="causal", labels={"tflops": "TFLOP/s", "seqlen": "seqlen"},
                       hover_data=["batch", "heads", "kv_heads", "ms", "rel_err", "dtype"],
                       title="TFLOP/s against sequence length, per backend")
-        fig.update_xaxes(type="log", tickvals=sorted(ok["seqlen"].unique()))
+        ticks = sorted(ok["seqlen"].unique())
+        fig.update_xaxes(tickvals=ticks, ticktext=[f"{t // 1024}k" if t >= 1024 else str(t) for t in ticks])
+        fig.update_layout(height=300 * len(ok["causal"].unique()) + 100)
         st.plotly_chart(fig, width="stretch")
     speed = result.speedups()
     st.subheader("FA3 speed-up over the best SDPA backend")
@@ -87,7 +89,9 @@ def _show(result: SweepResult, name: str) -> None:
         st.caption("Needs FA3 and at least one SDPA backend timed on the same shapes (FA3 runs on Hopper GPUs only).")
     else:
         st.dataframe(speed, hide_index=True, width="stretch",
-                     column_config={"speedup": st.column_config.NumberColumn(format="%.2fx")})
+                     column_config={"speedup": st.column_config.NumberColumn(format="%.2fx"),
+                                    "fa3_tflops": st.column_config.NumberColumn(format="%.0f"),
+                                    "best_sdpa_tflops": st.column_config.NumberColumn(format="%.0f")})
     st.subheader("All rows")
     st.dataframe(table, hide_index=True, width="stretch",
                  column_config={"rel_err": st.column_config.NumberColumn("rel err vs fp32", format="%.1e"),
@@ -121,6 +125,9 @@ else:
         res = guarded("attention_run", lambda: _run(settings))
         if res is not None:
             st.session_state["attention_result"] = res
+    if _environment()["cuda"] == "none":
+        st.caption("CPU run: only SDPA's flash (CPU kernel) and math backends run here; the GPU backends are "
+                   "listed with the reason. Committed GPU results show the H100.")
     res = st.session_state.get("attention_result")
     if res is None:
         st.caption("Press **Run sweep** to time the kernels on this machine.")

@@ -70,7 +70,7 @@ PRESETS: dict[str, SweepSettings] = {
                                causal=(False, True)),
     # A few seconds on a CPU (fp32: CPU attention has no fast bf16 path); same code as the paper sweep.
     "quick": SweepSettings(seqlens=(128, 256, 512), head_dims=(64,), causal=(False, True), dtypes=("fp32",),
-                           tokens=1024, hidden=256, reps=5, warmup=1),
+                           tokens=1024, hidden=256, reps=3, warmup=1),
     # Grouped-query attention at head dim 128: 1, 4 and 8 query heads per kv head.
     "gqa": SweepSettings(seqlens=(1024, 4096, 16384), gqa=(1, 4, 8), causal=(False, True)),
 }
