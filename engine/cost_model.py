@@ -32,8 +32,6 @@ PARAM_COMPONENTS = ("embeddings", "attention", "dense FFN", "experts", "shared e
                     "norms")
 FLOP_COMPONENTS = ("attention projections", "attention scores (QK^T)", "attention values (AV)",
                    "dense FFN", "experts", "shared experts", "router", "logits")
-# The router's LSH for hash routing is x @ planes, ceil(log2 E) random hyperplanes per slot
-# (engine.moe_router.HashRouter); its planes are fixed, not parameters.
 
 
 class ConfigError(ValueError):
@@ -152,11 +150,13 @@ def ffn_params(d_model: int, d_ff: int, ffn: str) -> int:
     return _ffn_matrices(ffn) * d_model * d_ff
 
 
-def router_flops(d_model: int, num_experts: int, top_k: int, router: str) -> int:
+def router_flops(d_model: int, num_experts: int, router: str) -> int:
     """Forward matmul FLOPs per token of one router: gate logits, or the hash router's LSH."""
     if router == "learned":
         return 2 * d_model * num_experts
-    return 2 * d_model * top_k * max(1, (num_experts - 1).bit_length())
+    # HashRouter's LSH projects onto ceil(log2 E) hyperplanes for each of its two hash slots,
+    # computed whatever top_k (top_k 1 keeps slot 0); the planes are fixed, not parameters.
+    return 2 * d_model * 2 * max(1, (num_experts - 1).bit_length())
 
 
 def moe_block_flops(d_model: int, d_ff: int, ffn: str, num_experts: int, top_k: int, router: str,
@@ -167,7 +167,7 @@ def moe_block_flops(d_model: int, d_ff: int, ffn: str, num_experts: int, top_k: 
     """
     per_expert = 2 * ffn_params(d_model, d_ff, ffn)
     return {"experts": top_k * per_expert, "shared experts": shared_experts * per_expert,
-            "router": router_flops(d_model, num_experts, top_k, router)}
+            "router": router_flops(d_model, num_experts, router)}
 
 
 def param_counts(cfg: TransformerConfig) -> dict[str, tuple[int, int]]:
@@ -317,3 +317,9 @@ def human(x: float) -> str:
         if abs(x) >= div:
             return f"{x / div:.3g}{unit}"
     return f"{x:.3g}"
+
+
+def preset_config(preset: str, **overrides: object) -> TransformerConfig:
+    """PRESETS[preset] with the fields in `overrides` replaced (None values ignored), validated."""
+    check_choice("preset", preset, tuple(PRESETS))
+    return PRESETS[preset].replace(**{k: v for k, v in overrides.items() if v is not None})

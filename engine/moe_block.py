@@ -208,6 +208,17 @@ class BlockBenchSettings:
         check_int("reps", self.reps, 1, 1000)
         check_int("seed", self.seed, 0)
 
+    @classmethod
+    def from_config(cls, cfg: TransformerConfig, d_model: int = 512, tokens: int = 4096,
+                    reps: int = 3, seed: int = 0) -> "BlockBenchSettings":
+        """The FFN blocks of an MoE config, scaled to `d_model` with the same d_ff / d_model ratio."""
+        if not cfg.is_moe:
+            raise ValueError("num_experts must be >= 1 to time MoE blocks against dense")
+        d_ff = max(1, round(cfg.d_ff * d_model / cfg.d_model))
+        routers = ("hash", "learned") if cfg.top_k <= 2 else ("learned",)
+        return cls(d_model, d_ff, cfg.num_experts, cfg.top_k, cfg.ffn, tokens, routers, reps=reps,
+                   seed=seed)
+
     def working_set_bytes(self) -> float:
         """Rough peak bytes of one forward+backward of the widest block (weights, grads, activations)."""
         elt = torch.finfo(DTYPES[self.dtype]).bits // 8
