@@ -97,39 +97,40 @@ class ExpertParallelLayer:
     def _plan(self, experts: torch.Tensor, token_index: torch.Tensor
               ) -> tuple[list[torch.Tensor], list[list[int]], list[list[int]], torch.Tensor]:
         """Per chunk: pair indices sorted by physical slot, rows sent to / received from each rank,
-        and the received per-slot counts (R, chunks, my slots). One counts exchange, one sync."""
+        and the received per-slot counts (R, chunks, my slots). One counts exchange and one host
+        sync per layer (no nonzero or bincount, which would each sync on CUDA)."""
         t_count, k = experts.shape
-        m_count = min(self.chunks, t_count)
-        bounds = [t_count * m // m_count for m in range(m_count + 1)]
+        m_count, p_count, w = min(self.chunks, t_count), self.num_slots, self.world
         slots = destinations(experts, token_index, self.replicas)
-        pairs, counts = [], []
-        for lo, hi in zip(bounds, bounds[1:]):
-            flat = slots[lo:hi].reshape(-1)
-            pair = (flat >= 0).nonzero().squeeze(1)
-            slot = flat[pair]
-            order = torch.argsort(slot, stable=True)  # slots are numbered rank-major: by rank too
-            pairs.append(pair[order] + lo * k)
-            counts.append(torch.bincount(slot, minlength=self.num_slots))
-        count = torch.stack(counts)  # (chunks, P)
+        chunk = torch.arange(t_count, device=experts.device) * m_count // t_count
+        # Sort key (chunk, physical slot); empty slots sort last. Slots are numbered rank-major,
+        # so within a chunk the pairs are grouped by destination rank as all_to_all wants.
+        key = torch.where(slots >= 0, chunk[:, None] * p_count + slots, m_count * p_count).reshape(-1)
+        order = torch.argsort(key, stable=True)
+        count = torch.zeros(m_count * p_count + 1, dtype=torch.int64, device=key.device)
+        count = count.scatter_add_(0, key, torch.ones_like(key))[:-1].view(m_count, p_count)
         # Counts per physical slot go to the slot's rank, so the receiver knows which of its
         # experts every row is for and expert ids never travel.
         send_counts = torch.cat([c.reshape(-1) for c in count.split(self.slots_per_rank, dim=1)])
         mine = self.slots_per_rank[self.rank]
-        recv_counts = send_counts.new_empty(self.world * m_count * mine)
-        dist.all_to_all_single(recv_counts, send_counts, [m_count * mine] * self.world,
+        recv_counts = send_counts.new_empty(w * m_count * mine)
+        dist.all_to_all_single(recv_counts, send_counts, [m_count * mine] * w,
                                [m_count * n for n in self.slots_per_rank])
-        recv_counts = recv_counts.view(self.world, m_count, mine)
-        send = torch.zeros(m_count, self.world, dtype=count.dtype, device=count.device)
+        recv_counts = recv_counts.view(w, m_count, mine)
+        send = torch.zeros(m_count, w, dtype=count.dtype, device=count.device)
         send.index_add_(1, self.slot_rank, count)
         sizes = torch.cat([send.reshape(-1), recv_counts.sum(dim=2).T.reshape(-1)]).tolist()
-        w = self.world
         send_rows = [sizes[m * w:(m + 1) * w] for m in range(m_count)]
         recv_rows = [sizes[(m_count + m) * w:(m_count + m + 1) * w] for m in range(m_count)]
+        pairs = list(order[:sum(sizes[:m_count * w])].split([sum(r) for r in send_rows]))
         return pairs, send_rows, recv_rows, recv_counts
 
     def __call__(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                  token_index: torch.Tensor) -> tuple[torch.Tensor, Splits]:
-        """MoE output for this rank's tokens: x (T, D), experts/weights (T, k), token_index (T,)."""
+        """MoE output for this rank's tokens: x (T, D), experts/weights (T, k), token_index (T,).
+
+        Returns the output (T, D) in x's dtype and the total rows sent to / received from each rank.
+        """
         k = experts.shape[1]
         pairs, send, recv, recv_counts = self._plan(experts, token_index)
         gains = self.gains.to(x.dtype)
@@ -353,8 +354,8 @@ class LaunchError(RuntimeError):
 
 
 def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,
-           timeout_s: float = 120.0, placement_map: str = "", fail_rank: int = -1,
-           dump: Path | None = None) -> dict:
+           timeout_s: float = 120.0, placement_map: str = "", chunks: int = 1,
+           fail_rank: int = -1, dump: Path | None = None) -> dict:
     """Run the dispatch on `processes` local CPU processes (gloo) via torchrun; returns rank 0's JSON.
 
     Everything is checked before launching; the whole job is killed after `timeout_s` seconds.
@@ -365,6 +366,7 @@ def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,
     check_bytes("dispatch working set (all processes)", processes * working_set_bytes(s))
     check_int("warmup", warmup, 0, 100)
     check_int("reps", reps, 1, 1000)
+    check_int("chunks", chunks, 1, 64)
     with tempfile.TemporaryDirectory(prefix="ep_dispatch_") as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                str(processes), "--max-restarts", "0", "-m", "engine.ep_dispatch",
@@ -372,7 +374,7 @@ def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,
                "--d-model", str(s.d_model), "--dtype", s.dtype, "--placement", s.placement,
                "--replicas", str(s.replicas), "--router", s.router, "--zipf", str(s.zipf),
                "--hot-share", str(s.hot_share), "--seed", str(s.seed), "--warmup", str(warmup),
-               "--reps", str(reps), "--backend", "gloo", "--timeout", str(max(5.0, timeout_s / 2)),
+               "--reps", str(reps), "--chunks", str(chunks), "--backend", "gloo", "--timeout", str(max(5.0, timeout_s / 2)),
                "--map", placement_map, "--out", tmp, "--fail-rank", str(fail_rank)] + (["--dump", str(dump)] if dump else [])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         # Own session: on timeout the whole tree (torchrun and its workers) is killed at once.

@@ -31,10 +31,11 @@ def _loop_reference(x, experts, weights, gains):
 
 
 def test_two_rank_round_trip_equals_single_process_reference(tmp_path):
-    # top-k router with k = 3, greedy placement with replicas and a hot expert: every path at once.
-    s = EPSettings(experts=6, top_k=3, tokens=48, d_model=16, dtype="fp32", placement="greedy",
+    # top-k router with k = 3, greedy placement with replicas, a hot expert, and 50 tokens in 3
+    # pipelined chunks (17, 17, 16): every path at once.
+    s = EPSettings(experts=6, top_k=3, tokens=50, d_model=16, dtype="fp32", placement="greedy",
                    replicas=2, router="topk", hot_share=0.3, seed=5)
-    doc = launch(s, 2, warmup=0, reps=1, timeout_s=90, dump=tmp_path)
+    doc = launch(s, 2, warmup=0, reps=1, timeout_s=90, chunks=3, dump=tmp_path)
     gains = expert_gains(6, 5)
     predicted = ep_stats(EPSettings(**{**s.__dict__, "ranks": 2}))
     for r in range(2):
