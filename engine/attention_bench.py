@@ -420,11 +420,11 @@ def speedup_table(table: pd.DataFrame) -> pd.DataFrame:
     if fa3.empty or sdpa.empty:
         return pd.DataFrame(columns=[*keys, "fa3_tflops", "best_sdpa", "best_sdpa_tflops", "speedup"])
     best = sdpa.loc[sdpa.groupby(keys)["ms"].idxmin()].set_index(keys)
-    joined = fa3[["ms", "tflops"]].join(best[["backend", "ms", "tflops"]], rsuffix="_sdpa", how="inner")
-    return pd.DataFrame({
-        "fa3_tflops": joined["tflops"], "best_sdpa": joined["backend"],
-        "best_sdpa_tflops": joined["tflops_sdpa"], "speedup": joined["ms_sdpa"] / joined["ms"],
-    }).reset_index()
+    best = best[["backend", "ms", "tflops"]].rename(columns={"ms": "sdpa_ms", "tflops": "best_sdpa_tflops",
+                                                             "backend": "best_sdpa"})
+    joined = fa3[["ms", "tflops"]].rename(columns={"tflops": "fa3_tflops"}).join(best, how="inner")
+    joined["speedup"] = joined["sdpa_ms"] / joined["ms"]
+    return joined[["fa3_tflops", "best_sdpa", "best_sdpa_tflops", "speedup"]].reset_index()
 
 
 def settings_for(preset: str, **overrides: Any) -> SweepSettings:
