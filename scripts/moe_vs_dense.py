@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for r in (dense, moe):
-        print(f"{r.block:10s} d_ff {r.d_ff:>7d}  forward GFLOP {r.forward_gflop:.6f}  "
+        print(f"{r.block:10s} d_ff {r.d_ff:>7d}  forward GFLOP {r.forward_gflop:.6g}  "
               f"forward {r.forward_ms:9.2f} ms  fwd+bwd {r.fwd_bwd_ms:9.2f} ms  "
               f"{r.tokens_per_s:10.0f} tokens/s")
     print(f"FLOP ratio (MoE / dense, analytic): {moe.flop_ratio:.6f}")

@@ -1,0 +1,68 @@
+"""The seed's scripts and `python -m engine cost`, run as subprocesses from outside the repo."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.cost_model import dense_counterpart, estimate, preset_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, cwd):
+    out = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _figure(text, label):
+    return float(re.search(rf"^{re.escape(label)}: ([0-9.eE+-]+)", text, re.M).group(1))
+
+
+def test_benchmark_moe_prints_the_engines_growth_and_flop_ratio(tmp_path):
+    text = _run([str(ROOT / "scripts/benchmark_moe.py"), "--preset", "Mixtral 8x7B", "--layers", "4",
+                 "--experts", "16", "--k", "2"], cwd=tmp_path)  # a fresh cwd: the script finds the repo
+    cfg = preset_config("Mixtral 8x7B", n_layers=4, num_experts=16, top_k=2)
+    moe, dense = estimate(cfg), estimate(dense_counterpart(cfg, "same_ff"))
+    assert _figure(text, "parameter growth") == pytest.approx(moe.total_params / dense.total_params, rel=1e-6)
+    assert _figure(text, "FLOP ratio") == pytest.approx(moe.train_flops / dense.train_flops, rel=1e-6)
+    # Independently: 15 extra experts of 3 x 4096 x 14336 and a 4096 x 16 router per layer.
+    assert moe.total_params - dense.total_params == 4 * (15 * 3 * 4096 * 14336 + 4096 * 16)
+    assert f"{moe.total_params:,d}" in text
+
+
+def test_benchmark_moe_bad_input_exits_2(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/benchmark_moe.py"), "--k", "9"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "top_k" in out.stderr
+
+
+def test_moe_vs_dense_prints_matched_flops(tmp_path):
+    text = _run([str(ROOT / "scripts/moe_vs_dense.py"), "--d-model", "16", "--d-ff", "24", "--experts", "4",
+                 "--k", "2", "--tokens", "64", "--reps", "1"], cwd=tmp_path)
+    # Dense: 2 x 16 x 48 weights; MoE: 2 experts of 2 x 16 x 24 plus the LSH 16 x (2 x 2 bits).
+    dense, moe = 2 * 2 * 16 * 48, 2 * 2 * 2 * 16 * 24 + 2 * 16 * 4
+    assert _figure(text, "FLOP ratio (MoE / dense, analytic)") == pytest.approx(moe / dense, rel=1e-6)
+    gflops = [float(g) for g in re.findall(r"forward GFLOP ([0-9.eE+-]+)", text)]
+    assert gflops == pytest.approx([64 * dense / 1e9, 64 * moe / 1e9], rel=1e-4)
+    assert _figure(text, "fwd+bwd time ratio") > 0
+
+
+def test_help_works_from_anywhere(tmp_path):
+    for script in ("benchmark_moe.py", "moe_vs_dense.py"):
+        assert "usage" in _run([str(ROOT / "scripts" / script), "--help"], cwd=tmp_path)
+
+
+def test_engine_cost_json_matches_estimate():
+    doc = json.loads(_run(["-m", "engine", "cost", "--json", "--preset", "Llama-2-7B", "--layers", "2"],
+                          cwd=ROOT))
+    est = estimate(preset_config("Llama-2-7B", n_layers=2))
+    assert doc["summary"]["total_params"] == est.total_params
+    # 2 layers of 4 x 4096^2 attention and 3 x 4096 x 11008 FFN, untied 32000 x 4096 embeddings x 2.
+    assert est.total_params == 2 * (4 * 4096**2 + 3 * 4096 * 11008) + 2 * 32000 * 4096 + 5 * 4096
+    assert sum(r["total"] for r in doc["parameters"]) == est.total_params
+    assert "MoE / dense" not in doc  # dense config: no ratios
