@@ -255,15 +255,13 @@ class HashRouter:
 
 
 def _reduce(lanes: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """32-bit hash values -> experts in [0, E), from each hash's top 16 bits (in place; returns
-    the result, which may be a new tensor).
+    """In place: 32-bit hash values (int32) -> experts in [0, E), from each hash's top 16 bits.
 
-    floor(u16 * E / 2^16) (Lemire's multiply-shift range reduction) avoids a division; u16 is the
-    top 16 bits read as unsigned, i.e. the arithmetic shift plus 2^15, folded into one multiply-add.
-    For E a power of two it is exactly the top log2(E) bits; for other E the bias is below E / 2^16.
+    e = floor(u * E / 2^16) with u = (top 16 bits as signed) + 2^15 in [0, 2^16) (Lemire's
+    multiply-shift range reduction, no division; the offset keeps it non-negative in int32).
+    For E a power of two this is exactly log2(E) hash bits; otherwise the bias is below E / 2^16.
     """
-    return lanes.bitwise_right_shift_(16).mul_(num_experts).add_(32768 * num_experts) \
-        .bitwise_right_shift_(16)
+    return lanes.bitwise_right_shift_(16).add_(32768).mul_(num_experts).bitwise_right_shift_(16)
 
 
 class BalancedHashRouter:
