@@ -217,7 +217,7 @@ def _centred(params: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _check_settings(n: int, min_segment: int) -> int:
-    m = check_int("min_segment", min_segment, 2, max(2, n // 2))
+    m = check_int("min_segment", min_segment, 2, MAX_POINTS // 2)
     if n < 2 * m:
         raise ValueError(f"need at least 2 * min_segment = {2 * m} points for two segments, got {n}")
     return m
