@@ -11,7 +11,7 @@ from engine.attention_bench import (BACKENDS, DTYPES, MODES, PRESETS, SweepResul
 from engine.flash_attention3 import fa3_readiness
 
 QP = "query-params"
-SEQLENS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+SEQLENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 DEFAULT = SweepSettings(seqlens=PRESETS["quick"].seqlens)
 
 
@@ -42,7 +42,7 @@ def _settings_from_widgets() -> SweepSettings:
         return settings_for(preset, backends=tuple(backends))
     c1, c2, c3 = st.columns(3)
     seqlens = c1.multiselect("Sequence lengths", SEQLENS, default=list(DEFAULT.seqlens), key="S", bind=QP)
-    head_dims = c2.multiselect("Head dims", (32, 64, 96, 128, 192, 256), default=[64], key="D", bind=QP)
+    head_dims = c2.multiselect("Head dims", (16, 32, 64, 96, 128, 192, 256), default=[64], key="D", bind=QP)
     causal = c3.multiselect("Causal", ("off", "on"), default=["off", "on"], key="causal", bind=QP)
     tokens = c1.number_input("Tokens per batch", 16, 2**22, 1024, key="tokens", bind=QP,
                              help="batch = tokens // seqlen")
