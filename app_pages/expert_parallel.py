@@ -56,25 +56,23 @@ settings = EPSettings(experts=int(experts), ranks=int(ranks), top_k=int(top_k), 
 stats = guarded("ep_stats", lambda: _stats(**asdict(settings)))
 
 if stats is not None:
-    ranks_n = len(stats.load)
-    mean = sum(stats.load) / ranks_n
-    dispatch = stats.dispatch_bytes()
-    off_rank = sum(map(sum, dispatch)) - sum(dispatch[r][r] for r in range(ranks_n))
     m = st.columns(4)
     m[0].metric("Balancedness (mean / max load)", f"{stats.balancedness:.3f}")
-    m[1].metric("Slowest rank vs mean", f"{max(stats.load) / mean:.2f}x" if mean else "-")
+    m[1].metric("Slowest rank vs mean", f"{1 / stats.balancedness:.2f}x")
     m[2].metric("Pairs leaving their rank", f"{stats.leave_share:.1%}")
-    m[3].metric("Off-rank MB per layer, each way", f"{off_rank / 1e6:,.1f}")
+    m[3].metric("Off-rank MB per layer, each way", f"{stats.off_rank_bytes() / 1e6:,.1f}")
 
     left, right = st.columns(2)
     table = rank_table(stats)
     fig = px.bar(table, x="rank", y="load_pairs", hover_data=["experts"],
                  labels={"load_pairs": "token-expert pairs computed", "rank": "rank"},
                  title=f"Load per rank ({stats.placement.name})")
-    fig.add_hline(y=mean, line_dash="dot", annotation_text="mean")
+    fig.add_hline(y=stats.mean_load, line_dash="dot", annotation_text="mean")
     left.plotly_chart(fig, key="ep_load")
-    heat = go.Figure(go.Heatmap(z=[[b / 1e6 for b in row] for row in dispatch],
-                                colorscale="Viridis", colorbar={"title": "MB"}, zmin=0,
+    mb = [[b / 1e6 for b in row] for row in stats.dispatch_bytes()]
+    # Colour from 0, so a few percent of difference between pairs does not look like a hot spot.
+    heat = go.Figure(go.Heatmap(z=mb, colorscale="Viridis", colorbar={"title": "MB"}, zmin=0,
+                                zmax=max(map(max, mb)) or 1.0,
                                 hovertemplate="src %{y} -> dst %{x}: %{z:.2f} MB<extra></extra>"))
     heat.update_layout(title="Dispatch MB, source -> destination (combine: transposed)",
                        xaxis_title="destination rank", yaxis_title="source rank",
@@ -94,7 +92,6 @@ st.caption("Expert 0 gets a growing share of all tokens; every placement sees th
 sweep = guarded("ep_sweep", lambda: _sweep(**asdict(settings)))
 if sweep is not None:
     sweep_df = pd.DataFrame(sweep)
-    sweep_df["slowest_vs_mean"] = sweep_df["max_load"] / sweep_df["mean_load"]
     fig = px.line(sweep_df, x="hot_share", y="slowest_vs_mean", color="placement", markers=True,
                   labels={"hot_share": "share of tokens on expert 0",
                           "slowest_vs_mean": "slowest rank load / mean load"})

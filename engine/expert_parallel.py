@@ -296,6 +296,16 @@ class EPStats:
     row_bytes: int  # bytes per pair each way (d_model * dtype size)
     leave_share: float  # share of pairs whose expert is on another rank
 
+    @property
+    def mean_load(self) -> float:
+        """Mean token-expert pairs per rank."""
+        return sum(self.load) / len(self.load)
+
+    def off_rank_bytes(self) -> int:
+        """Bytes that cross ranks in the dispatch (the combine moves as many back)."""
+        total = sum(map(sum, self.pair_matrix)) - sum(row[i] for i, row in enumerate(self.pair_matrix))
+        return total * self.row_bytes
+
     def dispatch_bytes(self) -> list[list[int]]:
         """Bytes sent [src][dst] in the dispatch (the diagonal stays on its rank)."""
         return [[c * self.row_bytes for c in row] for row in self.pair_matrix]
@@ -346,7 +356,8 @@ def hot_expert_sweep(settings: EPSettings, shares: Sequence[float]) -> list[dict
         for name in PLACEMENTS:
             st = ep_stats(replace(settings, hot_share=float(share), placement=name))
             rows.append({"hot_share": float(share), "placement": name, "max_load": max(st.load),
-                         "mean_load": sum(st.load) / len(st.load), "balancedness": st.balancedness})
+                         "mean_load": st.mean_load, "balancedness": st.balancedness,
+                         "slowest_vs_mean": 1 / st.balancedness})
     return rows
 
 
@@ -360,7 +371,7 @@ def rank_table(stats: EPStats) -> "pd.DataFrame":
         "rank": range(r_count),
         "experts": [" ".join(map(str, s)) for s in stats.placement.slots],
         "load_pairs": stats.load,
-        "load_vs_mean": [x / (sum(stats.load) / r_count) if sum(stats.load) else 0.0 for x in stats.load],
+        "load_vs_mean": [x / stats.mean_load if stats.mean_load else 0.0 for x in stats.load],
         "sent_off_rank_MB": [(sum(m[r]) - m[r][r]) / 1e6 for r in range(r_count)],
         "received_off_rank_MB": [(sum(row[r] for row in m) - m[r][r]) / 1e6 for r in range(r_count)],
     })

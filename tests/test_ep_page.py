@@ -48,6 +48,8 @@ def test_round_robin_on_two_ranks_fills_the_table(at):
     sweep = _table_with(at, "hot_share")
     assert set(sweep["placement"]) == {"contiguous", "round_robin", "greedy"}
     assert len(sweep) == 11 * 3
+    ratio = sweep["max_load"] / sweep["mean_load"]
+    assert sweep["slowest_vs_mean"].tolist() == pytest.approx(ratio.tolist())
 
 
 def test_more_ranks_than_experts_shows_the_error_and_keeps_the_last_result(at):

@@ -61,8 +61,6 @@ def run(args: argparse.Namespace) -> CommandResult:
     traffic.insert(0, "src \\ dst", range(ranks))
     summary = pd.DataFrame([{"placement": stats.placement.name, "balancedness": stats.balancedness,
                              "leave_share": stats.leave_share, "max_load": max(stats.load),
-                             "dispatch_off_rank_MB": (sum(map(sum, stats.dispatch_bytes()))
-                                                      - sum(stats.dispatch_bytes()[r][r]
-                                                            for r in range(ranks))) / 1e6}])
+                             "dispatch_off_rank_MB": stats.off_rank_bytes() / 1e6}])
     return CommandResult({"per rank": rank_table(stats), "dispatch MB (combine = transpose)": traffic,
                           "summary": summary}, {"placement": [list(s) for s in stats.placement.slots]})
