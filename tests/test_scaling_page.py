@@ -1,0 +1,78 @@
+"""The scaling page under AppTest: bundled data, the synthetic generator, filters, bad input, URL."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from engine.scaling_data import load_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = "app_pages/scaling.py"
+# Small uncertainty settings keep each run fast; every other widget keeps its default.
+FAST = {"boot": "200", "forms": ["power", "broken"]}
+
+
+def _page(monkeypatch, **query) -> AppTest:
+    monkeypatch.chdir(ROOT)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=90)
+    at.query_params.update({**FAST, **query})
+    return at.run().switch_page(PAGE).run()
+
+
+def _table(at: AppTest, *columns: str):
+    """The first dataframe on the page with all `columns`."""
+    return next(d.value for d in at.dataframe if set(columns) <= set(d.value.columns))
+
+
+def _estimate(at: AppTest, quantity: str) -> float:
+    t = _table(at, "quantity", "estimate")
+    return float(t.loc[t["quantity"] == quantity, "estimate"].iloc[0])
+
+
+def test_default_page_fits_the_14_training_points_of_the_bnsl_table(monkeypatch):
+    at = _page(monkeypatch)
+    assert not at.exception and not at.error
+    df = load_dataset("bnsl_4digit")
+    points = _table(at, "line", "fitted", "train")
+    assert points["train"].sum() == 14 and len(points) == 17
+    assert points.loc[~points["train"], "x"].tolist() == [800.0, 864.0, 928.0]
+    # the knee of 4-digit addition sits between 544 and 608 (the steep drop starts there)
+    assert 544 < _estimate(at, "breakpoint") < 608
+    forms = _table(at, "form", "holdout_rmsle")
+    held = df[df["split"] != "train"]
+    a, b = np.polyfit(np.log(df.loc[df["split"] == "train", "training_dataset_size"]),
+                      np.log(df.loc[df["split"] == "train", "test_cross_entropy"]), 1)
+    ref = np.sqrt(np.mean((a * np.log(held["training_dataset_size"]) + b - np.log(held["test_cross_entropy"])) ** 2))
+    assert forms.set_index("form").loc["power", "holdout_rmsle"] == pytest.approx(ref, rel=1e-9)
+
+
+def test_noise_free_synthetic_knee_is_recovered_and_the_url_reproduces_it(monkeypatch):
+    at = _page(monkeypatch, src="synthetic", noise="0.0", knee="8.5", s1="-0.1", s2="-0.3")
+    assert not at.exception and not at.error
+    assert _estimate(at, "breakpoint") == pytest.approx(10 ** 8.5, rel=1e-6)
+    assert _estimate(at, "slope_after") == pytest.approx(-0.3, abs=1e-9)
+    detect = _table(at, "noise", "detection_rate")
+    assert detect["detection_rate"].iloc[0] == 1.0  # the lowest noise always finds this knee
+
+
+def test_filter_on_the_chinchilla_table_keeps_the_pandas_rows(monkeypatch):
+    at = _page(monkeypatch, src="chinchilla", fcol="tokens", frange="1e9,5e9")
+    assert not at.exception and not at.error
+    df = load_dataset("chinchilla")
+    kept = df[(df["tokens"] >= 1e9) & (df["tokens"] <= 5e9)]
+    assert _estimate(at, "n train") == len(kept)
+
+
+def test_bad_filter_shows_an_error_and_keeps_the_last_result(monkeypatch):
+    at = _page(monkeypatch)
+    before = _estimate(at, "breakpoint")
+    at.selectbox(key="fcol").set_value("training_dataset_size")
+    at.text_input(key="frange").set_value("lots,").run()
+    assert not at.exception
+    assert any("filter low bound for 'training_dataset_size' must be a number" in e.value for e in at.error)
+    assert _estimate(at, "breakpoint") == before
+    at.text_input(key="frange").set_value("500,600").run()  # 5 points: too few for this hold-out
+    assert any("at least" in e.value for e in at.error)
+    assert _estimate(at, "breakpoint") == before
