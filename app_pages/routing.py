@@ -45,8 +45,9 @@ def _settings() -> LabSettings:
     else:
         vocab, zipf_s = D.vocab_size, D.zipf_s
         clusters = c3.number_input("Clusters", 1, 4096, D.clusters, key="c", bind=QP)
+    # Plain keys as options (no format_func): the URL then carries short names, e.g. routers=topk.
     routers = st.multiselect("Routers", list(ROUTERS), default=list(D.routers), key="routers",
-                             bind=QP, format_func=ROUTERS.get)
+                             bind=QP, help="; ".join(f"{k}: {v}" for k, v in ROUTERS.items()))
     with st.expander("More settings"):
         c1, c2, c3, c4 = st.columns(4)
         d_model = c1.selectbox("Hidden size D", (16, 32, 64, 128, 256, 512, 1024),
