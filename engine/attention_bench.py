@@ -319,33 +319,35 @@ def _row(shape: Shape, backend: str, status: str, note: str = "", **vals: float)
     return row
 
 
+def _peak_extra_mib(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+    """MiB one call of `fn` allocates at its peak beyond what was allocated before (NaN off CUDA)."""
+    if device.type != "cuda":
+        return math.nan
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
 def _time_row(shape: Shape, backend: str, t: dict[str, torch.Tensor], ref: torch.Tensor,
               s: SweepSettings, device: torch.device, ceiling: float) -> dict[str, Any]:
     fn, bhsd = _runner(backend, t, shape)
     grad = s.mode == "fwd+bwd"
     with torch.set_grad_enabled(grad):
         out = fn()  # also compiles / autotunes where a backend does, before anything is timed
-        if backend == "wrapper":
-            note = "attention(): " + fa.choose_path(t["q"], t["k"], t["v"]).reason
-        else:
-            note = ""
+        note = "attention(): " + fa.choose_path(t["q"], t["k"], t["v"]).reason if backend == "wrapper" else ""
         err = _rel_err(_slice_bshd(out, shape, bhsd), ref)
         timed = _with_backward(fn, torch.randn_like(out)) if grad else fn
         del out
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
+        peak = _peak_extra_mib(timed, device)
         timing = time_fn(timed, device, warmup=s.warmup, reps=s.reps)
-        peak = math.nan
-        if device.type == "cuda":
-            # The timer's 256 MiB L2-flush buffer is counted out.
-            peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20 - 256
     flops = attention_flops(shape.batch, shape.heads, shape.seqlen, shape.seqlen, shape.head_dim,
                             shape.causal, s.mode)
     tflops = flops / (timing.median_ms * 1e-3) / 1e12
     return _row(shape, backend, "ok", note, ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms,
-                tflops=tflops, frac_matmul=tflops / ceiling, peak_extra_mib=max(peak, 0.0), rel_err=err)
+                tflops=tflops, frac_matmul=tflops / ceiling, peak_extra_mib=peak, rel_err=err)
 
 
 def _time_shape(shape: Shape, backends: list[str], s: SweepSettings, device: torch.device, ceiling: float,
@@ -382,6 +384,7 @@ def run_sweep(s: SweepSettings, progress: Callable[[int, int, str], None] | None
     device = resolve_device(s.device)
     budget = memory_budget(device)
     biggest = max(shapes, key=lambda sh: input_bytes(sh, s.backends))
+    # Twice the inputs: room for gradients (fwd+bwd) and the backends' own workspaces.
     check_bytes("the largest shape's inputs", 2 * input_bytes(biggest, s.backends), budget)
     start = time.perf_counter()
     ceiling = matmul_ceiling(device, s.dtypes[0], s.seed)
