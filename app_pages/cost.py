@@ -12,7 +12,6 @@ from app_pages._ui import download_buttons, guarded
 from engine.cost_model import (FFN_TYPES, PRESETS, ROUTERS, ConfigError, TransformerConfig, compare,
                                estimate, flops_table, params_table, summary)
 
-DEFAULT = PRESETS["Mixtral 8x7B"]
 # (config field, URL key, label, kind); kind "int" is a number_input, a tuple a selectbox.
 FIELDS = [
     ("d_model", "d", "d_model", "int"), ("n_layers", "layers", "layers", "int"),
@@ -43,24 +42,29 @@ st.caption("Parameters and matmul FLOPs per token from the config (engine.cost_m
            "PyTorch FFN blocks timed at matched active FLOPs (engine.moe_block). "
            "Same figures from a shell: `python -m engine cost --preset ...`.")
 
-st.selectbox("Preset", tuple(PRESETS), key="preset", bind="query-params", on_change=_load_preset,
-             help="Loads the preset's fields; edit any field below.")
+preset = st.selectbox("Preset", tuple(PRESETS), key="preset", bind="query-params",
+                      on_change=_load_preset, help="Loads the preset's fields; edit any field below.")
+# Field defaults are the chosen preset's values, so the URL holds only the fields edited after it.
+base = PRESETS[preset]
 values: dict[str, object] = {}
 slots = {}
-cols = st.columns(7)
-for i, (field, key, label, kind) in enumerate(FIELDS):
-    with cols[i % 7]:
-        default = getattr(DEFAULT, field)
-        if kind == "int":
-            values[field] = st.number_input(label, value=default, step=1, key=key, bind="query-params")
-        elif kind == "bool":
-            values[field] = st.checkbox(label, value=default, key=key, bind="query-params")
-        else:
-            values[field] = st.selectbox(label, kind, index=kind.index(default), key=key,
-                                         bind="query-params")
-        slots[field] = st.empty()
-tokens = st.number_input("Training tokens D (for total FLOPs)", value=1e12, min_value=1.0, format="%.3g",
-                         key="D", bind="query-params")
+for title, group in (("Transformer", FIELDS[:8] + FIELDS[13:]), ("Mixture of experts", FIELDS[8:13])):
+    st.markdown(f"**{title}**")
+    cols = st.columns(4)
+    for i, (field, key, label, kind) in enumerate(group):
+        with cols[i % 4]:
+            default = getattr(base, field)
+            if kind == "int":
+                values[field] = st.number_input(label, value=default, step=1, key=key,
+                                                bind="query-params")
+            elif kind == "bool":
+                values[field] = st.checkbox(label, value=default, key=key, bind="query-params")
+            else:
+                values[field] = st.selectbox(label, kind, index=kind.index(default), key=key,
+                                             bind="query-params")
+            slots[field] = st.empty()
+tokens = st.number_input("Training tokens D (for total FLOPs)", value=1e12, min_value=1.0,
+                         format="%.3e", key="D", bind="query-params")
 
 try:
     TransformerConfig(**values)
@@ -85,12 +89,15 @@ if result is not None:
                  labels={"count": "", "parameters": "parameters"})
     fig.update_layout(height=380, margin=dict(t=10, b=10))
     st.plotly_chart(fig, width="stretch")
-    st.dataframe(result["params"], hide_index=True)
+    st.dataframe(result["params"], hide_index=True,
+                 column_config={c: st.column_config.NumberColumn(format="localized")
+                                for c in ("total", "active")})
     download_buttons("cost_params", result["params"], {"config": values})
 
     st.subheader("FLOPs per token (matmuls, forward) and the 6ND check")
     st.dataframe(result["flops"], hide_index=True,
-                 column_config={"FLOPs for D tokens": st.column_config.NumberColumn(format="%.4e")})
+                 column_config={"FLOPs per token": st.column_config.NumberColumn(format="localized"),
+                                "FLOPs for D tokens": st.column_config.NumberColumn(format="%.4e")})
     download_buttons("cost_flops", result["flops"], {"config": values, "tokens": tokens})
 
     if result["compare"] is not None:
