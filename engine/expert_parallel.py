@@ -26,14 +26,19 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from engine import routing_metrics
-from engine.moe_router import HashRouter, topk_softmax_route
+from engine import workloads
+from engine.moe_router import (ExpertChoiceRouter, GShardRouter, HashRouter, SwitchRouter,
+                               TopKRouter)
 from engine.validation import check_bytes, check_choice, check_float, check_int
 
 if TYPE_CHECKING:
     import pandas as pd
 
 PLACEMENTS = ("contiguous", "round_robin", "greedy")
-ROUTERS = ("hash", "topk")
+# Engine routers by key (as in the routing lab); hash routes token ids, the gated ones a token
+# feature. Switch and GShard apply their capacity per rank's batch (capacity factor 1).
+ROUTERS = ("hash", "topk", "switch", "gshard", "expert_choice")
+_K_RANGE = {"hash": (1, 2), "switch": (1, 1), "gshard": (2, 2)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VOCAB = 32768
 GATE_DIM = 64  # width of the token feature the top-k gate reads (the what-if never builds d_model)
@@ -64,13 +69,14 @@ class EPSettings:
         if self.ranks > self.experts:
             raise ValueError(f"ranks must be <= experts ({self.experts}) so every rank hosts an "
                              f"expert, got {self.ranks}")
-        check_int("top_k", self.top_k, 1, min(self.experts, 2 if self.router == "hash" else 8))
+        check_choice("router", self.router, ROUTERS)
+        lo, hi = _K_RANGE.get(self.router, (1, 8))
+        check_int(f"top_k ({self.router} router)", self.top_k, lo, min(self.experts, hi))
         check_int("tokens", self.tokens, 1, 1 << 20)
         check_int("d_model", self.d_model, 1, 65536)
         check_choice("dtype", self.dtype, tuple(DTYPES))
         check_choice("placement", self.placement, PLACEMENTS)
         check_int("replicas", self.replicas, 0, self.experts * (self.ranks - 1))
-        check_choice("router", self.router, ROUTERS)
         check_float("zipf", self.zipf, 0.0, 3.0)
         check_float("hot_share", self.hot_share, 0.0, 1.0)
         check_int("seed", self.seed, 0, 2**31 - 1)
@@ -200,12 +206,6 @@ def _check_er(num_experts: int, ranks: int) -> None:
         raise ValueError(f"ranks must be <= experts ({num_experts}), got {ranks}")
 
 
-def zipf_token_ids(n: int, exponent: float, generator: torch.Generator) -> torch.Tensor:
-    """n token ids in [0, VOCAB) with P(id = i) proportional to (i + 1) ** -exponent; shape (n,)."""
-    probs = torch.arange(1, VOCAB + 1, dtype=torch.float64).pow(-exponent)
-    return torch.multinomial(probs, n, replacement=True, generator=generator)
-
-
 def token_features(ids: torch.Tensor, width: int, seed: int, dtype: torch.dtype = torch.float32
                    ) -> torch.Tensor:
     """Deterministic hidden state per token id: sin(id * f_j + phase_j), shape (T, width).
@@ -219,24 +219,29 @@ def token_features(ids: torch.Tensor, width: int, seed: int, dtype: torch.dtype 
 
 
 def _route(settings: EPSettings, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if settings.router == "hash":
-        out = HashRouter(settings.experts, settings.top_k, settings.seed)(ids)
+    s = settings
+    if s.router == "hash":
+        out = HashRouter(s.experts, s.top_k, s.seed)(ids)
     else:
-        gen = torch.Generator().manual_seed(settings.seed + 11)
-        gate = torch.randn(GATE_DIM, settings.experts, generator=gen).to(ids.device)
-        out = topk_softmax_route(token_features(ids, GATE_DIM, settings.seed) @ gate, settings.top_k)
+        cls = {"topk": TopKRouter, "switch": SwitchRouter, "gshard": GShardRouter,
+               "expert_choice": ExpertChoiceRouter}[s.router]
+        out = cls(s.experts, s.top_k, GATE_DIM, s.seed)(token_features(ids, GATE_DIM, s.seed))
     return out.experts, out.weights.float()
 
 
 def rank_batch(settings: EPSettings, rank: int, device: str | torch.device = "cpu"
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank `rank`'s tokens: ids (T,), experts (T, k) int64 (-1 empty), weights (T, k) float32.
+    """Rank `rank`'s tokens: ids (T,), experts (T, m) int64 (-1 empty), weights (T, m) float32.
+
+    m is k, except for Expert Choice (the most experts any token got).
 
     A share `hot_share` of tokens (seeded per rank) has its first slot forced to expert 0; a second
     slot already on expert 0 is emptied and its weight moved to the first.
     """
+    # One id distribution for all ranks (the routing lab's Zipf workload), sampled per rank.
+    pmf = workloads.id_pmf("zipf", VOCAB, settings.zipf, settings.seed)
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + rank)
-    ids = zipf_token_ids(settings.tokens, settings.zipf, gen)
+    ids = torch.multinomial(pmf, settings.tokens, replacement=True, generator=gen)
     hot = torch.rand(settings.tokens, generator=gen) < settings.hot_share
     ids = ids.to(device)
     experts, weights = _route(settings, ids)
@@ -320,7 +325,10 @@ def ep_stats(settings: EPSettings, placement: Placement | None = None) -> EPStat
     s = settings.validated()
     check_int("ranks * tokens", s.ranks * s.tokens, 1, MAX_WHATIF_TOKENS)
     check_bytes("what-if routing", s.ranks * s.tokens * (8 + 4 * GATE_DIM + 24 * s.top_k))
-    experts = torch.cat([rank_batch(s, r)[1] for r in range(s.ranks)])
+    batches = [rank_batch(s, r)[1] for r in range(s.ranks)]
+    width = max(b.shape[1] for b in batches)  # Expert Choice: ranks differ; pad with empty slots
+    experts = torch.cat([torch.nn.functional.pad(b, (0, width - b.shape[1]), value=-1)
+                         for b in batches])
     if placement is None:
         flat = experts.reshape(-1)
         placement = make_placement(s, torch.bincount(flat[flat >= 0], minlength=s.experts))

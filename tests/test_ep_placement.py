@@ -132,11 +132,12 @@ def test_a_hot_expert_slows_contiguous_but_replicas_absorb_it():
 @settings(max_examples=25, deadline=None)
 @given(e=st.integers(1, 24), r=st.integers(1, 6), k=st.integers(1, 2), t=st.integers(1, 40),
        placement=st.sampled_from(["contiguous", "round_robin", "greedy"]), rep=st.integers(0, 6),
-       hot=st.sampled_from([0.0, 0.5]), seed=st.integers(0, 100))
-def test_traffic_conserves_pairs(e, r, k, t, placement, rep, hot, seed):
+       hot=st.sampled_from([0.0, 0.5]), router=st.sampled_from(["hash", "topk", "expert_choice"]),
+       seed=st.integers(0, 100))
+def test_traffic_conserves_pairs(e, r, k, t, placement, rep, hot, router, seed):
     r = min(r, e)
     s = EPSettings(experts=e, ranks=r, top_k=min(k, e), tokens=t, placement=placement,
-                   replicas=min(rep, e * (r - 1)), hot_share=hot, seed=seed)
+                   replicas=min(rep, e * (r - 1)), hot_share=hot, router=router, seed=seed)
     st_ = ep_stats(s)
     validate_placement(st_.placement)
     sent = [int((rank_batch(s, i)[1] >= 0).sum()) for i in range(r)]
