@@ -175,16 +175,16 @@ def _pair_result(lanes: torch.Tensor, num_experts: int, top_k: int,
         return Routing(experts, weights, num_experts, None, batch_shape, counts)
     collided = lanes[:, 0] == lanes[:, 1]
     lanes[:, 1].masked_fill_(collided, -1)
+    experts = lanes.long()
     # Pair code e0 * (E + 1) + (e1 + 1) straight from the packed int64 e0 + e1 * 2^32 (e1 = -1
-    # included): one multiply-add and one shift, then a single bincount over E * (E + 1) pairs
-    # counts both slots, instead of a masked copy and a bincount of all 2T slots.
-    packed = lanes.view(torch.int64).view(-1)
-    mult = _signed64(((num_experts + 1) << 32) | 1)
-    code = packed.mul(mult).add_(1 << 32).bitwise_right_shift_(32)
+    # included): one multiply-add and one shift, in place (lanes are spent), then a single
+    # bincount over E * (E + 1) pairs counts both slots, instead of a masked copy and a bincount
+    # of all 2T slots. Fresh large buffers are few on purpose: page faults cost as much as a pass.
+    code = lanes.view(torch.int64).view(-1)
+    code.mul_(_signed64(((num_experts + 1) << 32) | 1)).add_(1 << 32).bitwise_right_shift_(32)
     pairs = torch.bincount(code, minlength=num_experts * (num_experts + 1))
     pairs = pairs.view(num_experts, num_experts + 1)
     counts = pairs.sum(1) + pairs[:, 1:].sum(0)
-    experts = lanes.long()
     # Weights 1/(experts reached): (0.5, 0.5) or (1, 0), written as one int64 per token holding
     # the two float32 bit patterns, so one pass fills both columns.
     half = int(torch.tensor([0.5, 0.5]).view(torch.int64))

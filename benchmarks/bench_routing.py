@@ -1,0 +1,118 @@
+"""Routing speed, measured side by side in one run, printed as ratios against same-run floors.
+
+    python benchmarks/bench_routing.py                       # CPU, one thread (the issue's setting)
+    python benchmarks/bench_routing.py --device cuda --out benchmarks/results
+
+Targets (issue #2): id hash with counts >= 70M tokens/s on one CPU core and >= 1G tokens/s on a
+GPU; hidden-state (LSH) hash <= 3x one read of x (x.sum()); learned top-k <= 1.2x its floor
+(gate matmul + topk). Writes routing-<device>-<date>.json and .md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.moe_router import HashRouter, TopKRouter, expert_utilization  # noqa: E402
+from engine.timing import time_fn  # noqa: E402
+
+
+def _row(name: str, ms: float, tokens: int, ref_name: str, ref_ms: float, target: str,
+         ok: bool | None) -> dict[str, object]:
+    return {"case": name, "ms": round(ms, 4), "Mtokens/s": round(tokens / ms / 1e3, 1),
+            "reference": ref_name, "ref ms": round(ref_ms, 4), "ratio": round(ms / ref_ms, 3),
+            "target": target, "met": ok}
+
+
+def run(device: str, tokens: int, hidden_tokens: int, experts: int, k: int, d_model: int,
+        reps: int) -> list[dict[str, object]]:
+    """Time the id hash, the LSH hash and learned top-k against their same-run references."""
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50_000, (tokens,), generator=gen).to(dev)
+    x = torch.randn(hidden_tokens, d_model, generator=gen).to(dev)
+    hash_router, topk = HashRouter(experts, k, 0), TopKRouter(experts, k, d_model, 0)
+    gate = topk.gate.to(dev)
+
+    def t(fn) -> float:
+        return time_fn(fn, device=dev, warmup=3, reps=reps, min_total_s=0.5).median_ms
+
+    rows = []
+    ms_ids = t(lambda: expert_utilization(hash_router(ids)))
+    ms_read_ids = t(lambda: ids.sum())
+    floor = 1e3 / (1e9 if dev.type == "cuda" else 70e6)  # ms per token at the target rate
+    rows.append(_row(f"hash ids + counts (T={tokens}, E={experts}, k={k})", ms_ids, tokens,
+                     "ids.sum()", ms_read_ids,
+                     ">= 1000 Mtok/s" if dev.type == "cuda" else ">= 70 Mtok/s",
+                     ms_ids <= floor * tokens))
+    ms_lsh = t(lambda: expert_utilization(hash_router(x)))
+    ms_read_x = t(lambda: x.sum())
+    rows.append(_row(f"hash hidden (LSH) + counts (T={hidden_tokens}, D={d_model})", ms_lsh,
+                     hidden_tokens, "x.sum()", ms_read_x, "ratio <= 3", ms_lsh <= 3 * ms_read_x))
+    ms_topk = t(lambda: topk(x))
+    ms_floor = t(lambda: (x @ gate).topk(k, dim=-1))
+    rows.append(_row(f"top-k softmax router (T={hidden_tokens}, D={d_model}, E={experts})",
+                     ms_topk, hidden_tokens, "x @ W + topk", ms_floor, "ratio <= 1.2",
+                     ms_topk <= 1.2 * ms_floor))
+    return rows
+
+
+def environment(device: str, threads: int) -> dict[str, object]:
+    """Device, date and library versions for the result file."""
+    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "python": platform.python_version(),
+           "cpu": platform.processor() or platform.machine(), "threads": threads}
+    if device == "cuda":
+        env.update(device=torch.cuda.get_device_name(0), cuda=torch.version.cuda)
+    else:
+        env.update(device="cpu")
+    return env
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--tokens", type=int, default=1_000_000, help="token ids for the id hash")
+    p.add_argument("--hidden-tokens", type=int, default=65_536, help="tokens of hidden states")
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--k", type=int, default=2)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (the target is one core)")
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--repeat", type=int, default=3, help="whole runs; the table shows each")
+    p.add_argument("--out", type=Path, default=None, help="directory for the .json and .md result")
+    a = p.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device visible")
+    torch.set_num_threads(a.threads)
+    env = environment(a.device, a.threads)
+    runs = [run(a.device, a.tokens, a.hidden_tokens, a.experts, a.k, a.d_model, a.reps)
+            for _ in range(a.repeat)]
+    lines = [f"# Routing benchmark, {env['device']}, {env['date']}", "",
+             f"torch {env['torch']}, python {env['python']}, threads {env['threads']}"
+             + (f", CUDA {env['cuda']}" if a.device == "cuda" else ""), "",
+             "| run | case | ms | Mtok/s | reference | ref ms | ratio | target | met |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for i, rows in enumerate(runs):
+        lines += [f"| {i} | {r['case']} | {r['ms']} | {r['Mtokens/s']} | {r['reference']} | "
+                  f"{r['ref ms']} | {r['ratio']} | {r['target']} | {r['met']} |" for r in rows]
+    if a.out is not None:
+        a.out.mkdir(parents=True, exist_ok=True)
+        stem = f"routing-{a.device}-{env['date'][:10]}"
+        (a.out / f"{stem}.json").write_text(json.dumps({"env": env, "args": {
+            k: str(v) for k, v in vars(a).items()}, "runs": runs}, indent=2))
+        (a.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+        print(f"wrote {a.out / stem}.json and .md")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
