@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import engine.ep_dispatch as ep
 from engine.cli import main
 from engine.ep_dispatch import LaunchError, expert_gains, launch, summarize
-from engine.expert_parallel import EPSettings, ep_stats, parse_placement, rank_batch, token_features
+from engine.expert_parallel import (EPSettings, contiguous_placement, ep_stats, parse_placement,
+                                    rank_batch, token_features)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,3 +116,35 @@ def test_cli_refuses_a_map_that_misses_an_expert(capsys):
     assert main(["dispatch", "--experts", "8", "--map", "0-3;4-6"]) == 2
     assert "misses experts [7]" in capsys.readouterr().err
     assert parse_placement("0-3;4-7", 8).num_ranks == 2
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A one-process gloo group in this process: the layer's plan and pipeline without torchrun."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@settings(max_examples=15, deadline=None)
+@given(e=st.integers(1, 9), k=st.integers(1, 3), t=st.integers(1, 30), chunks=st.integers(1, 5),
+       seed=st.integers(0, 50))
+def test_one_rank_layer_equals_the_loop_for_any_chunking(one_rank_group, e, k, t, chunks, seed):
+    s = EPSettings(experts=e, ranks=1, top_k=min(k, e), tokens=t, d_model=4, dtype="fp32",
+                   router="topk", seed=seed)
+    ids, experts, weights = rank_batch(s, 0)
+    x = token_features(ids, 4, seed)
+    gains = expert_gains(e, seed)
+    layer = ep.ExpertParallelLayer(contiguous_placement(e, 1), gains, 0, torch.device("cpu"), chunks)
+    out, splits = layer(x, experts, weights, torch.arange(t))
+    torch.testing.assert_close(out, _loop_reference(x, experts, weights, gains), rtol=1e-6, atol=1e-6)
+    assert splits.send == splits.recv == [int((experts >= 0).sum())]
+
+
+def test_committed_results_newest_first(tmp_path):
+    for name, date in [("ep_nccl_2ranks.json", "2026-01-02"), ("ep_nccl_4ranks.json", "2026-03-01"),
+                       ("other.json", "2027-01-01")]:
+        (tmp_path / name).write_text(json.dumps({"date": date}))
+    assert [d["date"] for d in ep.committed_results(tmp_path)] == ["2026-03-01", "2026-01-02"]
