@@ -197,7 +197,7 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
     plain_t = time_fn(lambda: plain_exchange(send_buf, recv_buf, splits), device, warmup, reps)
     off_rank = (sum(splits.send) - splits.send[rank] + sum(splits.recv) - splits.recv[rank])
     moved = off_rank * s.row_bytes  # bytes this rank sends to others, dispatch + combine
-    return {"rank": rank, "tokens": s.tokens, "pairs_sent": splits.send,
+    return {"rank": rank, "tokens": s.tokens, "chunks": chunks, "pairs_sent": splits.send,
             "off_rank_MB": moved / 1e6, "layer_ms": layer_t.median_ms, "layer_p10_ms": layer_t.p10_ms,
             "layer_p90_ms": layer_t.p90_ms, "plain_ms": plain_t.median_ms,
             "layer_GBps": moved / layer_t.median_ms / 1e6, "plain_GBps": moved / plain_t.median_ms / 1e6,
@@ -205,10 +205,11 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Per token count: slowest rank's layer and plain times and the bandwidth ratio plain/layer."""
+    """One configuration: slowest rank's layer and plain times and the bandwidth ratio plain/layer."""
     layer = max(r["layer_ms"] for r in rows)
     plain = max(r["plain_ms"] for r in rows)
-    return {"tokens": rows[0]["tokens"], "layer_ms": layer, "plain_ms": plain,
+    return {"tokens": rows[0]["tokens"], "chunks": rows[0]["chunks"], "layer_ms": layer,
+            "plain_ms": plain,
             "ratio": plain / layer, "max_abs_err": max(r["max_abs_err"] for r in rows)}
 
 
@@ -225,7 +226,10 @@ def environment(device: torch.device) -> dict:
     """Device, date and library versions recorded with every result."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
-    nccl = ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None
+    nccl = None
+    if device.type == "cuda":
+        v = torch.cuda.nccl.version()  # a tuple on recent torch, an int on old ones
+        nccl = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
     return {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "cuda": torch.version.cuda, "nccl": nccl,
             "python": platform.python_version()}
@@ -247,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zipf", type=float, default=d.zipf)
     p.add_argument("--hot-share", type=float, default=d.hot_share)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--chunks", type=int, default=4, help="micro-batches overlapped in the layer")
+    p.add_argument("--chunks", default="4",
+                   help="micro-batches overlapped in the layer; a comma list sweeps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
@@ -258,12 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_tokens(text: str) -> list[int]:
-    """'8192,16384' -> [8192, 16384]; ValueError naming --tokens otherwise."""
+def parse_ints(name: str, text: str) -> list[int]:
+    """'8192,16384' -> [8192, 16384]; ValueError naming `name` otherwise."""
     try:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"tokens must be a comma list of integers, got {text!r}") from None
+        raise ValueError(f"{name} must be a comma list of integers, got {text!r}") from None
 
 
 def settings_from_args(args: argparse.Namespace, world: int, tokens: int) -> EPSettings:
@@ -305,17 +310,18 @@ def worker(argv: list[str] | None = None) -> None:
         dist.monitored_barrier(timeout=timeout)
     try:
         summaries, per_rank = [], []
-        for tokens in parse_tokens(args.tokens):
+        for tokens in parse_ints("tokens", args.tokens):
             s = settings_from_args(args, world, tokens)
             limit = int(0.8 * torch.cuda.get_device_properties(device).total_memory) \
                 if device.type == "cuda" else MAX_BYTES
             check_bytes("dispatch working set per rank", working_set_bytes(s), limit)
-            row = measure(s, rank, device, args.warmup, args.reps, args.dump,
-                          checked_map(args.map, s), args.chunks)
-            rows: list[dict] = [{}] * world
-            dist.all_gather_object(rows, row)
-            per_rank += rows
-            summaries.append(summarize(rows))
+            for chunks in parse_ints("chunks", args.chunks):
+                row = measure(s, rank, device, args.warmup, args.reps, args.dump,
+                              checked_map(args.map, s), chunks)
+                rows: list[dict] = [{}] * world
+                dist.all_gather_object(rows, row)
+                per_rank += rows
+                summaries.append(summarize(rows))
         if rank == 0:
             _report(args, backend, world, device, s, summaries, per_rank)
     finally:
@@ -324,17 +330,17 @@ def worker(argv: list[str] | None = None) -> None:
 
 def _report(args: argparse.Namespace, backend: str, world: int, device: torch.device,
             settings: EPSettings, summaries: list[dict], per_rank: list[dict]) -> None:
-    doc = {"backend": backend, "world": world, "chunks": args.chunks, **environment(device),
+    doc = {"backend": backend, "world": world, **environment(device),
            "settings": {k: v for k, v in asdict(settings).items() if k != "tokens"},
            "summary": summaries, "per_rank": per_rank}
-    keys = ["rank", "tokens", "off_rank_MB", "layer_ms", "plain_ms", "layer_GBps", "plain_GBps",
+    keys = ["rank", "tokens", "chunks", "off_rank_MB", "layer_ms", "plain_ms", "layer_GBps", "plain_GBps",
             "max_abs_err"]
     text = (f"Expert-parallel dispatch, {backend}, {world} ranks, {doc['device']}, {doc['date']}\n"
             f"torch {doc['torch']}, CUDA {doc['cuda']}, NCCL {doc['nccl']}; settings "
             f"{json.dumps(doc['settings'])}\n\nper rank (GB/s = off-rank bytes sent, both ways, "
             f"per second):\n\n{_print_table(per_rank, keys)}\n\nslowest rank; ratio = dispatch "
             f"bandwidth / plain all_to_all_single bandwidth (same bytes):\n\n"
-            f"{_print_table(summaries, ['tokens', 'layer_ms', 'plain_ms', 'ratio', 'max_abs_err'])}\n")
+            f"{_print_table(summaries, ['tokens', 'chunks', 'layer_ms', 'plain_ms', 'ratio', 'max_abs_err'])}\n")
     print(text, flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -80,21 +80,22 @@ def test_bad_launches_are_refused_before_anything_starts(monkeypatch, kwargs, me
 
 
 def test_summary_takes_the_slowest_rank():
-    rows = [{"tokens": 8, "layer_ms": 2.0, "plain_ms": 1.0, "max_abs_err": 0.0},
-            {"tokens": 8, "layer_ms": 4.0, "plain_ms": 3.0, "max_abs_err": 1e-3}]
-    assert summarize(rows) == {"tokens": 8, "layer_ms": 4.0, "plain_ms": 3.0, "ratio": 0.75,
-                               "max_abs_err": 1e-3}
+    rows = [{"tokens": 8, "chunks": 2, "layer_ms": 2.0, "plain_ms": 1.0, "max_abs_err": 0.0},
+            {"tokens": 8, "chunks": 2, "layer_ms": 4.0, "plain_ms": 3.0, "max_abs_err": 1e-3}]
+    assert summarize(rows) == {"tokens": 8, "chunks": 2, "layer_ms": 4.0, "plain_ms": 3.0,
+                               "ratio": 0.75, "max_abs_err": 1e-3}
 
 
 def test_benchmark_script_writes_json_and_markdown_with_gloo(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "benchmarks/bench_ep_nccl.py", "--experts", "4", "--d-model", "32", "--dtype", "bf16",
-           "--tokens", "64,128", "--chunks", "2", "--warmup", "0", "--reps", "2", "--out", str(tmp_path)]
+           "--tokens", "64,128", "--chunks", "1,3", "--warmup", "0", "--reps", "2", "--out", str(tmp_path)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stdout + out.stderr
     doc = json.loads((tmp_path / "ep_gloo_2ranks.json").read_text())
-    assert [r["tokens"] for r in doc["summary"]] == [64, 128]
+    assert [(r["tokens"], r["chunks"]) for r in doc["summary"]] == [(64, 1), (64, 3), (128, 1),
+                                                                   (128, 3)]
     for row in doc["summary"]:
         assert row["ratio"] == pytest.approx(row["plain_ms"] / row["layer_ms"])
         assert row["max_abs_err"] == 0.0  # bf16, k = 2: the same two roundings in both paths
