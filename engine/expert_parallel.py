@@ -41,7 +41,7 @@ ROUTERS = ("hash", "topk", "switch", "gshard", "expert_choice")
 _K_RANGE = {"hash": (1, 2), "switch": (1, 1), "gshard": (2, 2)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VOCAB = 32768
-GATE_DIM = 64  # width of the token feature the top-k gate reads (the what-if never builds d_model)
+GATE_DIM = 64  # width of the token feature the gated routers read (the what-if never builds d_model)
 MAX_WHATIF_TOKENS = 1 << 21  # all ranks together; ~100 MB of routing tensors at the limit
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from engine.expert_parallel import (EPSettings, Placement, contiguous_placement, ep_stats,
+from engine.expert_parallel import (EPSettings, Placement, contiguous_placement, destinations, ep_stats,
                                     greedy_placement, parse_placement, rank_batch,
                                     round_robin_placement, validate_placement)
 
@@ -68,8 +68,6 @@ def test_traffic_of_a_hand_made_routing():
     # Pairs: t0 -> 0 (r0), 3 (r1); t1 -> 1 (r0); t2 -> 2, 3 (r1, r1); t3 -> 0, 1 (r0, r0).
     p = contiguous_placement(4, 2)
     experts = torch.tensor([[0, 3], [1, -1], [2, 3], [0, 1]])
-    from engine.expert_parallel import destinations
-
     slots = destinations(experts, torch.arange(4), p.replica_table())
     dst = p.slot_rank()[slots.clamp(min=0)].masked_fill(slots < 0, -1)
     assert dst.tolist() == [[0, 1], [0, -1], [1, 1], [0, 0]]

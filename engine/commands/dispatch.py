@@ -33,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="custom placement 'ids;ids;...' (one group per rank, e.g. '0-3;4-7')")
     p.add_argument("--launch", type=int, metavar="N",
                    help="run the real dispatch on N local processes (torchrun, gloo) instead")
+    p.add_argument("--chunks", type=int, default=1, help="micro-batches pipelined in --launch")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--timeout", type=float, default=120.0, help="wall-time limit of --launch, s")
 
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> CommandResult:
     """The what-if tables, or the measured per-rank and summary tables of a launch."""
     if args.launch is not None:
         doc = launch(_settings(args, args.launch), args.launch, reps=args.reps,
-                     timeout_s=args.timeout, placement_map=args.map)
+                     timeout_s=args.timeout, placement_map=args.map, chunks=args.chunks)
         per_rank = pd.DataFrame(doc["per_rank"]).drop(columns=["pairs_sent"])
         env = {k: doc[k] for k in ("backend", "world", "device", "date", "torch")}
         return CommandResult({"measured per rank": per_rank,
