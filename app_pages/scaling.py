@@ -175,7 +175,8 @@ if not res.extrapolation.empty:
     e = res.extrapolation.iloc[0]
     fig.add_trace(go.Scatter(x=[e["target"]], y=[e["predicted_loss"]], mode="markers", name="extrapolation",
                              marker=dict(symbol="star", size=14, color="#2ca02c"),
-                             error_y=dict(type="data", symmetric=False, array=[e["pi_high"] - e["predicted_loss"]],
+                             error_y=dict(type="data", symmetric=False,
+                                          array=[e["pi_high"] - e["predicted_loss"]],
                                           arrayminus=[e["predicted_loss"] - e["pi_low"]])))
 if syn is not None:
     fig.add_vline(x=syn["breakpoint"], line_dash="dash", line_color="green", annotation_text="true knee")

@@ -118,7 +118,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=200)
     p.add_argument("--random", type=int, default=200, help="random data sets for exactness")
     args = p.parse_args()
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+    now = datetime.datetime.now(datetime.timezone.utc)
+    print(f"# {now:%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}")
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print("\n== 1. exactness: exact SSE / dense 20,001-point profile SSE (<= 1: never worse)")

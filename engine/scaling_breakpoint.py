@@ -73,8 +73,10 @@ def validate_xy(x: object, y: object, x_name: str = "params", y_name: str = "los
 
     `rows` labels each element in messages (e.g. CSV line numbers); default "row i" (0-based).
     """
-    xa = np.asarray(x, dtype=float) if not isinstance(x, np.ndarray) else x.astype(float)
-    ya = np.asarray(y, dtype=float) if not isinstance(y, np.ndarray) else y.astype(float)
+    try:
+        xa, ya = np.array(x, dtype=float), np.array(y, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"{x_name} and {y_name} must be numeric arrays") from None
     if xa.ndim != 1 or ya.ndim != 1 or xa.shape != ya.shape:
         raise ValueError(f"{x_name} and {y_name} must be 1-D of equal length, got shapes "
                          f"{xa.shape} and {ya.shape}")
@@ -295,12 +297,6 @@ class BootstrapResult:
     coefs: np.ndarray = field(repr=False)  # (n_valid, 4) centred coefficients
     centre: tuple[float, float] = (0.0, 0.0)  # (u0, v0) used by the coefficients
     sigma: float = 0.0  # residual std of ln(loss) of the full fit (for prediction bands)
-
-    def table(self) -> list[dict[str, float | str]]:
-        """Rows: quantity, low, high."""
-        return [{"quantity": q, "low": lo, "high": hi} for q, (lo, hi) in
-                (("breakpoint", self.breakpoint_ci), ("slope_before", self.slope_before_ci),
-                 ("slope_after", self.slope_after_ci))]
 
 
 def bootstrap(params: object, losses: object, n_boot: int = 1000, level: float = 0.95, seed: int = 0,

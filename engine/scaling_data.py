@@ -37,7 +37,8 @@ DATASETS: dict[str, Dataset] = {
     "bnsl_4digit": Dataset("bnsl_4digit_addition.csv", "training_dataset_size", "test_cross_entropy",
                            "split", None, "4-digit addition, test loss vs training-set size "
                            "(Caballero et al. 2022, BNSL Fig. 4)"),
-    "chinchilla": Dataset("chinchilla_epoch_svg_extracted.csv", "Training FLOP", "loss", None, ("Model Size", "tokens"),
+    "chinchilla": Dataset("chinchilla_epoch_svg_extracted.csv", "Training FLOP", "loss", None,
+                          ("Model Size", "tokens"),
                           "Chinchilla runs, loss vs size and compute (Hoffmann et al. 2022 Fig. 4, "
                           "extracted by Besiroglu et al. 2024)"),
 }

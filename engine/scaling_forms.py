@@ -52,8 +52,8 @@ class FormFit:
             return p["E"] + p["A"] * np.exp(-p["alpha"] * lx)
         if self.form == "broken":
             c = np.log(p["breakpoint"])
-            v = p["intercept"] + p["slope_before"] * np.minimum(lx, c) + p["slope_after"] * np.maximum(lx - c, 0)
-            return np.exp(v)
+            return np.exp(p["intercept"] + p["slope_before"] * np.minimum(lx, c)
+                          + p["slope_after"] * np.maximum(lx - c, 0))
         if self.form == "bnsl":
             return p["a"] + np.exp(_bnsl_log_g(lx, np.log(p["b"]), p["c0"], p["c1"], np.log(p["d1"]), p["f1"]))
         if nd is None:
