@@ -3,8 +3,11 @@
 Every rank makes its tokens and routing (engine.expert_parallel.rank_batch), then per layer:
 sort its (token, slot) pairs by physical expert slot; exchange per-slot counts with
 all_to_all_single; send the hidden rows (dispatch); each rank applies its experts; rows go back
-(combine) and are summed with the gate weights. A plain all_to_all_single of exactly the same split
-sizes, both ways, is timed in the same run: its time over the layer's is the bandwidth ratio.
+(combine) and are summed with the gate weights. With --chunks M the tokens go in M micro-batches
+whose exchanges are asynchronous, so one chunk's gather, experts and combine overlap another's
+transfer. A plain all_to_all_single of exactly the same split sizes, both ways, is timed in the
+same run: its time over the layer's (slowest rank) is the bandwidth ratio. The layer's time
+includes the counts exchange, the sort, the gathers, the experts and the weighted combine.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m engine.ep_dispatch \
         --tokens 1024 --d-model 1024 --out DIR
@@ -291,7 +294,7 @@ def checked_map(text: str, settings: EPSettings) -> Placement | None:
 
 
 def worker(argv: list[str] | None = None) -> None:
-    """Entry point of every torchrun process: measure each token count, rank 0 reports."""
+    """Entry point of every torchrun process: measure each (tokens, chunks), rank 0 reports."""
     args = build_parser().parse_args(argv)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
