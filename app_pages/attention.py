@@ -68,8 +68,9 @@ def _run(settings: SweepSettings) -> SweepResult:
 
 def _show(result: SweepResult, name: str) -> None:
     env, table = result.env, result.table
+    ceiling = ", ".join(f"{v:.3g} ({k})" for k, v in result.matmul_tflops.items())
     st.caption(f"Measured on **{env['device']}**, {result.created} · torch {env['torch']} · CUDA {env['cuda']} · "
-               f"FA3 {env['fa3']} · matmul ceiling {result.matmul_tflops:.3g} TFLOP/s · "
+               f"FA3 {env['fa3']} · matmul ceiling {ceiling} TFLOP/s · "
                f"sweep {result.elapsed_s:.1f} s · {result.settings.get('mode', 'fwd')}")
     ok = table[table["status"] == "ok"]
     if ok.empty:

@@ -203,7 +203,7 @@ def main() -> None:
     checks["paper_sweep_wall_s"] = time.perf_counter() - t0
     (args.out / f"attention_sweep_{args.tag}.json").write_text(sweep.to_json())
     print(f"paper sweep: {checks['paper_sweep_wall_s']:.1f} s wall, matmul ceiling "
-          f"{sweep.matmul_tflops:.0f} TFLOP/s", flush=True)
+          f"{sweep.matmul_tflops} TFLOP/s", flush=True)
 
     if dev.type == "cuda":
         extra = SweepSettings(seqlens=(4096,), causal=(False, True), gqa=(1, 4),

@@ -95,7 +95,7 @@ class SweepResult:
 
     table: pd.DataFrame
     env: dict[str, str]
-    matmul_tflops: float
+    matmul_tflops: dict[str, float]  # dtype -> TFLOP/s of a large matmul in the same run
     elapsed_s: float
     settings: dict[str, Any]
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -116,7 +116,10 @@ class SweepResult:
         """Read a document written by to_json."""
         doc = json.loads(text)
         table = pd.DataFrame(doc["rows"], columns=COLUMNS).astype({c: float for c in FLOAT_COLUMNS})
-        return cls(table, doc["env"], doc["matmul_tflops"], doc["elapsed_s"], doc["settings"], doc["created"])
+        ceiling = doc["matmul_tflops"]
+        if not isinstance(ceiling, dict):  # documents from before per-dtype ceilings: one, at the first dtype
+            ceiling = {doc["settings"]["dtypes"][0]: ceiling}
+        return cls(table, doc["env"], ceiling, doc["elapsed_s"], doc["settings"], doc["created"])
 
 
 COLUMNS = ["dtype", "head_dim", "causal", "batch", "seqlen", "heads", "kv_heads", "backend", "status",
@@ -332,7 +335,7 @@ def _peak_extra_mib(fn: Callable[[], torch.Tensor], device: torch.device) -> flo
 
 
 def _time_row(shape: Shape, backend: str, t: dict[str, torch.Tensor], ref: torch.Tensor,
-              s: SweepSettings, device: torch.device, ceiling: float) -> dict[str, Any]:
+              s: SweepSettings, device: torch.device, ceiling: dict[str, float]) -> dict[str, Any]:
     fn, bhsd = _runner(backend, t, shape)
     grad = s.mode == "fwd+bwd"
     with torch.set_grad_enabled(grad):
@@ -347,10 +350,10 @@ def _time_row(shape: Shape, backend: str, t: dict[str, torch.Tensor], ref: torch
                             shape.causal, s.mode)
     tflops = flops / (timing.median_ms * 1e-3) / 1e12
     return _row(shape, backend, "ok", note, ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms,
-                tflops=tflops, frac_matmul=tflops / ceiling, peak_extra_mib=peak, rel_err=err)
+                tflops=tflops, frac_matmul=tflops / ceiling[shape.dtype], peak_extra_mib=peak, rel_err=err)
 
 
-def _time_shape(shape: Shape, backends: list[str], s: SweepSettings, device: torch.device, ceiling: float,
+def _time_shape(shape: Shape, backends: list[str], s: SweepSettings, device: torch.device, ceiling: dict[str, float],
                 rows: dict[str, dict[str, Any]], progress: Callable[[int, int, str], None] | None,
                 done: int, total: int) -> None:
     """Time `backends` on one shape's inputs into `rows`; an OOM or a missing kernel fails one row only."""
@@ -387,7 +390,7 @@ def run_sweep(s: SweepSettings, progress: Callable[[int, int, str], None] | None
     # Twice the inputs: room for gradients (fwd+bwd) and the backends' own workspaces.
     check_bytes("the largest shape's inputs", 2 * input_bytes(biggest, s.backends), budget)
     start = time.perf_counter()
-    ceiling = matmul_ceiling(device, s.dtypes[0], s.seed)
+    ceiling = {dt: matmul_ceiling(device, dt, s.seed) for dt in s.dtypes}
     rows: list[dict[str, Any]] = []
     total, done = len(shapes) * len(s.backends), 0
     for shape in shapes:
