@@ -85,7 +85,7 @@ def test_zero_weight_equals_dropping_the_point():
     assert a.sse == pytest.approx(b.sse, rel=1e-9, abs=1e-15)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(n=st.integers(4, 12), seed=st.integers(0, 2**31 - 1), continuous=st.booleans(),
        weighted=st.booleans())
 def test_exact_search_is_no_worse_than_a_dense_brute_force(n, seed, continuous, weighted):
@@ -97,7 +97,7 @@ def test_exact_search_is_no_worse_than_a_dense_brute_force(n, seed, continuous, 
     w = rng.uniform(0.2, 3.0, n) if weighted else np.ones(n)
     m = fit_breakpoint(x, y, weights=w, continuous=continuous)
     u, v = np.log(x), np.log(y)
-    grid = np.linspace(u[1], u[-2], 801)
+    grid = np.linspace(u[1], u[-2], 501)
     assert m.sse <= brute_force_sse(u, v, w, grid, continuous) + 1e-9
     # the reported SSE is the SSE of the reported model
     assert m.sse == pytest.approx(float(np.sum(w * (v - np.log(m.predict(x))) ** 2)), rel=1e-7, abs=1e-12)
@@ -120,14 +120,14 @@ def test_batched_profile_with_case_weights_is_exact_per_row():
     n = 12
     u = np.sort(rng.uniform(0, 5, n))
     v = broken_line(u, 2.5, 0.0, -0.1, -0.8) + rng.normal(0, 0.1, n)
-    W = rng.multinomial(n, np.full(n, 1 / n), size=25).astype(float)
+    W = rng.multinomial(n, np.full(n, 1 / n), size=12).astype(float)
     prof = _profile(u, W, v, 2, True)
-    grid = np.linspace(u[0], u[-1], 1501)
     for b in range(W.shape[0]):
         if not np.isfinite(prof.sse[b]):
             assert np.count_nonzero(W[b]) < 4  # only resamples without two 2-point segments
             continue
-        ref = brute_force_sse(u, v, W[b], grid)
+        drawn = u[W[b] > 0]  # breakpoints leaving at least 2 distinct drawn points a side
+        ref = brute_force_sse(u, v, W[b], np.linspace(drawn[1], drawn[-2], 1001))
         assert prof.sse[b] <= ref + 1e-9
         assert prof.sse[b] >= ref - 1e-3 * max(ref, 1e-12) - 1e-9  # grid is near the optimum
 
