@@ -72,8 +72,9 @@ def _show(result: LabResult, settings: LabSettings) -> None:
     st.subheader("Tokens per expert")
     order = st.radio("Order", ("sorted", "by id"), horizontal=True, key="order", bind=QP)
     x = "load rank" if order == "sorted" else "expert"
-    fig = px.line(result.counts, x=x, y="load/mean", color="router", line_shape="hvh",
-                  markers=settings.num_experts <= 64, hover_data=["expert", "tokens"],
+    # px.line joins points in row order: order rows along the chosen x axis (display only).
+    fig = px.line(result.counts.sort_values(["router", x], kind="stable"), x=x, y="load/mean",
+                  color="router", line_shape="hv", hover_data=["expert", "tokens"],
                   labels={"load rank": "experts, busiest first", "expert": "expert id",
                           "load/mean": "tokens / mean tokens per expert"})
     fig.add_hline(y=1.0, line_dash="dot", annotation_text="perfect balance")
@@ -110,7 +111,7 @@ def _show(result: LabResult, settings: LabSettings) -> None:
                           labels={"value": "load imbalance (per step's batch)", "variable": ""})
             fig.update_layout(height=360)
             st.plotly_chart(fig, width="stretch")
-            st.caption(f"Each step routes the next batch of up to 8,192 tokens and nudges every "
+            st.caption(f"Each step routes the next batch of up to 4,096 tokens and nudges every "
                        f"expert's selection bias by ±{settings.bias_update_speed:g} towards the "
                        "mean load.")
 

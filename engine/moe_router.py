@@ -437,20 +437,20 @@ class ExpertChoiceRouter(_GatedRouter):
         num_tokens, num_experts = probs.shape
         cap = min(num_tokens, expert_capacity(self.capacity_factor, self.top_k, num_tokens,
                                               num_experts))
-        gates, tokens = probs.t().topk(cap, dim=1)  # (E, cap) each
-        tok = tokens.reshape(-1)
-        exp = torch.arange(num_experts, device=tok.device).repeat_interleave(cap)
-        # Regroup (expert, token) pairs by token: sort by token, rank within token = column.
-        order = torch.argsort(tok, stable=True)
-        tok_sorted = tok[order]
+        _, tokens = probs.t().topk(cap, dim=1)  # (E, cap)
+        # Mark the chosen (expert, token) pairs, then read them back token-major: nonzero() of the
+        # (T, E) view lists pairs sorted by token, so no sort is needed to regroup them.
+        chosen = torch.zeros(num_experts, num_tokens, dtype=torch.bool, device=probs.device)
+        chosen.scatter_(1, tokens, True)
+        tok, exp = chosen.t().nonzero(as_tuple=True)
         per_token = torch.bincount(tok, minlength=num_tokens)
         starts = torch.cumsum(per_token, 0) - per_token
-        col = torch.arange(tok.numel(), device=tok.device) - starts[tok_sorted]
+        col = torch.arange(tok.numel(), device=tok.device) - starts[tok]
         width = max(1, int(per_token.max()))
         experts = torch.full((num_tokens, width), -1, dtype=torch.int64, device=tok.device)
         weights = torch.zeros(num_tokens, width, dtype=probs.dtype, device=tok.device)
-        experts[tok_sorted, col] = exp[order]
-        weights[tok_sorted, col] = gates.reshape(-1)[order]
+        experts[tok, col] = exp
+        weights[tok, col] = probs[tok, exp]
         counts = torch.full((num_experts,), cap, dtype=torch.int64, device=tok.device)
         return Routing(experts, weights, num_experts, probs, batch_shape, counts)
 
@@ -487,7 +487,7 @@ class DeepSeekV3Router(_GatedRouter):
         counts = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
         return Routing(experts, weights, self.num_experts, None, batch_shape, counts)
 
-    def balance(self, x: torch.Tensor, steps: int, batch_tokens: int = 8192) -> list[BalanceStep]:
+    def balance(self, x: torch.Tensor, steps: int, batch_tokens: int = 4096) -> list[BalanceStep]:
         """Run `steps` bias updates, each on the next `batch_tokens` tokens of x (..., D) (cycling,
         as training steps see new batches); returns the history: the batch's load before each
         update, steps + 1 entries (the last is measured after the final update)."""

@@ -49,7 +49,7 @@ class LabSettings:
     num_ranks: int = 8
     routers: tuple[str, ...] = ("hash", "hash_balanced", "topk", "switch", "gshard",
                                 "expert_choice", "deepseek")
-    deepseek_steps: int = 40
+    deepseek_steps: int = 30
     bias_update_speed: float = 0.01
     seed: int = 0
 
