@@ -62,7 +62,7 @@ st.caption("Is there really a knee in this scaling curve, and where? Exact globa
            "shell: `python -m engine fit --help`.")
 
 # ---------------------------------------------------------------- data
-c = st.columns([4, 1])
+c = st.columns([3, 1])
 # No format_func on bound radios: the URL carries the displayed label, so options stay short.
 source = c[0].radio("Data", list(SOURCES), captions=list(SOURCES.values()), horizontal=True, key="src",
                      on_change=_reset_columns, **Q)
