@@ -249,6 +249,18 @@ class BlockTiming:
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "float16": torch.float16}
 
 
+def _clear_grads(block: nn.Module, x: torch.Tensor) -> None:
+    for p in block.parameters():
+        p.grad = None
+    x.grad = None
+
+
+def _train_step(block: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    # Forward and backward from fresh gradients, so every step allocates them as training does.
+    _clear_grads(block, x)
+    block(x).backward(grad)
+
+
 def _saved_bytes(block: nn.Module, x: torch.Tensor) -> int:
     param_storages = {p.untyped_storage().data_ptr() for p in block.parameters()}
     seen: dict[int, int] = {}
@@ -299,14 +311,9 @@ def time_blocks(s: BlockBenchSettings,
                 with torch.no_grad():
                     block(x)
 
-            def fwd_bwd() -> None:
-                for p in block.parameters():
-                    p.grad = None
-                xg.grad = None
-                block(xg).backward(grad)
-
             f = time_fn(fwd, dev, warmup=0, reps=1, flush_l2=False).median_ms
-            fb = time_fn(fwd_bwd, dev, warmup=0, reps=1, flush_l2=False).median_ms
+            fb = time_fn(lambda: _train_step(block, xg, grad), dev, warmup=0, reps=1,
+                         flush_l2=False).median_ms
             if rnd >= s.warmup:
                 fwd_ms[i].append(f)
                 fb_ms[i].append(fb)
@@ -314,10 +321,11 @@ def time_blocks(s: BlockBenchSettings,
     for i, (name, d_ff, block, flops_per_token) in enumerate(blocks):
         peak = float("nan")
         if dev.type == "cuda":
+            _clear_grads(block, xg)
             torch.cuda.synchronize(dev)
             base = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
-            block(xg).backward(grad)
+            _train_step(block, xg, grad)
             torch.cuda.synchronize(dev)
             peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
         fb = statistics.median(fb_ms[i])

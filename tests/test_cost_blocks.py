@@ -29,7 +29,7 @@ def small_configs(draw):
         moe_every=draw(st.integers(1, layers)) if experts else 1, router=router)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(cfg=small_configs(), batch=st.integers(1, 3))
 def test_module_matches_cost_model_params_and_flops(cfg, batch):
     model = TinyTransformer(cfg, seed=0)

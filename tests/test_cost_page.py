@@ -70,3 +70,10 @@ def test_timing_button_runs_blocks_at_small_size():
     assert timing.loc["dense", "d_ff"] == 112 and timing.loc["moe-learned", "d_ff"] == 56
     assert timing.loc["moe-learned", "flop_ratio"] == pytest.approx((2 * 3 * 2 * 16 * 56 + 2 * 16 * 8)
                                                                      / (2 * 3 * 16 * 112))
+
+
+def test_cold_link_with_only_a_preset_loads_that_preset():
+    at = _page(preset="Switch-Base-128")
+    assert not at.exception
+    assert at.number_input(key="experts").value == 128 and at.checkbox(key="tied").value
+    assert _params_total(at)[0] == pytest.approx(7.4e9, rel=0.01)

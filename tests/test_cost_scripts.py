@@ -66,3 +66,20 @@ def test_engine_cost_json_matches_estimate():
     assert est.total_params == 2 * (4 * 4096**2 + 3 * 4096 * 11008) + 2 * 32000 * 4096 + 5 * 4096
     assert sum(r["total"] for r in doc["parameters"]) == est.total_params
     assert "MoE / dense" not in doc  # dense config: no ratios
+
+
+def test_gpu_benchmark_entry_point_runs_without_pandas_and_writes_results(tmp_path):
+    # The lead runs it on a GPU box without streamlit (and maybe pandas): block pandas, use bf16.
+    code = ("import sys, runpy; sys.modules['pandas'] = None; "
+            f"sys.argv = ['bench', '--dtype', 'bf16', '--d-model', '16', '--d-ff', '24', '--experts', '4', '--tokens', '64', "
+            f"'--reps', '1', '--warmup', '0', '--out', {str(tmp_path)!r}]; "
+            f"runpy.run_path({str(ROOT / 'benchmarks/bench_moe_block.py')!r}, run_name='__main__')")
+    text = _run(["-c", code], cwd=tmp_path)
+    assert "cost model latency skipped" in text and "time_ratio" in text.splitlines()[-1]
+    doc = json.loads((tmp_path / "result.json").read_text())
+    assert doc["settings"]["dtype"] == "bf16" and doc["environment"]["torch"]
+    rows = {r["block"]: r for r in doc["rows"]}
+    dense, moe = 2 * 2 * 16 * 48, 2 * 2 * 2 * 16 * 24 + 2 * 16 * 4  # hash LSH: 2 slots x 2 bits
+    assert rows["moe-hash"]["flop_ratio"] == pytest.approx(moe / dense)
+    assert rows["dense"]["forward_gflop"] == pytest.approx(64 * dense / 1e9)
+    assert "| moe-learned |" in (tmp_path / "result.md").read_text()
