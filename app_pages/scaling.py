@@ -144,9 +144,9 @@ k[3].metric("sup-F p-value", f"{t.supf_pvalue:.3g}", help="Monte Carlo p-value o
             "accounts for the breakpoint being searched (Davies-type); naive F-test p "
             f"{t.f_pvalue:.2g}")
 k[4].metric("BIC(broken) - BIC(single)", f"{t.delta_bic:.1f}", help="negative favours a break")
-verdict = t.supf_pvalue < 0.05 and t.delta_bic < 0
+verdict = t.supported(0.05)
 (st.success if verdict else st.warning)(
-    "A break is supported: the test rejects a single power law and BIC prefers the break."
+    "A break is supported: sup-F rejects a single power law at 5 % and BIC prefers the break."
     if verdict else "No convincing break: a single power law is not rejected, or BIC prefers it.")
 
 # ---------------------------------------------------------------- figures

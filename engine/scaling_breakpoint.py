@@ -367,6 +367,10 @@ class BreakTest:
         """BIC(broken) - BIC(single); negative favours a break."""
         return self.bic_broken - self.bic_single
 
+    def supported(self, alpha: float = 0.05) -> bool:
+        """True if sup-F rejects 'no break' at level `alpha` and BIC also prefers the break."""
+        return self.supf_pvalue < alpha and self.delta_bic < 0
+
 
 def _line_sse(u: np.ndarray, w: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Weighted SSE of a straight-line fit per batch row; w (B, n), v (B, n) or (n,)."""

@@ -162,6 +162,7 @@ def test_break_test_statistics_match_their_formulas():
     assert t.bic_single == pytest.approx(30 * np.log(sse1 / 30) + 2 * np.log(30), rel=1e-9)
     assert t.bic_broken == pytest.approx(30 * np.log(sse2 / 30) + 4 * np.log(30), rel=1e-9)
     assert 1 / 100 <= t.supf_pvalue <= 1
+    assert t.supported(1.0) == (t.bic_broken < t.bic_single)
 
 
 def test_supf_test_holds_its_level_where_the_naive_f_test_does_not():
