@@ -7,16 +7,24 @@ import plotly.express as px
 import streamlit as st
 
 from app_pages._ui import download_buttons, guarded
-from engine.routing_lab import NULL_LABEL, ROUTERS, LabResult, LabSettings, run_lab, settings_dict
+from engine.routing_lab import (NULL_LABEL, ROUTERS, LabResult, LabSettings, combine, for_router,
+                                route_one, settings_dict)
 from engine.workloads import KINDS
 
 QP = "query-params"
 D = LabSettings()
 
 
-@st.cache_data(show_spinner="Routing tokens...", max_entries=16)
+@st.cache_data(show_spinner="Routing tokens...", max_entries=64)
+def _one(settings: LabSettings, key: str) -> LabResult:
+    return route_one(settings, key)
+
+
 def _lab(settings: LabSettings) -> LabResult:
-    return run_lab(settings)
+    """run_lab, cached per router: adding a router or changing DeepSeek's steps reruns only that
+    router (for_router drops the settings a router does not use from its cache key)."""
+    settings.validate()
+    return combine(settings, [_one(for_router(settings, key), key) for key in settings.routers])
 
 
 def _settings() -> LabSettings:

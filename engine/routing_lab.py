@@ -7,7 +7,8 @@ route the vectors through all (the hash router then uses its LSH).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import functools
+from dataclasses import asdict, dataclass, field, replace
 
 import pandas as pd
 import torch
@@ -15,7 +16,7 @@ import torch
 from engine import routing_metrics as rm
 from engine import workloads as wl
 from engine.moe_router import (BalancedHashRouter, DeepSeekV3Router, ExpertChoiceRouter,
-                               GShardRouter, HashRouter, Routing, SwitchRouter, TopKRouter,
+                               GShardRouter, HashRouter, SwitchRouter, TopKRouter,
                                expert_capacity, expert_utilization)
 from engine.validation import check_bytes, check_choice, check_float, check_int
 
@@ -97,72 +98,109 @@ class LabResult:
     notes: tuple[str, ...] = field(default=())
 
 
+_DEFAULT = LabSettings()
+_COUNT_COLS = ["router", "expert", "tokens", "load/mean", "load rank"]
+
+
 def _k_of(key: str, s: LabSettings) -> int:
     """The router's nominal k (Switch is top-1 and GShard top-2 whatever the setting)."""
     return {"switch": 1, "gshard": 2}.get(key, min(s.top_k, 2) if key.startswith("hash")
                                           else s.top_k)
 
 
+@functools.lru_cache(maxsize=2)
+def _workload(kind: str, num_tokens: int, vocab_size: int, zipf_s: float, d_model: int,
+              clusters: int, seed: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(ids (T,) or None, hidden states (T, D)); memoised so the routers of one run share them.
+    Routers only read their inputs, so sharing is safe."""
+    if kind in wl.ID_KINDS:
+        ids = wl.token_ids(kind, num_tokens, vocab_size, zipf_s, seed)
+        return ids, wl.embed(ids, vocab_size, d_model, seed)
+    return None, wl.hidden_states(kind, num_tokens, d_model, clusters, seed)
+
+
+def for_router(s: LabSettings, key: str) -> LabSettings:
+    """The settings that matter to router `key` alone: a stable cache key for one router's run."""
+    check_choice("routers", key, tuple(ROUTERS))
+    if key != "deepseek":
+        s = replace(s, deepseek_steps=_DEFAULT.deepseek_steps,
+                    bias_update_speed=_DEFAULT.bias_update_speed)
+    return replace(s, routers=(key,))
+
+
+def route_one(s: LabSettings, key: str) -> LabResult:
+    """Route the workload with router `key` and measure it: that router's rows of every table."""
+    s = for_router(s, key)
+    s.validate()
+    ids, x = _workload(s.workload, s.num_tokens, s.vocab_size, s.zipf_s, s.d_model, s.clusters,
+                       s.seed)
+    e, k, label = s.num_experts, _k_of(key, s), ROUTERS[key]
+    balance = pd.DataFrame(columns=["step", "CV", "MaxVio"])
+    if key == "hash":
+        r = HashRouter(e, k, s.seed)(ids if ids is not None else x)
+    elif key == "hash_balanced":
+        if ids is None:
+            return _empty(f"{label} needs token ids: skipped for hidden states.")
+        r = BalancedHashRouter(e, k, s.seed, wl.id_pmf(s.workload, s.vocab_size, s.zipf_s,
+                                                       s.seed))(ids)
+    elif key == "deepseek":
+        router = DeepSeekV3Router(e, k, s.d_model, s.seed, s.bias_update_speed)
+        hist = router.balance(x, s.deepseek_steps)
+        balance = pd.DataFrame([{"step": h.step, "CV": h.cv, "MaxVio": h.max_vio} for h in hist])
+        r = router(x)
+    else:
+        cls = {"topk": TopKRouter, "switch": SwitchRouter, "gshard": GShardRouter,
+               "expert_choice": ExpertChoiceRouter}[key]
+        extra = {} if key == "topk" else {"capacity_factor": s.capacity_factor}
+        r = cls(e, k, s.d_model, s.seed, **extra)(x)
+
+    counts = expert_utilization(r).cpu()
+    mean = max(float(counts.double().mean()), 1e-12)
+    # Position of each expert when sorted by load, busiest first (the "sorted" histogram).
+    by_load = torch.empty(e, dtype=torch.int64)
+    by_load[torch.argsort(counts, descending=True, stable=True)] = torch.arange(e)
+    loads = rm.per_rank_load(counts, s.num_ranks)
+    return LabResult(
+        counts=pd.DataFrame({"router": label, "expert": range(e), "tokens": counts.numpy(),
+                             "load/mean": counts.double().numpy() / mean,
+                             "load rank": by_load.numpy()}),
+        metrics=pd.DataFrame([{"router": label,
+                               **rm.summarize(r, k, s.capacity_factor, s.num_ranks)}]),
+        ranks=pd.DataFrame({"router": label, "rank": range(s.num_ranks),
+                            "tokens": loads.long().numpy()}),
+        balance=balance,
+    )
+
+
+def _empty(note: str) -> LabResult:
+    return LabResult(pd.DataFrame(columns=_COUNT_COLS), pd.DataFrame(),
+                     pd.DataFrame(columns=["router", "rank", "tokens"]),
+                     pd.DataFrame(columns=["step", "CV", "MaxVio"]), (note,))
+
+
+def combine(s: LabSettings, parts: list[LabResult]) -> LabResult:
+    """One LabResult from per-router parts (in order), plus the null-baseline metrics row."""
+    null = pd.DataFrame([{"router": NULL_LABEL, "k": s.top_k,
+                          "slots routed": s.top_k * s.num_tokens,
+                          "CV": rm.null_cv(s.num_experts, s.top_k, s.num_tokens)}])
+
+    def cat(frames: list[pd.DataFrame], empty: pd.DataFrame) -> pd.DataFrame:
+        frames = [f for f in frames if not f.empty]
+        return pd.concat(frames, ignore_index=True) if frames else empty
+
+    return LabResult(
+        counts=cat([p.counts for p in parts], pd.DataFrame(columns=_COUNT_COLS)),
+        metrics=cat([p.metrics for p in parts] + [null], null),
+        ranks=cat([p.ranks for p in parts], pd.DataFrame(columns=["router", "rank", "tokens"])),
+        balance=cat([p.balance for p in parts], pd.DataFrame(columns=["step", "CV", "MaxVio"])),
+        notes=tuple(n for p in parts for n in p.notes),
+    )
+
+
 def run_lab(s: LabSettings) -> LabResult:
     """Generate the workload, route it with every chosen router, and measure each routing."""
     s.validate()
-    ids = None
-    if s.workload in wl.ID_KINDS:
-        ids = wl.token_ids(s.workload, s.num_tokens, s.vocab_size, s.zipf_s, s.seed)
-        x = wl.embed(ids, s.vocab_size, s.d_model, s.seed)
-    else:
-        x = wl.hidden_states(s.workload, s.num_tokens, s.d_model, s.clusters, s.seed)
-    e, notes = s.num_experts, []
-    routings: dict[str, Routing] = {}
-    balance = pd.DataFrame(columns=["step", "CV", "MaxVio"])
-    for key in s.routers:
-        k = _k_of(key, s)
-        if key == "hash":
-            routings[key] = HashRouter(e, k, s.seed)(ids if ids is not None else x)
-        elif key == "hash_balanced":
-            if ids is None:
-                notes.append("Hash (balanced table) needs token ids: skipped for hidden states.")
-                continue
-            pmf = wl.id_pmf(s.workload, s.vocab_size, s.zipf_s, s.seed)
-            routings[key] = BalancedHashRouter(e, k, s.seed, pmf)(ids)
-        elif key == "deepseek":
-            router = DeepSeekV3Router(e, k, s.d_model, s.seed, s.bias_update_speed)
-            hist = router.balance(x, s.deepseek_steps)
-            balance = pd.DataFrame([{"step": h.step, "CV": h.cv, "MaxVio": h.max_vio} for h in hist])
-            routings[key] = router(x)
-        else:
-            cls = {"topk": TopKRouter, "switch": SwitchRouter, "gshard": GShardRouter,
-                   "expert_choice": ExpertChoiceRouter}[key]
-            extra = {} if key == "topk" else {"capacity_factor": s.capacity_factor}
-            routings[key] = cls(e, k, s.d_model, s.seed, **extra)(x)
-
-    rows, counts_rows, rank_rows = [], [], []
-    for key, r in routings.items():
-        label, k = ROUTERS[key], _k_of(key, s)
-        rows.append({"router": label, **rm.summarize(r, k, s.capacity_factor, s.num_ranks)})
-        counts = expert_utilization(r).cpu()
-        mean = max(float(counts.double().mean()), 1e-12)
-        # Position of each expert when sorted by load, busiest first (the "sorted" histogram).
-        by_load = torch.empty(e, dtype=torch.int64)
-        by_load[torch.argsort(counts, descending=True, stable=True)] = torch.arange(e)
-        counts_rows.append(pd.DataFrame({
-            "router": label, "expert": range(e), "tokens": counts.numpy(),
-            "load/mean": counts.double().numpy() / mean, "load rank": by_load.numpy()}))
-        loads = rm.per_rank_load(counts, s.num_ranks)
-        rank_rows.append(pd.DataFrame({"router": label, "rank": range(s.num_ranks),
-                                       "tokens": loads.long().numpy()}))
-    rows.append({"router": NULL_LABEL, "k": s.top_k, "slots routed": s.top_k * s.num_tokens,
-                 "CV": rm.null_cv(e, s.top_k, s.num_tokens)})
-    metrics = pd.DataFrame(rows)
-    return LabResult(
-        counts=pd.concat(counts_rows, ignore_index=True) if counts_rows else
-        pd.DataFrame(columns=["router", "expert", "tokens", "load/mean", "load rank"]),
-        metrics=metrics,
-        ranks=pd.concat(rank_rows, ignore_index=True) if rank_rows else
-        pd.DataFrame(columns=["router", "rank", "tokens"]),
-        balance=balance,
-        notes=tuple(notes),
-    )
+    return combine(s, [route_one(s, key) for key in s.routers])
 
 
 def settings_dict(s: LabSettings) -> dict[str, object]:

@@ -143,12 +143,13 @@ def unrouted_fraction(routing: Routing) -> float:
 
 
 def summarize(routing: Routing, top_k: int, capacity_factor: float, num_ranks: int,
-              placement: torch.Tensor | None = None) -> dict[str, float | int | None]:
+              placement: torch.Tensor | None = None) -> dict[str, float | int]:
     """Every metric of one routing as a flat dict (top_k: the router's nominal k, used for the
-    capacity; counts are those after the router's own drops, if any)."""
+    capacity; counts are those after the router's own drops, if any; NaN where not applicable)."""
     counts = expert_utilization(routing)
     t, e = routing.num_tokens, routing.num_experts
     ranks = per_rank_load(counts, num_ranks, placement)
+    aux = switch_aux_loss(routing)
     return {
         "k": top_k,
         "slots routed": int(counts.sum()),
@@ -159,6 +160,6 @@ def summarize(routing: Routing, top_k: int, capacity_factor: float, num_ranks: i
         "tokens unrouted": unrouted_fraction(routing),
         "norm. entropy": normalized_entropy(counts),
         "Gini": gini(counts),
-        "Switch aux loss": switch_aux_loss(routing),
+        "Switch aux loss": math.nan if aux is None else aux,
         "rank balancedness": balancedness(ranks),
     }
