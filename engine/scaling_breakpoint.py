@@ -343,7 +343,9 @@ def prediction_band(boot: BootstrapResult, params: np.ndarray, seed: int = 0) ->
     c = np.log(boot.breakpoints)[:, None] - u0
     b0, s1, s2, jump = (boot.coefs[:, i:i + 1] for i in range(4))
     curves = np.where(u <= c, b0 + s1 * u, b0 + s1 * c + jump + s2 * (u - c)) + v0  # (B, G)
-    noisy = curves + np.random.default_rng(seed).normal(0.0, boot.sigma, curves.shape)
+    # One noise draw per resample, shared along the grid: the same marginal at every size, and a
+    # smooth band rather than one jittered by independent draws per grid point.
+    noisy = curves + np.random.default_rng(seed).normal(0.0, boot.sigma, (curves.shape[0], 1))
     a = (1 - boot.level) / 2
     qs = lambda z: np.exp(np.quantile(z, [a, 0.5, 1 - a], axis=0))  # noqa: E731
     lo, med, hi = qs(curves)
