@@ -9,8 +9,8 @@ import streamlit as st
 
 from app_pages._ui import download_buttons, guarded
 from engine.ep_dispatch import LaunchError, committed_results, launch
-from engine.expert_parallel import (DTYPES, PLACEMENTS, ROUTERS, EPSettings, EPStats, ep_stats,
-                                    hot_expert_sweep, rank_table, traffic_table)
+from engine.expert_parallel import (DTYPES, PLACEMENTS, ROUTERS, SWEEP_TOKENS, EPSettings, EPStats,
+                                    ep_stats, hot_expert_sweep, rank_table, traffic_table)
 
 HOT_SHARES = tuple(round(0.05 * i, 2) for i in range(11))
 Q = {"bind": "query-params"}
@@ -87,8 +87,9 @@ if stats is not None:
         download_buttons("ep_traffic", traffic, {"settings": asdict(settings)})
 
 st.subheader("What a hot expert does to the slowest rank")
-st.caption("Expert 0 gets a growing share of all tokens; every placement sees the same tokens. "
-           "Greedy uses this batch's loads (an oracle) and the replicas set above.")
+st.caption(f"Expert 0 gets a growing share of all tokens; every placement sees the same tokens "
+           f"(at most {SWEEP_TOKENS:,} over all ranks, for speed). Greedy uses this batch's loads "
+           "(an oracle) and the replicas set above.")
 sweep = guarded("ep_sweep", lambda: _sweep(**asdict(settings)))
 if sweep is not None:
     sweep_df = pd.DataFrame(sweep)

@@ -18,6 +18,7 @@ Pure torch and stdlib (pandas only inside the table helpers): the GPU benchmark 
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from dataclasses import dataclass, replace
@@ -43,6 +44,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VOCAB = 32768
 GATE_DIM = 64  # width of the token feature the gated routers read (the what-if never builds d_model)
 MAX_WHATIF_TOKENS = 1 << 21  # all ranks together; ~100 MB of routing tensors at the limit
+SWEEP_TOKENS = 16384  # all ranks together, for the hot-expert sweep (11 shares x 3 placements)
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,13 @@ def _route(settings: EPSettings, ids: torch.Tensor) -> tuple[torch.Tensor, torch
     return out.experts, out.weights.float()
 
 
+@functools.lru_cache(maxsize=8)
+def _id_pmf(zipf: float, seed: int) -> torch.Tensor:
+    # One id distribution for all ranks (the routing lab's Zipf workload), sampled per rank;
+    # cached because every rank of every what-if needs it. Read only.
+    return workloads.id_pmf("zipf", VOCAB, zipf, seed)
+
+
 def rank_batch(settings: EPSettings, rank: int, device: str | torch.device = "cpu"
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank `rank`'s tokens: ids (T,), experts (T, m) int64 (-1 empty), weights (T, m) float32.
@@ -238,8 +247,7 @@ def rank_batch(settings: EPSettings, rank: int, device: str | torch.device = "cp
     A share `hot_share` of tokens (seeded per rank) has its first slot forced to expert 0; a second
     slot already on expert 0 is emptied and its weight moved to the first.
     """
-    # One id distribution for all ranks (the routing lab's Zipf workload), sampled per rank.
-    pmf = workloads.id_pmf("zipf", VOCAB, settings.zipf, settings.seed)
+    pmf = _id_pmf(settings.zipf, settings.seed)
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + rank)
     ids = torch.multinomial(pmf, settings.tokens, replacement=True, generator=gen)
     hot = torch.rand(settings.tokens, generator=gen) < settings.hot_share
@@ -320,15 +328,27 @@ class EPStats:
         return [list(col) for col in zip(*self.dispatch_bytes())]
 
 
-def ep_stats(settings: EPSettings, placement: Placement | None = None) -> EPStats:
-    """Load per rank, balancedness and traffic for `settings` (placement built from it if None)."""
+def all_experts(settings: EPSettings) -> torch.Tensor:
+    """Every rank's routing stacked rank by rank, shape (R * T, m) int64, -1 padded (m: widest)."""
     s = settings.validated()
     check_int("ranks * tokens", s.ranks * s.tokens, 1, MAX_WHATIF_TOKENS)
     check_bytes("what-if routing", s.ranks * s.tokens * (8 + 4 * GATE_DIM + 24 * s.top_k))
     batches = [rank_batch(s, r)[1] for r in range(s.ranks)]
     width = max(b.shape[1] for b in batches)  # Expert Choice: ranks differ; pad with empty slots
-    experts = torch.cat([torch.nn.functional.pad(b, (0, width - b.shape[1]), value=-1)
-                         for b in batches])
+    return torch.cat([torch.nn.functional.pad(b, (0, width - b.shape[1]), value=-1)
+                      for b in batches])
+
+
+def ep_stats(settings: EPSettings, placement: Placement | None = None,
+             experts: torch.Tensor | None = None) -> EPStats:
+    """Load per rank, balancedness and traffic for `settings`.
+
+    placement: built from the settings (greedy: from these loads) if None. experts: all_experts
+    (settings), passed in by callers that evaluate several placements on one routing.
+    """
+    s = settings.validated()
+    if experts is None:
+        experts = all_experts(s)
     if placement is None:
         flat = experts.reshape(-1)
         placement = make_placement(s, torch.bincount(flat[flat >= 0], minlength=s.experts))
@@ -358,14 +378,21 @@ def ep_stats(settings: EPSettings, placement: Placement | None = None) -> EPStat
 
 
 def hot_expert_sweep(settings: EPSettings, shares: Sequence[float]) -> list[dict]:
-    """Slowest rank's load against the hot-expert share, for every placement (rows of plain dicts)."""
+    """Slowest rank's load against the hot-expert share, for every placement (rows of plain dicts).
+
+    Runs on at most SWEEP_TOKENS tokens over all ranks (the curve's shape, in about a second);
+    each share's routing is made once and shared by the placements.
+    """
+    tokens = max(1, min(settings.tokens, SWEEP_TOKENS // settings.ranks))
     rows = []
     for share in shares:
+        s = replace(settings, hot_share=float(share), tokens=tokens).validated()
+        experts = all_experts(s)
         for name in PLACEMENTS:
-            st = ep_stats(replace(settings, hot_share=float(share), placement=name))
-            rows.append({"hot_share": float(share), "placement": name, "max_load": max(st.load),
-                         "mean_load": st.mean_load, "balancedness": st.balancedness,
-                         "slowest_vs_mean": 1 / st.balancedness})
+            st = ep_stats(replace(s, placement=name), experts=experts)
+            rows.append({"hot_share": float(share), "placement": name, "tokens_per_rank": tokens,
+                         "max_load": max(st.load), "mean_load": st.mean_load,
+                         "balancedness": st.balancedness, "slowest_vs_mean": 1 / st.balancedness})
     return rows
 
 

@@ -48,6 +48,7 @@ def test_round_robin_on_two_ranks_fills_the_table(at):
     sweep = _table_with(at, "hot_share")
     assert set(sweep["placement"]) == {"contiguous", "round_robin", "greedy"}
     assert len(sweep) == 11 * 3
+    assert set(sweep["tokens_per_rank"]) == {256}  # 2 ranks x 256 is under the sweep's cap
     ratio = sweep["max_load"] / sweep["mean_load"]
     assert sweep["slowest_vs_mean"].tolist() == pytest.approx(ratio.tolist())
 
