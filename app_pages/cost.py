@@ -37,6 +37,11 @@ def _cost(values: tuple[tuple[str, object], ...], tokens: float) -> dict:
             "compare": compare(est.config, tokens) if est.config.is_moe else None}
 
 
+def _sci(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    # Display only: the grid cannot format numbers >= 1e21; downloads keep the numbers.
+    return table.assign(**{c: table[c].map("{:.4e}".format) for c in columns})
+
+
 st.title("MoE vs dense cost")
 st.caption("Parameters and matmul FLOPs per token from the config (engine.cost_model), and real "
            "PyTorch FFN blocks timed at matched active FLOPs (engine.moe_block). "
@@ -95,16 +100,17 @@ if result is not None:
     download_buttons("cost_params", result["params"], {"config": values})
 
     st.subheader("FLOPs per token (matmuls, forward) and the 6ND check")
-    st.dataframe(result["flops"], hide_index=True,
-                 column_config={"FLOPs per token": st.column_config.NumberColumn(format="localized"),
-                                "FLOPs for D tokens": st.column_config.NumberColumn(format="%.4e")})
+    st.dataframe(_sci(result["flops"], ["FLOPs for D tokens"]), hide_index=True, height="content",
+                 column_config={"FLOPs per token": st.column_config.NumberColumn(format="localized")})
     download_buttons("cost_flops", result["flops"], {"config": values, "tokens": tokens})
 
     if result["compare"] is not None:
         st.subheader("MoE / dense ratios")
         st.caption("Dense baselines: the same d_ff (the MoE model without experts), and d_ff widened "
                    "to equal the MoE's active or total parameters.")
-        st.dataframe(result["compare"], hide_index=True)
+        st.dataframe(_sci(result["compare"], ["MoE training FLOPs", "dense training FLOPs"]),
+                     hide_index=True,
+                     column_config={"dense params": st.column_config.NumberColumn(format="localized")})
         download_buttons("cost_compare", result["compare"], {"config": values, "tokens": tokens})
 
 st.subheader("Measured: dense FFN against MoE blocks")
