@@ -91,8 +91,9 @@ if table is None:
 ds = DATASETS.get(source)
 cols = [str(c) for c in table.columns]
 c = st.columns(4)
-x_col = _pick("Size column (x)", cols, ds.x if ds else "params", "x", c[0])
-y_col = _pick("Loss column (y)", cols, ds.y if ds else "loss", "y", c[1])
+# Uploads and synthetic data: first column is the size, second the loss, unless chosen otherwise.
+x_col = _pick("Size column (x)", cols, ds.x if ds else cols[0], "x", c[0])
+y_col = _pick("Loss column (y)", cols, ds.y if ds else cols[min(1, len(cols) - 1)], "y", c[1])
 f_col = _pick("Filter column", [NONE] + cols, NONE, "fcol", c[2])
 f_range = c[3].text_input("Filter range: low, high", "", key="frange", **Q,
                        help="two numbers separated by a comma, either may be empty, e.g. 8e18,1.2e19")
