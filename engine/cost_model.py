@@ -89,8 +89,9 @@ class TransformerConfig:
             # HashRouter hashes at most 2 slots per token.
             field_check("top_k", check_int, 1, self.num_experts if self.router == "learned"
                         else min(2, self.num_experts))
-        else:
-            field_check("top_k", check_int, 1, 1)
+        elif self.top_k != 1:
+            raise ConfigError("top_k", f"top_k must be 1 for a dense model (num_experts 0), got "
+                                       f"{self.top_k}")
 
     @property
     def is_moe(self) -> bool:

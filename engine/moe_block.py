@@ -203,7 +203,11 @@ class BlockBenchSettings:
         if "hash" in self.routers:
             check_int("top_k", self.top_k, 1, 2)  # HashRouter hashes at most two slots
         check_choice("dtype", self.dtype, tuple(DTYPES))
-        check_choice("device", torch.device(self.device).type, ("cpu", "cuda"))
+        try:
+            device_type = torch.device(self.device).type
+        except RuntimeError:
+            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}") from None
+        check_choice("device", device_type, ("cpu", "cuda"))
         check_int("warmup", self.warmup, 0, 100)
         check_int("reps", self.reps, 1, 1000)
         check_int("seed", self.seed, 0)
@@ -234,7 +238,8 @@ class BlockTiming:
 
     block: str
     d_ff: int
-    forward_gflop: float        # analytic matmul GFLOP of one forward over all tokens
+    forward_gflop: float        # analytic matmul GFLOP of one forward over all tokens, every token
+                                # reaching top_k experts (a hash collision makes a token reach one)
     flop_ratio: float           # analytic forward FLOPs / the dense block's
     forward_ms: float
     fwd_bwd_ms: float

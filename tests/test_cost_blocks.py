@@ -108,3 +108,5 @@ def test_bench_settings_from_config_scales_d_ff_and_validates():
         BlockBenchSettings.from_config(dataclasses.replace(cfg, num_experts=0, top_k=1))
     with pytest.raises(ValueError, match="top_k"):
         BlockBenchSettings(top_k=3, routers=("hash",))
+    with pytest.raises(ValueError, match="device"):
+        BlockBenchSettings(device="tpu0")

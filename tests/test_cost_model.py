@@ -69,7 +69,7 @@ def test_hash_router_has_no_params_and_lsh_flops(k):
     ({"router": "hash", "top_k": 3}, "top_k"),        # HashRouter: k <= 2
     ({"d_model": 0}, "d_model"), ({"d_ff": -1}, "d_ff"), ({"vocab": 0}, "vocab"),
     ({"num_experts": -1}, "num_experts"), ({"moe_every": 3}, "moe_every"),  # > n_layers
-    ({"ffn": "relu6"}, "ffn"),
+    ({"ffn": "relu6"}, "ffn"), ({"num_experts": 0}, "top_k"),  # dense needs top_k 1
 ])
 def test_bad_fields_raise_naming_the_field(changes, field):
     with pytest.raises(ConfigError, match=field) as info:
