@@ -2,8 +2,8 @@
 
 Every rank makes its tokens and routing (engine.expert_parallel.rank_batch), then per layer:
 sort its (token, slot) pairs by physical expert slot; exchange per-slot counts with
-all_to_all_single; send the hidden rows (dispatch); each rank applies its experts; rows go back
-(combine) and are summed with the gate weights. With --chunks M the tokens go in M micro-batches
+all_to_all_single; send the hidden rows and their gate weights (dispatch); each rank applies its
+experts, scaled by the gate weights; rows go back (combine) and are summed per token. With --chunks M the tokens go in M micro-batches
 whose exchanges are asynchronous, so one chunk's gather, experts and combine overlap another's
 transfer. A plain all_to_all_single of exactly the same split sizes, both ways, is timed in the
 same run: its time over the layer's (slowest rank) is the bandwidth ratio. The layer's time
@@ -57,16 +57,17 @@ def expert_gains(num_experts: int, seed: int) -> torch.Tensor:
 
 def reference_layer(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                     gains: torch.Tensor) -> torch.Tensor:
-    """Single-process MoE output: sum_j weights[t, j] * x[t] * gains[experts[t, j]]; shape (T, D).
+    """Single-process MoE output: sum_j x[t] * (gains[experts[t, j]] * weights[t, j]); shape (T, D).
 
-    Rounded like the layer: expert output and weighted rows in x's dtype, summed slot by slot.
+    Rounded like the layer: the scale in float32 then x's dtype, each row product in x's dtype,
+    summed slot by slot.
     """
     out = torch.zeros_like(x)
-    g = gains.to(x.device, x.dtype)
+    g = gains.to(x.device)
     for j in range(experts.shape[1]):
         valid = experts[:, j] >= 0
-        y = x[valid] * g[experts[valid, j]][:, None]
-        out[valid] += y * weights[valid, j][:, None].to(x.dtype)
+        scale = (g[experts[valid, j]] * weights[valid, j].float()).to(x.dtype)
+        out[valid] += x[valid] * scale[:, None]
     return out
 
 
@@ -136,26 +137,30 @@ class ExpertParallelLayer:
         """
         k = experts.shape[1]
         pairs, send, recv, recv_counts = self._plan(experts, token_index)
-        gains = self.gains.to(x.dtype)
-        sent, rows, works = [], [], []
+        flat_w = weights.reshape(-1).float()
+        sent, rows, row_w, works = [], [], [], []
         for m, pair in enumerate(pairs):  # dispatch every chunk without waiting
+            # Gate weights travel with the rows (4 bytes against a row's d_model values) so the
+            # expert applies gain and weight in one pass and the combine is a bare index_add_.
+            row_w.append(flat_w.new_empty(sum(recv[m])))
+            w_work = dist.all_to_all_single(row_w[m], flat_w[pair], recv[m], send[m], async_op=True)
             sent.append(x[pair // k])
             rows.append(x.new_empty(sum(recv[m]), x.shape[1]))
-            works.append(dist.all_to_all_single(rows[m], sent[m], recv[m], send[m], async_op=True))
+            works.append((w_work, dist.all_to_all_single(rows[m], sent[m], recv[m], send[m],
+                                                         async_op=True)))
         backs = []
         for m in range(len(pairs)):  # experts on chunk m while later chunks are in flight
-            works[m].wait()
+            for work in works[m]:
+                work.wait()
             # Received rows are grouped by source rank, then by this rank's slot.
             row_expert = self.my_experts.repeat(self.world).repeat_interleave(
                 recv_counts[:, m].reshape(-1), output_size=rows[m].shape[0])
-            rows[m].mul_(gains[row_expert][:, None])
+            rows[m].mul_((self.gains[row_expert] * row_w[m]).to(x.dtype)[:, None])
             backs.append(x.new_empty(len(pairs[m]), x.shape[1]))
-            works[m] = dist.all_to_all_single(backs[m], rows[m], send[m], recv[m], async_op=True)
+            works[m] = (dist.all_to_all_single(backs[m], rows[m], send[m], recv[m], async_op=True),)
         out = torch.zeros_like(x)
-        flat_w = weights.reshape(-1).to(x.dtype)
         for m, pair in enumerate(pairs):  # combine chunk m while later ones still return
-            works[m].wait()
-            backs[m].mul_(flat_w[pair][:, None])
+            works[m][0].wait()
             out.index_add_(0, pair // k, backs[m])
         return out, Splits([sum(c) for c in zip(*send)], [sum(c) for c in zip(*recv)])
 

@@ -22,13 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _loop_reference(x, experts, weights, gains):
-    """Token by token: sum over slots of weight * gain[expert] * x, in x's dtype."""
+    """Token by token: sum over slots of x * (gain[expert] * weight), the scale rounded to x's dtype."""
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for j in range(experts.shape[1]):
             e = int(experts[t, j])
             if e >= 0:
-                out[t] += (x[t] * gains[e].to(x.dtype)) * weights[t, j].to(x.dtype)
+                out[t] += x[t] * (gains[e] * weights[t, j].float()).to(x.dtype)
     return out
 
 
