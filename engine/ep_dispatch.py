@@ -3,11 +3,11 @@
 Every rank makes its tokens and routing (engine.expert_parallel.rank_batch), then per layer:
 sort its (token, slot) pairs by physical expert slot; exchange per-slot counts with
 all_to_all_single; send the hidden rows and their gate weights (dispatch); each rank applies its
-experts, scaled by the gate weights; rows go back (combine) and are summed per token. With --chunks M the tokens go in M micro-batches
-whose exchanges are asynchronous, so one chunk's gather, experts and combine overlap another's
-transfer. A plain all_to_all_single of exactly the same split sizes, both ways, is timed in the
+experts, scaled by the gate weights; rows go back (combine) and are summed per token. With
+--chunks M the tokens go in M micro-batches whose exchanges are asynchronous, so one chunk's
+gather, experts and combine overlap another's transfer. A plain all_to_all_single of exactly the same split sizes, both ways, is timed in the
 same run: its time over the layer's (slowest rank) is the bandwidth ratio. The layer's time
-includes the counts exchange, the sort, the gathers, the experts and the weighted combine.
+includes the counts exchange, the sort, the gathers, the experts and the combine.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m engine.ep_dispatch \
         --tokens 1024 --d-model 1024 --out DIR
