@@ -83,6 +83,7 @@ def _show(result: LabResult, settings: LabSettings) -> None:
     # px.line joins points in row order: order rows along the chosen x axis (display only).
     fig = px.line(result.counts.sort_values(["router", x], kind="stable"), x=x, y="load/mean",
                   color="router", line_shape="hv", hover_data=["expert", "tokens"],
+                  category_orders={"router": list(result.metrics["router"])},
                   labels={"load rank": "experts, busiest first", "expert": "expert id",
                           "load/mean": "tokens / mean tokens per expert"})
     fig.add_hline(y=1.0, line_dash="dot", annotation_text="perfect balance")

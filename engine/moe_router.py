@@ -186,12 +186,10 @@ def _pair_result(lanes: torch.Tensor, num_experts: int, top_k: int,
     pairs = pairs.view(num_experts, num_experts + 1)
     counts = pairs.sum(1) + pairs[:, 1:].sum(0)
     # Weights 1/(experts reached): (0.5, 0.5) or (1, 0), written as one int64 per token holding
-    # the two float32 bit patterns, so one pass fills both columns.
+    # the two float32 bit patterns, so one pass fills both columns, into the spent code buffer.
     half = int(torch.tensor([0.5, 0.5]).view(torch.int64))
     solo = int(torch.tensor([1.0, 0.0]).view(torch.int64))
-    bits = torch.full((num_tokens,), half, dtype=torch.int64, device=lanes.device)
-    bits.masked_fill_(collided, solo)
-    weights = bits.view(torch.float32).view(num_tokens, 2)
+    weights = code.fill_(half).masked_fill_(collided, solo).view(torch.float32).view(num_tokens, 2)
     return Routing(experts, weights, num_experts, None, batch_shape, counts)
 
 
