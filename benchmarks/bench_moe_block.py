@@ -84,12 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     s = BlockBenchSettings(args.d_model, args.d_ff or 4 * args.d_model, args.experts, args.k, args.ffn,
                            args.tokens, tuple(args.routers.split(",")), args.dtype, args.device,
                            args.warmup, args.reps, args.seed)
+    env = {**environment(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     latency = cost_model_latency()
     for name, ms in latency.items():
         print(f"cost model {name}: {ms:.2f} ms (target < 10 ms)")
     rows = [dataclasses.asdict(r) for r in time_blocks(s, lambda f, m: print(f"  [{f:4.0%}] {m}", flush=True))]
-    env = {**environment(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    settings = {k: v for k, v in dataclasses.asdict(s).items()}
+    settings = dataclasses.asdict(s)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         doc = {"environment": env, "settings": settings, "rows": rows, "cost_model_ms": latency}
