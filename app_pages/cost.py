@@ -19,7 +19,8 @@ FIELDS = [
     ("d_ff", "dff", "d_ff (per expert)", "int"), ("vocab", "vocab", "vocabulary", "int"),
     ("seq_len", "seq", "sequence length", "int"), ("ffn", "ffn", "FFN", FFN_TYPES),
     ("num_experts", "experts", "experts E (0 = dense)", "int"), ("top_k", "k", "top-k", "int"),
-    ("shared_experts", "shared", "shared experts", "int"), ("moe_every", "every", "MoE every n-th layer", "int"),
+    ("shared_experts", "shared", "shared experts", "int"),
+    ("moe_every", "every", "MoE every n-th layer", "int"),
     ("router", "router", "router", ROUTERS), ("tied_embeddings", "tied", "tied embeddings", "bool"),
 ]
 

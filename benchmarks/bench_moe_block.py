@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     latency = cost_model_latency()
     for name, ms in latency.items():
         print(f"cost model {name}: {ms:.2f} ms (target < 10 ms)")
-    rows = [dataclasses.asdict(r) for r in time_blocks(s, lambda f, m: print(f"  [{f:4.0%}] {m}", flush=True))]
+    def progress(fraction: float, message: str) -> None:
+        print(f"  [{fraction:4.0%}] {message}", flush=True)
+
+    rows = [dataclasses.asdict(r) for r in time_blocks(s, progress)]
     settings = dataclasses.asdict(s)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -294,7 +294,8 @@ def time_blocks(s: BlockBenchSettings,
     grad = torch.randn(s.tokens, s.d_model, generator=gen).to(dev, dtype)
     dense_ff = s.top_k * s.d_ff
     blocks: list[tuple[str, int, nn.Module, float]] = [
-        ("dense", dense_ff, DenseFFN(s.d_model, dense_ff, s.ffn, s.seed), 2 * ffn_params(s.d_model, dense_ff, s.ffn))]
+        ("dense", dense_ff, DenseFFN(s.d_model, dense_ff, s.ffn, s.seed),
+         2 * ffn_params(s.d_model, dense_ff, s.ffn))]
     for r in s.routers:
         moe = MoEFFN(s.d_model, s.d_ff, s.num_experts, s.top_k, s.ffn, r, 0, s.seed)
         flops = sum(moe_block_flops(s.d_model, s.d_ff, s.ffn, s.num_experts, s.top_k, r).values())
@@ -310,7 +311,8 @@ def time_blocks(s: BlockBenchSettings,
     for rnd in range(rounds):
         for i, (name, _, block, _) in enumerate(blocks):
             if progress:
-                progress((rnd * len(blocks) + i) / (rounds * len(blocks)), f"round {rnd + 1}/{rounds}: {name}")
+                progress((rnd * len(blocks) + i) / (rounds * len(blocks)),
+                         f"round {rnd + 1}/{rounds}: {name}")
 
             def fwd() -> None:
                 with torch.no_grad():

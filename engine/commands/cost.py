@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{flag}", type=typ, default=None, help=f"override {field}")
     parser.add_argument("--tied", choices=("yes", "no"), default=None, help="tied embeddings")
     parser.add_argument("--tokens", type=float, default=1.0, help="D, training tokens (default 1)")
-    parser.add_argument("--time", action="store_true", help="also time the dense and MoE FFN blocks at --bench-d-model (CPU)")
+    parser.add_argument("--time", action="store_true",
+                        help="also time the dense and MoE FFN blocks at --bench-d-model (CPU)")
     parser.add_argument("--bench-tokens", type=int, default=4096, help="tokens for --time")
     parser.add_argument("--bench-d-model", type=int, default=512, help="d_model for --time")
     parser.add_argument("--reps", type=int, default=3, help="timed rounds for --time")
