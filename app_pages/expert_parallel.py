@@ -74,7 +74,7 @@ if stats is not None:
     heat = go.Figure(go.Heatmap(z=mb, colorscale="Viridis", colorbar={"title": "MB"}, zmin=0,
                                 zmax=max(map(max, mb)) or 1.0,
                                 hovertemplate="src %{y} -> dst %{x}: %{z:.2f} MB<extra></extra>"))
-    heat.update_layout(title="Dispatch MB, source -> destination (combine: transposed)",
+    heat.update_layout(title="Dispatch MB by rank pair (combine: the transpose)",
                        xaxis_title="destination rank", yaxis_title="source rank",
                        yaxis_autorange="reversed")
     right.plotly_chart(heat, key="ep_heat")
