@@ -140,7 +140,7 @@ def new_app_page(browser: Any) -> Any:
 
 def page_url(base: str, path: str, query: dict[str, Any] | None = None) -> str:
     """`base/path?query` with the query URL-encoded."""
-    q = urllib.parse.urlencode(query or {})
+    q = urllib.parse.urlencode(query or {}, doseq=True)  # lists: one parameter per item
     return f"{base}/{path}" + (f"?{q}" if q else "")
 
 
@@ -152,16 +152,28 @@ def wait_for_app(page, timeout_s: float = 30.0) -> None:
 def wait_for_render(page, figures: int = 0, timeout_s: float = 30.0) -> None:
     """Wait for the run to finish and at least `figures` plotly charts, all drawn.
 
-    Plotly's component loads lazily: a fast run can finish before any chart element exists, so
-    the caller says how many to expect.
+    Plotly's component and some widgets load lazily (a skeleton stands in meanwhile): a fast run
+    can finish before any chart element exists, so the caller also says how many to expect.
     """
     wait_for_app(page, timeout_s)
     page.wait_for_function(
-        """n => { const cs = [...document.querySelectorAll('[data-testid=stPlotlyChart]')];
+        """n => { if (document.querySelector('[data-testid=stMain] [data-testid=stSkeleton]'))
+                      return false;  // a lazily loaded element is still on its way
+                  const cs = [...document.querySelectorAll('[data-testid=stPlotlyChart]')];
                   return cs.length >= n && cs.every(c => {
                       const g = c.querySelector('.js-plotly-plot');
                       return g && Array.isArray(g.data); }); }""",
         arg=figures, timeout=timeout_s * 1000)
+    # Plotly redraws a chart after the run's last message: settle on two equal readings.
+    deadline = time.monotonic() + timeout_s
+    last = figures_now(page)
+    while time.monotonic() < deadline:
+        page.wait_for_timeout(250)
+        now = figures_now(page)
+        if now == last:
+            return
+        last = now
+    raise TimeoutError("figures kept changing")
 
 
 def open_page(page, base: str, path: str, query: dict[str, Any] | None = None,
@@ -176,14 +188,14 @@ def open_page(page, base: str, path: str, query: dict[str, Any] | None = None,
     return time.perf_counter() - t0
 
 
-def rerun(page, action: Callable[[], Any], timeout_s: float = 60.0) -> float:
+def rerun(page, action: Callable[[], Any], figures: int = 0, timeout_s: float = 60.0) -> float:
     """Do `action`, wait for the script run it starts to finish and redraw; returns seconds."""
     before = page.evaluate("window.__st.done")
     t0 = time.perf_counter()
     action()
     page.wait_for_function(f"window.__st.done > {before} && window.__st.state === 'notRunning'",
                            timeout=timeout_s * 1000)
-    wait_for_render(page, timeout_s=timeout_s)
+    wait_for_render(page, figures, timeout_s)
     return time.perf_counter() - t0
 
 
@@ -253,11 +265,17 @@ def widget_value(page, key: str) -> str:
     raise NotImplementedError(f"widget_value: {kind} ({key})")
 
 
-def figures(page) -> list[str]:
+def figures_now(page) -> list[str]:
     """One JSON signature (traces and title) per plotly chart on the page, in page order."""
     return page.evaluate(
         """() => [...document.querySelectorAll('[data-testid=stPlotlyChart] .js-plotly-plot')]
                  .map(g => JSON.stringify([g.data, (g.layout || {}).title]))""")
+
+
+def figures(page) -> list[str]:
+    """The figures' signatures once every chart has finished drawing."""
+    wait_for_render(page)
+    return figures_now(page)
 
 
 def table_count(page) -> int:
@@ -326,9 +344,77 @@ class PageSpec:
     tables: int = 0
 
 
+def _ep_ranks_ok(t, q: dict[str, Any]) -> bool:
+    """One row per rank; each token is 1..k pairs (the hash router drops a repeated expert);
+    every byte sent off a rank is received by another."""
+    pairs = t["load_pairs"].sum()
+    return (list(t["rank"]) == list(range(q["ranks"]))
+            and q["tokens"] * q["ranks"] <= pairs <= q["tokens"] * q["ranks"] * q["k"]
+            and math.isclose(t["sent_off_rank_MB"].sum(), t["received_off_rank_MB"].sum(),
+                             rel_tol=1e-9))
+
+
+def _routing_counts_ok(t, q: dict[str, Any]) -> bool:
+    """Per router: every expert once, load/mean averages 1 and is tokens / mean tokens, and the
+    load ranks are a permutation of 0..E-1."""
+    e = q["E"]
+    for _, g in t.groupby("router"):
+        if sorted(g["expert"]) != list(range(e)) or sorted(g["load rank"]) != list(range(e)):
+            return False
+        mean = g["tokens"].mean()
+        if mean > 0 and not (math.isclose(g["load/mean"].mean(), 1.0, rel_tol=1e-9)
+                             and ((g["load/mean"] - g["tokens"] / mean).abs() < 1e-9).all()):
+            return False
+    return t["router"].nunique() >= 2
+
+
+def _scaling_points_ok(t, q: dict[str, Any]) -> bool:
+    """Every row of the bundled file, train rows as its split says, residual = ln(y) - ln(fit)."""
+    import numpy as np
+    import pandas as pd
+
+    data = pd.read_csv(ROOT / "data" / "bnsl_4digit_addition.csv")
+    return (len(t) == len(data) and int(t["train"].sum()) == int((data["split"] == "train").sum())
+            and sorted(t["x"]) == sorted(data["training_dataset_size"])
+            and np.allclose(t["residual"], np.log(t["y"]) - np.log(t["fitted"]), atol=1e-9))
+
+
+def _attention_rows_ok(t, q: dict[str, Any]) -> bool:
+    """TFLOP/s = 4 B H S^2 D / ms (halved when causal), forward sweeps; failed rows say why."""
+    ok = t[t["status"] == "ok"]
+    flops = 4.0 * ok["batch"] * ok["heads"] * ok["seqlen"] ** 2 * ok["head_dim"]
+    flops = flops.where(~ok["causal"].astype(bool), flops / 2)
+    expect = flops / (ok["ms"] * 1e-3) / 1e12
+    failed = t[t["status"] != "ok"]
+    return (len(ok) > 0 and ((ok["tflops"] - expect).abs() <= 1e-6 * expect).all()
+            and failed["note"].fillna("").str.len().gt(0).all())
+
+
+def _cost_params_ok(t, q: dict[str, Any]) -> bool:
+    """Mixtral 8x7B shapes (d 4096, 32 layers, SwiGLU d_ff 14336, vocab 32000, untied) with E
+    experts, k active: three d x d_ff matrices per expert, an E x d router, two embeddings."""
+    rows = t.set_index("component")
+    expert = 3 * 4096 * 14336 * 32
+    return (rows.loc["experts", "total"] == q["experts"] * expert
+            and rows.loc["experts", "active"] == q["k"] * expert
+            and rows.loc["router", "total"] == q["experts"] * 4096 * 32
+            and rows.loc["embeddings", "total"] == 2 * 32000 * 4096)
+
+
+def _newest_attention_result() -> str:
+    """The committed sweep the attention page shows first (newest file name)."""
+    files = sorted((ROOT / "benchmarks" / "results").glob("attention_sweep_*.json"), reverse=True)
+    return files[0].stem if files else "attention_sweep_none"
+
+
 # One entry per page in app.py, filled in from each page's widget keys as the pages land.
 PAGES: dict[str, PageSpec] = {
     "home": PageSpec("", tables=1),
+    "routing": PageSpec(
+        "routing", query={"wl": "zipf", "T": 16384, "E": 32, "k": 2, "R": 4, "s": 1.2},
+        change=("E", 16), csv="routing_counts.csv",
+        csv_columns=("router", "expert", "tokens", "load/mean", "load rank"),
+        csv_check=_routing_counts_ok, figures=3, tables=1),
     "expert-parallel": PageSpec(
         "expert-parallel",
         # hash router and 4 ranks: the hot-expert sweep under it costs seconds, not tens of them.
@@ -337,12 +423,19 @@ PAGES: dict[str, PageSpec] = {
         change=("ranks", 2), csv="ep_ranks.csv",
         csv_columns=("rank", "experts", "load_pairs", "sent_off_rank_MB",
                      "received_off_rank_MB"),
-        # One row per rank; each token is 1..k pairs (the hash router drops a repeated expert);
-        # every byte sent off a rank is received by another.
-        csv_check=lambda t, q: (list(t["rank"]) == list(range(q["ranks"]))
-                                and q["tokens"] * q["ranks"] <= t["load_pairs"].sum()
-                                <= q["tokens"] * q["ranks"] * q["k"]
-                                and math.isclose(t["sent_off_rank_MB"].sum(),
-                                                 t["received_off_rank_MB"].sum(), rel_tol=1e-9)),
-        figures=3, tables=2),
+        csv_check=_ep_ranks_ok, figures=3, tables=2),
+    # Committed GPU results: figures without timing anything on this machine.
+    "attention": PageSpec(
+        "attention", query={"src": "Committed GPU results"},
+        csv=f"{_newest_attention_result()}.csv",
+        csv_columns=("backend", "status", "batch", "heads", "seqlen", "head_dim", "ms", "tflops"),
+        csv_check=_attention_rows_ok, figures=1, tables=1),
+    "scaling": PageSpec(
+        "scaling", query={"src": "bnsl_4digit", "seed": 3}, change=("seed", 4),
+        csv="scaling_predictions.csv", csv_columns=("x", "y", "fitted", "residual", "train"),
+        csv_check=_scaling_points_ok, figures=3, tables=3),
+    "cost": PageSpec(
+        "cost", query={"preset": "Mixtral 8x7B", "experts": 16, "k": 4}, change=("k", 1),
+        csv="cost_params.csv", csv_columns=("component", "total", "active"),
+        csv_check=_cost_params_ok, figures=1, tables=2),
 }

@@ -1,9 +1,10 @@
 """Every page in a real browser: a cold deep link with settings in the URL draws its figures and
-tables with no exception, a widget change redraws the figure, the CSV download parses, and the
-changed URL, opened cold in a new session, reproduces the same figures.
+tables with no exception, the CSV download parses and agrees with the settings, a widget change
+redraws a figure and updates the URL, and that URL, opened cold in a new session, reproduces
+exactly the same figures.
 
-Pages come from app.py itself, so a page added there is tested (at least for a clean cold load)
-before anyone writes its entry in browser_support.PAGES.
+Pages come from app.py itself, so a page added there is tested (at least for a clean cold load
+and a screenshot) before anyone writes its entry in browser_support.PAGES.
 """
 
 from __future__ import annotations
@@ -33,15 +34,9 @@ def _same(shown: str, value: object) -> bool:
     return shown == str(value)
 
 
-def test_navigation_lists_every_page_of_app_py(page, server):
-    """The sidebar offers exactly the pages app.py declares, in that order."""
-    bs.open_page(page, server, "")
-    assert bs.nav_paths(page) == APP_PATHS
-
-
 @pytest.mark.parametrize("path", APP_PATHS, ids=lambda p: p or "home")
-def test_cold_deep_link(page, server, path):
-    """Cold link (with the page's settings in the URL): drawn, no exception, no error; screenshot."""
+def test_page_end_to_end(browser, page, server, path):
+    """Cold link, screenshot, content, CSV, widget change, and the changed link reproduced cold."""
     spec = SPECS.get(path, bs.PageSpec(path))
     bs.open_page(page, server, path, spec.query, spec.figures)
     (bs.ARTIFACTS / "pages").mkdir(parents=True, exist_ok=True)
@@ -53,58 +48,41 @@ def test_cold_deep_link(page, server, path):
     # drops a parameter that equals the widget's default).
     for key, value in spec.query.items():
         assert _same(bs.widget_value(page, key), value), key
-        assert _query(page).get(key, str(value)) == str(value)
-    assert len(bs.figures(page)) >= spec.figures
+        assert _query(page).get(key, str(value)) == str(value), key
+    before = bs.figures(page)
+    assert len(before) >= spec.figures
     assert bs.table_count(page) >= spec.tables
 
+    if spec.csv is not None:
+        table = bs.download_csv(page, spec.csv)
+        assert len(table) > 0
+        assert set(spec.csv_columns) <= set(table.columns)
+        assert spec.csv_check is None or spec.csv_check(table, spec.query)
 
-INTERACTIVE = [s for s in bs.PAGES.values() if s.change is not None]
-
-
-@pytest.mark.parametrize("spec", INTERACTIVE, ids=lambda s: s.path)
-def test_widget_change_redraws_and_link_reproduces(browser, page, server, spec):
-    """Changing a widget redraws the first figure and updates the URL; that URL, opened cold in a
-    new session, shows exactly the same figures."""
-    bs.open_page(page, server, spec.path, spec.query, spec.figures)
-    before = bs.figures(page)
-    key, value = spec.change
-    bs.rerun(page, lambda: bs.set_widget(page, key, value))
-    after = bs.figures(page)
-    assert bs.exceptions(page) == []
-    assert after and after[0] != before[0]
-    assert _query(page)[key] == str(value)
-
-    fresh = bs.new_app_page(browser)
-    try:
-        bs.open_page(fresh, server, spec.path, _query(page), spec.figures)
-        assert bs.figures(fresh) == after
-    finally:
-        fresh.context.close()
+    if spec.change is not None:
+        key, value = spec.change
+        bs.rerun(page, lambda: bs.set_widget(page, key, value), spec.figures)
+        after = bs.figures(page)
+        assert bs.exceptions(page) == []
+        assert len(after) == len(before) and after != before
+        assert _query(page)[key] == str(value)
+        fresh = bs.new_app_page(browser)
+        try:
+            bs.open_page(fresh, server, path, _query(page), spec.figures)
+            assert bs.figures(fresh) == after
+        finally:
+            fresh.context.close()
 
 
-DOWNLOADS = [s for s in bs.PAGES.values() if s.csv is not None]
-
-
-@pytest.mark.parametrize("spec", DOWNLOADS, ids=lambda s: s.path)
-def test_csv_download_parses(page, server, spec):
-    """The page's CSV download is a parseable table with the documented columns and some rows."""
-    bs.open_page(page, server, spec.path, spec.query, spec.figures)
-    table = bs.download_csv(page, spec.csv)
-    assert len(table) > 0
-    assert set(spec.csv_columns) <= set(table.columns)
-    if spec.csv_check is not None:
-        assert spec.csv_check(table, spec.query)
-
-
-def test_home_links_open_every_lab(page, server):
-    """Each lab link on Home leads to its page, which runs without an exception."""
+def test_navigation_and_home_links(page, server):
+    """The sidebar lists exactly app.py's pages in order; Home links to every lab, and a click on
+    a link opens that lab."""
     bs.open_page(page, server, "")
-    labels = page.get_by_test_id("stPageLink").all_inner_texts()
-    assert len(labels) == len(APP_PATHS) - 1
-    visited = []
-    for label in labels:
-        bs.open_page(page, server, "")
-        bs.rerun(page, lambda: page.get_by_test_id("stPageLink").filter(has_text=label).click())
-        visited.append(urllib.parse.urlsplit(page.url).path.strip("/"))
-        assert bs.exceptions(page) == [], label
-    assert sorted(visited) == sorted(APP_PATHS[1:])
+    assert bs.nav_paths(page) == APP_PATHS
+    links = page.get_by_test_id("stPageLink").locator("a")
+    hrefs = links.evaluate_all("as => as.map(a => new URL(a.href).pathname.replace(/^\\//, ''))")
+    assert sorted(hrefs) == sorted(APP_PATHS[1:])
+    target = hrefs[-1]
+    bs.rerun(page, lambda: links.nth(len(hrefs) - 1).click(), SPECS.get(target, bs.PageSpec("")).figures)
+    assert urllib.parse.urlsplit(page.url).path.strip("/") == target
+    assert bs.exceptions(page) == []
