@@ -14,6 +14,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,36 +45,35 @@ def run(device: str, tokens: int, hidden_tokens: int, experts: int, k: int, d_mo
     hash_router, topk = HashRouter(experts, k, 0), TopKRouter(experts, k, d_model, 0)
     gate = topk.gate.to(dev)
 
-    cpu_ms: dict[str, float] = {}
+    def pair(fn, ref) -> tuple[float, float, float]:
+        """Median ms of fn and of ref, timed alternately (ABAB...) so both see the same machine
+        state, and this process's CPU ms per call of fn (on a shared CPU wall time also counts
+        the time other processes hold the core; CPU time does not)."""
+        for _ in range(3):
+            fn(), ref()
+        a, b, cpu = [], [], 0.0
+        for _ in range(reps):
+            c0 = time.process_time()
+            a.append(time_fn(fn, device=dev, warmup=0, reps=1).median_ms)
+            cpu += time.process_time() - c0
+            b.append(time_fn(ref, device=dev, warmup=0, reps=1).median_ms)
+        return statistics.median(a), statistics.median(b), cpu * 1e3 / reps
 
-    def t(fn, name: str = "") -> float:
-        # On a shared CPU also keep this process's CPU time per call: wall time includes the time
-        # other users' processes hold the core, CPU time does not.
-        c0, n0 = time.process_time(), calls[0]
-        wall = time_fn(lambda: (fn(), calls.__setitem__(0, calls[0] + 1)), device=dev, warmup=3,
-                       reps=reps, min_total_s=0.5).median_ms
-        cpu_ms[name] = (time.process_time() - c0) * 1e3 / (calls[0] - n0)
-        return wall
-
-    calls = [0]
-
+    on_cpu = dev.type == "cpu"
     rows = []
-    ms_ids = t(lambda: expert_utilization(hash_router(ids)), "ids")
-    ms_read_ids = t(lambda: ids.sum())
-    floor = 1e3 / (1e9 if dev.type == "cuda" else 70e6)  # ms per token at the target rate
-    rows.append(_row(f"hash ids + counts (T={tokens}, E={experts}, k={k})", ms_ids, tokens,
-                     "ids.sum()", ms_read_ids,
-                     ">= 1000 Mtok/s" if dev.type == "cuda" else ">= 70 Mtok/s",
-                     ms_ids <= floor * tokens, cpu_ms["ids"] if dev.type == "cpu" else None))
-    ms_lsh = t(lambda: expert_utilization(hash_router(x)))
-    ms_read_x = t(lambda: x.sum())
-    rows.append(_row(f"hash hidden (LSH) + counts (T={hidden_tokens}, D={d_model})", ms_lsh,
-                     hidden_tokens, "x.sum()", ms_read_x, "ratio <= 3", ms_lsh <= 3 * ms_read_x))
-    ms_topk = t(lambda: topk(x))
-    ms_floor = t(lambda: (x @ gate).topk(k, dim=-1))
+    ms, ref, cpu = pair(lambda: expert_utilization(hash_router(ids)), lambda: ids.sum())
+    floor = 1e3 / (70e6 if on_cpu else 1e9)  # ms per token at the target rate
+    rows.append(_row(f"hash ids + counts (T={tokens}, E={experts}, k={k})", ms, tokens,
+                     "ids.sum()", ref, ">= 70 Mtok/s" if on_cpu else ">= 1000 Mtok/s",
+                     ms <= floor * tokens, cpu if on_cpu else None))
+    ms, ref, cpu = pair(lambda: expert_utilization(hash_router(x)), lambda: x.sum())
+    rows.append(_row(f"hash hidden (LSH) + counts (T={hidden_tokens}, D={d_model})", ms,
+                     hidden_tokens, "x.sum()", ref, "ratio <= 3", ms <= 3 * ref,
+                     cpu if on_cpu else None))
+    ms, ref, cpu = pair(lambda: topk(x), lambda: (x @ gate).topk(k, dim=-1))
     rows.append(_row(f"top-k softmax router (T={hidden_tokens}, D={d_model}, E={experts})",
-                     ms_topk, hidden_tokens, "x @ W + topk", ms_floor, "ratio <= 1.2",
-                     ms_topk <= 1.2 * ms_floor))
+                     ms, hidden_tokens, "x @ W + topk", ref, "ratio <= 1.2", ms <= 1.2 * ref,
+                     cpu if on_cpu else None))
     return rows
 
 
@@ -98,7 +98,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (the target is one core)")
-    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--reps", type=int, default=21, help="alternating timed pairs per case")
     p.add_argument("--repeat", type=int, default=3, help="whole runs; the table shows each")
     p.add_argument("--out", type=Path, default=None, help="directory for the .json and .md result")
     a = p.parse_args()
