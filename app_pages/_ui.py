@@ -42,6 +42,8 @@ def guarded(key: str, compute: Callable[[], T]) -> T | None:
     try:
         result = compute()
     except ValueError as exc:
+        # Logged too: whoever runs the demo can see in the server log what was refused.
+        log.warning("input refused by %s: %s", key, exc)
         st.error(f"{exc}", icon=":material/error:")
         result = st.session_state.get(slot)
         if result is not None:

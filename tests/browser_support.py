@@ -36,14 +36,17 @@ VIEWPORT = {"width": 1280, "height": 1600}
 # old values sees every transition, so "a run finished after my click" is exact.
 _RUN_COUNTER_JS = """
 (() => {
-  window.__st = {done: 0, state: null};
+  window.__st = {done: 0, state: null, t: 0};
   const watch = (app) => {
     window.__st.state = app.getAttribute('data-test-script-state');
     new MutationObserver((records) => {
       const now = app.getAttribute('data-test-script-state');
       records.forEach((r, i) => {
         const next = i + 1 < records.length ? records[i + 1].oldValue : now;
-        if (next === 'notRunning' && r.oldValue !== 'notRunning') window.__st.done++;
+        if (next === 'notRunning' && r.oldValue !== 'notRunning') {
+          window.__st.done++;
+          window.__st.t = performance.now();  // in-page clock, for latencies
+        }
       });
       window.__st.state = now;
     }).observe(app, {attributes: true, attributeOldValue: true,
@@ -197,6 +200,14 @@ def rerun(page, action: Callable[[], Any], figures: int = 0, timeout_s: float = 
                            timeout=timeout_s * 1000)
     wait_for_render(page, figures, timeout_s)
     return time.perf_counter() - t0
+
+
+def timed_rerun(page, action: Callable[[], Any], figures: int = 0,
+                timeout_s: float = 60.0) -> float:
+    """Like rerun(), but returns the in-page milliseconds from the action to the run's end."""
+    t0 = page.evaluate("performance.now()")
+    rerun(page, action, figures, timeout_s)
+    return page.evaluate("window.__st.t") - t0
 
 
 def widget(page, key: str):
