@@ -19,7 +19,7 @@ import math
 import torch
 
 from engine.moe_router import Routing, expert_capacity, expert_utilization
-from engine.validation import check_float, check_int
+from engine.validation import check_int
 
 
 def _counts(counts: torch.Tensor) -> torch.Tensor:
