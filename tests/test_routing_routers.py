@@ -99,6 +99,19 @@ def test_hash_is_deterministic_and_batch_shape_invariant(seed, e, split, k, n):
     assert int(r.counts.sum()) == k * ids.numel() - collided
 
 
+def test_lsh_is_batch_shape_invariant_and_matches_the_hyperplane_signs():
+    x = torch.randn(6, 10, 32, generator=torch.Generator().manual_seed(8))
+    router = HashRouter(12, 2, 5)
+    r = router(x)
+    assert torch.equal(r.experts, router(x.reshape(60, 32)).experts)
+    assert torch.equal(r.experts, HashRouter(12, 2, 5)(x.reshape(3, 20, 32)).experts)
+    # Reference: slot s reads bits s*4 .. s*4+3 of the sign pattern, code mod E.
+    signs = (x.reshape(60, 32) @ router._planes[32] > 0).long()
+    for t in range(60):
+        codes = [sum(int(signs[t, s * 4 + b]) << b for b in range(4)) % 12 for s in range(2)]
+        assert r.experts[t].tolist() == [codes[0], -1 if codes[1] == codes[0] else codes[1]]
+
+
 def test_balanced_table_spread_is_bounded_by_the_heaviest_id():
     # LPT in rounds: max load - min load <= the largest frequency (exact while all rounds are greedy).
     gen = torch.Generator().manual_seed(5)
