@@ -203,8 +203,7 @@ class HashRouter:
     Hidden states (float, (..., D)): a locality-sensitive hash with random hyperplanes, so similar
     vectors share experts. With top_k=2 the two hashes are independent; when they collide the token
     has one expert and slot 1 is -1. Weights are 1 / (number of experts the token reached).
-    The same id (or vector) gets the same experts whatever the batch shape; ids are hashed modulo
-    2^32.
+    The same id (or vector) gets the same experts whatever the batch shape.
     """
 
     def __init__(self, num_experts: int = 16, top_k: int = 2, seed: int = 0) -> None:
@@ -212,7 +211,7 @@ class HashRouter:
         self.top_k = check_int("top_k", top_k, 1, 2)
         self.seed = check_int("seed", seed, 0)
         m0, m1, b_lo, b_hi = _odd_keys(self.seed, 4)
-        # One int64 multiply-add hashes both slots: for id < 2^32 the low 32 bits of
+        # One int64 multiply-add hashes both slots: the low 32 bits of
         # id * (m1 * 2^32 + m0) + b are (m0 * id + b_lo) mod 2^32, a multiply-add-shift hash
         # (Dietzfelbinger 1996); the high 32 bits are m1 * id plus the carry, a second one.
         self._mult = _signed64((m1 << 32) | m0)
