@@ -191,13 +191,25 @@ def open_page(page, base: str, path: str, query: dict[str, Any] | None = None,
     return time.perf_counter() - t0
 
 
+def wait_for_run(page, done_before: int, timeout_s: float = 60.0) -> None:
+    """Wait until a script run has finished after `done_before` runs had (window.__st.done)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            f"window.__st.done > {done_before} && window.__st.state === 'notRunning'",
+            timeout=timeout_s * 1000)
+    except PlaywrightTimeout:
+        raise AssertionError(f"no script run finished within {timeout_s:.0f} s on {page.url} "
+                             f"(state {page.evaluate('window.__st')})") from None
+
+
 def rerun(page, action: Callable[[], Any], figures: int = 0, timeout_s: float = 60.0) -> float:
     """Do `action`, wait for the script run it starts to finish and redraw; returns seconds."""
     before = page.evaluate("window.__st.done")
     t0 = time.perf_counter()
     action()
-    page.wait_for_function(f"window.__st.done > {before} && window.__st.state === 'notRunning'",
-                           timeout=timeout_s * 1000)
+    wait_for_run(page, before, timeout_s)
     wait_for_render(page, figures, timeout_s)
     return time.perf_counter() - t0
 

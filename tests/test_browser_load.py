@@ -1,0 +1,141 @@
+"""Many users at once, and how fast the routing page redraws.
+
+Eight browser contexts (eight Streamlit sessions) work different pages for 60 s: each round every
+user flips one setting, then every user waits for its own run. Two users share each of four pages
+with different settings, so a result leaking between sessions through a cache or a module global
+shows up as the wrong setting or the wrong figure. Latency is measured in the page (from the
+action to the end of the run it started); median and p95 are printed and written to
+artifacts/latency.json. No assertion on time: the numbers are for the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+import urllib.parse
+
+import pytest
+
+from tests import browser_support as bs
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+DURATION_S = 60.0
+
+
+@dataclasses.dataclass
+class User:
+    """One browser session: a page, a cold link, and one widget flipped between two values."""
+
+    path: str
+    query: dict
+    key: str
+    values: tuple
+    figures: int
+    page: object = None
+    turn: int = 0
+
+    @property
+    def target(self):
+        return self.values[self.turn % 2]
+
+
+USERS = [
+    User("routing", {"E": 32, "T": 16384, "R": 4}, "E", (16, 32), 3),
+    User("routing", {"E": 64, "T": 8192, "R": 8, "wl": "uniform"}, "k", (1, 2), 3),
+    User("expert-parallel", {"experts": 32, "ranks": 4, "tokens": 1024}, "ranks", (2, 4), 3),
+    User("expert-parallel", {"experts": 16, "ranks": 2, "tokens": 512}, "k", (1, 2), 3),
+    User("scaling", {"src": "bnsl_4digit", "seed": 3}, "seed", (4, 3), 3),
+    User("scaling", {"src": "bnsl_4digit", "seed": 10}, "seed", (11, 10), 3),
+    User("cost", {"experts": 16, "k": 4}, "k", (1, 4), 1),
+    User("cost", {"preset": "Llama-2-7B", "layers": 16}, "layers", (8, 16), 1),
+]
+
+
+def _query(page) -> dict[str, str]:
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(page.url).query))
+
+
+def _check(user: User) -> None:
+    """The user's own setting is on screen and in the URL, and nothing went wrong."""
+    assert bs.exceptions(user.page) == [] and bs.errors(user.page) == [], user.path
+    assert float(bs.widget_value(user.page, user.key)) == float(user.target), (user.path, user.key)
+    assert _query(user.page).get(user.key, str(user.target)) == str(user.target)
+    for key, value in user.query.items():
+        if key != user.key:
+            assert _query(user.page).get(key, str(value)) == str(value), (user.path, key)
+
+
+def _wait_first_run(page, figures: int) -> None:
+    """After a goto fired for all users together: wait for this page's first run and charts."""
+    page.wait_for_function("window.__st.done > 0 && window.__st.state === 'notRunning'",
+                           timeout=120_000)
+    bs.wait_for_render(page, figures, timeout_s=120)
+
+
+def test_eight_users_for_a_minute(browser, server):
+    users = [dataclasses.replace(u) for u in USERS]
+    latencies: list[float] = []
+    try:
+        for u in users:
+            u.page = bs.new_app_page(browser)
+            u.page.goto(bs.page_url(server, u.path, u.query))
+        for u in users:
+            _wait_first_run(u.page, u.figures)
+            assert bs.exceptions(u.page) == [], u.path
+
+        rounds = 0
+        deadline = time.monotonic() + DURATION_S
+        while time.monotonic() < deadline:
+            starts = []
+            for u in users:  # every session gets its input before any is waited for
+                starts.append(u.page.evaluate("[window.__st.done, performance.now()]"))
+                bs.set_widget(u.page, u.key, u.target)
+            for u, (done, t0) in zip(users, starts):
+                bs.wait_for_run(u.page, done, timeout_s=120)
+                latencies.append(u.page.evaluate("window.__st.t") - t0)
+                bs.wait_for_render(u.page, u.figures, timeout_s=60)
+                _check(u)
+                u.turn += 1
+            rounds += 1
+        # Undo the last turn's advance: each page now shows values[(turn - 1) % 2].
+        for u in users:
+            u.turn -= 1
+
+        # Each session's figures are its own: its URL opened cold elsewhere draws the same.
+        fresh = [bs.new_app_page(browser) for _ in users]
+        for u, f in zip(users, fresh):
+            f.goto(u.page.url)
+        for u, f in zip(users, fresh):
+            _wait_first_run(f, u.figures)
+            assert bs.figures(f) == bs.figures(u.page), u.page.url
+            f.context.close()
+    finally:
+        for u in users:
+            if u.page is not None:
+                u.page.context.close()
+
+    med = statistics.median(latencies)
+    p95 = sorted(latencies)[max(0, round(0.95 * len(latencies)) - 1)]
+    print(f"\n8 users, {rounds} rounds, {len(latencies)} interactions: "
+          f"median {med:.0f} ms, p95 {p95:.0f} ms")
+    bs.write_json("latency.json", {"users": len(users), "duration_s": DURATION_S, "rounds": rounds,
+                                   "interactions": len(latencies), "median_ms": med, "p95_ms": p95,
+                                   "latencies_ms": latencies})
+    assert rounds >= 2
+
+
+def test_routing_redraw_time_at_defaults(page, server):
+    """Routing page at default settings: a change that recomputes (Zipf s 1.0 -> 1.05) and one
+    served from the cache (order by id). Times are printed and written, not asserted."""
+    bs.open_page(page, server, "routing", figures=3)
+    before = bs.figures(page)
+    recompute_ms = bs.timed_rerun(page, lambda: bs.set_widget(page, "s", 1.05), figures=3)
+    changed = bs.figures(page)
+    assert changed != before and bs.errors(page) == [] and bs.exceptions(page) == []
+    cached_ms = bs.timed_rerun(page, lambda: bs.set_widget(page, "order", "by id"), figures=3)
+    assert bs.figures(page) != changed and bs.exceptions(page) == []
+    print(f"\nrouting redraw at defaults: recompute {recompute_ms:.0f} ms, cached {cached_ms:.0f} ms")
+    bs.write_json("routing_redraw.json", {"recompute_ms": recompute_ms, "cached_ms": cached_ms,
+                                          "change": "zipf s 1.0 -> 1.05; order sorted -> by id"})
