@@ -237,8 +237,14 @@ def type_number(page, key: str, text: str) -> None:
     box = widget(page, key).locator("input").first
     box.fill(text)
     # Enter only commits once React has seen the edit: it shows "Press Enter to apply" then.
-    widget(page, key).get_by_test_id("InputInstructions").wait_for(timeout=5000)
+    hint = widget(page, key).get_by_test_id("InputInstructions")
+    hint.wait_for(timeout=5000)
     box.press("Enter")
+    try:
+        hint.wait_for(state="hidden", timeout=3000)
+    except Exception:  # noqa: BLE001 - still pending: the widget refused the number, or a
+        # re-render raced the key press; press again, as a user would (harmless if refused).
+        box.press("Enter")
 
 
 def set_widget(page, key: str, value: Any) -> None:
