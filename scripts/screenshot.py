@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.browser_support import launch_browser, streamlit_server, wait_for_app  # noqa: E402
+from tests.browser_support import launch_browser, new_app_page, open_page, streamlit_server  # noqa: E402
 
 
 def main() -> None:
@@ -20,16 +20,17 @@ def main() -> None:
     parser.add_argument("pages", nargs="+", help="URL paths with optional query, e.g. routing?k=2")
     parser.add_argument("--out", type=Path, default=Path("artifacts"))
     parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a script run")
+    parser.add_argument("--figures", type=int, default=0, help="plotly charts to wait for")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with streamlit_server() as base, launch_browser() as browser:
-        page = browser.new_page(viewport={"width": 1280, "height": 1600})
         for path in args.pages:
-            page.goto(f"{base}/{path}")
-            wait_for_app(page, timeout_s=args.wait)
+            page = new_app_page(browser)  # 1280x1600, its own session
+            open_page(page, base, path, figures=args.figures, timeout_s=args.wait)
             out = args.out / (re.sub(r"[^A-Za-z0-9_-]+", "_", path).strip("_") + ".png")
             page.screenshot(path=str(out), full_page=True)
             print(out)
+            page.context.close()
 
 
 if __name__ == "__main__":
