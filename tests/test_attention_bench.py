@@ -140,18 +140,22 @@ def test_speedup_uses_the_fastest_timed_sdpa_backend():
     assert (s["best_sdpa"][0], s["best_sdpa_tflops"][0], s["speedup"][0]) == ("sdpa-flash", 300.0, 2.0)
 
 
-def test_committed_h100_sweep_is_consistent_with_the_flop_formula():
-    files = ab.committed_results()
-    assert files, "benchmarks/results/attention_sweep_*.json is committed"
-    path = next(iter(files.values()))
+@pytest.mark.parametrize("name", sorted(ab.committed_results()))
+def test_committed_gpu_sweeps_are_consistent_with_the_flop_formula(name):
+    path = ab.committed_results()[name]
     res = ab.load_result(path)
     raw = json.loads(path.read_text())["matmul_tflops"]  # one float in documents from before per-dtype ceilings
     assert res.matmul_tflops == (raw if isinstance(raw, dict) else {"bf16": raw})
     ok = res.table[res.table["status"] == "ok"]
-    assert "H100" in res.env["device"] and not ok.empty
+    card = name.split("_")[2].upper()  # attention_sweep_<card>_<date>: the file name says the device
+    assert card in res.env["device"] and not ok.empty
     flops = [ab.attention_flops(r.batch, r.heads, r.seqlen, r.seqlen, r.head_dim, r.causal) for r in ok.itertuples()]
     recomputed = pd.Series(flops, index=ok.index) / (ok["ms"] / 1e3) / 1e12
     pd.testing.assert_series_equal(recomputed, ok["tflops"], check_names=False, rtol=1e-9)
+
+
+def test_an_h100_sweep_is_committed():
+    assert any("_h100_" in name for name in ab.committed_results())
 
 
 def test_cli_prints_the_same_rows_as_json(capsys):
