@@ -128,7 +128,7 @@ else:
             st.session_state["attention_result"] = res
     if _environment()["cuda"] == "none":
         st.caption("CPU run: only SDPA's flash (CPU kernel) and math backends run here; the GPU backends are "
-                   "listed with the reason. Committed GPU results show the H100.")
+                   "listed with the reason. Committed GPU results show the lent H100 and H200.")
     res = st.session_state.get("attention_result")
     if res is None:
         st.caption("Press **Run sweep** to time the kernels on this machine.")
