@@ -1,13 +1,17 @@
 """A real expert-parallel MoE layer on torch.distributed, launched with torchrun.
 
 Every rank makes its tokens and routing (engine.expert_parallel.rank_batch), then per layer:
-sort its (token, slot) pairs by physical expert slot; exchange per-slot counts with
-all_to_all_single; send the hidden rows and their gate weights (dispatch); each rank applies its
-experts, scaled by the gate weights; rows go back (combine) and are summed per token. With
---chunks M the tokens go in M micro-batches whose exchanges are asynchronous, so one chunk's
-gather, experts and combine overlap another's transfer. A plain all_to_all_single of exactly the same split sizes, both ways, is timed in the
-same run: its time over the layer's (slowest rank) is the bandwidth ratio. The layer's time
-includes the counts exchange, the sort, the gathers, the experts and the combine.
+dispatch: sort its (token, slot) pairs by physical expert slot, exchange per-slot counts with
+all_to_all_single (the layer's one host sync), gather the rows and send them to their experts;
+experts: each rank multiplies every received row by its expert's gain; combine: rows go back and
+each token's output is the gate-weighted sum of its returned rows, weighted at the sender (the
+weights never travel) in one gather-and-sum (embedding_bag), no atomic adds. With --chunks M the
+tokens go in M micro-batches whose exchanges are asynchronous, so one chunk's gather, experts and
+combine overlap another's transfer.
+
+The dispatch, the combine and the whole layer are each timed next to a plain all_to_all_single of
+exactly the same split sizes (one way, one way back, both ways) in the same run; ratio = plain
+time / phase time on the slowest rank. The issue's bandwidth target is the dispatch's ratio.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m engine.ep_dispatch \
         --tokens 1024 --d-model 1024 --out DIR
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from engine.expert_parallel import (DTYPES, EPSettings, Placement, destinations, make_placement,
                                     parse_placement, rank_batch, token_features)
@@ -57,18 +62,18 @@ def expert_gains(num_experts: int, seed: int) -> torch.Tensor:
 
 def reference_layer(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                     gains: torch.Tensor) -> torch.Tensor:
-    """Single-process MoE output: sum_j x[t] * (gains[experts[t, j]] * weights[t, j]); shape (T, D).
+    """Single-process MoE output: sum_j w[t, j] * (x[t] * gains[experts[t, j]]); shape (T, D).
 
-    Rounded like the layer: the scale in float32 then x's dtype, each row product in x's dtype,
-    summed slot by slot.
+    Rounded like the layer: the expert's product x * gain in x's dtype, then the weighted sum
+    over slots in float32 with the weights first rounded to x's dtype, one rounding at the end.
     """
-    out = torch.zeros_like(x)
-    g = gains.to(x.device)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    g = gains.to(x.device, x.dtype)
     for j in range(experts.shape[1]):
         valid = experts[:, j] >= 0
-        scale = (g[experts[valid, j]] * weights[valid, j].float()).to(x.dtype)
-        out[valid] += x[valid] * scale[:, None]
-    return out
+        y = x[valid] * g[experts[valid, j]][:, None]
+        out[valid] += y.float() * weights[valid, j].to(x.dtype).float()[:, None]
+    return out.to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -79,9 +84,46 @@ class Splits:
     recv: list[int]
 
 
+@dataclass
+class Dispatched:
+    """One layer call in flight on this rank: what the dispatch received and how to put it back.
+
+    Chunk m holds tokens bounds[m]:bounds[m + 1]; its received rows (grouped by source rank, then
+    by this rank's slot) land in rows[m] once works[m] is waited on.
+    """
+
+    tokens: int
+    bounds: list[int]
+    send: list[list[int]]  # [chunk][rank] rows sent in the dispatch
+    recv: list[list[int]]  # [chunk][rank] rows received
+    recv_counts: torch.Tensor  # (R, chunks, my slots) rows received per source rank and slot
+    inverse: torch.Tensor  # (T, k) row of every pair in the combine's return buffer; N if empty
+    rows: list[torch.Tensor]  # [chunk] (received rows, D)
+    works: list  # [chunk] pending all_to_all of rows[m], None once done
+
+    @property
+    def sent_rows(self) -> int:
+        """N: rows sent in the dispatch, over all chunks (= rows returned by the combine)."""
+        return sum(map(sum, self.send))
+
+    def splits(self) -> Splits:
+        """Rows sent to / received from each rank in the dispatch, all chunks together."""
+        return Splits([sum(c) for c in zip(*self.send)], [sum(c) for c in zip(*self.recv)])
+
+    def wait(self, m: int) -> torch.Tensor:
+        """Chunk m's received rows, after its transfer is done."""
+        if self.works[m] is not None:
+            self.works[m].wait()
+            self.works[m] = None
+        return self.rows[m]
+
+
 class ExpertParallelLayer:
     """One MoE layer's dispatch, experts and combine for this rank over the default process group.
 
+    dispatch(): plan, counts exchange, gather, rows to their experts. experts(): each received row
+    times its expert's gain. combine(): rows back, each scaled by its gate weight at the sender
+    (the weights never travel) and summed per token in one gather (embedding_bag), no atomics.
     chunks: the tokens are cut into this many micro-batches whose exchanges run asynchronously,
     so gathering, expert work and combining one chunk overlap the transfer of another (on GPUs
     NCCL runs on its own stream). 1 is the plain sequential layer; the result is the same.
@@ -99,10 +141,10 @@ class ExpertParallelLayer:
         self.gains = gains.to(device)
 
     def _plan(self, experts: torch.Tensor, token_index: torch.Tensor
-              ) -> tuple[list[torch.Tensor], list[list[int]], list[list[int]], torch.Tensor]:
-        """Per chunk: pair indices sorted by physical slot, rows sent to / received from each rank,
-        and the received per-slot counts (R, chunks, my slots). One counts exchange and one host
-        sync per layer (no nonzero or bincount, which would each sync on CUDA)."""
+              ) -> tuple[torch.Tensor, list[list[int]], list[list[int]], torch.Tensor]:
+        """Pair indices sorted by (chunk, physical slot), rows sent to / received from each rank
+        per chunk, and the received per-slot counts (R, chunks, my slots). One counts exchange and
+        one host sync per layer (no nonzero or bincount, which would each sync on CUDA)."""
         t_count, k = experts.shape
         m_count, p_count, w = min(self.chunks, t_count), self.num_slots, self.world
         slots = destinations(experts, token_index, self.replicas)
@@ -126,8 +168,65 @@ class ExpertParallelLayer:
         sizes = torch.cat([send.reshape(-1), recv_counts.sum(dim=2).T.reshape(-1)]).tolist()
         send_rows = [sizes[m * w:(m + 1) * w] for m in range(m_count)]
         recv_rows = [sizes[(m_count + m) * w:(m_count + m + 1) * w] for m in range(m_count)]
-        pairs = list(order[:sum(sizes[:m_count * w])].split([sum(r) for r in send_rows]))
-        return pairs, send_rows, recv_rows, recv_counts
+        return order, send_rows, recv_rows, recv_counts
+
+    def dispatch(self, x: torch.Tensor, experts: torch.Tensor,
+                 token_index: torch.Tensor) -> Dispatched:
+        """Start sending x's rows (T, D) to their experts (experts (T, k), token_index (T,));
+        every chunk's transfer is in flight on return."""
+        t_count, k = experts.shape
+        order, send, recv, recv_counts = self._plan(experts, token_index)
+        m_count = len(send)
+        n = sum(map(sum, send))
+        # Pair p = t * k + j returns to row inverse[p] of the combine's buffer: its rank in the
+        # sort order, which is also where it leaves in the dispatch; empty slots point at row N.
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(
+            order.numel(), device=order.device)).clamp_(max=n).view(t_count, k)
+        d = Dispatched(t_count, [-(-m * t_count // m_count) for m in range(m_count + 1)], send,
+                       recv, recv_counts, inverse, [], [])
+        for m, pair in enumerate(order[:n].split([sum(r) for r in send])):
+            d.rows.append(x.new_empty(sum(recv[m]), x.shape[1]))
+            d.works.append(dist.all_to_all_single(d.rows[m], x[pair // k], recv[m], send[m],
+                                                  async_op=True))
+        return d
+
+    def experts(self, d: Dispatched, m: int) -> None:
+        """Chunk m's experts, in place: every received row times its expert's gain."""
+        rows = d.wait(m)
+        row_expert = self.my_experts.repeat(self.world).repeat_interleave(
+            d.recv_counts[:, m].reshape(-1), output_size=rows.shape[0])
+        rows.mul_(self.gains.to(rows.dtype)[row_expert][:, None])
+
+    def start_combine(self, d: Dispatched, back: torch.Tensor, m: int):
+        """Send chunk m's rows back into its part of `back` (N + 1, D); returns the pending work."""
+        start = sum(map(sum, d.send[:m]))
+        return dist.all_to_all_single(back[start:start + sum(d.send[m])], d.wait(m), d.send[m],
+                                      d.recv[m], async_op=True)
+
+    def finish_combine(self, d: Dispatched, back: torch.Tensor, weights: torch.Tensor,
+                       m: int) -> torch.Tensor:
+        """Chunk m's output rows (tokens of chunk m, D): sum over slots of weight * returned row."""
+        lo, hi = d.bounds[m], d.bounds[m + 1]
+        return F.embedding_bag(d.inverse[lo:hi], back, mode="sum", padding_idx=d.sent_rows,
+                               per_sample_weights=weights[lo:hi].to(back.dtype))
+
+    def combine(self, d: Dispatched, weights: torch.Tensor, run_experts: bool = False
+                ) -> torch.Tensor:
+        """Every chunk back and summed per token with its gate weights (T, k); output (T, D).
+
+        run_experts: apply each chunk's experts just before sending it back (the whole layer).
+        """
+        back = d.rows[0].new_empty(d.sent_rows + 1, d.rows[0].shape[1])
+        works = []
+        for m in range(len(d.rows)):  # chunk m goes back while later chunks still arrive
+            if run_experts:
+                self.experts(d, m)
+            works.append(self.start_combine(d, back, m))
+        outs = []
+        for m, work in enumerate(works):  # sum chunk m while later chunks still return
+            work.wait()
+            outs.append(self.finish_combine(d, back, weights, m))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def __call__(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                  token_index: torch.Tensor) -> tuple[torch.Tensor, Splits]:
@@ -135,51 +234,38 @@ class ExpertParallelLayer:
 
         Returns the output (T, D) in x's dtype and the total rows sent to / received from each rank.
         """
-        k = experts.shape[1]
-        pairs, send, recv, recv_counts = self._plan(experts, token_index)
-        flat_w = weights.reshape(-1).float()
-        sent, rows, row_w, works = [], [], [], []
-        for m, pair in enumerate(pairs):  # dispatch every chunk without waiting
-            # Gate weights travel with the rows (4 bytes against a row's d_model values) so the
-            # expert applies gain and weight in one pass and the combine is a bare index_add_.
-            row_w.append(flat_w.new_empty(sum(recv[m])))
-            w_work = dist.all_to_all_single(row_w[m], flat_w[pair], recv[m], send[m], async_op=True)
-            sent.append(x[pair // k])
-            rows.append(x.new_empty(sum(recv[m]), x.shape[1]))
-            works.append((w_work, dist.all_to_all_single(rows[m], sent[m], recv[m], send[m],
-                                                         async_op=True)))
-        backs = []
-        for m in range(len(pairs)):  # experts on chunk m while later chunks are in flight
-            for work in works[m]:
-                work.wait()
-            # Received rows are grouped by source rank, then by this rank's slot.
-            row_expert = self.my_experts.repeat(self.world).repeat_interleave(
-                recv_counts[:, m].reshape(-1), output_size=rows[m].shape[0])
-            rows[m].mul_((self.gains[row_expert] * row_w[m]).to(x.dtype)[:, None])
-            backs.append(x.new_empty(len(pairs[m]), x.shape[1]))
-            works[m] = (dist.all_to_all_single(backs[m], rows[m], send[m], recv[m], async_op=True),)
-        out = torch.zeros_like(x)
-        for m, pair in enumerate(pairs):  # combine chunk m while later ones still return
-            works[m][0].wait()
-            out.index_add_(0, pair // k, backs[m])
-        return out, Splits([sum(c) for c in zip(*send)], [sum(c) for c in zip(*recv)])
+        d = self.dispatch(x, experts, token_index)
+        return self.combine(d, weights, run_experts=True), d.splits()
 
 
-def plain_exchange(send_buf: torch.Tensor, recv_buf: torch.Tensor, splits: Splits) -> None:
-    """all_to_all_single of the layer's payload there and back, nothing else (the yardstick)."""
-    dist.all_to_all_single(recv_buf, send_buf, splits.recv, splits.send)
-    dist.all_to_all_single(send_buf, recv_buf, splits.send, splits.recv)
+def plain_exchange(send_buf: torch.Tensor, recv_buf: torch.Tensor, splits: Splits,
+                   there: bool = True, back: bool = True) -> None:
+    """all_to_all_single of the layer's payload, nothing else (the yardstick): the dispatch's
+    splits there, the combine's back, or both; send_buf (sum(send), D), recv_buf (sum(recv), D)."""
+    if there:
+        dist.all_to_all_single(recv_buf, send_buf, splits.recv, splits.send)
+    if back:
+        dist.all_to_all_single(send_buf, recv_buf, splits.send, splits.recv)
 
 
 def working_set_bytes(settings: EPSettings) -> int:
-    """Estimated peak bytes of one rank: tokens, pair rows there and back, output, index tensors."""
+    """Estimated peak bytes of one rank: tokens, output, pair rows (sent, received, returned,
+    one dispatch kept for the combine's timing, the plain exchange's two buffers), index tensors."""
     pairs = settings.tokens * settings.top_k
-    return settings.row_bytes * (2 * settings.tokens + 4 * pairs) + 64 * pairs
+    return settings.row_bytes * (2 * settings.tokens + 6 * pairs) + 64 * pairs
+
+
+# Timed on every rank, each against its plain all_to_all_single of the same split sizes:
+# (name, what it covers). Ratio = plain time / phase time on the slowest rank.
+PHASES = {"dispatch": "plan + counts exchange + gather + rows to their experts",
+          "combine": "rows back + weighted sum per token into (T, D)",
+          "layer": "dispatch + experts + combine (plain: there and back)"}
 
 
 def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, reps: int,
             dump: Path | None = None, placement: Placement | None = None, chunks: int = 1) -> dict:
-    """Run and time the layer on this rank; returns this rank's row (plain values).
+    """Run and time the layer and its dispatch and combine phases on this rank, each next to a
+    plain all_to_all_single of the same splits; returns this rank's row (plain values, ms, MB).
 
     placement: a fixed one (e.g. parsed from --map), else built from settings and global loads.
     """
@@ -192,33 +278,58 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
     token_index = rank * s.tokens + torch.arange(s.tokens, device=device)
     gains = expert_gains(s.experts, s.seed)
     layer = ExpertParallelLayer(placement, gains, rank, device, chunks)
+
+    def dispatch_phase() -> Dispatched:
+        d = layer.dispatch(x, experts, token_index)
+        for m in range(len(d.rows)):
+            d.wait(m)
+        return d
+
     out, splits = layer(x, experts, weights, token_index)
-    err = float((out.float() - reference_layer(x, experts, weights, gains).float()).abs().max())
+    d = dispatch_phase()  # kept: the combine phase sends these expert outputs back every rep
+    for m in range(len(d.rows)):
+        layer.experts(d, m)
+    reference = reference_layer(x, experts, weights, gains).float()
+    # Both paths (whole layer, and phases run apart) must give the reference's output.
+    err = max(float((o.float() - reference).abs().max()) for o in (out, layer.combine(d, weights)))
     if dump is not None:
         torch.save({"ids": ids.cpu(), "experts": experts.cpu(), "weights": weights.cpu(),
                     "out": out.cpu(), "send": splits.send}, dump / f"rank{rank}.pt")
-    dist.barrier()
-    layer_t = time_fn(lambda: layer(x, experts, weights, token_index), device, warmup, reps)
     send_buf = x.new_empty(sum(splits.send), s.d_model)
     recv_buf = x.new_empty(sum(splits.recv), s.d_model)
-    dist.barrier()
-    plain_t = time_fn(lambda: plain_exchange(send_buf, recv_buf, splits), device, warmup, reps)
-    off_rank = (sum(splits.send) - splits.send[rank] + sum(splits.recv) - splits.recv[rank])
-    moved = off_rank * s.row_bytes  # bytes this rank sends to others, dispatch + combine
-    return {"rank": rank, "tokens": s.tokens, "chunks": chunks, "pairs_sent": splits.send,
-            "off_rank_MB": moved / 1e6, "layer_ms": layer_t.median_ms, "layer_p10_ms": layer_t.p10_ms,
-            "layer_p90_ms": layer_t.p90_ms, "plain_ms": plain_t.median_ms,
-            "layer_GBps": moved / layer_t.median_ms / 1e6, "plain_GBps": moved / plain_t.median_ms / 1e6,
-            "max_abs_err": err}
+    runs = {"layer": (lambda: layer(x, experts, weights, token_index),
+                      lambda: plain_exchange(send_buf, recv_buf, splits)),
+            "dispatch": (dispatch_phase, lambda: plain_exchange(send_buf, recv_buf, splits, back=False)),
+            "combine": (lambda: layer.combine(d, weights),
+                        lambda: plain_exchange(send_buf, recv_buf, splits, there=False))}
+    row = {"rank": rank, "tokens": s.tokens, "chunks": chunks, "pairs_sent": splits.send}
+    for name, (phase, plain) in runs.items():
+        for label, fn in ((name, phase), (f"plain_{name}", plain)):
+            dist.barrier()
+            t = time_fn(fn, device, warmup, reps)
+            row[f"{label}_ms"], row[f"{label}_p10_ms"], row[f"{label}_p90_ms"] = \
+                t.median_ms, t.p10_ms, t.p90_ms
+    there = (sum(splits.send) - splits.send[rank]) * s.row_bytes  # off-rank bytes sent, dispatch
+    back = (sum(splits.recv) - splits.recv[rank]) * s.row_bytes  # and combine
+    row.update({"off_rank_MB": (there + back) / 1e6,
+                "dispatch_GBps": there / row["dispatch_ms"] / 1e6,
+                "plain_dispatch_GBps": there / row["plain_dispatch_ms"] / 1e6,
+                "combine_GBps": back / row["combine_ms"] / 1e6,
+                "layer_GBps": (there + back) / row["layer_ms"] / 1e6,
+                "plain_GBps": (there + back) / row["plain_layer_ms"] / 1e6, "max_abs_err": err})
+    return row
 
 
 def summarize(rows: list[dict]) -> dict:
-    """One configuration: slowest rank's layer and plain times and the bandwidth ratio plain/layer."""
-    layer = max(r["layer_ms"] for r in rows)
-    plain = max(r["plain_ms"] for r in rows)
-    return {"tokens": rows[0]["tokens"], "chunks": rows[0]["chunks"], "layer_ms": layer,
-            "plain_ms": plain,
-            "ratio": plain / layer, "max_abs_err": max(r["max_abs_err"] for r in rows)}
+    """One configuration: per phase the slowest rank's time, its plain exchange's slowest time and
+    ratio = plain / phase (1 = as fast as the bare all_to_all_single; the target is dispatch's)."""
+    out = {"tokens": rows[0]["tokens"], "chunks": rows[0]["chunks"]}
+    for name in PHASES:
+        phase = max(r[f"{name}_ms"] for r in rows)
+        plain = max(r[f"plain_{name}_ms"] for r in rows)
+        out.update({f"{name}_ms": phase, f"plain_{name}_ms": plain, f"{name}_ratio": plain / phase})
+    out["max_abs_err"] = max(r["max_abs_err"] for r in rows)
+    return out
 
 
 def _print_table(rows: list[dict], keys: list[str]) -> str:
@@ -341,14 +452,20 @@ def _report(args: argparse.Namespace, backend: str, world: int, device: torch.de
     doc = {"backend": backend, "world": world, **environment(device),
            "settings": {k: v for k, v in asdict(settings).items() if k != "tokens"},
            "summary": summaries, "per_rank": per_rank}
-    keys = ["rank", "tokens", "chunks", "off_rank_MB", "layer_ms", "plain_ms", "layer_GBps", "plain_GBps",
-            "max_abs_err"]
+    keys = ["rank", "tokens", "chunks", "off_rank_MB", "dispatch_ms", "plain_dispatch_ms",
+            "combine_ms", "plain_combine_ms", "layer_ms", "plain_layer_ms", "dispatch_GBps",
+            "plain_dispatch_GBps", "max_abs_err"]
+    phases = "\n".join(f"  {name}: {what}" for name, what in PHASES.items())
+    summary_keys = ["tokens", "chunks"] + [f"{n}_ratio" for n in PHASES] + \
+        [f"{p}{n}_ms" for n in PHASES for p in ("", "plain_")] + ["max_abs_err"]
     text = (f"Expert-parallel dispatch, {backend}, {world} ranks, {doc['device']}, {doc['date']}\n"
             f"torch {doc['torch']}, CUDA {doc['cuda']}, NCCL {doc['nccl']}; settings "
-            f"{json.dumps(doc['settings'])}\n\nper rank (GB/s = off-rank bytes sent, both ways, "
-            f"per second):\n\n{_print_table(per_rank, keys)}\n\nslowest rank; ratio = dispatch "
-            f"bandwidth / plain all_to_all_single bandwidth (same bytes):\n\n"
-            f"{_print_table(summaries, ['tokens', 'chunks', 'layer_ms', 'plain_ms', 'ratio', 'max_abs_err'])}\n")
+            f"{json.dumps(doc['settings'])}\n\nphases, each timed next to a plain all_to_all_single "
+            f"of the same split sizes (one way for dispatch and combine, both ways for the layer):"
+            f"\n{phases}\n\nper rank (GB/s = off-rank bytes sent per second):\n\n"
+            f"{_print_table(per_rank, keys)}\n\nslowest rank (max over ranks of each median); "
+            f"ratio = plain time / phase time (target: dispatch_ratio >= 0.7):\n\n"
+            f"{_print_table(summaries, summary_keys)}\n")
     print(text, flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

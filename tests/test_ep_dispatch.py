@@ -22,14 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _loop_reference(x, experts, weights, gains):
-    """Token by token: sum over slots of x * (gain[expert] * weight), the scale rounded to x's dtype."""
-    out = torch.zeros_like(x)
+    """Token by token: sum over slots of weight * (x * gain[expert]), the expert's product in x's
+    dtype, the weighted sum in float64 (the layer sums in float32, within the tests' tolerance)."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
     for t in range(x.shape[0]):
         for j in range(experts.shape[1]):
             e = int(experts[t, j])
             if e >= 0:
-                out[t] += x[t] * (gains[e] * weights[t, j].float()).to(x.dtype)
-    return out
+                y = x[t] * gains[e].to(x.dtype)
+                out[t] += y.double() * float(weights[t, j].to(x.dtype))
+    return out.to(x.dtype)
 
 
 def test_two_rank_round_trip_equals_single_process_reference(tmp_path):
@@ -52,6 +54,11 @@ def test_two_rank_round_trip_equals_single_process_reference(tmp_path):
     assert doc["world"] == 2 and doc["backend"] == "gloo"
     assert [row["rank"] for row in doc["per_rank"]] == [0, 1]
     assert doc["summary"][0]["max_abs_err"] < 1e-6
+    # Every phase's ratio is the slowest rank's plain time over its slowest phase time.
+    for phase in ("dispatch", "combine", "layer"):
+        slowest = max(row[f"{phase}_ms"] for row in doc["per_rank"])
+        plain = max(row[f"plain_{phase}_ms"] for row in doc["per_rank"])
+        assert doc["summary"][0][f"{phase}_ratio"] == pytest.approx(plain / slowest)
 
 
 def test_a_rank_that_dies_fails_the_launch_instead_of_hanging():
@@ -79,11 +86,22 @@ def test_bad_launches_are_refused_before_anything_starts(monkeypatch, kwargs, me
         launch(settings, **kwargs)
 
 
-def test_summary_takes_the_slowest_rank():
-    rows = [{"tokens": 8, "chunks": 2, "layer_ms": 2.0, "plain_ms": 1.0, "max_abs_err": 0.0},
-            {"tokens": 8, "chunks": 2, "layer_ms": 4.0, "plain_ms": 3.0, "max_abs_err": 1e-3}]
-    assert summarize(rows) == {"tokens": 8, "chunks": 2, "layer_ms": 4.0, "plain_ms": 3.0,
-                               "ratio": 0.75, "max_abs_err": 1e-3}
+def _rows(layer_ms):
+    """Per-rank rows of two ranks: phase p of rank r takes base_p + r ms, its plain exchange 1 ms."""
+    base = {"dispatch": 2.0, "combine": 4.0, "layer": layer_ms}
+    return [{"rank": r, "tokens": 8, "chunks": 2, "off_rank_MB": 1.0, "dispatch_GBps": 0.5,
+             "plain_dispatch_GBps": 0.6, "max_abs_err": r * 1e-3,
+             **{f"{p}_ms": b + r for p, b in base.items()},
+             **{f"plain_{p}_ms": 1.0 for p in base}} for r in range(2)]
+
+
+def test_summary_takes_the_slowest_rank_per_phase():
+    s = summarize(_rows(layer_ms=7.0))
+    assert (s["dispatch_ms"], s["combine_ms"], s["layer_ms"]) == (3.0, 5.0, 8.0)
+    assert s["dispatch_ratio"] == pytest.approx(1 / 3)
+    assert s["combine_ratio"] == pytest.approx(1 / 5)
+    assert s["layer_ratio"] == pytest.approx(1 / 8)
+    assert s["max_abs_err"] == 1e-3 and s["plain_layer_ms"] == 1.0
 
 
 def test_benchmark_script_imports_the_engine_from_a_file_path():
@@ -96,16 +114,15 @@ def test_benchmark_script_imports_the_engine_from_a_file_path():
 
 def test_report_writes_json_and_markdown(tmp_path, capsys):
     args = ep.build_parser().parse_args(["--out", str(tmp_path)])
-    rows = [{"rank": r, "tokens": 64, "chunks": 2, "off_rank_MB": 1.0, "layer_ms": 2.0 + r,
-             "plain_ms": 1.5, "layer_GBps": 0.5, "plain_GBps": 0.6, "max_abs_err": 0.0}
-            for r in range(2)]
+    rows = _rows(layer_ms=9.0)
     ep._report(args, "gloo", 2, torch.device("cpu"), EPSettings(ranks=2, tokens=64),
                [summarize(rows)], rows)
     doc = json.loads((tmp_path / "ep_gloo_2ranks.json").read_text())
-    assert doc["summary"][0]["ratio"] == pytest.approx(1.5 / 3.0)
+    assert doc["summary"][0]["dispatch_ratio"] == pytest.approx(1.0 / 3.0)
+    assert doc["summary"][0]["layer_ratio"] == pytest.approx(1.0 / 10.0)
     assert {"device", "date", "torch", "nccl"} <= doc.keys()
     md = (tmp_path / "ep_gloo_2ranks.md").read_text()
-    assert md.startswith("```text") and "0.5" in md and "ratio" in capsys.readouterr().out
+    assert md.startswith("```text") and "0.3333" in md and "dispatch_ratio" in capsys.readouterr().out
 
 
 def test_cli_what_if_tables_add_up(capsys):
@@ -136,17 +153,36 @@ def one_rank_group():
 
 @settings(max_examples=15, deadline=None)
 @given(e=st.integers(1, 9), k=st.integers(1, 3), t=st.integers(1, 30), chunks=st.integers(1, 5),
-       seed=st.integers(0, 50))
-def test_one_rank_layer_equals_the_loop_for_any_chunking(one_rank_group, e, k, t, chunks, seed):
-    s = EPSettings(experts=e, ranks=1, top_k=min(k, e), tokens=t, d_model=4, dtype="fp32",
-                   router="topk", seed=seed)
+       seed=st.integers(0, 50), router=st.sampled_from(["topk", "hash"]))
+def test_one_rank_layer_equals_the_loop_for_any_chunking(one_rank_group, e, k, t, chunks, seed,
+                                                         router):
+    # hash routes k <= 2 and empties a duplicate slot (-1): the combine must skip it.
+    k = min(k, e, 2 if router == "hash" else 3)
+    s = EPSettings(experts=e, ranks=1, top_k=k, tokens=t, d_model=4, dtype="fp32",
+                   router=router, seed=seed)
     ids, experts, weights = rank_batch(s, 0)
     x = token_features(ids, 4, seed)
     gains = expert_gains(e, seed)
+    expected = _loop_reference(x, experts, weights, gains)
     layer = ep.ExpertParallelLayer(contiguous_placement(e, 1), gains, 0, torch.device("cpu"), chunks)
     out, splits = layer(x, experts, weights, torch.arange(t))
-    torch.testing.assert_close(out, _loop_reference(x, experts, weights, gains), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     assert splits.send == splits.recv == [int((experts >= 0).sum())]
+    # The phases run apart, as the benchmark times them, give the same output.
+    d = layer.dispatch(x, experts, torch.arange(t))
+    for m in range(len(d.rows)):
+        layer.experts(d, m)
+    torch.testing.assert_close(layer.combine(d, weights), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_layer_matches_the_loop_in_bf16():
+    s = EPSettings(experts=5, ranks=1, top_k=2, tokens=40, d_model=8, dtype="bf16", seed=3)
+    ids, experts, weights = rank_batch(s, 0)
+    x = token_features(ids, 8, 3, torch.bfloat16)
+    gains = expert_gains(5, 3)
+    # float32 against float64 accumulation: at most one bf16 rounding step apart.
+    torch.testing.assert_close(ep.reference_layer(x, experts, weights, gains),
+                               _loop_reference(x, experts, weights, gains), rtol=8e-3, atol=1e-6)
 
 
 def test_committed_results_newest_first(tmp_path):
