@@ -102,8 +102,10 @@ if sweep is not None:
 
 st.subheader("Measured: a real dispatch on this machine")
 st.caption("torchrun starts N CPU processes (gloo); each routes its tokens, exchanges counts and "
-           "rows with all_to_all_single, runs its experts and combines. A plain all_to_all_single of "
-           "the same bytes is timed in the same run. CPU times show the mechanics, not GPU speed.")
+           "rows with all_to_all_single, runs its experts and combines. The dispatch, the combine "
+           "and the whole layer are each timed next to a plain all_to_all_single of the same "
+           "splits; ratio = plain time / phase time on the slowest rank. CPU times show the "
+           "mechanics, not GPU speed.")
 c = st.columns([1, 1, 2])
 procs = c[0].number_input("Processes", 2, 4, 2, key="procs", **Q)
 if c[1].button("Run the dispatch", key="run_dispatch", icon=":material/play_arrow:"):
@@ -136,3 +138,7 @@ for doc in results:
     st.markdown(f"**{doc['device']}**, {doc['world']} ranks, {doc['backend']}, {doc['date']} "
                 f"(torch {doc['torch']}, CUDA {doc.get('cuda')}, NCCL {doc.get('nccl')})")
     st.dataframe(pd.DataFrame(doc["summary"]), hide_index=True)
+if results:
+    st.caption("Ratios are plain all_to_all_single time / phase time on the slowest rank; the "
+               "target (>= 0.7) is dispatch_ratio. Files without phase columns time only the "
+               "whole layer (ratio).")

@@ -103,3 +103,18 @@ def test_a_failed_launch_shows_the_workers_output(at, monkeypatch):
     at.button(key="run_dispatch").click().run()
     assert not at.exception
     assert any("dispatch failed" in c.value for c in at.code)
+
+
+def test_committed_results_show_the_phase_ratios(at, monkeypatch):
+    rows = [{"tokens": 64, "chunks": 1, "dispatch_ms": 2.0 + r, "plain_dispatch_ms": 1.5,
+             "combine_ms": 4.0, "plain_combine_ms": 1.0, "layer_ms": 8.0, "plain_layer_ms": 2.0,
+             "max_abs_err": 0.0} for r in range(2)]
+    doc = {"device": "NVIDIA Test", "world": 2, "backend": "nccl", "date": "2026-11-26",
+           "torch": "t", "summary": [ep.summarize(rows)]}
+    monkeypatch.setattr(ep, "committed_results", lambda: [doc])
+    at.run()
+    assert not at.exception
+    table = _table_with(at, "dispatch_ratio", "combine_ratio", "layer_ratio")
+    # Slowest rank: dispatch 3 ms against 1.5 ms plain, combine 4 against 1, layer 8 against 2.
+    assert table.loc[0, ["dispatch_ratio", "combine_ratio", "layer_ratio"]].tolist() == \
+        pytest.approx([0.5, 0.25, 0.25])

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> CommandResult:
         per_rank = pd.DataFrame(doc["per_rank"]).drop(columns=["pairs_sent"])
         env = {k: doc[k] for k in ("backend", "world", "device", "date", "torch")}
         return CommandResult({"measured per rank": per_rank,
-                              "slowest rank (ratio = plain time / layer time)":
+                              "slowest rank (ratio = plain all_to_all time / phase time)":
                                   pd.DataFrame(doc["summary"])}, {"environment": env})
     placement = parse_placement(args.map, args.experts) if args.map else None
     ranks = placement.num_ranks if placement else args.ranks
