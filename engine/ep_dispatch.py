@@ -99,7 +99,7 @@ class Dispatched:
     recv_counts: torch.Tensor  # (R, chunks, my slots) rows received per source rank and slot
     inverse: torch.Tensor  # (T, k) row of every pair in the combine's return buffer; N if empty
     rows: list[torch.Tensor]  # [chunk] (received rows, D)
-    works: list  # [chunk] pending all_to_all of rows[m], None once done
+    works: list[dist.Work | None]  # [chunk] pending all_to_all of rows[m], None once done
 
     @property
     def sent_rows(self) -> int:
@@ -197,7 +197,7 @@ class ExpertParallelLayer:
             d.recv_counts[:, m].reshape(-1), output_size=rows.shape[0])
         rows.mul_(self.gains.to(rows.dtype)[row_expert][:, None])
 
-    def start_combine(self, d: Dispatched, back: torch.Tensor, m: int):
+    def start_combine(self, d: Dispatched, back: torch.Tensor, m: int) -> dist.Work:
         """Send chunk m's rows back into its part of `back` (N + 1, D); returns the pending work."""
         start = sum(map(sum, d.send[:m]))
         return dist.all_to_all_single(back[start:start + sum(d.send[m])], d.wait(m), d.send[m],
