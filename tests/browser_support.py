@@ -23,6 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+try:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+except ImportError:  # the browser tests skip; scripts fail on launch with a clear import error
+    PlaywrightTimeout = TimeoutError
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -141,6 +146,11 @@ def new_app_page(browser: Any) -> Any:
     return page
 
 
+def query_of(page) -> dict[str, str]:
+    """The query parameters of the page's current URL."""
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(page.url).query))
+
+
 def page_url(base: str, path: str, query: dict[str, Any] | None = None) -> str:
     """`base/path?query` with the query URL-encoded."""
     q = urllib.parse.urlencode(query or {}, doseq=True)  # lists: one parameter per item
@@ -193,8 +203,6 @@ def open_page(page, base: str, path: str, query: dict[str, Any] | None = None,
 
 def wait_for_run(page, done_before: int, timeout_s: float = 60.0) -> None:
     """Wait until a script run has finished after `done_before` runs had (window.__st.done)."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
     try:
         page.wait_for_function(
             f"window.__st.done > {done_before} && window.__st.state === 'notRunning'",
@@ -242,8 +250,8 @@ def type_number(page, key: str, text: str) -> None:
     box.press("Enter")
     try:
         hint.wait_for(state="hidden", timeout=3000)
-    except Exception:  # noqa: BLE001 - still pending: the widget refused the number, or a
-        # re-render raced the key press; press again, as a user would (harmless if refused).
+    except PlaywrightTimeout:  # still pending: the widget refused the number, or a re-render
+        # raced the key press; press again, as a user would (harmless if refused).
         box.press("Enter")
 
 
@@ -294,11 +302,29 @@ def widget_value(page, key: str) -> str:
     raise NotImplementedError(f"widget_value: {kind} ({key})")
 
 
+# Canonical JSON of a chart's traces and title: keys sorted, plotly's private keys (_...) dropped,
+# binary arrays as plain lists. Plotly rewrites gd.data while drawing (key order, decoded
+# typed arrays), so the raw JSON of one figure differs from moment to moment.
+_FIGURES_JS = """() => {
+  const canon = v => {
+    if (Array.isArray(v)) return v.map(canon);
+    if (ArrayBuffer.isView(v)) return Array.from(v);
+    if (v && typeof v === 'object') {
+      if (v.bdata !== undefined && v._inputArray) return Array.from(v._inputArray);
+      const o = {};
+      for (const k of Object.keys(v).sort()) if (!k.startsWith('_')) o[k] = canon(v[k]);
+      return o;
+    }
+    return v;
+  };
+  return [...document.querySelectorAll('[data-testid=stPlotlyChart] .js-plotly-plot')]
+    .map(g => JSON.stringify(canon([g.data, (g.layout || {}).title])));
+}"""
+
+
 def figures_now(page) -> list[str]:
-    """One JSON signature (traces and title) per plotly chart on the page, in page order."""
-    return page.evaluate(
-        """() => [...document.querySelectorAll('[data-testid=stPlotlyChart] .js-plotly-plot')]
-                 .map(g => JSON.stringify([g.data, (g.layout || {}).title]))""")
+    """One canonical JSON signature (traces and title) per plotly chart, in page order."""
+    return page.evaluate(_FIGURES_JS)
 
 
 def figures(page) -> list[str]:

@@ -1,4 +1,4 @@
-"""Safe server defaults, as Streamlit itself reads .streamlit/config.toml, and as the server acts."""
+"""Safe defaults, as Streamlit reads .streamlit/config.toml, and as the server acts."""
 
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-import urllib.parse
 
 import pytest
 
@@ -53,18 +52,15 @@ USERS = [
 ]
 
 
-def _query(page) -> dict[str, str]:
-    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(page.url).query))
-
 
 def _check(user: User) -> None:
     """The user's own setting is on screen and in the URL, and nothing went wrong."""
     assert bs.exceptions(user.page) == [] and bs.errors(user.page) == [], user.path
     assert float(bs.widget_value(user.page, user.key)) == float(user.target), (user.path, user.key)
-    assert _query(user.page).get(user.key, str(user.target)) == str(user.target)
+    assert bs.query_of(user.page).get(user.key, str(user.target)) == str(user.target)
     for key, value in user.query.items():
         if key != user.key:
-            assert _query(user.page).get(key, str(value)) == str(value), (user.path, key)
+            assert bs.query_of(user.page).get(key, str(value)) == str(value), (user.path, key)
 
 
 def _wait_first_run(page, figures: int) -> None:
@@ -143,6 +139,7 @@ def test_routing_redraw_time_at_defaults(page, server):
     assert changed != before and bs.errors(page) == [] and bs.exceptions(page) == []
     cached_ms = bs.timed_rerun(page, lambda: bs.set_widget(page, "order", "by id"), figures=3)
     assert bs.figures(page) != changed and bs.exceptions(page) == []
-    print(f"\nrouting redraw at defaults: recompute {recompute_ms:.0f} ms, cached {cached_ms:.0f} ms")
+    print(f"\nrouting redraw at defaults: recompute {recompute_ms:.0f} ms, "
+          f"cached {cached_ms:.0f} ms")
     bs.write_json("routing_redraw.json", {"recompute_ms": recompute_ms, "cached_ms": cached_ms,
                                           "change": "zipf s 1.0 -> 1.05; order sorted -> by id"})

@@ -23,9 +23,6 @@ APP_PATHS = [""] + re.findall(r'url_path="([^"]+)"', (bs.ROOT / "app.py").read_t
 SPECS = {spec.path: spec for spec in bs.PAGES.values()}
 
 
-def _query(page) -> dict[str, str]:
-    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(page.url).query))
-
 
 def _same(shown: str, value: object) -> bool:
     """A widget's text equals the setting (numbers compared as numbers: '0.50' is 0.5)."""
@@ -48,7 +45,7 @@ def test_page_end_to_end(browser, page, server, path):
     # drops a parameter that equals the widget's default).
     for key, value in spec.query.items():
         assert _same(bs.widget_value(page, key), value), key
-        assert _query(page).get(key, str(value)) == str(value), key
+        assert bs.query_of(page).get(key, str(value)) == str(value), key
     before = bs.figures(page)
     assert len(before) >= spec.figures
     assert bs.table_count(page) >= spec.tables
@@ -65,10 +62,10 @@ def test_page_end_to_end(browser, page, server, path):
         after = bs.figures(page)
         assert bs.exceptions(page) == []
         assert len(after) == len(before) and after != before
-        assert _query(page)[key] == str(value)
+        assert bs.query_of(page)[key] == str(value)
         fresh = bs.new_app_page(browser)
         try:
-            bs.open_page(fresh, server, path, _query(page), spec.figures)
+            bs.open_page(fresh, server, path, bs.query_of(page), spec.figures)
             assert bs.figures(fresh) == after
         finally:
             fresh.context.close()
@@ -83,6 +80,7 @@ def test_navigation_and_home_links(page, server):
     hrefs = links.evaluate_all("as => as.map(a => new URL(a.href).pathname.replace(/^\\//, ''))")
     assert sorted(hrefs) == sorted(APP_PATHS[1:])
     target = hrefs[-1]
-    bs.rerun(page, lambda: links.nth(len(hrefs) - 1).click(), SPECS.get(target, bs.PageSpec("")).figures)
+    figures = SPECS.get(target, bs.PageSpec(target)).figures
+    bs.rerun(page, lambda: links.nth(len(hrefs) - 1).click(), figures)
     assert urllib.parse.urlsplit(page.url).path.strip("/") == target
     assert bs.exceptions(page) == []
