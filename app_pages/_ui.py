@@ -38,7 +38,7 @@ def guarded(key: str, compute: Callable[[], T]) -> T | None:
     ValueError is the engine's "your input is wrong" signal: shown as is. Anything else is a bug or
     a resource failure: logged with its traceback, shown to the user as one friendly line.
     """
-    slot = f"_last_good_{key}"
+    slot = _slot(key)
     try:
         result = compute()
     except ValueError as exc:
@@ -56,6 +56,15 @@ def guarded(key: str, compute: Callable[[], T]) -> T | None:
         return st.session_state.get(slot)
     st.session_state[slot] = result
     return result
+
+
+def last_good(key: str) -> Any:
+    """The last result `guarded(key, ...)` computed successfully in this session, or None."""
+    return st.session_state.get(_slot(key))
+
+
+def _slot(key: str) -> str:
+    return f"_last_good_{key}"
 
 
 def download_buttons(name: str, table: pd.DataFrame, extra: dict[str, Any] | None = None) -> None:

@@ -70,8 +70,6 @@ def test_scaling_bad_uploads_keep_the_last_good_fit(page, server):
     assert "Traceback" not in log
 
 
-@pytest.mark.xfail(strict=True, reason="scaling page: _lab re-parses the upload, so a bad CSV "
-                   "shows the same error twice (scaling_table and scaling_lab)")
 def test_scaling_bad_upload_says_it_once(page, server):
     bs.open_page(page, server, "scaling", {"src": "upload"})
     bs.rerun(page, lambda: _upload(page, "good.csv", _knee_csv(1e9, 0)), figures=3)
