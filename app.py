@@ -2,9 +2,10 @@
 
 import streamlit as st
 
-from app_pages._ui import environment_badge
+from app_pages._ui import configure_torch, environment_badge
 
 st.set_page_config(page_title="ScaleLab", page_icon=":material/science:", layout="wide")
+configure_torch()
 
 PAGES = [
     st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True),

@@ -23,6 +23,18 @@ def _environment() -> dict[str, str]:
     return environment()
 
 
+def configure_torch() -> None:
+    """One intra-op thread per computation: sessions share a few cores with the server itself.
+
+    Measured on the 2-core reference machine: the routing page's recompute at defaults took
+    0.7-0.8 s with torch's default 2 threads and 0.32-0.36 s with 1, and concurrent sessions stop
+    oversubscribing the CPU. The CLI and benchmarks keep torch's default.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def environment_badge() -> None:
     """Sidebar caption with device, torch and FA3 provider."""
     env = _environment()

@@ -15,7 +15,8 @@ def environment() -> dict[str, str]:
         device = torch.cuda.get_device_name(0)
         cuda = torch.version.cuda or "?"
     else:
-        device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        n = torch.get_num_threads()
+        device = f"CPU ({platform.processor() or platform.machine()}, {n} thread{'s' if n != 1 else ''})"
         cuda = "none"
     fa3 = f"{PROVIDER.description} {PROVIDER.version or ''}".strip() if PROVIDER.available else "not available"
     return {"device": device, "torch": torch.__version__, "cuda": cuda, "fa3": fa3,
