@@ -378,16 +378,20 @@ class TopKRouter(_GatedRouter):
         return Routing(r.experts, r.weights, r.num_experts, r.probs, batch_shape)
 
 
-class SwitchRouter(_GatedRouter):
-    """Switch Transformer (Fedus et al. 2021): top-1, gate weight = its softmax probability,
-    capacity ceil(C * T / E) per expert, overflow tokens dropped (expert -1) in token order."""
-
-    max_k = 1
+class _CapacityRouter(_GatedRouter):
+    """A gated router whose experts take at most ceil(C * k * T / E) tokens each."""
 
     def __init__(self, num_experts: int, top_k: int = 1, d_model: int = 64, seed: int = 0,
                  capacity_factor: float = 1.0) -> None:
         super().__init__(num_experts, top_k, d_model, seed)
         self.capacity_factor = check_float("capacity_factor", capacity_factor, 0.0, lo_open=True)
+
+
+class SwitchRouter(_CapacityRouter):
+    """Switch Transformer (Fedus et al. 2021): top-1, gate weight = its softmax probability,
+    capacity ceil(C * T / E) per expert, overflow tokens dropped (expert -1) in token order."""
+
+    max_k = 1
 
     def __call__(self, x: torch.Tensor) -> Routing:
         """Route hidden states x (..., D)."""
@@ -419,16 +423,11 @@ class GShardRouter(SwitchRouter):
         return apply_capacity(r, cap)
 
 
-class ExpertChoiceRouter(_GatedRouter):
+class ExpertChoiceRouter(_CapacityRouter):
     """Expert Choice (Zhou et al. 2022): softmax over E per token, then each expert takes the
     ceil(C * k * T / E) tokens with its highest scores (at most T). Experts are perfectly loaded;
     a token may get 0 or several experts. experts/weights are (T, m), m the most experts any token
     got, padded with -1 / 0; weights are the chosen softmax scores (not renormalised)."""
-
-    def __init__(self, num_experts: int, top_k: int = 1, d_model: int = 64, seed: int = 0,
-                 capacity_factor: float = 1.0) -> None:
-        super().__init__(num_experts, top_k, d_model, seed)
-        self.capacity_factor = check_float("capacity_factor", capacity_factor, 0.0, lo_open=True)
 
     def __call__(self, x: torch.Tensor) -> Routing:
         """Route hidden states x (..., D)."""
