@@ -415,7 +415,9 @@ def break_test(params: object, losses: object, n_sim: int = 999, seed: int = 0, 
     sse2 = _profile(u, ws[None], v, m, continuous).sse
     f = float(fstat(sse1, sse2)[0])
     pv = 1.0
-    if n_sim:
+    if np.isnan(f):  # both fits exact (0/0): no evidence either way, and fsim >= nan is never true
+        pv = float("nan")
+    elif n_sim:
         # Null data: standard normal log-residuals scaled by 1/sqrt(w) (any line, any scale).
         wpos = np.where(ws > 0, ws, 1.0)
         noise = np.random.default_rng(seed).standard_normal((n_sim, n)) / np.sqrt(wpos)

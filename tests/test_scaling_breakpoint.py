@@ -186,3 +186,12 @@ def test_detection_rate_is_one_without_noise_and_low_without_a_break():
     straight = np.exp(1.0 - 0.1 * np.log(x))
     assert detection_rate(x, kinked, 0.0, 20) == 1.0
     assert detection_rate(x, straight, 0.05, 200) < 0.3
+
+
+def test_supf_pvalue_is_undefined_when_f_is():
+    """Losses exactly on one power law: both SSEs are 0, F = 0/0, so there is no evidence for a
+    break; the Monte Carlo p-value must not come out as its smallest value 1/(n_sim + 1)."""
+    x = np.geomspace(1, 1e3, 12)
+    t = break_test(x, np.full(12, 2.0), n_sim=99)
+    assert np.isnan(t.f_stat)
+    assert np.isnan(t.supf_pvalue) and not t.supported(1.0)
