@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from dataclasses import asdict
 
 import numpy as np
@@ -190,8 +191,9 @@ if not res.extrapolation.empty:
                                           arrayminus=[e["predicted_loss"] - e["pi_low"]])))
 if syn is not None:
     fig.add_vline(x=syn["breakpoint"], line_dash="dash", line_color="green", annotation_text="true knee")
-fig.update_xaxes(type="log", title=x_col)
-fig.update_yaxes(type="log", title=y_col)
+# Column names may come from an upload: escaped, as plotly draws <b>, <a href> ... in titles.
+fig.update_xaxes(type="log", title=html.escape(x_col))
+fig.update_yaxes(type="log", title=html.escape(y_col))
 fig.update_layout(title="Log-log fit with the breakpoint interval", height=520, legend_orientation="h")
 st.plotly_chart(fig, key="scaling_fit")
 
@@ -200,7 +202,7 @@ resid = go.Figure(go.Scatter(x=pts["x"], y=pts["residual"], mode="markers",
                              marker_color=np.where(pts["train"], "black", "#d62728")))
 resid.add_hline(y=0, line_dash="dot")
 resid.add_vline(x=m.breakpoint, line_dash="dash", line_color="orange")
-resid.update_xaxes(type="log", title=x_col)
+resid.update_xaxes(type="log", title=html.escape(x_col))
 resid.update_layout(title="Residuals, ln(loss) - ln(fit)", yaxis_title="log residual", height=360)
 left.plotly_chart(resid, key="scaling_resid")
 hist = go.Figure(go.Histogram(x=res.boot.breakpoints, nbinsx=40, marker_color="orange"))

@@ -77,3 +77,26 @@ def test_bad_filter_shows_an_error_and_keeps_the_last_result(monkeypatch):
     at.text_input(key="frange").set_value("500,600").run()  # 5 points: too few for this hold-out
     assert any("at least" in e.value for e in at.error)
     assert _estimate(at, "breakpoint") == before
+
+
+def test_column_names_from_the_data_are_not_rendered_as_html_in_the_charts(monkeypatch):
+    """Plotly draws <b>, <a href> ... in titles; a column name from an upload must show as text."""
+    import json
+
+    import streamlit as st
+
+    import engine.scaling_data as sd
+
+    name = '<a href="https://example.com">size</a>'
+    real = sd.load_dataset
+    monkeypatch.setattr(sd, "load_dataset",
+                        lambda n: real(n).rename(columns={"training_dataset_size": name}))
+    st.cache_data.clear()
+    try:
+        at = _page(monkeypatch)
+        assert not at.exception and not at.error
+        specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+        titles = [s["layout"]["xaxis"]["title"]["text"] for s in specs if "title" in s["layout"].get("xaxis", {})]
+        assert titles and all("<a" not in t and "&lt;a href" in t for t in titles[:2])
+    finally:
+        st.cache_data.clear()
