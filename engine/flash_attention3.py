@@ -214,6 +214,9 @@ def attention_with_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
                         ) -> tuple[torch.Tensor, AttentionPath]:
     """Like `attention()`, and also returns the path taken and why."""
     path = choose_path(q, k, v, layout)
+    s_dim = 1 if layout == "bshd" else 2
+    if causal and q.shape[s_dim] != k.shape[s_dim]:  # FA3 masks bottom-right, SDPA top-left
+        raise ValueError(f"causal attention needs S_q == S_k, got S_q {q.shape[s_dim]}, S_k {k.shape[s_dim]}")
     if path.backend == "fa3":
         if layout == "bshd":
             return fa3_call(q, k, v, causal, softmax_scale), path
@@ -230,6 +233,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     """softmax(q k^T * scale [+ causal mask]) v via FA3 if it qualifies, else SDPA.
 
     q: (B, S_q, H_q, D) for layout "bshd" or (B, H_q, S_q, D) for "bhsd"; k, v: the same with H_kv
-    heads and S_k keys. Returns out in the input layout; scale defaults to 1/sqrt(D).
+    heads and S_k keys (causal needs S_k == S_q). Returns out in the input layout; scale defaults
+    to 1/sqrt(D).
     """
     return attention_with_path(q, k, v, causal, softmax_scale, layout)[0]

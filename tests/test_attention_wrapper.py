@@ -157,3 +157,16 @@ def test_fa3_readiness_explains_cpu_and_missing_builds(monkeypatch):
     usable, why = fa.fa3_readiness(torch.device("cpu"))
     assert not usable and "CPU run" in why
     assert fa.fa3_dtypes() == (torch.bfloat16,)  # fa3-fwd ships no fp16 kernels
+
+
+@pytest.mark.parametrize("layout, sq, sk", [("bshd", 1, 8), ("bhsd", 8, 3)])
+def test_causal_with_unequal_query_and_key_lengths_is_refused(layout, sq, sk):
+    """FA3 aligns the causal mask bottom-right, SDPA top-left: they agree only when S_q == S_k, so
+    any other causal call would give a different answer per path and is refused."""
+    q = _qkv(1, sq, 2, 2, 8, layout)[0]
+    k, v = _qkv(1, sk, 2, 2, 8, layout, seed=1)[1:]
+    with pytest.raises(ValueError, match=rf"causal attention needs S_q == S_k, got S_q {sq}, S_k {sk}"):
+        fa.attention(q, k, v, causal=True, layout=layout)
+    out = fa.attention(q, k, v, causal=False, layout=layout)  # non-causal cross-attention is fine
+    bhsd = (lambda x: x) if layout == "bhsd" else (lambda x: x.transpose(1, 2))
+    torch.testing.assert_close(bhsd(out).double(), naive_attention(bhsd(q), bhsd(k), bhsd(v)), rtol=1e-4, atol=1e-5)
