@@ -47,6 +47,8 @@ class DenseFFN(nn.Module):
     def __init__(self, d_model: int, d_ff: int, ffn: str = "swiglu", seed: int = 0) -> None:
         super().__init__()
         self.ffn = check_choice("ffn", ffn, ("gelu", "swiglu"))
+        check_int("d_model", d_model, 1, 1 << 17)
+        check_int("d_ff", d_ff, 1, 1 << 20)
         gen = torch.Generator().manual_seed(check_int("seed", seed, 0))
         self.w_in = _init(gen, d_model, d_model, d_ff * (2 if ffn == "swiglu" else 1))
         self.w_out = _init(gen, d_ff, d_ff, d_model)
@@ -69,6 +71,8 @@ class MoEFFN(nn.Module):
         super().__init__()
         self.ffn = check_choice("ffn", ffn, ("gelu", "swiglu"))
         self.router_kind = check_choice("router", router, ("learned", "hash"))
+        check_int("d_model", d_model, 1, 1 << 17)
+        check_int("d_ff", d_ff, 1, 1 << 20)
         self.num_experts = check_int("num_experts", num_experts, 1, 1 << 16)
         self.top_k = check_int("top_k", top_k, 1, num_experts)
         gen = torch.Generator().manual_seed(check_int("seed", seed, 0))
@@ -285,6 +289,9 @@ def time_blocks(s: BlockBenchSettings,
                 progress: Callable[[float, str], None] | None = None) -> list[BlockTiming]:
     """Time the dense block and one MoE block per router on the same x (tokens, d_model)."""
     dev = torch.device(s.device)
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {s.device} is not available on this machine; use cpu")
     limit = int(0.8 * torch.cuda.get_device_properties(dev).total_memory) if dev.type == "cuda" \
         else MAX_BYTES
     check_bytes("this benchmark", s.working_set_bytes(), limit)

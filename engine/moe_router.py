@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.validation import check_float, check_int
+from engine.validation import check_bytes, check_float, check_int
 
 MAX_EXPERTS = 1 << 15  # the id hash reduces 16-bit hash values to an expert (see _reduce)
 
@@ -358,6 +358,7 @@ class _GatedRouter:
         self.top_k = check_int("top_k", top_k, self.min_k, hi)
         self.d_model = check_int("d_model", d_model, 1, 1 << 16)
         self.seed = check_int("seed", seed, 0)
+        check_bytes("gate", 4.0 * self.d_model * self.num_experts)  # float32 (D, E)
         gen = torch.Generator().manual_seed(self.seed + 7919)
         # 1/sqrt(D) keeps logits O(1) for unit-variance inputs, as a trained gate's init would.
         self.gate = torch.randn(self.d_model, self.num_experts, generator=gen) / math.sqrt(d_model)

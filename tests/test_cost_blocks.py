@@ -110,3 +110,21 @@ def test_bench_settings_from_config_scales_d_ff_and_validates():
         BlockBenchSettings(top_k=3, routers=("hash",))
     with pytest.raises(ValueError, match="device"):
         BlockBenchSettings(device="tpu0")
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: DenseFFN(8, -1), "d_ff must be >= 1"),
+    (lambda: DenseFFN(0, 16), "d_model must be >= 1"),
+    (lambda: MoEFFN(0, 16, 4, 2), "d_model must be >= 1"),
+    (lambda: MoEFFN(8, 0, 4, 2), "d_ff must be >= 1"),
+])
+def test_blocks_refuse_bad_sizes_naming_the_argument(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bench_on_a_missing_cuda_device_is_a_value_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    s = BlockBenchSettings(d_model=16, d_ff=16, tokens=64, routers=("learned",), device="cuda")
+    with pytest.raises(ValueError, match="device cuda is not available"):
+        time_blocks(s)

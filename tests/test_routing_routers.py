@@ -292,3 +292,12 @@ def test_deepseek_balancing_reduces_imbalance_on_clustered_tokens():
 def test_bad_input_raises_value_error_naming_the_argument(bad, match):
     with pytest.raises(ValueError, match=match):
         bad()
+
+
+def test_gate_over_memory_budget_is_refused_before_allocating(monkeypatch):
+    # E x D float32 gate: 32768 x 40000 x 4 bytes = 4.9 GiB, over the 4 GiB budget.
+    called = []
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: called.append(1))
+    with pytest.raises(ValueError, match="gate would need about 4.9 GiB"):
+        TopKRouter(1 << 15, 2, 40_000)
+    assert not called
