@@ -31,6 +31,7 @@ import torch
 from engine.validation import check_bytes, check_float, check_int
 
 MAX_EXPERTS = 1 << 15  # the id hash reduces 16-bit hash values to an expert (see _reduce)
+_MAX_PAIR_BINS = 1 << 22  # _pair_result counts (expert, expert) pairs up to 32 MiB of bins
 
 
 @dataclass(frozen=True)
@@ -184,10 +185,13 @@ def _pair_result(lanes: torch.Tensor, num_experts: int, top_k: int,
     # bincount over E * (E + 1) pairs counts both slots, instead of a masked copy and a bincount
     # of all 2T slots. Fresh large buffers are few on purpose: page faults cost as much as a pass.
     code = lanes.view(torch.int64).view(-1)
-    code.mul_(_signed64(((num_experts + 1) << 32) | 1)).add_(1 << 32).bitwise_right_shift_(32)
-    pairs = torch.bincount(code, minlength=num_experts * (num_experts + 1))
-    pairs = pairs.view(num_experts, num_experts + 1)
-    counts = pairs.sum(1) + pairs[:, 1:].sum(0)
+    if num_experts * (num_experts + 1) <= _MAX_PAIR_BINS:
+        code.mul_(_signed64(((num_experts + 1) << 32) | 1)).add_(1 << 32).bitwise_right_shift_(32)
+        pairs = torch.bincount(code, minlength=num_experts * (num_experts + 1))
+        pairs = pairs.view(num_experts, num_experts + 1)
+        counts = pairs.sum(1) + pairs[:, 1:].sum(0)
+    else:  # E (E + 1) pair bins would take more memory than the tokens: count the slots directly
+        counts = torch.bincount(experts.reshape(-1) + 1, minlength=num_experts + 1)[1:]
     # Weights 1/(experts reached): (0.5, 0.5) or (1, 0), written as one int64 per token holding
     # the two float32 bit patterns, so one pass fills both columns, into the spent code buffer.
     half = int(torch.tensor([0.5, 0.5]).view(torch.int64))

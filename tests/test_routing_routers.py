@@ -301,3 +301,21 @@ def test_gate_over_memory_budget_is_refused_before_allocating(monkeypatch):
     with pytest.raises(ValueError, match="gate would need about 4.9 GiB"):
         TopKRouter(1 << 15, 2, 40_000)
     assert not called
+
+
+@pytest.mark.parametrize("e", [2047, 2048, 1 << 15])
+def test_many_experts_count_without_an_e_squared_buffer(monkeypatch, e):
+    # Counting (expert, expert) pairs needs E (E + 1) bins: 8 GiB at E = 32768 for any T.
+    real = torch.bincount
+
+    def bounded(x, weights=None, minlength=0):
+        assert minlength <= (1 << 22) + 1, f"bincount of {minlength} bins"
+        return real(x, weights, minlength)
+
+    monkeypatch.setattr(torch, "bincount", bounded)
+    ids = torch.arange(5000)
+    r = HashRouter(e, 2, 1)(ids)
+    assert r.counts.tolist() == _ref_counts(r.experts, e)
+    for t in (0, 17, 4999):
+        e0, e1 = _ref_hash(HashRouter(e, 2, 1), t)
+        assert r.experts[t].tolist() == [e0, -1 if e1 == e0 else e1]
