@@ -359,7 +359,7 @@ class BreakTest:
 
     f_stat: float
     f_pvalue: float  # naive F(df1, n - p) p-value, treats the breakpoint as known
-    supf_pvalue: float  # Monte Carlo p-value of sup-F under the null (accounts for the search)
+    supf_pvalue: float  # Monte Carlo p-value of sup-F under the null (accounts for the search); NaN if n_sim=0
     bic_single: float
     bic_broken: float
     n_sim: int
@@ -414,10 +414,9 @@ def break_test(params: object, losses: object, n_sim: int = 999, seed: int = 0, 
     sse1 = _line_sse(u, ws[None], v)
     sse2 = _profile(u, ws[None], v, m, continuous).sse
     f = float(fstat(sse1, sse2)[0])
-    pv = 1.0
-    if np.isnan(f):  # both fits exact (0/0): no evidence either way, and fsim >= nan is never true
-        pv = float("nan")
-    elif n_sim:
+    # NaN without simulations, or when F is 0/0 (both fits exact): fsim >= nan is never true.
+    pv = float("nan")
+    if n_sim and not np.isnan(f):
         # Null data: standard normal log-residuals scaled by 1/sqrt(w) (any line, any scale).
         wpos = np.where(ws > 0, ws, 1.0)
         noise = np.random.default_rng(seed).standard_normal((n_sim, n)) / np.sqrt(wpos)

@@ -195,3 +195,12 @@ def test_supf_pvalue_is_undefined_when_f_is():
     t = break_test(x, np.full(12, 2.0), n_sim=99)
     assert np.isnan(t.f_stat)
     assert np.isnan(t.supf_pvalue) and not t.supported(1.0)
+
+
+def test_supf_pvalue_is_not_reported_without_simulations():
+    """n_sim=0 skips the Monte Carlo test: its p-value is unknown, not 1 ('no evidence at all')."""
+    x = np.geomspace(1, 1e3, 12)
+    y = np.exp(broken_line(np.log(x), 3.0, 0.0, -0.1, -0.5) + np.random.default_rng(1).normal(0, 0.01, 12))
+    t = break_test(x, y, n_sim=0)
+    assert np.isfinite(t.f_stat) and t.n_sim == 0
+    assert np.isnan(t.supf_pvalue) and not t.supported(1.0)
