@@ -282,6 +282,8 @@ class BalancedHashRouter:
         if not isinstance(frequencies, torch.Tensor) or frequencies.dim() != 1 \
                 or frequencies.numel() == 0:
             raise ValueError("frequencies must be a non-empty 1-D tensor of per-id counts")
+        if not bool(frequencies.isfinite().all()):
+            raise ValueError("frequencies must be finite")
         if bool((frequencies < 0).any()):
             raise ValueError("frequencies must be >= 0")
         self.table = _greedy_table(frequencies.double(), self.num_experts, self.top_k, seed)

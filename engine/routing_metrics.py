@@ -27,6 +27,8 @@ def _counts(counts: torch.Tensor) -> torch.Tensor:
     if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.numel() == 0:
         raise ValueError("counts must be a non-empty 1-D tensor of tokens per expert")
     c = counts.detach().double().cpu()
+    if not bool(c.isfinite().all()):
+        raise ValueError("counts must be finite")
     if bool((c < 0).any()):
         raise ValueError("counts must be >= 0")
     return c

@@ -138,3 +138,10 @@ def test_balanced_assignment_has_zero_cv_and_full_entropy(e, per_expert):
     r = Routing(experts, torch.ones_like(experts, dtype=torch.float32), e)
     assert load_balance_std(r) == 0.0
     assert rm.normalized_entropy(expert_utilization(r)) == pytest.approx(1.0)
+
+
+def test_non_finite_counts_are_refused():
+    with pytest.raises(ValueError, match="counts must be finite"):
+        rm.cv(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="counts must be finite"):
+        rm.gini(torch.tensor([1.0, float("inf")]))

@@ -319,3 +319,8 @@ def test_many_experts_count_without_an_e_squared_buffer(monkeypatch, e):
     for t in (0, 17, 4999):
         e0, e1 = _ref_hash(HashRouter(e, 2, 1), t)
         assert r.experts[t].tolist() == [e0, -1 if e1 == e0 else e1]
+
+
+def test_balanced_table_refuses_non_finite_frequencies():
+    with pytest.raises(ValueError, match="frequencies must be finite"):
+        BalancedHashRouter(8, 2, 0, torch.tensor([1.0, float("nan"), 2.0]))
