@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
-        s = BlockBenchSettings(args.d_model, args.d_ff or 4 * args.d_model, args.experts, args.k,
+        d_ff = 4 * args.d_model if args.d_ff is None else args.d_ff
+        s = BlockBenchSettings(args.d_model, d_ff, args.experts, args.k,
                                args.ffn, args.tokens, ("hash",), reps=args.reps, seed=args.seed)
         dense, moe = time_blocks(s)
     except ValueError as exc:

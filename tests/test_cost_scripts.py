@@ -83,3 +83,10 @@ def test_gpu_benchmark_entry_point_runs_without_pandas_and_writes_results(tmp_pa
     assert rows["moe-hash"]["flop_ratio"] == pytest.approx(moe / dense)
     assert rows["dense"]["forward_gflop"] == pytest.approx(64 * dense / 1e9)
     assert "| moe-learned |" in (tmp_path / "result.md").read_text()
+
+
+def test_moe_vs_dense_zero_d_ff_exits_2_naming_it(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/moe_vs_dense.py"), "--d-model", "16",
+                          "--d-ff", "0", "--tokens", "64", "--reps", "1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "d_ff must be >= 1" in out.stderr
