@@ -56,7 +56,7 @@ def guarded(key: str, compute: Callable[[], T]) -> T | None:
     except ValueError as exc:
         # Logged too: whoever runs the demo can see in the server log what was refused.
         log.warning("input refused by %s: %s", key, exc)
-        st.error(f"{exc}", icon=":material/error:")
+        st.error(_no_markdown_links(str(exc)), icon=":material/error:")
         result = st.session_state.get(slot)
         if result is not None:
             st.caption("Showing the last valid result.")
@@ -73,6 +73,12 @@ def guarded(key: str, compute: Callable[[], T]) -> T | None:
 def last_good(key: str) -> Any:
     """The last result `guarded(key, ...)` computed successfully in this session, or None."""
     return st.session_state.get(_slot(key))
+
+
+def _no_markdown_links(text: str) -> str:
+    """Escape brackets: messages quote uploaded cells, and st.error renders Markdown, where
+    `![](url)` would make every viewer's browser fetch a remote image."""
+    return text.replace("[", "\\[").replace("]", "\\]")
 
 
 def _slot(key: str) -> str:
