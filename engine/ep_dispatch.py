@@ -5,7 +5,7 @@ dispatch: sort its (token, slot) pairs by physical expert slot, exchange per-slo
 all_to_all_single (the layer's one host sync), gather the rows and send them to their experts;
 experts: each rank multiplies every received row by its expert's gain; combine: rows go back and
 each token's output is the gate-weighted sum of its returned rows, weighted at the sender (the
-weights never travel) in one gather-and-sum (embedding_bag), no atomic adds. With --chunks M the
+weights never travel) in one gather-and-sum (engine.ep_combine), no atomic adds. With --chunks M the
 tokens go in M micro-batches whose exchanges are asynchronous, so one chunk's gather, experts and
 combine overlap another's transfer.
 
@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from engine.ep_combine import weighted_rows_sum
 from engine.expert_parallel import (DTYPES, EPSettings, Placement, destinations, make_placement,
                                     parse_placement, rank_batch, token_features)
 from engine.timing import time_fn
@@ -88,23 +88,21 @@ class Splits:
 class Dispatched:
     """One layer call in flight on this rank: what the dispatch received and how to put it back.
 
-    Chunk m holds tokens bounds[m]:bounds[m + 1]; its received rows (grouped by source rank, then
-    by this rank's slot) land in rows[m] once works[m] is waited on.
+    Pairs p = t * k + j are sorted by (chunk, physical slot), empty pairs last within their chunk,
+    so chunk m's pairs sit at sorted positions bounds[m] * k .. bounds[m + 1] * k and its sent rows
+    are the first sum(send[m]) of them. Chunk m's received rows (grouped by source rank, then by
+    this rank's slot) land in rows[m] once works[m] is waited on.
     """
 
     tokens: int
     bounds: list[int]
     send: list[list[int]]  # [chunk][rank] rows sent in the dispatch
     recv: list[list[int]]  # [chunk][rank] rows received
-    recv_counts: torch.Tensor  # (R, chunks, my slots) rows received per source rank and slot
-    inverse: torch.Tensor  # (T, k) row of every pair in the combine's return buffer; N if empty
+    recv_counts: torch.Tensor  # (R, chunks, my slots) rows received per source rank and slot (CPU)
+    order: torch.Tensor  # (T * k,) pair index at every sorted position
+    send_buf: torch.Tensor  # (T * k, D) row of every sorted position (kept until sent)
     rows: list[torch.Tensor]  # [chunk] (received rows, D)
     works: list[dist.Work | None]  # [chunk] pending all_to_all of rows[m], None once done
-
-    @property
-    def sent_rows(self) -> int:
-        """N: rows sent in the dispatch, over all chunks (= rows returned by the combine)."""
-        return sum(map(sum, self.send))
 
     def splits(self) -> Splits:
         """Rows sent to / received from each rank in the dispatch, all chunks together."""
@@ -118,114 +116,169 @@ class Dispatched:
         return self.rows[m]
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Index tensors of one token count, built once: see ExpertParallelLayer._layout."""
+
+    bounds: list[int]
+    chunk_key: torch.Tensor | None  # (T, 1) sort-key offset of every token's chunk; None: 1 chunk
+    edges: torch.Tensor  # (chunks * (P + 1) + 1,) every sort key, for searchsorted
+    slot_keys: torch.Tensor  # (chunks * P,) keys of the real slots, grouped by destination rank
+    meta: torch.Tensor  # (chunks * P + R * chunks * my slots,) counts sent, then counts received
+    host: torch.Tensor  # meta's copy on the host (pinned on CUDA; meta itself on CPU)
+
+
 class ExpertParallelLayer:
     """One MoE layer's dispatch, experts and combine for this rank over the default process group.
 
-    dispatch(): plan, counts exchange, gather, rows to their experts. experts(): each received row
-    times its expert's gain. combine(): rows back, each scaled by its gate weight at the sender
-    (the weights never travel) and summed per token in one gather (embedding_bag), no atomics.
+    dispatch(): sort pairs by physical slot, exchange per-slot counts (the layer's one host sync),
+    gather the rows and send them to their experts. experts(): each received row times its
+    expert's gain. combine(): rows back, each scaled by its gate weight at the sender (the weights
+    never travel) and summed per token in one gather (engine.ep_combine), no atomics.
     chunks: the tokens are cut into this many micro-batches whose exchanges run asynchronously,
-    so gathering, expert work and combining one chunk overlap the transfer of another (on GPUs
-    NCCL runs on its own stream). 1 is the plain sequential layer; the result is the same.
+    so one chunk's gather, expert work and combine overlap another's transfer (NCCL runs on its
+    own stream). 1 is the plain sequential layer; the result is the same.
+
+    The dispatch is written for few launches, as its planning is bound by the host at small
+    token counts: small sort keys, counts from one searchsorted, sizes derived on the host from
+    one copy. On CUDA the gathers run on a side stream, started before the counts exchange
+    finishes; chunk m's transfer waits for its gather alone. The worker gives NCCL high-priority
+    streams so that the exchanges are not queued behind the gathers for SMs.
     """
 
     def __init__(self, placement: Placement, gains: torch.Tensor, rank: int, device: torch.device,
                  chunks: int = 1) -> None:
-        self.rank, self.world = rank, placement.num_ranks
+        self.rank, self.world, self.device = rank, placement.num_ranks, device
         self.chunks = check_int("chunks", chunks, 1, 64)
-        self.replicas = tuple(t.to(device) for t in placement.replica_table())
-        self.slot_rank = placement.slot_rank().to(device)
         self.slots_per_rank = [len(s) for s in placement.slots]
         self.num_slots = sum(self.slots_per_rank)
+        # Radix sort passes scale with the key's bytes: the smallest type that holds every key.
+        self.key_dtype = torch.int16 if self.chunks * (self.num_slots + 1) < 2 ** 15 else torch.int32
+        # Empty pairs go to slot P, which sorts after every real slot of their chunk.
+        self.replicas = tuple(t.to(device, self.key_dtype)
+                              for t in placement.replica_table(empty=self.num_slots))
         self.my_experts = torch.tensor(placement.slots[rank], dtype=torch.int64, device=device)
         self.gains = gains.to(device)
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._layouts: dict[int, _Layout] = {}
 
-    def _plan(self, experts: torch.Tensor, token_index: torch.Tensor
-              ) -> tuple[torch.Tensor, list[list[int]], list[list[int]], torch.Tensor]:
-        """Pair indices sorted by (chunk, physical slot), rows sent to / received from each rank
-        per chunk, and the received per-slot counts (R, chunks, my slots). One counts exchange and
-        one host sync per layer (no nonzero or bincount, which would each sync on CUDA)."""
-        t_count, k = experts.shape
-        m_count, p_count, w = min(self.chunks, t_count), self.num_slots, self.world
-        slots = destinations(experts, token_index, self.replicas)
-        chunk = torch.arange(t_count, device=experts.device) * m_count // t_count
-        # Sort key (chunk, physical slot); empty slots sort last. Slots are numbered rank-major,
-        # so within a chunk the pairs are grouped by destination rank as all_to_all wants.
-        key = torch.where(slots >= 0, chunk[:, None] * p_count + slots, m_count * p_count).reshape(-1)
-        order = torch.argsort(key, stable=True)
-        count = torch.zeros(m_count * p_count + 1, dtype=torch.int64, device=key.device)
-        count = count.scatter_add_(0, key, torch.ones_like(key))[:-1].view(m_count, p_count)
-        # Counts per physical slot go to the slot's rank, so the receiver knows which of its
-        # experts every row is for and expert ids never travel.
-        send_counts = torch.cat([c.reshape(-1) for c in count.split(self.slots_per_rank, dim=1)])
-        mine = self.slots_per_rank[self.rank]
-        recv_counts = send_counts.new_empty(w * m_count * mine)
-        dist.all_to_all_single(recv_counts, send_counts, [m_count * mine] * w,
-                               [m_count * n for n in self.slots_per_rank])
-        recv_counts = recv_counts.view(w, m_count, mine)
-        send = torch.zeros(m_count, w, dtype=count.dtype, device=count.device)
-        send.index_add_(1, self.slot_rank, count)
-        sizes = torch.cat([send.reshape(-1), recv_counts.sum(dim=2).T.reshape(-1)]).tolist()
-        send_rows = [sizes[m * w:(m + 1) * w] for m in range(m_count)]
-        recv_rows = [sizes[(m_count + m) * w:(m_count + m + 1) * w] for m in range(m_count)]
-        return order, send_rows, recv_rows, recv_counts
+    def _layout(self, t_count: int) -> _Layout:
+        """Chunk bounds and the index tensors that turn sorted keys into counts, per token count.
+
+        Sort key of a pair: chunk * (P + 1) + physical slot. Slots are numbered rank-major, so
+        within a chunk the pairs are grouped by destination rank as all_to_all wants.
+        """
+        if t_count not in self._layouts:
+            m_count, p1, dev, w = min(self.chunks, t_count), self.num_slots + 1, self.device, self.world
+            first = [sum(self.slots_per_rank[:r]) for r in range(w + 1)]
+            chunk_key = (torch.arange(t_count, device=dev) * m_count // t_count * p1)[:, None]
+            # Counts go rank by rank: every chunk's counts for rank r's slots, then rank r + 1's.
+            slot_keys = [m * p1 + s for r in range(w) for m in range(m_count)
+                         for s in range(first[r], first[r + 1])]
+            meta = torch.empty(m_count * (self.num_slots + w * self.slots_per_rank[self.rank]),
+                               dtype=torch.int64, device=dev)
+            self._layouts[t_count] = _Layout(
+                [-(-m * t_count // m_count) for m in range(m_count + 1)],
+                chunk_key.to(self.key_dtype) if m_count > 1 else None,
+                torch.arange(m_count * p1 + 1, dtype=self.key_dtype, device=dev),
+                torch.tensor(slot_keys, dtype=torch.int64, device=dev),
+                meta, meta if dev.type == "cpu" else torch.empty_like(meta, device="cpu").pin_memory())
+        return self._layouts[t_count]
 
     def dispatch(self, x: torch.Tensor, experts: torch.Tensor,
                  token_index: torch.Tensor) -> Dispatched:
         """Start sending x's rows (T, D) to their experts (experts (T, k), token_index (T,));
         every chunk's transfer is in flight on return."""
         t_count, k = experts.shape
-        order, send, recv, recv_counts = self._plan(experts, token_index)
-        m_count = len(send)
-        n = sum(map(sum, send))
-        # Pair p = t * k + j returns to row inverse[p] of the combine's buffer: its rank in the
-        # sort order, which is also where it leaves in the dispatch; empty slots point at row N.
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(
-            order.numel(), device=order.device)).clamp_(max=n).view(t_count, k)
-        d = Dispatched(t_count, [-(-m * t_count // m_count) for m in range(m_count + 1)], send,
-                       recv, recv_counts, inverse, [], [])
-        for m, pair in enumerate(order[:n].split([sum(r) for r in send])):
+        lay = self._layout(t_count)
+        m_count, w, mine = len(lay.bounds) - 1, self.world, self.slots_per_rank[self.rank]
+        key = destinations(experts, token_index, self.replicas)
+        if lay.chunk_key is not None:
+            key = key + lay.chunk_key
+        sorted_key, order = torch.sort(key.view(-1), stable=True)
+        first = torch.searchsorted(sorted_key, lay.edges)  # first sorted position of every key
+        n_send = lay.slot_keys.numel()
+        torch.index_select(first.diff(), 0, lay.slot_keys, out=lay.meta[:n_send])
+        # Counts per physical slot go to the slot's rank, so the receiver knows which of its
+        # experts every row is for and expert ids never travel.
+        work = dist.all_to_all_single(lay.meta[n_send:], lay.meta[:n_send], [m_count * mine] * w,
+                                      [m_count * n for n in self.slots_per_rank], async_op=True)
+        send_buf, ready = self._gather(x, order, k, lay.bounds)
+        work.wait()
+        if lay.host is not lay.meta:
+            lay.host.copy_(lay.meta, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()  # the host sync
+        # Row totals per (chunk, rank) in plain Python: a few hundred ints, fewer launches.
+        counts = lay.host.tolist()
+        send, recv = [[0] * w for _ in range(m_count)], [[0] * w for _ in range(m_count)]
+        i = 0
+        for r, n in enumerate(self.slots_per_rank):
+            for m in range(m_count):
+                send[m][r] = sum(counts[i:i + n])
+                i += n
+        for r in range(w):
+            for m in range(m_count):
+                recv[m][r] = sum(counts[i:i + mine])
+                i += mine
+        d = Dispatched(t_count, lay.bounds, send, recv, lay.host[n_send:].view(w, m_count, mine).clone(),
+                       order, send_buf, [], [])
+        for m in range(m_count):
+            if ready:
+                torch.cuda.current_stream(self.device).wait_event(ready[m])
+            start = lay.bounds[m] * k
             d.rows.append(x.new_empty(sum(recv[m]), x.shape[1]))
-            d.works.append(dist.all_to_all_single(d.rows[m], x[pair // k], recv[m], send[m],
-                                                  async_op=True))
+            d.works.append(dist.all_to_all_single(d.rows[m], send_buf[start:start + sum(send[m])],
+                                                  recv[m], send[m], async_op=True))
         return d
+
+    def _gather(self, x: torch.Tensor, order: torch.Tensor, k: int, bounds: list[int]
+                ) -> tuple[torch.Tensor, list[torch.cuda.Event]]:
+        """x's row of every sorted pair, (T * k, D), chunk by chunk; on CUDA on the side stream,
+        with one event per chunk that its transfer waits for (empty on CPU)."""
+        token = order // k if k > 1 else order
+        buf = x.new_empty(order.numel(), x.shape[1])
+        if self.side is None:
+            return torch.index_select(x, 0, token, out=buf), []
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        ready = []
+        with torch.cuda.stream(self.side):
+            for lo, hi in zip(bounds, bounds[1:]):
+                torch.index_select(x, 0, token[lo * k:hi * k], out=buf[lo * k:hi * k])
+                ready.append(self.side.record_event())
+        return buf, ready
 
     def experts(self, d: Dispatched, m: int) -> None:
         """Chunk m's experts, in place: every received row times its expert's gain."""
         rows = d.wait(m)
         row_expert = self.my_experts.repeat(self.world).repeat_interleave(
-            d.recv_counts[:, m].reshape(-1), output_size=rows.shape[0])
+            d.recv_counts[:, m].reshape(-1).to(rows.device), output_size=rows.shape[0])
         rows.mul_(self.gains.to(rows.dtype)[row_expert][:, None])
-
-    def start_combine(self, d: Dispatched, back: torch.Tensor, m: int) -> dist.Work:
-        """Send chunk m's rows back into its part of `back` (N + 1, D); returns the pending work."""
-        start = sum(map(sum, d.send[:m]))
-        return dist.all_to_all_single(back[start:start + sum(d.send[m])], d.wait(m), d.send[m],
-                                      d.recv[m], async_op=True)
-
-    def finish_combine(self, d: Dispatched, back: torch.Tensor, weights: torch.Tensor,
-                       m: int) -> torch.Tensor:
-        """Chunk m's output rows (tokens of chunk m, D): sum over slots of weight * returned row."""
-        lo, hi = d.bounds[m], d.bounds[m + 1]
-        return F.embedding_bag(d.inverse[lo:hi], back, mode="sum", padding_idx=d.sent_rows,
-                               per_sample_weights=weights[lo:hi].to(back.dtype))
 
     def combine(self, d: Dispatched, weights: torch.Tensor, run_experts: bool = False
                 ) -> torch.Tensor:
         """Every chunk back and summed per token with its gate weights (T, k); output (T, D).
 
+        Returned rows land at their pairs' sorted positions; empty pairs' rows are zeroed.
         run_experts: apply each chunk's experts just before sending it back (the whole layer).
         """
-        back = d.rows[0].new_empty(d.sent_rows + 1, d.rows[0].shape[1])
+        k = d.order.numel() // d.tokens
+        back = d.rows[0].new_empty(d.order.numel(), d.rows[0].shape[1])
         works = []
         for m in range(len(d.rows)):  # chunk m goes back while later chunks still arrive
             if run_experts:
                 self.experts(d, m)
-            works.append(self.start_combine(d, back, m))
+            start, n = d.bounds[m] * k, sum(d.send[m])
+            works.append(dist.all_to_all_single(back[start:start + n], d.wait(m), d.send[m],
+                                                d.recv[m], async_op=True))
+            back[start + n:d.bounds[m + 1] * k].zero_()
+        # Sorted position of every pair, (T, k): where its returned row is.
+        position = torch.empty_like(d.order).scatter_(
+            0, d.order, torch.arange(d.order.numel(), device=d.order.device)).view(d.tokens, k)
         outs = []
         for m, work in enumerate(works):  # sum chunk m while later chunks still return
             work.wait()
-            outs.append(self.finish_combine(d, back, weights, m))
+            lo, hi = d.bounds[m], d.bounds[m + 1]
+            outs.append(weighted_rows_sum(back, position[lo:hi], weights[lo:hi]))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def __call__(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
@@ -419,7 +472,10 @@ def worker(argv: list[str] | None = None) -> None:
     if backend == "nccl":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        # High-priority NCCL streams: exchanges get SMs ahead of the layer's gathers.
+        options = dist.ProcessGroupNCCL.Options()
+        options.is_high_priority_stream = True
+        dist.init_process_group("nccl", timeout=timeout, device_id=device, pg_options=options)
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)

@@ -111,16 +111,18 @@ class Placement:
         """Expert id of every physical slot, shape (P,) int64."""
         return torch.tensor([e for s in self.slots for e in s], dtype=torch.int64)
 
-    def replica_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(table (E, max replicas) of physical slot ids padded with -1, replicas per expert (E,))."""
+    def replica_table(self, empty: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table (E + 1, max replicas) of physical slot ids padded with -1, replicas per expert
+        (E + 1,)). The last row is the empty pair's (expert id -1 indexes it): slot `empty`."""
         reps: list[list[int]] = [[] for _ in range(self.num_experts)]
         for p, e in enumerate(self.slot_expert().tolist()):
             reps[e].append(p)
         width = max(len(r) for r in reps)
-        table = torch.full((self.num_experts, width), -1, dtype=torch.int64)
+        table = torch.full((self.num_experts + 1, width), -1, dtype=torch.int64)
         for e, r in enumerate(reps):
             table[e, : len(r)] = torch.tensor(r, dtype=torch.int64)
-        return table, torch.tensor([len(r) for r in reps], dtype=torch.int64)
+        table[-1] = empty
+        return table, torch.tensor([len(r) for r in reps] + [1], dtype=torch.int64)
 
 
 def validate_placement(placement: Placement) -> Placement:
@@ -287,15 +289,17 @@ def make_placement(settings: EPSettings, counts: torch.Tensor | None = None) -> 
 
 def destinations(experts: torch.Tensor, token_index: torch.Tensor,
                  replicas: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Physical slot serving each (token, slot) pair, shape (T, k) int64, -1 where experts is -1.
+    """Physical slot serving each (token, slot) pair, shape (T, k) int64; where experts is -1,
+    the table's empty slot (-1 unless replica_table was given another).
 
     experts: (T, k) expert ids; token_index: (T,) global token indices (pick among replicas);
-    replicas: Placement.replica_table(), on experts' device.
+    replicas: Placement.replica_table(), on experts' device. Two or three kernels: this runs
+    on the dispatch's critical path.
     """
     table, copies = replicas
-    e = experts.clamp(min=0)
-    pick = token_index[:, None].to(experts.device) % copies[e]
-    return torch.where(experts >= 0, table[e, pick], torch.full_like(experts, -1))
+    if table.shape[1] == 1:  # no replicas
+        return table[:, 0][experts]
+    return table[experts, token_index.to(experts.device)[:, None] % copies[experts]]
 
 
 @dataclass(frozen=True)
