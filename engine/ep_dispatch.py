@@ -88,31 +88,46 @@ class Splits:
 class Dispatched:
     """One layer call in flight on this rank: what the dispatch received and how to put it back.
 
-    Pairs p = t * k + j are sorted by (chunk, physical slot), empty pairs last within their chunk,
-    so chunk m's pairs sit at sorted positions bounds[m] * k .. bounds[m + 1] * k and its sent rows
-    are the first sum(send[m]) of them. Chunk m's received rows (grouped by source rank, then by
-    this rank's slot) land in rows[m] once works[m] is waited on.
+    Pairs p = t * k + j are sorted by (chunk, slot), with this rank's own slots after every other
+    rank's and the empty pairs last, so chunk m's pairs sit at sorted positions bounds[m] * k ..
+    bounds[m + 1] * k of `buf`: first the rows for the other ranks, rank by rank (all_to_all_single
+    sends them), then this rank's own rows (they never go through NCCL), then the empty pairs.
+    rows[m] receives chunk m's rows from the other ranks (grouped by source rank, then by this
+    rank's slot); the combine returns them into `buf`, where the own rows already are.
     """
 
     tokens: int
     bounds: list[int]
-    send: list[list[int]]  # [chunk][rank] rows sent in the dispatch
+    send: list[list[int]]  # [chunk][rank] rows sent in the dispatch (own rank included)
     recv: list[list[int]]  # [chunk][rank] rows received
     recv_counts: torch.Tensor  # (R, chunks, my slots) rows received per source rank and slot (CPU)
     order: torch.Tensor  # (T * k,) pair index at every sorted position
-    send_buf: torch.Tensor  # (T * k, D) row of every sorted position (kept until sent)
-    rows: list[torch.Tensor]  # [chunk] (received rows, D)
-    works: list[dist.Work | None]  # [chunk] pending all_to_all of rows[m], None once done
+    buf: torch.Tensor  # (T * k, D) row of every sorted position (the combine's return buffer too)
+    rows: list[torch.Tensor]  # [chunk] (rows received from the other ranks, D)
+    works: list[dist.Work | None]  # [chunk] pending all_to_all into rows[m], None once done
+    own_ready: list[torch.cuda.Event | None]  # [chunk] own rows gathered (None on CPU)
 
     def splits(self) -> Splits:
         """Rows sent to / received from each rank in the dispatch, all chunks together."""
         return Splits([sum(c) for c in zip(*self.send)], [sum(c) for c in zip(*self.recv)])
 
+    def own_rows(self, m: int, rank: int) -> torch.Tensor:
+        """Chunk m's rows for this rank's own experts (a view of buf), grouped by slot."""
+        lo = self.bounds[m] * self.k + sum(self.send[m]) - self.send[m][rank]
+        return self.buf[lo:lo + self.send[m][rank]]
+
+    @property
+    def k(self) -> int:
+        """Slots per token."""
+        return self.order.numel() // self.tokens
+
     def wait(self, m: int) -> torch.Tensor:
-        """Chunk m's received rows, after its transfer is done."""
+        """Chunk m's rows from the other ranks, once they and its own rows are in place."""
         if self.works[m] is not None:
             self.works[m].wait()
             self.works[m] = None
+            if self.own_ready[m] is not None:
+                torch.cuda.current_stream(self.buf.device).wait_event(self.own_ready[m])
         return self.rows[m]
 
 
@@ -125,25 +140,26 @@ class _Layout:
     edges: torch.Tensor  # (chunks * (P + 1) + 1,) every sort key, for searchsorted
     slot_keys: torch.Tensor  # (chunks * P,) keys of the real slots, grouped by destination rank
     meta: torch.Tensor  # (chunks * P + R * chunks * my slots,) counts sent, then counts received
-    host: torch.Tensor  # meta's copy on the host (pinned on CUDA; meta itself on CPU)
 
 
 class ExpertParallelLayer:
     """One MoE layer's dispatch, experts and combine for this rank over the default process group.
 
-    dispatch(): sort pairs by physical slot, exchange per-slot counts (the layer's one host sync),
-    gather the rows and send them to their experts. experts(): each received row times its
-    expert's gain. combine(): rows back, each scaled by its gate weight at the sender (the weights
-    never travel) and summed per token in one gather (engine.ep_combine), no atomics.
+    dispatch(): sort pairs by slot, exchange per-slot counts (the layer's one host sync), gather
+    the rows and send them to their experts. experts(): each received row times its expert's
+    gain. combine(): rows back, each scaled by its gate weight at the sender (the weights never
+    travel) and summed per token in one gather (engine.ep_combine), no atomics.
     chunks: the tokens are cut into this many micro-batches whose exchanges run asynchronously,
     so one chunk's gather, expert work and combine overlap another's transfer (NCCL runs on its
     own stream). 1 is the plain sequential layer; the result is the same.
 
-    The dispatch is written for few launches, as its planning is bound by the host at small
-    token counts: small sort keys, counts from one searchsorted, sizes derived on the host from
-    one copy. On CUDA the gathers run on a side stream, started before the counts exchange
-    finishes; chunk m's transfer waits for its gather alone. The worker gives NCCL high-priority
-    streams so that the exchanges are not queued behind the gathers for SMs.
+    Rows for this rank's own experts never go through NCCL: they are sorted after the other
+    ranks' rows, gathered in place while those travel, and are already where the combine needs
+    them. The planning is written for few launches, as it is bound by the host at small token
+    counts: small sort keys, counts from one searchsorted, sizes summed on the host. On CUDA the
+    gathers are queued on a side stream, in pieces, right after the sort, so they run during the
+    counts exchange and the host sync, and each transfer waits only for the pieces it sends; the
+    worker gives NCCL high-priority streams so that transfers are not queued behind gathers.
     """
 
     def __init__(self, placement: Placement, gains: torch.Tensor, rank: int, device: torch.device,
@@ -151,12 +167,19 @@ class ExpertParallelLayer:
         self.rank, self.world, self.device = rank, placement.num_ranks, device
         self.chunks = check_int("chunks", chunks, 1, 64)
         self.slots_per_rank = [len(s) for s in placement.slots]
-        self.num_slots = sum(self.slots_per_rank)
+        p_count = self.num_slots = sum(self.slots_per_rank)
+        # Sort position of every physical slot: the other ranks' slots in rank order, then this
+        # rank's own; position P (empty pairs, and the table's -1 padding) sorts last.
+        start = sum(self.slots_per_rank[:rank])
+        own = range(start, start + self.slots_per_rank[rank])
+        self.sort_slot = [0] * p_count
+        for i, slot in enumerate([s for s in range(p_count) if s not in own] + list(own)):
+            self.sort_slot[slot] = i
         # Radix sort passes scale with the key's bytes: the smallest type that holds every key.
-        self.key_dtype = torch.int16 if self.chunks * (self.num_slots + 1) < 2 ** 15 else torch.int32
-        # Empty pairs go to slot P, which sorts after every real slot of their chunk.
-        self.replicas = tuple(t.to(device, self.key_dtype)
-                              for t in placement.replica_table(empty=self.num_slots))
+        self.key_dtype = torch.int16 if self.chunks * (p_count + 1) < 2 ** 15 else torch.int32
+        table, copies = placement.replica_table(empty=p_count)
+        lookup = torch.tensor(self.sort_slot + [p_count], dtype=self.key_dtype)
+        self.replicas = (lookup[table].to(device), copies.to(device))
         self.my_experts = torch.tensor(placement.slots[rank], dtype=torch.int64, device=device)
         self.gains = gains.to(device)
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -165,15 +188,14 @@ class ExpertParallelLayer:
     def _layout(self, t_count: int) -> _Layout:
         """Chunk bounds and the index tensors that turn sorted keys into counts, per token count.
 
-        Sort key of a pair: chunk * (P + 1) + physical slot. Slots are numbered rank-major, so
-        within a chunk the pairs are grouped by destination rank as all_to_all wants.
+        Sort key of a pair: chunk * (P + 1) + its slot's sort position.
         """
         if t_count not in self._layouts:
             m_count, p1, dev, w = min(self.chunks, t_count), self.num_slots + 1, self.device, self.world
             first = [sum(self.slots_per_rank[:r]) for r in range(w + 1)]
             chunk_key = (torch.arange(t_count, device=dev) * m_count // t_count * p1)[:, None]
             # Counts go rank by rank: every chunk's counts for rank r's slots, then rank r + 1's.
-            slot_keys = [m * p1 + s for r in range(w) for m in range(m_count)
+            slot_keys = [m * p1 + self.sort_slot[s] for r in range(w) for m in range(m_count)
                          for s in range(first[r], first[r + 1])]
             meta = torch.empty(m_count * (self.num_slots + w * self.slots_per_rank[self.rank]),
                                dtype=torch.int64, device=dev)
@@ -182,8 +204,53 @@ class ExpertParallelLayer:
                 chunk_key.to(self.key_dtype) if m_count > 1 else None,
                 torch.arange(m_count * p1 + 1, dtype=self.key_dtype, device=dev),
                 torch.tensor(slot_keys, dtype=torch.int64, device=dev),
-                meta, meta if dev.type == "cpu" else torch.empty_like(meta, device="cpu").pin_memory())
+                meta)
         return self._layouts[t_count]
+
+    def _remote(self, sizes: list[int]) -> list[int]:
+        """Split sizes for NCCL: this rank's own entry is 0, its rows are moved locally."""
+        return [0 if r == self.rank else n for r, n in enumerate(sizes)]
+
+    def _sizes(self, counts: list[int], m_count: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Rows sent to / received from each rank per chunk, [chunk][rank], from the exchanged
+        counts (sent ones grouped [rank][chunk][its slots], then received [rank][chunk][my slots])."""
+        w, mine = self.world, self.slots_per_rank[self.rank]
+        send, recv, i = [[0] * w for _ in range(m_count)], [[0] * w for _ in range(m_count)], 0
+        for sizes, per_rank in ((send, self.slots_per_rank), (recv, [mine] * w)):
+            for r, n in enumerate(per_rank):
+                for m in range(m_count):
+                    sizes[m][r] = sum(counts[i:i + n])
+                    i += n
+        return send, recv
+
+    def _gather(self, x: torch.Tensor, token: torch.Tensor, buf: torch.Tensor, bounds: list[int],
+                k: int) -> list[list[tuple[int, torch.cuda.Event]]]:
+        """buf[i] = x[token[i]] for every sorted position, queued before the sizes are known.
+
+        On CUDA it runs on the side stream in pieces of at least 8192 rows, 8 or more per chunk,
+        and returns [chunk] (end position, event) per piece, so that a transfer waits only for
+        the rows it sends; on CPU it runs at once and returns empty lists.
+        """
+        if self.side is None:
+            torch.index_select(x, 0, token, out=buf)
+            return [[] for _ in bounds[1:]]
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        pieces = []
+        with torch.cuda.stream(self.side):
+            for lo, hi in zip(bounds, bounds[1:]):
+                lo, hi, marks = lo * k, hi * k, []
+                step = max(8192, -(-(hi - lo) // 8))
+                for a in range(lo, hi, step):
+                    b = min(a + step, hi)
+                    torch.index_select(x, 0, token[a:b], out=buf[a:b])
+                    marks.append((b, self.side.record_event()))
+                pieces.append(marks)
+        return pieces
+
+    @staticmethod
+    def _gathered(pieces: list[tuple[int, torch.cuda.Event]], end: int) -> torch.cuda.Event | None:
+        """The event after which the rows before sorted position `end` are gathered."""
+        return next((event for stop, event in pieces if stop >= end), None)
 
     def dispatch(self, x: torch.Tensor, experts: torch.Tensor,
                  token_index: torch.Tensor) -> Dispatched:
@@ -191,7 +258,7 @@ class ExpertParallelLayer:
         every chunk's transfer is in flight on return."""
         t_count, k = experts.shape
         lay = self._layout(t_count)
-        m_count, w, mine = len(lay.bounds) - 1, self.world, self.slots_per_rank[self.rank]
+        m_count, w, mine, me = len(lay.bounds) - 1, self.world, self.slots_per_rank[self.rank], self.rank
         key = destinations(experts, token_index, self.replicas)
         if lay.chunk_key is not None:
             key = key + lay.chunk_key
@@ -203,74 +270,51 @@ class ExpertParallelLayer:
         # experts every row is for and expert ids never travel.
         work = dist.all_to_all_single(lay.meta[n_send:], lay.meta[:n_send], [m_count * mine] * w,
                                       [m_count * n for n in self.slots_per_rank], async_op=True)
-        send_buf, ready = self._gather(x, order, k, lay.bounds)
+        buf = x.new_empty(order.numel(), x.shape[1])
+        pieces = self._gather(x, order // k if k > 1 else order, buf, lay.bounds, k)
         work.wait()
-        if lay.host is not lay.meta:
-            lay.host.copy_(lay.meta, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()  # the host sync
-        # Row totals per (chunk, rank) in plain Python: a few hundred ints, fewer launches.
-        counts = lay.host.tolist()
-        send, recv = [[0] * w for _ in range(m_count)], [[0] * w for _ in range(m_count)]
-        i = 0
-        for r, n in enumerate(self.slots_per_rank):
-            for m in range(m_count):
-                send[m][r] = sum(counts[i:i + n])
-                i += n
-        for r in range(w):
-            for m in range(m_count):
-                recv[m][r] = sum(counts[i:i + mine])
-                i += mine
-        d = Dispatched(t_count, lay.bounds, send, recv, lay.host[n_send:].view(w, m_count, mine).clone(),
-                       order, send_buf, [], [])
+        counts = lay.meta.tolist()  # the host sync
+        send, recv = self._sizes(counts, m_count)
+        d = Dispatched(t_count, lay.bounds, send, recv,
+                       torch.tensor(counts[n_send:]).view(w, m_count, mine), order, buf, [], [], [])
         for m in range(m_count):
-            if ready:
-                torch.cuda.current_stream(self.device).wait_event(ready[m])
-            start = lay.bounds[m] * k
-            d.rows.append(x.new_empty(sum(recv[m]), x.shape[1]))
-            d.works.append(dist.all_to_all_single(d.rows[m], send_buf[start:start + sum(send[m])],
-                                                  recv[m], send[m], async_op=True))
+            lo, n = lay.bounds[m] * k, sum(send[m]) - send[m][me]
+            sent = self._gathered(pieces[m], lo + n) if n else None
+            if sent is not None:
+                torch.cuda.current_stream(self.device).wait_event(sent)
+            d.rows.append(x.new_empty(sum(recv[m]) - recv[m][me], x.shape[1]))
+            d.works.append(dist.all_to_all_single(d.rows[m], buf[lo:lo + n], self._remote(recv[m]),
+                                                  self._remote(send[m]), async_op=True))
+            d.own_ready.append(self._gathered(pieces[m], lo + n + send[m][me]))
         return d
 
-    def _gather(self, x: torch.Tensor, order: torch.Tensor, k: int, bounds: list[int]
-                ) -> tuple[torch.Tensor, list[torch.cuda.Event]]:
-        """x's row of every sorted pair, (T * k, D), chunk by chunk; on CUDA on the side stream,
-        with one event per chunk that its transfer waits for (empty on CPU)."""
-        token = order // k if k > 1 else order
-        buf = x.new_empty(order.numel(), x.shape[1])
-        if self.side is None:
-            return torch.index_select(x, 0, token, out=buf), []
-        self.side.wait_stream(torch.cuda.current_stream(self.device))
-        ready = []
-        with torch.cuda.stream(self.side):
-            for lo, hi in zip(bounds, bounds[1:]):
-                torch.index_select(x, 0, token[lo * k:hi * k], out=buf[lo * k:hi * k])
-                ready.append(self.side.record_event())
-        return buf, ready
-
     def experts(self, d: Dispatched, m: int) -> None:
-        """Chunk m's experts, in place: every received row times its expert's gain."""
-        rows = d.wait(m)
-        row_expert = self.my_experts.repeat(self.world).repeat_interleave(
-            d.recv_counts[:, m].reshape(-1).to(rows.device), output_size=rows.shape[0])
-        rows.mul_(self.gains.to(rows.dtype)[row_expert][:, None])
+        """Chunk m's experts, in place: every received row and own row times its expert's gain."""
+        others = [r for r in range(self.world) if r != self.rank]
+        for rows, counts in ((d.wait(m), d.recv_counts[others, m]),
+                             (d.own_rows(m, self.rank), d.recv_counts[self.rank, m])):
+            row_expert = self.my_experts.repeat(counts.numel() // self.my_experts.numel()) \
+                .repeat_interleave(counts.reshape(-1).to(rows.device), output_size=rows.shape[0])
+            rows.mul_(self.gains.to(rows.dtype)[row_expert][:, None])
 
     def combine(self, d: Dispatched, weights: torch.Tensor, run_experts: bool = False
                 ) -> torch.Tensor:
         """Every chunk back and summed per token with its gate weights (T, k); output (T, D).
 
-        Returned rows land at their pairs' sorted positions; empty pairs' rows are zeroed.
-        run_experts: apply each chunk's experts just before sending it back (the whole layer).
+        Returned rows land at their pairs' sorted positions in d.buf, beside the own rows;
+        empty pairs' rows are zeroed. run_experts: apply each chunk's experts just before
+        sending it back (the whole layer).
         """
-        k = d.order.numel() // d.tokens
-        back = d.rows[0].new_empty(d.order.numel(), d.rows[0].shape[1])
+        k, me, back = d.k, self.rank, d.buf
         works = []
         for m in range(len(d.rows)):  # chunk m goes back while later chunks still arrive
             if run_experts:
                 self.experts(d, m)
-            start, n = d.bounds[m] * k, sum(d.send[m])
-            works.append(dist.all_to_all_single(back[start:start + n], d.wait(m), d.send[m],
-                                                d.recv[m], async_op=True))
-            back[start + n:d.bounds[m + 1] * k].zero_()
+            rows, lo = d.wait(m), d.bounds[m] * k
+            n = sum(d.send[m]) - d.send[m][me]
+            works.append(dist.all_to_all_single(back[lo:lo + n], rows, self._remote(d.send[m]),
+                                                self._remote(d.recv[m]), async_op=True))
+            back[lo + sum(d.send[m]):d.bounds[m + 1] * k].zero_()
         # Sorted position of every pair, (T, k): where its returned row is.
         position = torch.empty_like(d.order).scatter_(
             0, d.order, torch.arange(d.order.numel(), device=d.order.device)).view(d.tokens, k)

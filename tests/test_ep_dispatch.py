@@ -34,25 +34,27 @@ def _loop_reference(x, experts, weights, gains):
     return out.to(x.dtype)
 
 
-def test_two_rank_round_trip_equals_single_process_reference(tmp_path):
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_round_trip_equals_single_process_reference(tmp_path, ranks):
     # top-k router with k = 3, greedy placement with replicas, a hot expert, and 50 tokens in 3
-    # pipelined chunks (17, 17, 16): every path at once.
+    # pipelined chunks (17, 17, 16): every path at once. With 3 ranks, rank 1's own rows sit
+    # between the others' in slot order, which the dispatch moves last.
     s = EPSettings(experts=6, top_k=3, tokens=50, d_model=16, dtype="fp32", placement="greedy",
                    replicas=2, router="topk", hot_share=0.3, seed=5)
-    doc = launch(s, 2, warmup=0, reps=1, timeout_s=90, chunks=3, dump=tmp_path)
+    doc = launch(s, ranks, warmup=0, reps=1, timeout_s=90, chunks=3, dump=tmp_path)
     gains = expert_gains(6, 5)
-    predicted = ep_stats(EPSettings(**{**s.__dict__, "ranks": 2}))
-    for r in range(2):
+    predicted = ep_stats(EPSettings(**{**s.__dict__, "ranks": ranks}))
+    for r in range(ranks):
         got = torch.load(tmp_path / f"rank{r}.pt")
-        ids, experts, weights = rank_batch(EPSettings(**{**s.__dict__, "ranks": 2}), r)
+        ids, experts, weights = rank_batch(EPSettings(**{**s.__dict__, "ranks": ranks}), r)
         assert torch.equal(got["ids"], ids) and torch.equal(got["experts"], experts)
         x = token_features(ids, 16, 5)
         torch.testing.assert_close(got["out"], _loop_reference(x, experts, weights, gains),
                                    rtol=1e-6, atol=1e-6)
         # The rows each rank really sent are the what-if's prediction for that source rank.
         assert got["send"] == list(predicted.pair_matrix[r])
-    assert doc["world"] == 2 and doc["backend"] == "gloo"
-    assert [row["rank"] for row in doc["per_rank"]] == [0, 1]
+    assert doc["world"] == ranks and doc["backend"] == "gloo"
+    assert [row["rank"] for row in doc["per_rank"]] == list(range(ranks))
     assert doc["summary"][0]["max_abs_err"] < 1e-6
     # Every phase's ratio is the slowest rank's plain time over its slowest phase time.
     for phase in ("dispatch", "combine", "layer"):
