@@ -34,6 +34,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -140,6 +142,7 @@ class _Layout:
     edges: torch.Tensor  # (chunks * (P + 1) + 1,) every sort key, for searchsorted
     slot_keys: torch.Tensor  # (chunks * P,) keys of the real slots, grouped by destination rank
     meta: torch.Tensor  # (chunks * P + R * chunks * my slots,) counts sent, then counts received
+    host: torch.Tensor  # meta's copy on the host (pinned on CUDA; meta itself on CPU)
 
 
 class ExpertParallelLayer:
@@ -204,7 +207,7 @@ class ExpertParallelLayer:
                 chunk_key.to(self.key_dtype) if m_count > 1 else None,
                 torch.arange(m_count * p1 + 1, dtype=self.key_dtype, device=dev),
                 torch.tensor(slot_keys, dtype=torch.int64, device=dev),
-                meta)
+                meta, meta if dev.type == "cpu" else torch.empty_like(meta, device="cpu").pin_memory())
         return self._layouts[t_count]
 
     def _remote(self, sizes: list[int]) -> list[int]:
@@ -273,7 +276,12 @@ class ExpertParallelLayer:
         buf = x.new_empty(order.numel(), x.shape[1])
         pieces = self._gather(x, order // k if k > 1 else order, buf, lay.bounds, k)
         work.wait()
-        counts = lay.meta.tolist()  # the host sync
+        if lay.host is not lay.meta:
+            # Into pinned memory, then wait for this stream alone: with a pageable copy
+            # (.tolist() on the GPU tensor) the dispatch took 0.85 ms, not 0.44, at 8k tokens.
+            lay.host.copy_(lay.meta, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()  # the host sync
+        counts = lay.host.tolist()
         send, recv = self._sizes(counts, m_count)
         d = Dispatched(t_count, lay.bounds, send, recv,
                        torch.tensor(counts[n_send:]).view(w, m_count, mine), order, buf, [], [], [])
@@ -359,12 +367,27 @@ PHASES = {"dispatch": "plan + counts exchange + gather + rows to their experts",
           "layer": "dispatch + experts + combine (plain: there and back)"}
 
 
+def warm_up(fn: Callable[[], object], device: torch.device, seconds: float) -> None:
+    """Call fn untimed for `seconds` of rank 0's clock; every rank makes the same calls.
+
+    The dispatch is bound by the host at small token counts, and a fresh process ran it slower
+    for its first seconds: 0.79 ms at 8k tokens on 2x H100, then 0.45 ms later in the same run.
+    """
+    start, go = time.perf_counter(), torch.ones(1, device=device)
+    while seconds > 0 and go.item():
+        fn()
+        go.fill_(time.perf_counter() - start < seconds)
+        dist.broadcast(go, 0)
+
+
 def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, reps: int,
-            dump: Path | None = None, placement: Placement | None = None, chunks: int = 1) -> dict:
+            dump: Path | None = None, placement: Placement | None = None, chunks: int = 1,
+            warmup_s: float = 0.0) -> dict:
     """Run and time the layer and its dispatch and combine phases on this rank, each next to a
     plain all_to_all_single of the same splits; returns this rank's row (plain values, ms, MB).
 
     placement: a fixed one (e.g. parsed from --map), else built from settings and global loads.
+    warmup_s: seconds of untimed layer calls first (see warm_up), besides `warmup` calls per timing.
     """
     s = settings
     ids, experts, weights = rank_batch(s, rank, device)
@@ -382,6 +405,7 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
             d.wait(m)
         return d
 
+    warm_up(lambda: layer(x, experts, weights, token_index), device, warmup_s)
     out, splits = layer(x, experts, weights, token_index)
     d = dispatch_phase()  # kept: the combine phase sends these expert outputs back every rep
     for m in range(len(d.rows)):
@@ -470,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", default="4",
                    help="micro-batches overlapped in the layer; a comma list sweeps")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup-s", type=float, default=2.0,
+                   help="seconds of untimed layer calls per configuration before timing")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
     p.add_argument("--timeout", type=float, default=120.0, help="process-group timeout, seconds")
@@ -536,7 +562,7 @@ def worker(argv: list[str] | None = None) -> None:
             check_bytes("dispatch working set per rank", working_set_bytes(s), limit)
             for chunks in parse_ints("chunks", args.chunks):
                 row = measure(s, rank, device, args.warmup, args.reps, args.dump,
-                              checked_map(args.map, s), chunks)
+                              checked_map(args.map, s), chunks, args.warmup_s)
                 rows: list[dict] = [{}] * world
                 dist.all_gather_object(rows, row)
                 per_rank += rows
@@ -605,7 +631,7 @@ def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,
                "--d-model", str(s.d_model), "--dtype", s.dtype, "--placement", s.placement,
                "--replicas", str(s.replicas), "--router", s.router, "--zipf", str(s.zipf),
                "--hot-share", str(s.hot_share), "--seed", str(s.seed), "--warmup", str(warmup),
-               "--reps", str(reps), "--chunks", str(chunks), "--backend", "gloo", "--timeout", str(max(5.0, timeout_s / 2)),
+               "--reps", str(reps), "--warmup-s", "0", "--chunks", str(chunks), "--backend", "gloo", "--timeout", str(max(5.0, timeout_s / 2)),
                "--map", placement_map, "--out", tmp, "--fail-rank", str(fail_rank)] + (["--dump", str(dump)] if dump else [])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         # Own session: on timeout the whole tree (torchrun and its workers) is killed at once.
