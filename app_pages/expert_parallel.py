@@ -140,5 +140,5 @@ for doc in results:
     st.dataframe(pd.DataFrame(doc["summary"]), hide_index=True)
 if results:
     st.caption("Ratios are plain all_to_all_single time / phase time on the slowest rank; the "
-               "target (>= 0.7) is dispatch_ratio. Files without phase columns time only the "
-               "whole layer (ratio).")
+               "target (>= 0.7) is dispatch_ratio. benchmarks/results/README.md says where the "
+               "time goes.")
