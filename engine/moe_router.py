@@ -47,6 +47,9 @@ class Routing:
     batch_shape: the leading shape of the input, e.g. (B, S), so results can be reshaped back.
     counts: optional (E,) int64 tokens per expert, filled by routers that get it for free while
         routing; `expert_utilization` returns it instead of counting again. Treat as read-only.
+    demand: optional (E,) int64 slots that asked for each expert before the router's own capacity
+        drops (apply_capacity fills it); None when the router drops nothing. The Switch aux loss
+        and the drop rate count these, as the Switch paper counts the choices before truncation.
     """
 
     experts: torch.Tensor
@@ -55,6 +58,7 @@ class Routing:
     probs: torch.Tensor | None = None
     batch_shape: tuple[int, ...] = ()
     counts: torch.Tensor | None = None
+    demand: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -150,8 +154,9 @@ def apply_capacity(routing: Routing, capacity: int) -> Routing:
     keep = keep.view(k, num_tokens).t()
     experts = torch.where(keep, e, -1)
     weights = torch.where(keep, routing.weights, 0.0)
-    counts = torch.clamp(per_expert[:num_experts], max=capacity)
-    return Routing(experts, weights, num_experts, routing.probs, routing.batch_shape, counts)
+    demand = per_expert[:num_experts]
+    return Routing(experts, weights, num_experts, routing.probs, routing.batch_shape,
+                   torch.clamp(demand, max=capacity), demand)
 
 
 def _odd_keys(seed: int, n: int) -> list[int]:

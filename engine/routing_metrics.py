@@ -7,6 +7,7 @@ Definitions (counts c_i, i = 1..E, total N = sum c_i, mean m = N / E):
     normalised entropy  -sum p_i log p_i / log E with p = c / N; 1 is perfect balance.
     Gini                sum_i sum_j |c_i - c_j| / (2 E N); 0 is perfect, (E - 1) / E is one expert.
     Switch aux loss     E * sum f_i P_i, f = c / N, P = mean router probability (Fedus et al. 2021).
+    (The drop rate and the aux loss count the choices before a router's own capacity drops.)
     per-rank load       tokens on each of R ranks for an expert -> rank placement; balancedness
                         mean / max of the per-rank loads (1 is perfect).
     null CV             sqrt((E - 1) / (k T)): k T slots thrown uniformly at random into E experts.
@@ -85,12 +86,13 @@ def gini(counts: torch.Tensor) -> float:
 def switch_aux_loss(routing: Routing) -> float | None:
     """Switch Transformer auxiliary loss E * sum_i f_i P_i; None if the router has no probs.
 
-    f_i = the share of routed slots on expert i (after the router's own drops), P_i = the mean
-    router probability of expert i over tokens. 1 at perfect balance with uniform probabilities.
+    f_i = the share of slots that chose expert i, before the router's own capacity drops as in
+    the paper, P_i = the mean router probability of expert i over tokens. 1 at perfect balance
+    with uniform probabilities.
     """
     if routing.probs is None:
         return None
-    c = _counts(expert_utilization(routing))
+    c = _counts(demand(routing))
     total = c.sum()
     if total == 0:
         return None
@@ -138,6 +140,11 @@ def null_cv(num_experts: int, top_k: int, num_tokens: int) -> float:
     return math.sqrt((e - 1) / (k * t))
 
 
+def demand(routing: Routing) -> torch.Tensor:
+    """Slots that chose each expert (E,), before the router's own capacity drops if it has any."""
+    return expert_utilization(routing) if routing.demand is None else routing.demand
+
+
 def unrouted_fraction(routing: Routing) -> float:
     """Share of tokens that reached no expert at all (dropped by capacity, or unpicked in
     Expert Choice)."""
@@ -147,7 +154,8 @@ def unrouted_fraction(routing: Routing) -> float:
 def summarize(routing: Routing, top_k: int, capacity_factor: float, num_ranks: int,
               placement: torch.Tensor | None = None) -> dict[str, float | int]:
     """Every metric of one routing as a flat dict (top_k: the router's nominal k, used for the
-    capacity; counts are those after the router's own drops, if any; NaN where not applicable)."""
+    capacity; NaN where not applicable). Balance metrics count tokens per expert after the
+    router's own drops, if any; the drop rate and the aux loss count the choices before them."""
     counts = expert_utilization(routing)
     t, e = routing.num_tokens, routing.num_experts
     ranks = per_rank_load(counts, num_ranks, placement)
@@ -158,7 +166,7 @@ def summarize(routing: Routing, top_k: int, capacity_factor: float, num_ranks: i
         "CV": cv(counts),
         "max/mean": max_over_mean(counts),
         "MaxVio": max_vio(counts),
-        "drop rate at C": drop_rate(counts, expert_capacity(capacity_factor, top_k, t, e)),
+        "drop rate at C": drop_rate(demand(routing), expert_capacity(capacity_factor, top_k, t, e)),
         "tokens unrouted": unrouted_fraction(routing),
         "norm. entropy": normalized_entropy(counts),
         "Gini": gini(counts),

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import routing_metrics as rm
-from engine.moe_router import Routing, expert_capacity, expert_utilization, load_balance_std
+from engine.moe_router import (Routing, SwitchRouter, apply_capacity, expert_capacity,
+                               expert_utilization, load_balance_std)
 
 C = torch.tensor([4, 0, 2, 2])  # E = 4, N = 8, mean 2
 
@@ -145,3 +146,24 @@ def test_non_finite_counts_are_refused():
         rm.cv(torch.tensor([1.0, float("nan")]))
     with pytest.raises(ValueError, match="counts must be finite"):
         rm.gini(torch.tensor([1.0, float("inf")]))
+
+
+def test_capacity_drop_rate_and_aux_loss_count_the_choices_before_the_drops():
+    # E = 2, T = 4: tokens 0-2 choose expert 0, token 3 expert 1; capacity 1 keeps one of each.
+    probs = torch.tensor([[0.6, 0.4]] * 4)
+    r = apply_capacity(Routing(torch.tensor([[0], [0], [0], [1]]), torch.ones(4, 1), 2, probs), 1)
+    assert r.experts.view(-1).tolist() == [0, -1, -1, 1]
+    assert r.demand.tolist() == [3, 1] and expert_utilization(r).tolist() == [1, 1]
+    # f before the drops = (3/4, 1/4), P = (0.6, 0.4): 2 * (0.45 + 0.1) = 1.1 (after them: 1.0).
+    assert rm.switch_aux_loss(r) == pytest.approx(1.1)
+    # C = 0.5: cap = ceil(0.5 * 1 * 4 / 2) = 1, and 2 of the 4 choices are over it.
+    assert rm.summarize(r, top_k=1, capacity_factor=0.5, num_ranks=1)["drop rate at C"] == 0.5
+
+
+def test_switch_router_drop_rate_is_the_share_of_tokens_it_dropped():
+    x = torch.randn(2000, 32, generator=torch.Generator().manual_seed(1))
+    r = SwitchRouter(16, d_model=32, seed=2, capacity_factor=0.8)(x)
+    dropped = float((r.experts[:, 0] < 0).double().mean())
+    assert dropped > 0.1  # C = 0.8 below 1 must drop
+    assert rm.summarize(r, top_k=1, capacity_factor=0.8, num_ranks=1)["drop rate at C"] \
+        == pytest.approx(dropped)
