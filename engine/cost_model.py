@@ -21,6 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from engine.moe_router import lsh_bits
 from engine.validation import check_choice, check_int
 
 if TYPE_CHECKING:
@@ -155,9 +156,9 @@ def router_flops(d_model: int, num_experts: int, router: str) -> int:
     """Forward matmul FLOPs per token of one router: gate logits, or the hash router's LSH."""
     if router == "learned":
         return 2 * d_model * num_experts
-    # HashRouter's LSH projects onto ceil(log2 E) hyperplanes for each of its two hash slots,
+    # HashRouter's LSH projects onto lsh_bits(E) hyperplanes for each of its two hash slots,
     # computed whatever top_k (top_k 1 keeps slot 0); the planes are fixed, not parameters.
-    return 2 * d_model * 2 * max(1, (num_experts - 1).bit_length())
+    return 2 * d_model * 2 * lsh_bits(num_experts)
 
 
 def moe_block_flops(d_model: int, d_ff: int, ffn: str, num_experts: int, top_k: int, router: str,

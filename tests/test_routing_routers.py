@@ -105,11 +105,23 @@ def test_lsh_is_batch_shape_invariant_and_matches_the_hyperplane_signs():
     r = router(x)
     assert torch.equal(r.experts, router(x.reshape(60, 32)).experts)
     assert torch.equal(r.experts, HashRouter(12, 2, 5)(x.reshape(3, 20, 32)).experts)
-    # Reference: slot s reads bits s*4 .. s*4+3 of the sign pattern, code mod E.
+    # Reference: E = 12 is no power of two, so slot s reads the 4 + 4 bits s*8 .. s*8+7 of the
+    # sign pattern as a code c in [0, 256) and takes expert floor(c * 12 / 256).
     signs = (x.reshape(60, 32) @ router._planes[32] > 0).long()
     for t in range(60):
-        codes = [sum(int(signs[t, s * 4 + b]) << b for b in range(4)) % 12 for s in range(2)]
+        codes = [sum(int(signs[t, s * 8 + b]) << b for b in range(8)) * 12 // 256 for s in range(2)]
         assert r.experts[t].tolist() == [codes[0], -1 if codes[1] == codes[0] else codes[1]]
+
+
+@pytest.mark.parametrize("e", [48, 64])
+def test_lsh_gives_every_expert_a_fair_share_of_isotropic_vectors(e):
+    # Isotropic Gaussian vectors fall on either side of each hyperplane with probability 1/2,
+    # so every code is equally likely and each expert's share is its share of codes. For E = 48
+    # that is 21 or 22 of 1024 codes (code % E on 6 bits gave experts 0-15 two codes of 64, the
+    # rest one); 100k first slots put about 2100 on each expert, sampling noise about 2 %.
+    x = torch.randn(100_000, 64, generator=torch.Generator().manual_seed(3))
+    counts = torch.bincount(HashRouter(e, 1, 0)(x).experts[:, 0], minlength=e).double()
+    assert float(counts.max() / counts.min()) < 1.35
 
 
 def test_balanced_table_spread_is_bounded_by_the_heaviest_id():
