@@ -75,11 +75,17 @@ def expert_utilization(assign: Routing) -> torch.Tensor:
     return torch.bincount(flat, minlength=assign.num_experts + 1)[1:]
 
 
+def relative_std(counts: torch.Tensor) -> float:
+    """std / mean (population std) of a count vector, the CV; 0 if the counts are all 0.
+    The one implementation: routing_metrics.cv adds input checks around it."""
+    c = counts.double()
+    mean = c.mean()
+    return float(c.std(unbiased=False) / mean) if mean > 0 else 0.0
+
+
 def load_balance_std(assign: Routing) -> float:
     """Relative std (std / mean, population std) of tokens per expert; 0 is perfect balance."""
-    counts = expert_utilization(assign).double()
-    mean = counts.mean()
-    return float(counts.std(unbiased=False) / mean) if mean > 0 else 0.0
+    return relative_std(expert_utilization(assign))
 
 
 def _check_hidden(x: object, d_model: int | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -531,7 +537,7 @@ class DeepSeekV3Router(_GatedRouter):
             rows = (offsets + step * batch) % num_tokens
             counts = self._route_scores(scores[rows], (batch,)).counts.double()
             mean = counts.mean()
-            self.history.append(BalanceStep(step, float(counts.std(unbiased=False) / mean),
+            self.history.append(BalanceStep(step, relative_std(counts),
                                             float(counts.max() / mean - 1)))
             if step < steps:
                 self.bias += self.gamma * torch.sign(mean - counts).float().cpu()

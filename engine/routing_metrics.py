@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from engine.moe_router import Routing, expert_capacity, expert_utilization
+from engine.moe_router import Routing, expert_capacity, expert_utilization, relative_std
 from engine.validation import check_int
 
 
@@ -37,9 +37,7 @@ def _counts(counts: torch.Tensor) -> torch.Tensor:
 
 def cv(counts: torch.Tensor) -> float:
     """Relative standard deviation std / mean (population std) of tokens per expert; 0 if empty."""
-    c = _counts(counts)
-    m = c.mean()
-    return float(c.std(unbiased=False) / m) if m > 0 else 0.0
+    return relative_std(_counts(counts))
 
 
 def max_over_mean(counts: torch.Tensor) -> float:
