@@ -23,7 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.moe_router import HashRouter, TopKRouter, expert_utilization  # noqa: E402
+from engine import lsh_triton  # noqa: E402
+from engine.moe_router import (HashRouter, TopKRouter, expert_utilization, lsh_bits,  # noqa: E402
+                               lsh_codes)
 from engine.timing import time_fn  # noqa: E402
 
 
@@ -70,6 +72,14 @@ def run(device: str, tokens: int, hidden_tokens: int, experts: int, k: int, d_mo
     rows.append(_row(f"hash hidden (LSH) + counts (T={hidden_tokens}, D={d_model})", ms,
                      hidden_tokens, "x.sum()", ref, "ratio <= 3", ms <= 3 * ref,
                      cpu if on_cpu else None))
+    if lsh_triton.available(x):  # the torch path it replaces, and whether both give one code
+        nbits, planes = lsh_bits(experts), hash_router._planes[d_model].to(dev)
+        same = float((lsh_triton.lsh_codes(x, planes, nbits) == lsh_codes(x, planes, nbits))
+                     .all(dim=1).double().mean())
+        ms, ref, _ = pair(lambda: lsh_codes(x, planes, nbits), lambda: x.sum())
+        rows.append(_row(f"LSH codes alone, torch path, for comparison (T={hidden_tokens}, "
+                         f"D={d_model}; Triton's codes equal on {same:.6%} of tokens)", ms,
+                         hidden_tokens, "x.sum()", ref, "-", None))
     ms, ref, cpu = pair(lambda: topk(x), lambda: (x @ gate).topk(k, dim=-1))
     rows.append(_row(f"top-k softmax router (T={hidden_tokens}, D={d_model}, E={experts})",
                      ms, hidden_tokens, "x @ W + topk", ref, "ratio <= 1.2", ms <= 1.2 * ref,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import lsh_triton
 from engine.validation import check_bytes, check_float, check_int
 
 MAX_EXPERTS = 1 << 15  # the id hash reduces 16-bit hash values to an expert (see _reduce)
@@ -231,7 +232,7 @@ class HashRouter:
         # (Dietzfelbinger 1996); the high 32 bits are m1 * id plus the carry, a second one.
         self._mult = _signed64((m1 << 32) | m0)
         self._add = _signed64((b_hi << 32) | b_lo)
-        self._planes: dict[int, torch.Tensor] = {}
+        self._planes: dict[object, torch.Tensor] = {}  # d: the planes; (d, device, dtype): copies
 
     def __call__(self, x: torch.Tensor) -> Routing:
         """Route `x`: int token ids of any shape, or float hidden states (..., D)."""
@@ -271,12 +272,22 @@ class HashRouter:
             for i in range(0, planes.shape[1], d):
                 planes[:, i:i + d] = torch.linalg.qr(planes[:, i:i + d]).Q
             self._planes[d] = planes
-        planes = self._planes[d].to(device=x.device, dtype=x.dtype)
-        signs = (x @ planes > 0).to(torch.int32).view(-1, 2, nbits)
-        weights = 1 << torch.arange(nbits, device=x.device, dtype=torch.int32)
-        codes = (signs * weights).sum(dim=2, dtype=torch.int32)  # (T, 2) in [0, 2^nbits)
+        if (d, x.device, x.dtype) not in self._planes:  # a copy per device and dtype, made once
+            self._planes[(d, x.device, x.dtype)] = self._planes[d].to(x.device, x.dtype)
+        planes = self._planes[(d, x.device, x.dtype)]
+        # On CUDA one Triton pass over x instead of four torch passes over (T, 2 nbits).
+        codes = (lsh_triton.lsh_codes if lsh_triton.available(x) else lsh_codes)(x, planes, nbits)
         lanes = codes if exact else codes.mul_(e).bitwise_right_shift_(nbits)
         return _pair_result(lanes, e, self.top_k, batch_shape)
+
+
+def lsh_codes(x: torch.Tensor, planes: torch.Tensor, nbits: int) -> torch.Tensor:
+    """(T, 2) int32 codes in [0, 2^nbits) of hidden states x (T, D): code s reads the signs of
+    x against planes[:, s * nbits:(s + 1) * nbits] (planes (D, 2 nbits) rounded to x's dtype)
+    as bits 0 .. nbits - 1. engine.lsh_triton computes the same in one pass on CUDA."""
+    signs = (x @ planes.to(x.dtype) > 0).to(torch.int32).view(-1, 2, nbits)
+    weights = 1 << torch.arange(nbits, device=x.device, dtype=torch.int32)
+    return (signs * weights).sum(dim=2, dtype=torch.int32)
 
 
 def lsh_bits(num_experts: int) -> int:
