@@ -120,7 +120,7 @@ def topk_softmax_route(logits: torch.Tensor, k: int) -> Routing:
     k = check_int("k", k, 1, num_experts)
     # top-k of the logits equals top-k of the softmax (monotone), and the renormalised weights are
     # a softmax over the k chosen logits: no (T, E) division or second pass over the probs.
-    top, experts = logits.topk(k, dim=-1)
+    top, experts = top_k(logits, k)
     # Softmax over the k chosen logits written out: torch.softmax over a dim of size k pays a
     # per-row cost (4 ms for 64k rows on CPU, 4x this). top[:, :1] is the row max (sorted).
     e = (top - top[:, :1]).exp()
@@ -279,6 +279,19 @@ class HashRouter:
         codes = (lsh_triton.lsh_codes if lsh_triton.available(x) else lsh_codes)(x, planes, nbits)
         lanes = codes if exact else codes.mul_(e).bitwise_right_shift_(nbits)
         return _pair_result(lanes, e, self.top_k, batch_shape)
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores.topk(k, dim=-1) (values and indices, largest first). On CPU k <= 2 takes one or
+    two max passes instead, about half topk's time (64k x 64, k = 2: 24 ms against 47 ms); a
+    tie goes to the lower index."""
+    if k > 2 or scores.device.type != "cpu":
+        return scores.topk(k, dim=-1)
+    first, index = scores.max(dim=-1, keepdim=True)
+    if k == 1:
+        return first, index
+    second, index2 = scores.scatter(-1, index, float("-inf")).max(dim=-1, keepdim=True)
+    return torch.cat([first, second], dim=-1), torch.cat([index, index2], dim=-1)
 
 
 def lsh_codes(x: torch.Tensor, planes: torch.Tensor, nbits: int) -> torch.Tensor:
@@ -443,7 +456,7 @@ class SwitchRouter(_CapacityRouter):
         """Route hidden states x (..., D)."""
         logits, batch_shape = self.logits(x)
         probs = torch.softmax(logits, dim=-1)
-        weights, experts = probs.topk(self.top_k, dim=-1)
+        weights, experts = top_k(probs, self.top_k)
         cap = expert_capacity(self.capacity_factor, self.top_k, experts.shape[0], self.num_experts)
         return apply_capacity(Routing(experts, weights, self.num_experts, probs, batch_shape), cap)
 
@@ -482,7 +495,9 @@ class ExpertChoiceRouter(_CapacityRouter):
         num_tokens, num_experts = probs.shape
         cap = min(num_tokens, expert_capacity(self.capacity_factor, self.top_k, num_tokens,
                                               num_experts))
-        _, tokens = probs.t().topk(cap, dim=1)  # (E, cap)
+        # (E, cap), unordered: the pairs are regrouped by token below. Contiguous rows and no
+        # sorting make CPU topk 42 ms instead of 78 at 64k tokens x 64 experts.
+        _, tokens = probs.t().contiguous().topk(cap, dim=1, sorted=False)
         # Mark the chosen (expert, token) pairs, then read them back token-major: nonzero() of the
         # (T, E) view lists pairs sorted by token, so no sort is needed to regroup them.
         chosen = torch.zeros(num_experts, num_tokens, dtype=torch.bool, device=probs.device)
@@ -526,7 +541,7 @@ class DeepSeekV3Router(_GatedRouter):
         self.history: list[BalanceStep] = []
 
     def _route_scores(self, scores: torch.Tensor, batch_shape: tuple[int, ...]) -> Routing:
-        _, experts = (scores + self.bias.to(scores)).topk(self.top_k, dim=-1)
+        _, experts = top_k(scores + self.bias.to(scores), self.top_k)
         chosen = scores.gather(1, experts)
         weights = chosen / chosen.sum(dim=-1, keepdim=True)
         counts = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
