@@ -118,12 +118,19 @@ if c[1].button("Run the dispatch", key="run_dispatch", icon=":material/play_arro
     except LaunchError as exc:
         st.error("The dispatch failed; its last output:", icon=":material/error:")
         st.code(str(exc))
+def ratios_first(summary: pd.DataFrame) -> pd.DataFrame:
+    """Summary columns with the configuration and the three ratios first, the times after."""
+    first = [c for c in ("tokens", "chunks", "dispatch_ratio", "combine_ratio", "layer_ratio")
+             if c in summary]
+    return summary[first + [c for c in summary if c not in first]]
+
+
 measured = st.session_state.get("ep_measured")
 if measured is not None:
     st.caption(f"{measured['world']} ranks, {measured['backend']}, {measured['device']}, "
                f"{measured['date']}, torch {measured['torch']}")
     per_rank = pd.DataFrame(measured["per_rank"]).drop(columns=["pairs_sent"])
-    summary = pd.DataFrame(measured["summary"])
+    summary = ratios_first(pd.DataFrame(measured["summary"]))
     st.dataframe(summary, hide_index=True)
     st.dataframe(per_rank, hide_index=True)
     download_buttons("ep_measured", per_rank, {"summary": measured["summary"],
@@ -137,7 +144,7 @@ if not results:
 for doc in results:
     st.markdown(f"**{doc['device']}**, {doc['world']} ranks, {doc['backend']}, {doc['date']} "
                 f"(torch {doc['torch']}, CUDA {doc.get('cuda')}, NCCL {doc.get('nccl')})")
-    st.dataframe(pd.DataFrame(doc["summary"]), hide_index=True)
+    st.dataframe(ratios_first(pd.DataFrame(doc["summary"])), hide_index=True)
 if results:
     st.caption("Ratios are plain all_to_all_single time / phase time on the slowest rank; the "
                "target (>= 0.7) is dispatch_ratio. benchmarks/results/README.md says where the "

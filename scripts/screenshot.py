@@ -21,11 +21,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("artifacts"))
     parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a script run")
     parser.add_argument("--figures", type=int, default=0, help="plotly charts to wait for")
+    parser.add_argument("--height", type=int, default=1600,
+                        help="viewport height in px (Streamlit scrolls inside the page, so a "
+                             "full-page screenshot shows only what a taller viewport holds)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with streamlit_server() as base, launch_browser() as browser:
         for path in args.pages:
-            page = new_app_page(browser)  # 1280x1600, its own session
+            page = new_app_page(browser)  # its own session
+            page.set_viewport_size({"width": 1280, "height": args.height})
             open_page(page, base, path, figures=args.figures, timeout_s=args.wait)
             out = args.out / (re.sub(r"[^A-Za-z0-9_-]+", "_", path).strip("_") + ".png")
             page.screenshot(path=str(out), full_page=True)
