@@ -91,7 +91,10 @@ def test_time_blocks_reports_analytic_flops_and_saved_activations():
     assert hashed.flop_ratio == pytest.approx((2 * 2 * 2 * 16 * 32 + 2 * 16 * 4) / (2 * 2 * 16 * 64))
     # Dense saves at least x (64 x 16) and the hidden pre-activation (64 x 64), float32.
     assert dense.saved_activations_mib * 2**20 >= 4 * (64 * 16 + 64 * 64)
-    assert all(r.fwd_bwd_ms > 0 and r.tokens_per_s > 0 for r in (dense, learned, hashed))
+    # Derived figures agree with the timed ones: 64 tokens per fwd+bwd, ratios to dense's time.
+    for r in (dense, learned, hashed):
+        assert r.tokens_per_s == pytest.approx(64 / (r.fwd_bwd_ms / 1e3), rel=1e-6)
+        assert r.time_ratio == pytest.approx(r.fwd_bwd_ms / dense.fwd_bwd_ms, rel=1e-6)
 
 
 def test_bench_refuses_huge_requests_before_allocating():
