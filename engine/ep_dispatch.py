@@ -107,7 +107,6 @@ class Dispatched:
     buf: torch.Tensor  # (T * k, D) row of every sorted position (the combine's return buffer too)
     rows: list[torch.Tensor]  # [chunk] (rows received from the other ranks, D)
     works: list[dist.Work | None]  # [chunk] pending all_to_all into rows[m], None once done
-    own_ready: list[torch.cuda.Event | None]  # [chunk] own rows gathered (None on CPU)
 
     def splits(self) -> Splits:
         """Rows sent to / received from each rank in the dispatch, all chunks together."""
@@ -124,12 +123,11 @@ class Dispatched:
         return self.order.numel() // self.tokens
 
     def wait(self, m: int) -> torch.Tensor:
-        """Chunk m's rows from the other ranks, once they and its own rows are in place."""
+        """Chunk m's rows from the other ranks, once they are in place (the own rows already are,
+        for work queued after dispatch() returned)."""
         if self.works[m] is not None:
             self.works[m].wait()
             self.works[m] = None
-            if self.own_ready[m] is not None:
-                torch.cuda.current_stream(self.buf.device).wait_event(self.own_ready[m])
         return self.rows[m]
 
 
@@ -274,7 +272,8 @@ class ExpertParallelLayer:
         work = dist.all_to_all_single(lay.meta[n_send:], lay.meta[:n_send], [m_count * mine] * w,
                                       [m_count * n for n in self.slots_per_rank], async_op=True)
         buf = x.new_empty(order.numel(), x.shape[1])
-        pieces = self._gather(x, order // k if k > 1 else order, buf, lay.bounds, k)
+        token = order // k if k > 1 else order  # kept until the side stream is joined below
+        pieces = self._gather(x, token, buf, lay.bounds, k)
         work.wait()
         if lay.host is not lay.meta:
             # Into pinned memory, then wait for this stream alone: with a pageable copy
@@ -284,7 +283,7 @@ class ExpertParallelLayer:
         counts = lay.host.tolist()
         send, recv = self._sizes(counts, m_count)
         d = Dispatched(t_count, lay.bounds, send, recv,
-                       torch.tensor(counts[n_send:]).view(w, m_count, mine), order, buf, [], [], [])
+                       torch.tensor(counts[n_send:]).view(w, m_count, mine), order, buf, [], [])
         for m in range(m_count):
             lo, n = lay.bounds[m] * k, sum(send[m]) - send[m][me]
             sent = self._gathered(pieces[m], lo + n) if n else None
@@ -293,7 +292,11 @@ class ExpertParallelLayer:
             d.rows.append(x.new_empty(sum(recv[m]) - recv[m][me], x.shape[1]))
             d.works.append(dist.all_to_all_single(d.rows[m], buf[lo:lo + n], self._remote(recv[m]),
                                                   self._remote(send[m]), async_op=True))
-            d.own_ready.append(self._gathered(pieces[m], lo + n + send[m][me]))
+        if self.side is not None:
+            # Later work on this stream (experts, combine, and new allocations in blocks the
+            # gathers still read or write, such as the freed token indices) waits for every
+            # gather; the transfers above were queued before and wait only for theirs.
+            torch.cuda.current_stream(self.device).wait_stream(self.side)
         return d
 
     def experts(self, d: Dispatched, m: int) -> None:

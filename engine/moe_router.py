@@ -260,7 +260,7 @@ class HashRouter:
         # its share within 1/16 of the others' (code % E on ceil(log2 E) bits gave the low
         # experts twice the codes of the rest).
         e, nbits = self.num_experts, lsh_bits(self.num_experts)
-        exact = e & (e - 1) == 0
+        exact = nbits == (e - 1).bit_length()  # E a power of two (E >= 2): codes are experts
         d = x.shape[1]
         if d not in self._planes:
             gen = torch.Generator().manual_seed(self.seed + 1)
@@ -277,7 +277,8 @@ class HashRouter:
         planes = self._planes[(d, x.device, x.dtype)]
         # On CUDA one Triton pass over x instead of four torch passes over (T, 2 nbits).
         codes = (lsh_triton.lsh_codes if lsh_triton.available(x) else lsh_codes)(x, planes, nbits)
-        lanes = codes if exact else codes.mul_(e).bitwise_right_shift_(nbits)
+        # int64: code * E passes 2^31 for E > 8192.
+        lanes = codes if exact else (codes.long() * e >> nbits).int()
         return _pair_result(lanes, e, self.top_k, batch_shape)
 
 
@@ -304,10 +305,11 @@ def lsh_codes(x: torch.Tensor, planes: torch.Tensor, nbits: int) -> torch.Tensor
 
 
 def lsh_bits(num_experts: int) -> int:
-    """Hyperplanes per hash slot of HashRouter's LSH: log2 E for E a power of two, else
-    ceil(log2 E) + 4 (see HashRouter._lsh)."""
+    """Hyperplanes per hash slot of HashRouter's LSH: log2 E for E a power of two >= 2, else
+    ceil(log2 E) + 4 (see HashRouter._lsh; E = 1 takes 4 bits and maps every code to 0)."""
     e = check_int("num_experts", num_experts, 1)
-    return max(1, (e - 1).bit_length()) + (0 if e & (e - 1) == 0 else 4)
+    bits = (e - 1).bit_length()
+    return bits if e > 1 and e & (e - 1) == 0 else bits + 4
 
 
 def _reduce(lanes: torch.Tensor, num_experts: int) -> torch.Tensor:

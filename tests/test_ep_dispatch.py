@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 import engine.ep_dispatch as ep
 from engine.cli import main
+from engine.ep_combine import weighted_rows_sum
 from engine.ep_dispatch import LaunchError, expert_gains, launch, summarize
 from engine.expert_parallel import (EPSettings, contiguous_placement, ep_stats, parse_placement,
                                     rank_batch, token_features)
@@ -192,3 +193,14 @@ def test_committed_results_newest_first(tmp_path):
                        ("other.json", "2027-01-01")]:
         (tmp_path / name).write_text(json.dumps({"date": date}))
     assert [d["date"] for d in ep.committed_results(tmp_path)] == ["2026-03-01", "2026-01-02"]
+
+
+def test_combine_sum_rounds_like_the_reference_in_bf16():
+    # sum_j rows[position[t, j]] * w[t, j] with w first rounded to bf16, in float32, rounded once.
+    gen = torch.Generator().manual_seed(4)
+    rows = torch.randn(300, 64, generator=gen).to(torch.bfloat16)
+    position = torch.randint(0, 300, (200, 2), generator=gen)
+    weights = torch.rand(200, 2, generator=gen)
+    w = weights.to(torch.bfloat16).float()
+    expected = (rows[position[:, 0]].float() * w[:, :1] + rows[position[:, 1]].float() * w[:, 1:])
+    assert torch.equal(weighted_rows_sum(rows, position, weights), expected.to(torch.bfloat16))

@@ -336,3 +336,16 @@ def test_many_experts_count_without_an_e_squared_buffer(monkeypatch, e):
 def test_balanced_table_refuses_non_finite_frequencies():
     with pytest.raises(ValueError, match="frequencies must be finite"):
         BalancedHashRouter(8, 2, 0, torch.tensor([1.0, float("nan"), 2.0]))
+
+
+@pytest.mark.parametrize("e, k", [(1, 1), (1, 2), (6000, 2), (10_000, 1)])
+def test_lsh_experts_are_in_range_for_any_expert_count(e, k):
+    # E = 1: every token to expert 0 (slot 1 collides). E > 8192, not a power of two: code * E
+    # passes 2^31, so the reduction must not wrap to negative experts.
+    x = torch.randn(4096, 64, generator=torch.Generator().manual_seed(2))
+    r = HashRouter(e, k, 0)(x)
+    valid = r.experts[r.experts >= 0]
+    assert int(valid.min()) >= 0 and int(valid.max()) < e
+    assert int(expert_utilization(r).sum()) == int((r.experts >= 0).sum())
+    if e == 1:
+        assert r.experts[:, 0].eq(0).all() and (k == 1 or r.experts[:, 1].eq(-1).all())
