@@ -317,8 +317,15 @@ _FIGURES_JS = """() => {
     }
     return v;
   };
+  // Streamlit's chart theme wraps a title in <b> each time it redraws a kept chart, so the depth
+  // of <b><b>... depends on how often it redrew: bold is styling, the signature drops it.
+  const title = g => {
+    const t = canon((g.layout || {}).title);
+    if (t && typeof t.text === 'string') t.text = t.text.replace(/<\/?b>/g, '');
+    return t;
+  };
   return [...document.querySelectorAll('[data-testid=stPlotlyChart] .js-plotly-plot')]
-    .map(g => JSON.stringify(canon([g.data, (g.layout || {}).title])));
+    .map(g => JSON.stringify([canon(g.data), title(g)]));
 }"""
 
 
