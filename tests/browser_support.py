@@ -321,7 +321,7 @@ _FIGURES_JS = """() => {
   // of <b><b>... depends on how often it redrew: bold is styling, the signature drops it.
   const title = g => {
     const t = canon((g.layout || {}).title);
-    if (t && typeof t.text === 'string') t.text = t.text.replace(/<\/?b>/g, '');
+    if (t && typeof t.text === 'string') t.text = t.text.replace(/<\\/?b>/g, '');
     return t;
   };
   return [...document.querySelectorAll('[data-testid=stPlotlyChart] .js-plotly-plot')]
