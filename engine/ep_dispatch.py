@@ -169,10 +169,11 @@ class ExpertParallelLayer:
         self.chunks = check_int("chunks", chunks, 1, 64)
         self.slots_per_rank = [len(s) for s in placement.slots]
         p_count = self.num_slots = sum(self.slots_per_rank)
+        # First physical slot of every rank (slots are numbered rank by rank), and past the last.
+        self.slot_start = [sum(self.slots_per_rank[:r]) for r in range(self.world + 1)]
         # Sort position of every physical slot: the other ranks' slots in rank order, then this
         # rank's own; position P (empty pairs, and the table's -1 padding) sorts last.
-        start = sum(self.slots_per_rank[:rank])
-        own = range(start, start + self.slots_per_rank[rank])
+        own = range(self.slot_start[rank], self.slot_start[rank + 1])
         self.sort_slot = [0] * p_count
         for i, slot in enumerate([s for s in range(p_count) if s not in own] + list(own)):
             self.sort_slot[slot] = i
@@ -193,7 +194,7 @@ class ExpertParallelLayer:
         """
         if t_count not in self._layouts:
             m_count, p1, dev, w = min(self.chunks, t_count), self.num_slots + 1, self.device, self.world
-            first = [sum(self.slots_per_rank[:r]) for r in range(w + 1)]
+            first = self.slot_start
             chunk_key = (torch.arange(t_count, device=dev) * m_count // t_count * p1)[:, None]
             # Counts go rank by rank: every chunk's counts for rank r's slots, then rank r + 1's.
             slot_keys = [m * p1 + self.sort_slot[s] for r in range(w) for m in range(m_count)
@@ -276,8 +277,8 @@ class ExpertParallelLayer:
         pieces = self._gather(x, token, buf, lay.bounds, k)
         work.wait()
         if lay.host is not lay.meta:
-            # Into pinned memory, then wait for this stream alone: with a pageable copy
-            # (.tolist() on the GPU tensor) the dispatch took 0.85 ms, not 0.44, at 8k tokens.
+            # Into pinned memory, then wait for this stream alone: the gathers on the side
+            # stream keep running through the host sync.
             lay.host.copy_(lay.meta, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()  # the host sync
         counts = lay.host.tolist()
