@@ -7,8 +7,8 @@ import plotly.express as px
 import streamlit as st
 
 from app_pages._ui import download_buttons, guarded
-from engine.routing_lab import (NULL_LABEL, ROUTERS, LabResult, LabSettings, combine, for_router,
-                                route_one, settings_dict)
+from engine.routing_lab import (NULL_LABEL, ROUTERS, LabResult, LabSettings, route_one, run_lab,
+                                settings_dict)
 from engine.workloads import KINDS
 
 QP = "query-params"
@@ -17,14 +17,10 @@ D = LabSettings()
 
 @st.cache_data(show_spinner="Routing tokens...", max_entries=64)
 def _one(settings: LabSettings, key: str) -> LabResult:
+    """route_one, cached per router: run_lab passes for_router(settings, key), which drops the
+    settings a router does not use, so adding a router or changing DeepSeek's steps reruns only
+    that router."""
     return route_one(settings, key)
-
-
-def _lab(settings: LabSettings) -> LabResult:
-    """run_lab, cached per router: adding a router or changing DeepSeek's steps reruns only that
-    router (for_router drops the settings a router does not use from its cache key)."""
-    settings.validate()
-    return combine(settings, [_one(for_router(settings, key), key) for key in settings.routers])
 
 
 def _settings() -> LabSettings:
@@ -132,6 +128,6 @@ st.caption("Hash routing needs no training; the learned routers here (top-k, Swi
            "Reproduce any figure with `python -m engine route` (see docs/load_balance.md).")
 lab_settings = _settings()
 # Keep the settings with the result: after bad input the last good pair is shown together.
-shown = guarded("routing", lambda: (lab_settings, _lab(lab_settings)))
+shown = guarded("routing", lambda: (lab_settings, run_lab(lab_settings, route=_one)))
 if shown is not None:
     _show(shown[1], shown[0])

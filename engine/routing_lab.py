@@ -8,6 +8,7 @@ route the vectors through all (the hash router then uses its LSH).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import pandas as pd
@@ -100,6 +101,8 @@ class LabResult:
 
 _DEFAULT = LabSettings()
 _COUNT_COLS = ["router", "expert", "tokens", "load/mean", "load rank"]
+_RANK_COLS = ["router", "rank", "tokens"]
+_BALANCE_COLS = ["step", "CV", "MaxVio"]
 
 
 def _k_of(key: str, s: LabSettings) -> int:
@@ -135,7 +138,7 @@ def route_one(s: LabSettings, key: str) -> LabResult:
     ids, x = _workload(s.workload, s.num_tokens, s.vocab_size, s.zipf_s, s.d_model, s.clusters,
                        s.seed)
     e, k, label = s.num_experts, _k_of(key, s), ROUTERS[key]
-    balance = pd.DataFrame(columns=["step", "CV", "MaxVio"])
+    balance = pd.DataFrame(columns=_BALANCE_COLS)
     if key == "hash":
         r = HashRouter(e, k, s.seed)(ids if ids is not None else x)
     elif key == "hash_balanced":
@@ -174,8 +177,7 @@ def route_one(s: LabSettings, key: str) -> LabResult:
 
 def _empty(note: str) -> LabResult:
     return LabResult(pd.DataFrame(columns=_COUNT_COLS), pd.DataFrame(),
-                     pd.DataFrame(columns=["router", "rank", "tokens"]),
-                     pd.DataFrame(columns=["step", "CV", "MaxVio"]), (note,))
+                     pd.DataFrame(columns=_RANK_COLS), pd.DataFrame(columns=_BALANCE_COLS), (note,))
 
 
 def combine(s: LabSettings, parts: list[LabResult]) -> LabResult:
@@ -191,16 +193,21 @@ def combine(s: LabSettings, parts: list[LabResult]) -> LabResult:
     return LabResult(
         counts=cat([p.counts for p in parts], pd.DataFrame(columns=_COUNT_COLS)),
         metrics=cat([p.metrics for p in parts] + [null], null),
-        ranks=cat([p.ranks for p in parts], pd.DataFrame(columns=["router", "rank", "tokens"])),
-        balance=cat([p.balance for p in parts], pd.DataFrame(columns=["step", "CV", "MaxVio"])),
+        ranks=cat([p.ranks for p in parts], pd.DataFrame(columns=_RANK_COLS)),
+        balance=cat([p.balance for p in parts], pd.DataFrame(columns=_BALANCE_COLS)),
         notes=tuple(n for p in parts for n in p.notes),
     )
 
 
-def run_lab(s: LabSettings) -> LabResult:
-    """Generate the workload, route it with every chosen router, and measure each routing."""
+def run_lab(s: LabSettings, route: Callable[[LabSettings, str], LabResult] | None = None
+            ) -> LabResult:
+    """Generate the workload, route it with every chosen router, and measure each routing.
+
+    route: makes one router's part from for_router(s, key) and key (default route_one; the page
+    passes a cached route_one, so a change to one router's settings reruns only that router)."""
     s.validate()
-    return combine(s, [route_one(s, key) for key in s.routers])
+    route = route or route_one
+    return combine(s, [route(for_router(s, key), key) for key in s.routers])
 
 
 def settings_dict(s: LabSettings) -> dict[str, object]:
