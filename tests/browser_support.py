@@ -157,11 +157,6 @@ def page_url(base: str, path: str, query: dict[str, Any] | None = None) -> str:
     return f"{base}/{path}" + (f"?{q}" if q else "")
 
 
-def wait_for_app(page, timeout_s: float = 30.0) -> None:
-    """Wait until the script run has finished and what it drew is on screen (for screenshots)."""
-    wait_for_render(page, 0, timeout_s)
-
-
 def wait_for_render(page, figures: int = 0, timeout_s: float = 30.0) -> None:
     """Wait for the run to finish and at least `figures` plotly charts, all drawn.
 
@@ -466,8 +461,9 @@ def _cost_params_ok(t, q: dict[str, Any]) -> bool:
 
 def _newest_attention_result() -> str:
     """The committed sweep the attention page shows first (newest file name)."""
-    files = sorted((ROOT / "benchmarks" / "results").glob("attention_sweep_*.json"), reverse=True)
-    return files[0].stem if files else "attention_sweep_none"
+    from engine.attention_bench import committed_results
+
+    return next(iter(committed_results()), "attention_sweep_none")
 
 
 # One entry per page in app.py, filled in from each page's widget keys as the pages land.
