@@ -132,7 +132,8 @@ def fa3_readiness(device: torch.device | None = None) -> tuple[bool, str]:
     return True, f"{PROVIDER.description} {PROVIDER.version or ''}".strip()
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str,
+                  causal: bool = False) -> None:
     """Raise ValueError for what neither FA3 nor SDPA can take; shapes are read in `layout`."""
     check_choice("layout", layout, LAYOUTS)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -156,11 +157,15 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str
         raise ValueError(f"q heads ({q.shape[h_dim]}) must be a multiple of kv heads ({k.shape[h_dim]})")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"q and k head dims differ: {q.shape[3]} vs {k.shape[3]}")
+    if causal and q.shape[s_dim] != k.shape[s_dim]:  # FA3 masks bottom-right, SDPA top-left
+        raise ValueError(f"causal attention needs S_q == S_k, got S_q {q.shape[s_dim]}, "
+                         f"S_k {k.shape[s_dim]}")
 
 
-def choose_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str = "bshd") -> AttentionPath:
+def choose_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str = "bshd",
+                causal: bool = False) -> AttentionPath:
     """Which kernel `attention()` would run for these tensors, and why (no computation)."""
-    _check_inputs(q, k, v, layout)
+    _check_inputs(q, k, v, layout, causal)
     if not _HAS_FLASH3:
         return AttentionPath("sdpa", "FA3 not installed")
     if q.device.type != "cuda":
@@ -213,10 +218,7 @@ def attention_with_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
                         softmax_scale: float | None = None, layout: str = "bshd"
                         ) -> tuple[torch.Tensor, AttentionPath]:
     """Like `attention()`, and also returns the path taken and why."""
-    path = choose_path(q, k, v, layout)
-    s_dim = 1 if layout == "bshd" else 2
-    if causal and q.shape[s_dim] != k.shape[s_dim]:  # FA3 masks bottom-right, SDPA top-left
-        raise ValueError(f"causal attention needs S_q == S_k, got S_q {q.shape[s_dim]}, S_k {k.shape[s_dim]}")
+    path = choose_path(q, k, v, layout, causal)
     if path.backend == "fa3":
         if layout == "bshd":
             return fa3_call(q, k, v, causal, softmax_scale), path

@@ -141,7 +141,7 @@ def _fake_fa3(returns_tuple: bool):
 def test_fa3_branch_passes_bshd_and_restores_the_callers_layout(monkeypatch, returns_tuple):
     mod, calls = _fake_fa3(returns_tuple)
     monkeypatch.setattr(fa, "_FA3_MODULE", mod)
-    monkeypatch.setattr(fa, "choose_path", lambda q, k, v, layout: fa.AttentionPath("fa3", "forced"))
+    monkeypatch.setattr(fa, "choose_path", lambda q, k, v, layout, causal=False: fa.AttentionPath("fa3", "forced"))
     q, k, v = _qkv(2, 6, 4, 2, 8, "bhsd")
     out, path = fa.attention_with_path(q, k, v, causal=True, layout="bhsd")
     assert path.backend == "fa3" and calls == [(2, 6, 4, 8)]  # the provider saw (B, S, H, D)
