@@ -51,6 +51,7 @@ def guarded(key: str, compute: Callable[[], T]) -> T | None:
     a resource failure: logged with its traceback, shown to the user as one friendly line.
     """
     slot = _slot(key)
+    st.session_state[_refused(key)] = True  # until compute() returns
     try:
         result = compute()
     except ValueError as exc:
@@ -67,12 +68,22 @@ def guarded(key: str, compute: Callable[[], T]) -> T | None:
                  icon=":material/error:")
         return st.session_state.get(slot)
     st.session_state[slot] = result
+    st.session_state[_refused(key)] = False
     return result
 
 
 def last_good(key: str) -> Any:
     """The last result `guarded(key, ...)` computed successfully in this session, or None."""
     return st.session_state.get(_slot(key))
+
+
+def refused(key: str) -> bool:
+    """Whether the latest `guarded(key, ...)` of this session failed (and showed the last good)."""
+    return st.session_state.get(_refused(key), False)
+
+
+def _refused(key: str) -> str:
+    return f"_refused_{key}"
 
 
 def _no_markdown_links(text: str) -> str:

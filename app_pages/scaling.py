@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages._ui import download_buttons, guarded, last_good
+from app_pages._ui import download_buttons, guarded, last_good, refused
 from engine.scaling_data import (DATASETS, MAX_UPLOAD_BYTES, Filter, SyntheticSpec, detection_curve,
                                  generate_synthetic, load_dataset, parse_csv, select_xy)
 from engine.scaling_forms import FORMS, FitSettings, LabResult, analyse
@@ -86,15 +86,7 @@ elif source == "synthetic":
         noise=c[4].select_slider("Noise (std of ln loss)", (0.0,) + NOISE_LEVELS, 0.01, key="noise", **Q),
         seed=int(seed)))
 
-fresh_table: list[pd.DataFrame] = []  # filled when the table loads; a refused upload leaves it empty
-
-
-def _load_table() -> pd.DataFrame:
-    fresh_table.append(_table(source, csv_bytes, syn))
-    return fresh_table[0]
-
-
-table = guarded("scaling_table", _load_table)
+table = guarded("scaling_table", lambda: _table(source, csv_bytes, syn))
 if table is None:
     st.stop()
 ds = DATASETS.get(source)
@@ -136,8 +128,8 @@ fit = asdict(FitSettings(min_segment=int(min_seg), continuous=bool(continuous), 
 nd = (n_col, d_col) if NONE not in (n_col, d_col) else None
 split = split_col if holdout == "split" and split_col != NONE else None
 # After a refused upload, keep showing the last fit rather than parsing (and refusing) it again.
-res: LabResult | None = guarded("scaling_lab", lambda: _lab(source, csv_bytes, syn, x_col, y_col, flt,
-                                                             nd, split, fit)) if fresh_table else last_good("scaling_lab")
+res: LabResult | None = last_good("scaling_lab") if refused("scaling_table") else \
+    guarded("scaling_lab", lambda: _lab(source, csv_bytes, syn, x_col, y_col, flt, nd, split, fit))
 if res is None:
     st.stop()
 
