@@ -157,8 +157,9 @@ def page_url(base: str, path: str, query: dict[str, Any] | None = None) -> str:
     return f"{base}/{path}" + (f"?{q}" if q else "")
 
 
-def wait_for_render(page, figures: int = 0, timeout_s: float = 30.0) -> None:
-    """Wait for the run to finish and at least `figures` plotly charts, all drawn.
+def wait_for_render(page, figures: int = 0, timeout_s: float = 30.0) -> list[str]:
+    """Wait for the run to finish and at least `figures` plotly charts, all drawn; returns the
+    charts' settled signatures (figures_now).
 
     Plotly's component and some widgets load lazily (a skeleton stands in meanwhile): a fast run
     can finish before any chart element exists, so the caller also says how many to expect.
@@ -179,7 +180,7 @@ def wait_for_render(page, figures: int = 0, timeout_s: float = 30.0) -> None:
         page.wait_for_timeout(250)
         now = figures_now(page)
         if now == last:
-            return
+            return now
         last = now
     raise TimeoutError("figures kept changing")
 
@@ -190,8 +191,7 @@ def open_page(page, base: str, path: str, query: dict[str, Any] | None = None,
     t0 = time.perf_counter()
     page.goto(page_url(base, path, query))
     # A run counted since this document loaded, so a previous page's state cannot satisfy it.
-    page.wait_for_function("window.__st.done > 0 && window.__st.state === 'notRunning'",
-                           timeout=timeout_s * 1000)
+    wait_for_run(page, 0, timeout_s)
     wait_for_render(page, figures, timeout_s)
     return time.perf_counter() - t0
 
@@ -331,8 +331,7 @@ def figures_now(page) -> list[str]:
 
 def figures(page) -> list[str]:
     """The figures' signatures once every chart has finished drawing."""
-    wait_for_render(page)
-    return figures_now(page)
+    return wait_for_render(page)
 
 
 def table_count(page) -> int:

@@ -66,8 +66,7 @@ def _check(user: User) -> None:
 
 def _wait_first_run(page, figures: int) -> None:
     """After a goto fired for all users together: wait for this page's first run and charts."""
-    page.wait_for_function("window.__st.done > 0 && window.__st.state === 'notRunning'",
-                           timeout=120_000)
+    bs.wait_for_run(page, 0, timeout_s=120)
     bs.wait_for_render(page, figures, timeout_s=120)
 
 
