@@ -103,8 +103,8 @@ if sweep is not None:
 st.subheader("Measured: a real dispatch on this machine")
 st.caption("torchrun starts N CPU processes (gloo); each routes its tokens, exchanges counts and "
            "rows with all_to_all_single, runs its experts and combines. The dispatch, the combine "
-           "and the whole layer are each timed next to a plain all_to_all_single of the same "
-           "splits; ratio = plain time / phase time on the slowest rank. CPU times show the "
+           "and the whole layer are each timed next to a plain all_to_all_single of the rows "
+           "that cross ranks; ratio = plain time / phase time on the slowest rank. CPU times show the "
            "mechanics, not GPU speed.")
 c = st.columns([1, 1, 2])
 procs = c[0].number_input("Processes", 2, 4, 2, key="procs", **Q)

@@ -289,8 +289,8 @@ def make_placement(settings: EPSettings, counts: torch.Tensor | None = None) -> 
 
 def destinations(experts: torch.Tensor, token_index: torch.Tensor,
                  replicas: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Physical slot serving each (token, slot) pair, shape (T, k) int64; where experts is -1,
-    the table's empty slot (-1 unless replica_table was given another).
+    """Physical slot serving each (token, slot) pair, shape (T, k) in the table's dtype; where
+    experts is -1, the table's empty slot (-1 unless replica_table was given another).
 
     experts: (T, k) expert ids; token_index: (T,) global token indices (pick among replicas);
     replicas: Placement.replica_table(), on experts' device. Two or three kernels: this runs

@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 import engine.ep_dispatch as ep
 from engine.cli import main
 from engine.ep_combine import weighted_rows_sum
-from engine.ep_dispatch import LaunchError, expert_gains, launch, summarize
+from engine.ep_dispatch import LaunchError, expert_gains, launch, median_round, summarize
 from engine.expert_parallel import (EPSettings, contiguous_placement, ep_stats, parse_placement,
                                     rank_batch, token_features)
 
@@ -92,7 +92,7 @@ def test_bad_launches_are_refused_before_anything_starts(monkeypatch, kwargs, me
 def _rows(layer_ms):
     """Per-rank rows of two ranks: phase p of rank r takes base_p + r ms, its plain exchange 1 ms."""
     base = {"dispatch": 2.0, "combine": 4.0, "layer": layer_ms}
-    return [{"rank": r, "tokens": 8, "chunks": 2, "off_rank_MB": 1.0, "dispatch_GBps": 0.5,
+    return [{"rank": r, "round": 0, "tokens": 8, "chunks": 2, "off_rank_MB": 1.0, "dispatch_GBps": 0.5,
              "plain_dispatch_GBps": 0.6, "max_abs_err": r * 1e-3,
              **{f"{p}_ms": b + r for p, b in base.items()},
              **{f"plain_{p}_ms": 1.0 for p in base}} for r in range(2)]
@@ -107,6 +107,16 @@ def test_summary_takes_the_slowest_rank_per_phase():
     assert s["max_abs_err"] == 1e-3 and s["plain_layer_ms"] == 1.0
 
 
+def test_the_median_round_is_reported_with_every_rounds_dispatch_ratio():
+    rounds = [summarize(_rows(layer_ms=m)) for m in (7.0, 9.0, 8.0)]
+    for r, ratio in zip(rounds, (0.5, 0.8, 0.7)):
+        r["dispatch_ratio"] = ratio
+    picked = median_round(rounds)
+    assert picked["dispatch_ratio"] == 0.7 and picked["layer_ms"] == 9.0  # the third round
+    assert picked["dispatch_ratio_rounds"] == [0.5, 0.8, 0.7]
+    assert median_round(rounds[:2])["dispatch_ratio"] == 0.5  # even count: the lower middle
+
+
 def test_benchmark_script_imports_the_engine_from_a_file_path():
     # torchrun runs the script by path (not -m): its own sys.path line must find the engine.
     out = subprocess.run([sys.executable, "benchmarks/bench_ep_nccl.py", "--help"], cwd=ROOT,
@@ -119,7 +129,7 @@ def test_report_writes_json_and_markdown(tmp_path, capsys):
     args = ep.build_parser().parse_args(["--out", str(tmp_path)])
     rows = _rows(layer_ms=9.0)
     ep._report(args, "gloo", 2, torch.device("cpu"), EPSettings(ranks=2, tokens=64),
-               [summarize(rows)], rows)
+               [median_round([summarize(rows)])], rows)
     doc = json.loads((tmp_path / "ep_gloo_2ranks.json").read_text())
     assert doc["summary"][0]["dispatch_ratio"] == pytest.approx(1.0 / 3.0)
     assert doc["summary"][0]["layer_ratio"] == pytest.approx(1.0 / 10.0)
