@@ -119,9 +119,13 @@ if c[1].button("Run the dispatch", key="run_dispatch", icon=":material/play_arro
         st.error("The dispatch failed; its last output:", icon=":material/error:")
         st.code(str(exc))
 def ratios_first(summary: pd.DataFrame) -> pd.DataFrame:
-    """Summary columns with the configuration and the three ratios first, the times after."""
-    first = [c for c in ("tokens", "chunks", "dispatch_ratio", "combine_ratio", "layer_ratio")
-             if c in summary]
+    """Summary columns with the configuration and the ratios first (every round's dispatch ratio
+    beside the reported one, where there were rounds), the times after."""
+    first = [c for c in ("tokens", "chunks", "dispatch_ratio", "dispatch_ratio_rounds",
+                         "combine_ratio", "layer_ratio") if c in summary]
+    if "dispatch_ratio_rounds" in summary:  # a list per row: shown as short text
+        summary = summary.assign(dispatch_ratio_rounds=summary["dispatch_ratio_rounds"].map(
+            lambda v: " ".join(f"{x:.2f}" for x in v)))
     return summary[first + [c for c in summary if c not in first]]
 
 
@@ -146,6 +150,8 @@ for doc in results:
                 f"(torch {doc['torch']}, CUDA {doc.get('cuda')}, NCCL {doc.get('nccl')})")
     st.dataframe(ratios_first(pd.DataFrame(doc["summary"])), hide_index=True)
 if results:
-    st.caption("Ratios are plain all_to_all_single time / phase time on the slowest rank; the "
-               "target (>= 0.7) is dispatch_ratio. benchmarks/results/README.md says where the "
-               "time goes.")
+    st.caption("Ratios are plain all_to_all_single time (the rows that cross ranks) / phase time on "
+               "the slowest rank; the target (>= 0.7) is dispatch_ratio. Each configuration ran in "
+               "rounds; a row is the round with the median dispatch ratio, and "
+               "dispatch_ratio_rounds lists every round's. benchmarks/results/README.md says where "
+               "the time goes.")

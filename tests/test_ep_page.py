@@ -110,7 +110,7 @@ def test_committed_results_show_the_phase_ratios(at, monkeypatch):
              "combine_ms": 4.0, "plain_combine_ms": 1.0, "layer_ms": 8.0, "plain_layer_ms": 2.0,
              "max_abs_err": 0.0} for r in range(2)]
     doc = {"device": "NVIDIA Test", "world": 2, "backend": "nccl", "date": "2026-11-26",
-           "torch": "t", "summary": [ep.summarize(rows)]}
+           "torch": "t", "summary": [ep.median_round([ep.summarize(rows)])]}
     monkeypatch.setattr(ep, "committed_results", lambda: [doc])
     at.run()
     assert not at.exception
@@ -118,3 +118,5 @@ def test_committed_results_show_the_phase_ratios(at, monkeypatch):
     # Slowest rank: dispatch 3 ms against 1.5 ms plain, combine 4 against 1, layer 8 against 2.
     assert table.loc[0, ["dispatch_ratio", "combine_ratio", "layer_ratio"]].tolist() == \
         pytest.approx([0.5, 0.25, 0.25])
+    # The rounds' dispatch ratios sit beside the reported one.
+    assert list(table.columns[2:4]) == ["dispatch_ratio", "dispatch_ratio_rounds"]
