@@ -12,11 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU install has no Triton
-    triton = None
+from engine.triton_support import tl, triton
 
 if triton is not None:
     @triton.jit

@@ -18,11 +18,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU install has no Triton
-    triton = None
+from engine.triton_support import tl, triton
 
 if triton is not None:
     @triton.jit
