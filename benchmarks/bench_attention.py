@@ -25,7 +25,7 @@ from engine import flash_attention3 as fa  # noqa: E402
 from engine.attention_bench import (PRESETS, SweepSettings, attention_flops, run_sweep,  # noqa: E402
                                     settings_for)
 from engine.env_info import environment  # noqa: E402
-from engine.timing import time_fn  # noqa: E402
+from engine.timing import alternating, time_fn  # noqa: E402
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -77,23 +77,6 @@ def _inputs(dev: torch.device, b: int, s: int, h: int, d: int, dt: torch.dtype):
     return q, k, v, *(x.transpose(1, 2).contiguous() for x in (q, k, v))
 
 
-def _paired(first, second, rounds: int) -> tuple[list[float], list[float]]:
-    """Run two measurements in alternating order for `rounds` rounds; returns both lists of ms.
-
-    Under full load an H100's clocks drift by up to 10% between rounds (seen here); pairing each
-    round and swapping the order cancels that drift in the ratio.
-    """
-    a, b = [], []
-    for i in range(rounds):
-        if i % 2 == 0:
-            a.append(first())
-            b.append(second())
-        else:
-            b.append(second())
-            a.append(first())
-    return a, b
-
-
 def _ratio(a: list[float], b: list[float]) -> float:
     """Median over rounds of a_i / b_i."""
     return statistics.median(x / y for x, y in zip(a, b))
@@ -117,7 +100,7 @@ def timer_crosscheck(dev: torch.device) -> list[dict]:
     rows = []
     with torch.no_grad():
         for name, fn in calls.items():
-            harness, triton_ms = _paired(lambda: time_fn(fn, dev, warmup=10, reps=50).median_ms,
+            harness, triton_ms = alternating(lambda: time_fn(fn, dev, warmup=10, reps=50).median_ms,
                                          lambda: do_bench(fn, warmup=25, rep=150, return_mode="median"), 9)
             h_ms, t_ms = statistics.median(harness), statistics.median(triton_ms)
             rows.append({"backend": name, "harness_ms": h_ms, "do_bench_ms": t_ms,
@@ -137,9 +120,9 @@ def wrapper_overhead(dev: torch.device) -> list[dict]:
             direct = lambda: fa.fa3_call(q, k, v, causal)  # noqa: E731
             wrapped = lambda: fa.attention(q, k, v, causal)  # noqa: E731
             with torch.no_grad():
-                ev_w, ev_d = _paired(lambda: time_fn(wrapped, dev, warmup=3, reps=20).median_ms,
+                ev_w, ev_d = alternating(lambda: time_fn(wrapped, dev, warmup=3, reps=20).median_ms,
                                      lambda: time_fn(direct, dev, warmup=3, reps=20).median_ms, 11)
-                bb_w, bb_d = _paired(lambda: _back_to_back_ms(wrapped, 20), lambda: _back_to_back_ms(direct, 20), 11)
+                bb_w, bb_d = alternating(lambda: _back_to_back_ms(wrapped, 20), lambda: _back_to_back_ms(direct, 20), 11)
             rows.append({"S": s, "causal": causal, "direct_ms": statistics.median(ev_d),
                          "wrapper_ms": statistics.median(ev_w), "overhead_pct": 100 * (_ratio(ev_w, ev_d) - 1),
                          "b2b_direct_ms": statistics.median(bb_d), "b2b_wrapper_ms": statistics.median(bb_w),

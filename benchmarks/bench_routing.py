@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import lsh_triton  # noqa: E402
 from engine.moe_router import (HashRouter, TopKRouter, expert_utilization, lsh_bits,  # noqa: E402
                                lsh_codes, top_k)
-from engine.timing import time_fn  # noqa: E402
+from engine.timing import alternating, time_fn  # noqa: E402
 
 
 def _row(name: str, ms: float, tokens: int, ref_name: str, ref_ms: float, target: str,
@@ -48,18 +48,22 @@ def run(device: str, tokens: int, hidden_tokens: int, experts: int, k: int, d_mo
     gate = topk.gate.to(dev)
 
     def pair(fn, ref) -> tuple[float, float, float]:
-        """Median ms of fn and of ref, timed alternately (ABAB...) so both see the same machine
-        state, and this process's CPU ms per call of fn (on a shared CPU wall time also counts
-        the time other processes hold the core; CPU time does not)."""
+        """Median ms of fn and of ref, timed in alternating order (engine.timing.alternating) so
+        both see the same machine state, and this process's CPU ms per call of fn (on a shared
+        CPU wall time also counts the time other processes hold the core; CPU time does not)."""
         for _ in range(3):
             fn(), ref()
-        a, b, cpu = [], [], 0.0
-        for _ in range(reps):
+        cpu = []
+
+        def timed_fn() -> float:
             c0 = time.process_time()
-            a.append(time_fn(fn, device=dev, warmup=0, reps=1).median_ms)
-            cpu += time.process_time() - c0
-            b.append(time_fn(ref, device=dev, warmup=0, reps=1).median_ms)
-        return statistics.median(a), statistics.median(b), cpu * 1e3 / reps
+            ms = time_fn(fn, device=dev, warmup=0, reps=1).median_ms
+            cpu.append(time.process_time() - c0)
+            return ms
+
+        a, b = alternating(timed_fn, lambda: time_fn(ref, device=dev, warmup=0, reps=1).median_ms,
+                           reps)
+        return statistics.median(a), statistics.median(b), sum(cpu) * 1e3 / reps
 
     on_cpu = dev.type == "cpu"
     rows = []

@@ -81,3 +81,22 @@ def _time_cuda(fn: Callable[[], object], dev: torch.device, warmup: int, reps: i
         ends[i].record()
     torch.cuda.synchronize(dev)
     return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def alternating(first: Callable[[], float], second: Callable[[], float], rounds: int
+                ) -> tuple[list[float], list[float]]:
+    """Call two measurements `rounds` times each, swapping which goes first every round (ABBA...);
+    returns both lists of what they returned.
+
+    A machine's speed drifts between rounds (an H100's clocks under full load by up to 10%, a
+    shared CPU by more): pairing each round and swapping the order cancels that drift in a ratio.
+    """
+    a, b = [], []
+    for i in range(rounds):
+        if i % 2 == 0:
+            a.append(first())
+            b.append(second())
+        else:
+            b.append(second())
+            a.append(first())
+    return a, b

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from engine.cli import CommandResult, _jsonable, main
-from engine.timing import _summary, time_fn
+from engine.timing import _summary, alternating, time_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,3 +66,14 @@ def test_time_fn_calls_warmup_plus_reps_times_on_cpu():
     assert len(calls) == 9 and t.reps == 7 and t.median_ms >= 0
     with pytest.raises(ValueError, match="reps must be >= 1"):
         time_fn(lambda: None, reps=0)
+
+
+def test_alternating_swaps_which_measurement_goes_first_every_round():
+    calls = []
+
+    def measure(name, value):
+        return lambda: calls.append(name) or value
+
+    a, b = alternating(measure("A", 1.0), measure("B", 2.0), rounds=3)
+    assert calls == ["A", "B", "B", "A", "A", "B"]
+    assert a == [1.0] * 3 and b == [2.0] * 3
