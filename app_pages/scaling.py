@@ -186,7 +186,9 @@ if syn is not None:
 # Column names may come from an upload: escaped, as plotly draws <b>, <a href> ... in titles.
 fig.update_xaxes(type="log", title=html.escape(x_col))
 fig.update_yaxes(type="log", title=html.escape(y_col))
-fig.update_layout(title="Log-log fit with the breakpoint interval", height=520, legend_orientation="h")
+# The legend goes below the x-axis title, not over it.
+fig.update_layout(title="Log-log fit with the breakpoint interval", height=560,
+                  legend=dict(orientation="h", yanchor="top", y=-0.2, x=0), margin_b=120)
 st.plotly_chart(fig, key="scaling_fit")
 
 left, right = st.columns(2)
