@@ -2,8 +2,8 @@
 
 Every rank makes its tokens and routing (engine.expert_parallel.rank_batch), then per layer:
 dispatch: tally its (token, slot) pairs per physical expert slot and exchange the counts with
-all_to_all_single (the layer's one host sync) while the pairs' rows are grouped by slot into a
-send buffer, then send the rows to their experts;
+all_to_all_single (the layer's one host sync), group the pairs' rows by slot into a send buffer
+(on CUDA while the counts travel), then send the rows to their experts;
 experts: each rank multiplies every received row by its expert's gain; combine: rows go back and
 each token's output is the gate-weighted sum of its returned rows, weighted at the sender (the
 weights never travel) in one gather-and-sum (engine.ep_combine), no atomic adds. With --chunks M the
@@ -137,13 +137,13 @@ class Dispatched:
 
 @dataclass(frozen=True)
 class _Layout:
-    """Index tensors of one token count, built once: see ExpertParallelLayer._layout."""
+    """Index tensors of one (token count, k), built once: see ExpertParallelLayer._layout."""
 
     bounds: list[int]
     chunk_key: torch.Tensor | None  # (T, 1) sort-key offset of every token's chunk; None: 1 chunk
     ones: torch.Tensor  # (T * k,) int32 ones, what index_add_ adds per pair
     tally: torch.Tensor  # (chunks * (P + 1),) int32 pairs per sort key, refilled every call
-    cursor: torch.Tensor  # like tally: the end of every key's range in the send buffer (CUDA)
+    cursor: torch.Tensor  # like tally: each key's range end in the send buffer, counted down (CUDA)
     slot_keys: torch.Tensor  # (chunks * P,) keys of the real slots, grouped by destination rank
     meta: torch.Tensor  # (chunks * P + R * chunks * my slots,) counts sent, then counts received
     host: torch.Tensor  # meta's copy on the host (pinned on CUDA; meta itself on CPU)
@@ -199,7 +199,7 @@ class ExpertParallelLayer:
         self._layouts: dict[tuple[int, int], _Layout] = {}
 
     def _layout(self, t_count: int, k: int) -> _Layout:
-        """Chunk bounds and the tensors that tally keys into counts, per token count.
+        """Chunk bounds and the tensors that tally keys into counts, per (token count, k).
 
         Sort key of a pair: chunk * (P + 1) + its slot's sort position.
         """
@@ -242,7 +242,7 @@ class ExpertParallelLayer:
                buf: torch.Tensor, tallied: torch.cuda.Event | None) -> list[torch.cuda.Event | None]:
         """Group the pairs by key (T * k,) into the send buffer: buf[position[p]] = x[p // k].
 
-        Fills position (T * k,) and buf (T * k, D); returns per chunk the event after which its
+        x must be contiguous and stay alive until the side stream is joined. Fills position (T * k,) and buf (T * k, D); returns per chunk the event after which its
         rows for the other ranks are in buf (None: they already are). With Triton on CUDA the
         rows are placed on the side stream (engine.ep_place) once `tallied` has passed, every
         chunk's rows for the other ranks first, then this rank's own; elsewhere by a stable sort
@@ -255,7 +255,6 @@ class ExpertParallelLayer:
             torch.index_select(x, 0, order // k, out=buf)
             return [None] * (len(lay.bounds) - 1)
         p1, others = self.num_slots + 1, self.num_slots - self.slots_per_rank[self.rank]
-        x = x.contiguous()
         self.side.wait_event(tallied)
         events = []
         with torch.cuda.stream(self.side):
@@ -270,6 +269,9 @@ class ExpertParallelLayer:
                  token_index: torch.Tensor) -> Dispatched:
         """Start sending x's rows (T, D) to their experts (experts (T, k), token_index (T,));
         every chunk's transfer is in flight on return."""
+        # Made contiguous before the side stream's event, and held until that stream is joined:
+        # the side stream reads it.
+        x = x.contiguous()
         t_count, k = experts.shape
         lay = self._layout(t_count, k)
         m_count, w, mine, me = len(lay.bounds) - 1, self.world, self.slots_per_rank[self.rank], self.rank
@@ -294,7 +296,7 @@ class ExpertParallelLayer:
             lay.host.copy_(lay.meta, non_blocking=True)
         placed = self._place(x, key, lay, position, buf, tallied)
         if lay.host is not lay.meta:
-            # Wait for this stream alone: the rows are still placed on the side stream.
+            # Wait for this stream alone: with Triton the rows are still placed on the side stream.
             torch.cuda.current_stream(self.device).synchronize()  # the host sync
         counts = lay.host.tolist()
         send, recv = self._sizes(counts, m_count)
@@ -327,7 +329,7 @@ class ExpertParallelLayer:
                 ) -> torch.Tensor:
         """Every chunk back and summed per token with its gate weights (T, k); output (T, D).
 
-        Returned rows land at their pairs' sorted positions in d.buf, beside the own rows;
+        Returned rows land at their pairs' positions in d.buf, beside the own rows;
         empty pairs' rows are zeroed. run_experts: apply each chunk's experts just before
         sending it back (the whole layer).
         """

@@ -52,7 +52,7 @@ def place_rows(x: torch.Tensor, key: torch.Tensor, cursor: torch.Tensor, positio
     x (T, D) contiguous; key (T * k,) int32; cursor (chunks * slots_per_chunk,) int32, decremented
     in place; position (T * k,) int64 and buf (T * k, D), written in place.
     """
-    if last <= first:
+    if last <= first or slot_hi <= slot_lo:
         return
     k = key.numel() // x.shape[0]
     _place_kernel[(last - first,)](x, key, cursor, position, buf, first, x.shape[1],

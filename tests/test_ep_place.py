@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or ep_place.triton
                                                      (2, 4, 130, torch.float16)])
 def test_placed_rows_match_a_stable_sort_grouping(chunks, k, d_model, dtype):
     gen = torch.Generator().manual_seed(chunks * 10 + k)
-    t_count, slots, others = 3000, 9, 6  # slots 0..5 other ranks', 6..8 own; slot 9 = empty pairs
+    t_count, slots, others = 3001, 9, 6  # slots 0..5 other ranks', 6..8 own; slot 9 = empty pairs
     p1 = slots + 1
     x = torch.randn(t_count, d_model, generator=gen).to("cuda", dtype)
     slot = torch.randint(0, p1, (t_count * k,), generator=gen)
@@ -25,7 +25,7 @@ def test_placed_rows_match_a_stable_sort_grouping(chunks, k, d_model, dtype):
     cursor = torch.cumsum(tally, 0, dtype=torch.int32)
     position = torch.full((key.numel(),), -1, dtype=torch.int64, device="cuda")
     buf = torch.zeros(key.numel(), d_model, dtype=dtype, device="cuda")
-    bounds = [m * t_count // chunks for m in range(chunks + 1)]
+    bounds = [-(-m * t_count // chunks) for m in range(chunks + 1)]  # as the layer's
     for lo, hi in zip(bounds, bounds[1:]):  # the other ranks' rows, chunk by chunk, then the own
         ep_place.place_rows(x, key, cursor, position, buf, lo * k, hi * k, p1, 0, others)
     ep_place.place_rows(x, key, cursor, position, buf, 0, key.numel(), p1, others, p1)
