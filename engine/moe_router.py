@@ -285,13 +285,16 @@ class HashRouter:
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """scores.topk(k, dim=-1) (values and indices, largest first). On CPU k <= 2 takes one or
     two max passes instead, about half topk's time (64k x 64, k = 2: 24 ms against 47 ms); a
-    tie goes to the lower index."""
+    tie goes to the lower index. The two indices of a row always differ, as topk's do."""
     if k > 2 or scores.device.type != "cpu":
         return scores.topk(k, dim=-1)
     first, index = scores.max(dim=-1, keepdim=True)
     if k == 1:
         return first, index
     second, index2 = scores.scatter(-1, index, float("-inf")).max(dim=-1, keepdim=True)
+    # A row with no finite score left after the first pass has its max, -inf, at the lowest
+    # index, which can be the first pick's: take the next index then (its score is -inf too).
+    index2 = torch.where(index2 == index, (index + 1) % scores.shape[-1], index2)
     return torch.cat([first, second], dim=-1), torch.cat([index, index2], dim=-1)
 
 

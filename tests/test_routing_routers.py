@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from engine.moe_router import (BalancedHashRouter, DeepSeekV3Router, ExpertChoiceRouter,
                                GShardRouter, HashRouter, Routing, SwitchRouter, TopKRouter,
                                apply_capacity, expert_utilization, load_balance_std,
-                               topk_softmax_route)
+                               top_k, topk_softmax_route)
 
 M64 = (1 << 64) - 1
 
@@ -349,3 +349,14 @@ def test_lsh_experts_are_in_range_for_any_expert_count(e, k):
     assert int(expert_utilization(r).sum()) == int((r.experts >= 0).sum())
     if e == 1:
         assert r.experts[:, 0].eq(0).all() and (k == 1 or r.experts[:, 1].eq(-1).all())
+
+
+def test_cpu_top2_picks_two_different_experts_even_without_finite_scores():
+    inf = float("-inf")
+    scores = torch.tensor([[inf, inf, inf], [0.5, inf, inf], [inf, 0.5, inf], [0.1, 0.3, 0.2]])
+    values, index = top_k(scores, 2)
+    assert (index[:, 0] != index[:, 1]).all()
+    # The values are the picked experts' scores, and match topk's (which picks distinct ones too).
+    assert torch.equal(values, scores.gather(1, index))
+    assert torch.equal(values, scores.topk(2, dim=-1).values)
+    assert index[3].tolist() == [1, 2]
