@@ -26,6 +26,17 @@ def _sweep(**fields) -> list[dict]:
     return hot_expert_sweep(EPSettings(**fields), HOT_SHARES)
 
 
+def ratios_first(summary: pd.DataFrame) -> pd.DataFrame:
+    """Summary columns with the configuration and the ratios first (every round's dispatch ratio
+    beside the reported one, where there were rounds), the times after."""
+    first = [c for c in ("tokens", "chunks", "dispatch_ratio", "dispatch_ratio_rounds",
+                         "combine_ratio", "layer_ratio") if c in summary]
+    if "dispatch_ratio_rounds" in summary:  # a list per row: shown as short text
+        summary = summary.assign(dispatch_ratio_rounds=summary["dispatch_ratio_rounds"].map(
+            lambda v: " ".join(f"{x:.2f}" for x in v)))
+    return summary[first + [c for c in summary if c not in first]]
+
+
 st.title("Expert parallelism")
 st.caption("E experts on R ranks, each rank holding its own tokens: what each rank computes, what "
            "crosses the network in the dispatch and the combine, and what one hot expert does to "
@@ -104,8 +115,8 @@ st.subheader("Measured: a real dispatch on this machine")
 st.caption("torchrun starts N CPU processes (gloo); each routes its tokens, exchanges counts and "
            "rows with all_to_all_single, runs its experts and combines. The dispatch, the combine "
            "and the whole layer are each timed next to a plain all_to_all_single of the rows "
-           "that cross ranks; ratio = plain time / phase time on the slowest rank. CPU times show the "
-           "mechanics, not GPU speed.")
+           "that cross ranks; ratio = plain time / phase time on the slowest rank. CPU times "
+           "show the mechanics, not GPU speed.")
 c = st.columns([1, 1, 2])
 procs = c[0].number_input("Processes", 2, 4, 2, key="procs", **Q)
 if c[1].button("Run the dispatch", key="run_dispatch", icon=":material/play_arrow:"):
@@ -118,17 +129,6 @@ if c[1].button("Run the dispatch", key="run_dispatch", icon=":material/play_arro
     except LaunchError as exc:
         st.error("The dispatch failed; its last output:", icon=":material/error:")
         st.code(str(exc))
-def ratios_first(summary: pd.DataFrame) -> pd.DataFrame:
-    """Summary columns with the configuration and the ratios first (every round's dispatch ratio
-    beside the reported one, where there were rounds), the times after."""
-    first = [c for c in ("tokens", "chunks", "dispatch_ratio", "dispatch_ratio_rounds",
-                         "combine_ratio", "layer_ratio") if c in summary]
-    if "dispatch_ratio_rounds" in summary:  # a list per row: shown as short text
-        summary = summary.assign(dispatch_ratio_rounds=summary["dispatch_ratio_rounds"].map(
-            lambda v: " ".join(f"{x:.2f}" for x in v)))
-    return summary[first + [c for c in summary if c not in first]]
-
-
 measured = st.session_state.get("ep_measured")
 if measured is not None:
     st.caption(f"{measured['world']} ranks, {measured['backend']}, {measured['device']}, "

@@ -90,9 +90,10 @@ def _show(result: LabResult, settings: LabSettings) -> None:
 
     st.subheader("Balance metrics")
     st.caption(f"CV = std/mean of tokens per expert; MaxVio = max/mean - 1; drop rate at capacity "
-               f"ceil(C k T / E), counting choices before a router's own drops; {NULL_LABEL}: CV = sqrt((E-1)/(kT)), what k T slots thrown "
-               "uniformly at random would give. Switch aux loss = E sum f_i P_i (routers with "
-               "probabilities). Rank balancedness = mean/max tokens per rank.")
+               f"ceil(C k T / E), counting choices before a router's own drops; {NULL_LABEL}: "
+               "CV = sqrt((E-1)/(kT)), what k T slots thrown uniformly at random would give. "
+               "Switch aux loss = E sum f_i P_i (routers with probabilities). Rank balancedness = "
+               "mean/max tokens per rank.")
     st.dataframe(result.metrics, hide_index=True, width="stretch",
                  column_config={c: st.column_config.NumberColumn(format="%.4f")
                                 for c in result.metrics.columns

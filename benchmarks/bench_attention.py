@@ -101,7 +101,7 @@ def timer_crosscheck(dev: torch.device) -> list[dict]:
     with torch.no_grad():
         for name, fn in calls.items():
             harness, triton_ms = alternating(lambda: time_fn(fn, dev, warmup=10, reps=50).median_ms,
-                                         lambda: do_bench(fn, warmup=25, rep=150, return_mode="median"), 9)
+                                             lambda: do_bench(fn, warmup=25, rep=150, return_mode="median"), 9)
             h_ms, t_ms = statistics.median(harness), statistics.median(triton_ms)
             rows.append({"backend": name, "harness_ms": h_ms, "do_bench_ms": t_ms,
                          "harness_tflops": flops / h_ms / 1e9, "do_bench_tflops": flops / t_ms / 1e9,
@@ -121,7 +121,7 @@ def wrapper_overhead(dev: torch.device) -> list[dict]:
             wrapped = lambda: fa.attention(q, k, v, causal)  # noqa: E731
             with torch.no_grad():
                 ev_w, ev_d = alternating(lambda: time_fn(wrapped, dev, warmup=3, reps=20).median_ms,
-                                     lambda: time_fn(direct, dev, warmup=3, reps=20).median_ms, 11)
+                                         lambda: time_fn(direct, dev, warmup=3, reps=20).median_ms, 11)
                 bb_w, bb_d = alternating(lambda: _back_to_back_ms(wrapped, 20), lambda: _back_to_back_ms(direct, 20), 11)
             rows.append({"S": s, "causal": causal, "direct_ms": statistics.median(ev_d),
                          "wrapper_ms": statistics.median(ev_w), "overhead_pct": 100 * (_ratio(ev_w, ev_d) - 1),

@@ -242,11 +242,12 @@ class ExpertParallelLayer:
                buf: torch.Tensor, tallied: torch.cuda.Event | None) -> list[torch.cuda.Event | None]:
         """Group the pairs by key (T * k,) into the send buffer: buf[position[p]] = x[p // k].
 
-        x must be contiguous and stay alive until the side stream is joined. Fills position (T * k,) and buf (T * k, D); returns per chunk the event after which its
-        rows for the other ranks are in buf (None: they already are). With Triton on CUDA the
-        rows are placed on the side stream (engine.ep_place) once `tallied` has passed, every
-        chunk's rows for the other ranks first, then this rank's own; elsewhere by a stable sort
-        and a gather on this stream.
+        x must be contiguous and stay alive until the side stream is joined. Fills position
+        (T * k,) and buf (T * k, D); returns per chunk the event after which its rows for the
+        other ranks are in buf (None: they already are). With Triton on CUDA the rows are placed
+        on the side stream (engine.ep_place) once `tallied` has passed, every chunk's rows for
+        the other ranks first, then this rank's own; elsewhere by a stable sort and a gather on
+        this stream.
         """
         k = key.numel() // x.shape[0]
         if tallied is None or not ep_place.available(x):
@@ -319,11 +320,12 @@ class ExpertParallelLayer:
 
     def experts(self, d: Dispatched, m: int) -> None:
         """Chunk m's experts, in place: every received row and own row times its expert's gain."""
+        gains = self.gains.to(d.buf.dtype)
         for rows, counts in ((d.wait(m), d.recv_counts.index_select(0, self.other_ranks)[:, m]),
                              (d.own_rows(m, self.rank), d.recv_counts[self.rank, m])):
             row_expert = self.my_experts.repeat(counts.numel() // self.my_experts.numel()) \
                 .repeat_interleave(counts.reshape(-1), output_size=rows.shape[0])
-            rows.mul_(self.gains.to(rows.dtype)[row_expert][:, None])
+            rows.mul_(gains[row_expert][:, None])
 
     def combine(self, d: Dispatched, weights: torch.Tensor, run_experts: bool = False
                 ) -> torch.Tensor:
