@@ -29,7 +29,7 @@ def _sweep(**fields) -> list[dict]:
 def ratios_first(summary: pd.DataFrame) -> pd.DataFrame:
     """Summary columns with the configuration and the ratios first (every round's dispatch ratio
     beside the reported one, where there were rounds), the times after."""
-    first = [c for c in ("tokens", "chunks", "dispatch_ratio", "dispatch_ratio_rounds",
+    first = [c for c in ("tokens", "chunks", "lead_ms", "dispatch_ratio", "dispatch_ratio_rounds",
                          "combine_ratio", "layer_ratio") if c in summary]
     if "dispatch_ratio_rounds" in summary:  # a list per row: shown as short text
         summary = summary.assign(dispatch_ratio_rounds=summary["dispatch_ratio_rounds"].map(
@@ -153,5 +153,8 @@ if results:
     st.caption("Ratios are plain all_to_all_single time (the rows that cross ranks) / phase time on "
                "the slowest rank; the target (>= 0.7) is dispatch_ratio. Each configuration ran in "
                "rounds; a row is the round with the median dispatch ratio, and "
-               "dispatch_ratio_rounds lists every round's. benchmarks/results/README.md says where "
-               "the time goes.")
+               "dispatch_ratio_rounds lists every round's. lead_ms: GPU work queued before every "
+               "timed call, so the host reaches it ahead of the GPU as in a model step (0: back to "
+               "back, the host's own time exposed). overflow_share: share of calls with rows "
+               "beyond the split sizes agreed from the last call. benchmarks/results/README.md "
+               "says where the time goes.")

@@ -1,14 +1,11 @@
-"""A real expert-parallel MoE layer on torch.distributed, launched with torchrun.
+"""The expert-parallel layer (engine.ep_layer) measured on torch.distributed, launched with torchrun.
 
-Every rank makes its tokens and routing (engine.expert_parallel.rank_batch), then per layer:
-dispatch: tally its (token, slot) pairs per physical expert slot and exchange the counts with
-all_to_all_single (the layer's one host sync), group the pairs' rows by slot into a send buffer
-(on CUDA while the counts travel), then send the rows to their experts;
-experts: each rank multiplies every received row by its expert's gain; combine: rows go back and
-each token's output is the gate-weighted sum of its returned rows, weighted at the sender (the
-weights never travel) in one gather-and-sum (engine.ep_combine), no atomic adds. With --chunks M the
-tokens go in M micro-batches whose exchanges are asynchronous, so one chunk's placing, experts and
-combine overlap another's transfer.
+Every rank makes its tokens and routing (engine.expert_parallel.rank_batch) and runs the layer:
+dispatch (counts and rows to the experts), experts (each received row times its expert's gain),
+combine (rows back, gate-weighted sum per token). With --chunks M the tokens go in M
+micro-batches whose exchanges overlap; with --batches B the calls cycle through B batches, so
+that each call's routing differs from the last one's (the layer sizes its main exchange from the
+last call's counts; see engine.ep_layer).
 
 The dispatch, the combine and the whole layer are each timed next to a plain all_to_all_single of
 exactly the rows that cross ranks (the layer's split sizes with a rank's own set to 0, as the layer
@@ -35,21 +32,21 @@ import platform
 import signal
 import subprocess
 import sys
+import itertools
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from engine import ep_place
-from engine.ep_combine import weighted_rows_sum
-from engine.expert_parallel import (DTYPES, EPSettings, Placement, destinations, make_placement,
+from engine.ep_layer import Dispatched, ExpertParallelLayer, Splits
+from engine.expert_parallel import (DTYPES, EPSettings, Placement, make_placement,
                                     parse_placement, rank_batch, token_features)
-from engine.timing import time_fn
-from engine.validation import MAX_BYTES, check_bytes, check_int
+from engine.timing import gpu_work, time_fn
+from engine.validation import MAX_BYTES, check_bytes, check_float, check_int
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_CPU_PROCESSES = 8
@@ -81,288 +78,6 @@ def reference_layer(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
     return out.to(x.dtype)
 
 
-@dataclass(frozen=True)
-class Splits:
-    """Rows this rank sends to / receives from every rank in the dispatch (combine: reversed)."""
-
-    send: list[int]
-    recv: list[int]
-
-
-@dataclass
-class Dispatched:
-    """One layer call in flight on this rank: what the dispatch received and how to put it back.
-
-    Pairs p = t * k + j are grouped by (chunk, slot), with this rank's own slots after every other
-    rank's and the empty pairs last, so chunk m's pairs sit at positions bounds[m] * k ..
-    bounds[m + 1] * k of `buf`: first the rows for the other ranks, rank by rank (all_to_all_single
-    sends them), then this rank's own rows (they never go through NCCL), then the empty pairs.
-    rows[m] receives chunk m's rows from the other ranks (grouped by source rank, then by this
-    rank's slot); the combine returns them into `buf`, where the own rows already are.
-    """
-
-    tokens: int
-    bounds: list[int]
-    send: list[list[int]]  # [chunk][rank] rows sent in the dispatch (own rank included)
-    recv: list[list[int]]  # [chunk][rank] rows received
-    recv_counts: torch.Tensor  # (R, chunks, my slots) rows received per source rank and slot,
-    # on the layer's device (a pageable host-to-device copy in the experts would sync the host)
-    position: torch.Tensor  # (T * k,) int64 position of every pair's row in buf
-    buf: torch.Tensor  # (T * k, D) the pairs' rows, grouped (the combine's return buffer too)
-    rows: list[torch.Tensor]  # [chunk] (rows received from the other ranks, D)
-    works: list[dist.Work | None]  # [chunk] pending all_to_all into rows[m], None once done
-
-    def splits(self) -> Splits:
-        """Rows sent to / received from each rank in the dispatch, all chunks together."""
-        return Splits([sum(c) for c in zip(*self.send)], [sum(c) for c in zip(*self.recv)])
-
-    def own_rows(self, m: int, rank: int) -> torch.Tensor:
-        """Chunk m's rows for this rank's own experts (a view of buf), grouped by slot."""
-        lo = self.bounds[m] * self.k + sum(self.send[m]) - self.send[m][rank]
-        return self.buf[lo:lo + self.send[m][rank]]
-
-    @property
-    def k(self) -> int:
-        """Slots per token."""
-        return self.position.numel() // self.tokens
-
-    def wait(self, m: int) -> torch.Tensor:
-        """Chunk m's rows from the other ranks, once they are in place (the own rows already are,
-        for work queued after dispatch() returned)."""
-        if self.works[m] is not None:
-            self.works[m].wait()
-            self.works[m] = None
-        return self.rows[m]
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Index tensors of one (token count, k), built once: see ExpertParallelLayer._layout."""
-
-    bounds: list[int]
-    chunk_key: torch.Tensor | None  # (T, 1) sort-key offset of every token's chunk; None: 1 chunk
-    ones: torch.Tensor  # (T * k,) int32 ones, what index_add_ adds per pair
-    tally: torch.Tensor  # (chunks * (P + 1),) int32 pairs per sort key, refilled every call
-    cursor: torch.Tensor  # like tally: each key's range end in the send buffer, counted down (CUDA)
-    slot_keys: torch.Tensor  # (chunks * P,) keys of the real slots, grouped by destination rank
-    meta: torch.Tensor  # (chunks * P + R * chunks * my slots,) counts sent, then counts received
-    host: torch.Tensor  # meta's copy on the host (pinned on CUDA; meta itself on CPU)
-
-
-class ExpertParallelLayer:
-    """One MoE layer's dispatch, experts and combine for this rank over the default process group.
-
-    dispatch(): tally the pairs per slot, exchange the counts (the layer's one host sync), group
-    the rows by slot in a send buffer and send them to their experts. experts(): each received
-    row times its expert's gain. combine(): rows back, each scaled by its gate weight at the
-    sender (the weights never travel) and summed per token in one gather (engine.ep_combine), no
-    atomics.
-    chunks: the tokens are cut into this many micro-batches whose exchanges run asynchronously,
-    so one chunk's placing, expert work and combine overlap another's transfer (NCCL runs on its
-    own stream). 1 is the plain sequential layer; the result is the same.
-
-    Rows for this rank's own experts never go through NCCL: they come after the other ranks'
-    rows in the send buffer, are placed while those travel, and are already where the combine
-    needs them. The planning is written for few launches, as it is bound by the host at small
-    token counts: the counts are tallied from the unsorted keys, so their exchange starts at
-    once; on CUDA the rows are then placed in the send buffer on a side stream by one Triton
-    kernel per chunk for the other ranks' rows and one for the own rows (engine.ep_place,
-    instead of a sort and a gather), during the counts exchange and the host sync; after the
-    sync the transfers are launched before any bookkeeping. The worker gives NCCL high-priority
-    streams so that transfers are not queued behind the placing of this rank's own rows.
-    """
-
-    def __init__(self, placement: Placement, gains: torch.Tensor, rank: int, device: torch.device,
-                 chunks: int = 1) -> None:
-        self.rank, self.world, self.device = rank, placement.num_ranks, device
-        self.chunks = check_int("chunks", chunks, 1, 64)
-        self.slots_per_rank = [len(s) for s in placement.slots]
-        p_count = self.num_slots = sum(self.slots_per_rank)
-        # First physical slot of every rank (slots are numbered rank by rank), and past the last.
-        self.slot_start = [sum(self.slots_per_rank[:r]) for r in range(self.world + 1)]
-        # Sort position of every physical slot: the other ranks' slots in rank order, then this
-        # rank's own; position P (empty pairs, and the table's -1 padding) sorts last.
-        own = range(self.slot_start[rank], self.slot_start[rank + 1])
-        self.sort_slot = [0] * p_count
-        for i, slot in enumerate([s for s in range(p_count) if s not in own] + list(own)):
-            self.sort_slot[slot] = i
-        # int32 keys: index_add_ takes them as indices, and the radix sort makes 4 passes, not 8.
-        table, copies = placement.replica_table(empty=p_count)
-        lookup = torch.tensor(self.sort_slot + [p_count], dtype=torch.int32)
-        self.replicas = (lookup[table].to(device), copies.to(device))
-        self.my_experts = torch.tensor(placement.slots[rank], dtype=torch.int64, device=device)
-        # On the device: a list index would be copied from pageable memory, syncing the host.
-        self.other_ranks = torch.tensor([r for r in range(self.world) if r != rank], dtype=torch.int64,
-                                        device=device)
-        self.gains = gains.to(device)
-        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._layouts: dict[tuple[int, int], _Layout] = {}
-
-    def _layout(self, t_count: int, k: int) -> _Layout:
-        """Chunk bounds and the tensors that tally keys into counts, per (token count, k).
-
-        Sort key of a pair: chunk * (P + 1) + its slot's sort position.
-        """
-        if (t_count, k) not in self._layouts:
-            m_count, p1, dev, w = min(self.chunks, t_count), self.num_slots + 1, self.device, self.world
-            first = self.slot_start
-            chunk_key = (torch.arange(t_count, device=dev) * m_count // t_count * p1)[:, None]
-            # Counts go rank by rank: every chunk's counts for rank r's slots, then rank r + 1's.
-            slot_keys = [m * p1 + self.sort_slot[s] for r in range(w) for m in range(m_count)
-                         for s in range(first[r], first[r + 1])]
-            meta = torch.empty(m_count * (self.num_slots + w * self.slots_per_rank[self.rank]),
-                               dtype=torch.int32, device=dev)
-            self._layouts[t_count, k] = _Layout(
-                [-(-m * t_count // m_count) for m in range(m_count + 1)],
-                chunk_key.to(torch.int32) if m_count > 1 else None,
-                torch.ones(t_count * k, dtype=torch.int32, device=dev),
-                torch.empty(m_count * p1, dtype=torch.int32, device=dev),
-                torch.empty(m_count * p1, dtype=torch.int32, device=dev),
-                torch.tensor(slot_keys, dtype=torch.int64, device=dev),
-                meta, meta if dev.type == "cpu" else torch.empty_like(meta, device="cpu").pin_memory())
-        return self._layouts[t_count, k]
-
-    def off_rank(self, sizes: list[int]) -> list[int]:
-        """Split sizes for NCCL: this rank's own entry is 0, its rows are moved locally."""
-        return [0 if r == self.rank else n for r, n in enumerate(sizes)]
-
-    def _sizes(self, counts: list[int], m_count: int) -> tuple[list[list[int]], list[list[int]]]:
-        """Rows sent to / received from each rank per chunk, [chunk][rank], from the exchanged
-        counts (sent ones grouped [rank][chunk][its slots], then received [rank][chunk][my slots])."""
-        w, mine = self.world, self.slots_per_rank[self.rank]
-        send, recv, i = [[0] * w for _ in range(m_count)], [[0] * w for _ in range(m_count)], 0
-        for sizes, per_rank in ((send, self.slots_per_rank), (recv, [mine] * w)):
-            for r, n in enumerate(per_rank):
-                for m in range(m_count):
-                    sizes[m][r] = sum(counts[i:i + n])
-                    i += n
-        return send, recv
-
-    def _place(self, x: torch.Tensor, key: torch.Tensor, lay: _Layout, position: torch.Tensor,
-               buf: torch.Tensor, tallied: torch.cuda.Event | None) -> list[torch.cuda.Event | None]:
-        """Group the pairs by key (T * k,) into the send buffer: buf[position[p]] = x[p // k].
-
-        x must be contiguous and stay alive until the side stream is joined. Fills position
-        (T * k,) and buf (T * k, D); returns per chunk the event after which its rows for the
-        other ranks are in buf (None: they already are). With Triton on CUDA the rows are placed
-        on the side stream (engine.ep_place) once `tallied` has passed, every chunk's rows for
-        the other ranks first, then this rank's own; elsewhere by a stable sort and a gather on
-        this stream.
-        """
-        k = key.numel() // x.shape[0]
-        if tallied is None or not ep_place.available(x):
-            order = torch.sort(key, stable=True).indices
-            position.scatter_(0, order, torch.arange(key.numel(), device=key.device))
-            torch.index_select(x, 0, order // k, out=buf)
-            return [None] * (len(lay.bounds) - 1)
-        p1, others = self.num_slots + 1, self.num_slots - self.slots_per_rank[self.rank]
-        self.side.wait_event(tallied)
-        events = []
-        with torch.cuda.stream(self.side):
-            torch.cumsum(lay.tally, 0, dtype=torch.int32, out=lay.cursor)
-            for lo, hi in zip(lay.bounds, lay.bounds[1:]):
-                ep_place.place_rows(x, key, lay.cursor, position, buf, lo * k, hi * k, p1, 0, others)
-                events.append(self.side.record_event())
-            ep_place.place_rows(x, key, lay.cursor, position, buf, 0, key.numel(), p1, others, p1)
-        return events
-
-    def dispatch(self, x: torch.Tensor, experts: torch.Tensor,
-                 token_index: torch.Tensor) -> Dispatched:
-        """Start sending x's rows (T, D) to their experts (experts (T, k), token_index (T,));
-        every chunk's transfer is in flight on return."""
-        # Made contiguous before the side stream's event, and held until that stream is joined:
-        # the side stream reads it.
-        x = x.contiguous()
-        t_count, k = experts.shape
-        lay = self._layout(t_count, k)
-        m_count, w, mine, me = len(lay.bounds) - 1, self.world, self.slots_per_rank[self.rank], self.rank
-        key = destinations(experts, token_index, self.replicas)
-        if lay.chunk_key is not None:
-            key = key + lay.chunk_key
-        key = key.view(-1)
-        # Counts per physical slot, tallied from the unsorted keys, go to the slot's rank, so the
-        # receiver knows which of its experts every row is for and expert ids never travel.
-        lay.tally.zero_().index_add_(0, key, lay.ones)
-        n_send = lay.slot_keys.numel()
-        torch.index_select(lay.tally, 0, lay.slot_keys, out=lay.meta[:n_send])
-        # Both are read on this stream later, so they are allocated on it, before the event
-        # after which the side stream may write them.
-        position = torch.empty(key.numel(), dtype=torch.int64, device=key.device)
-        buf = x.new_empty(key.numel(), x.shape[1])
-        tallied = None if self.side is None else torch.cuda.current_stream(self.device).record_event()
-        work = dist.all_to_all_single(lay.meta[n_send:], lay.meta[:n_send], [m_count * mine] * w,
-                                      [m_count * n for n in self.slots_per_rank], async_op=True)
-        work.wait()
-        if lay.host is not lay.meta:  # the counts' copy is queued before the rows are placed
-            lay.host.copy_(lay.meta, non_blocking=True)
-        placed = self._place(x, key, lay, position, buf, tallied)
-        if lay.host is not lay.meta:
-            # Wait for this stream alone: with Triton the rows are still placed on the side stream.
-            torch.cuda.current_stream(self.device).synchronize()  # the host sync
-        counts = lay.host.tolist()
-        send, recv = self._sizes(counts, m_count)
-        rows, works = [], []
-        for m in range(m_count):  # the transfers first: everything after the sync is exposed
-            lo, n = lay.bounds[m] * k, sum(send[m]) - send[m][me]
-            if n and placed[m] is not None:
-                torch.cuda.current_stream(self.device).wait_event(placed[m])
-            rows.append(x.new_empty(sum(recv[m]) - recv[m][me], x.shape[1]))
-            works.append(dist.all_to_all_single(rows[m], buf[lo:lo + n], self.off_rank(recv[m]),
-                                                self.off_rank(send[m]), async_op=True))
-        if self.side is not None:
-            # Later work on this stream (experts, combine, and new allocations in blocks the
-            # side stream still reads, such as the freed keys) waits for every row to be placed;
-            # the transfers above were queued before and wait only for theirs.
-            torch.cuda.current_stream(self.device).wait_stream(self.side)
-        return Dispatched(t_count, lay.bounds, send, recv,
-                          lay.meta[n_send:].view(w, m_count, mine).clone(), position, buf, rows,
-                          works)
-
-    def experts(self, d: Dispatched, m: int) -> None:
-        """Chunk m's experts, in place: every received row and own row times its expert's gain."""
-        gains = self.gains.to(d.buf.dtype)
-        for rows, counts in ((d.wait(m), d.recv_counts.index_select(0, self.other_ranks)[:, m]),
-                             (d.own_rows(m, self.rank), d.recv_counts[self.rank, m])):
-            row_expert = self.my_experts.repeat(counts.numel() // self.my_experts.numel()) \
-                .repeat_interleave(counts.reshape(-1), output_size=rows.shape[0])
-            rows.mul_(gains[row_expert][:, None])
-
-    def combine(self, d: Dispatched, weights: torch.Tensor, run_experts: bool = False
-                ) -> torch.Tensor:
-        """Every chunk back and summed per token with its gate weights (T, k); output (T, D).
-
-        Returned rows land at their pairs' positions in d.buf, beside the own rows;
-        empty pairs' rows are zeroed. run_experts: apply each chunk's experts just before
-        sending it back (the whole layer).
-        """
-        k, me, back = d.k, self.rank, d.buf
-        works = []
-        for m in range(len(d.rows)):  # chunk m goes back while later chunks still arrive
-            if run_experts:
-                self.experts(d, m)
-            rows, lo = d.wait(m), d.bounds[m] * k
-            n = sum(d.send[m]) - d.send[m][me]
-            works.append(dist.all_to_all_single(back[lo:lo + n], rows, self.off_rank(d.send[m]),
-                                                self.off_rank(d.recv[m]), async_op=True))
-            back[lo + sum(d.send[m]):d.bounds[m + 1] * k].zero_()
-        position = d.position.view(d.tokens, k)  # where every pair's returned row is
-        outs = []
-        for m, work in enumerate(works):  # sum chunk m while later chunks still return
-            work.wait()
-            lo, hi = d.bounds[m], d.bounds[m + 1]
-            outs.append(weighted_rows_sum(back, position[lo:hi], weights[lo:hi]))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    def __call__(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
-                 token_index: torch.Tensor) -> tuple[torch.Tensor, Splits]:
-        """MoE output for this rank's tokens: x (T, D), experts/weights (T, k), token_index (T,).
-
-        Returns the output (T, D) in x's dtype and the total rows sent to / received from each rank.
-        """
-        d = self.dispatch(x, experts, token_index)
-        return self.combine(d, weights, run_experts=True), d.splits()
-
-
 def plain_exchange(send_buf: torch.Tensor, recv_buf: torch.Tensor, splits: Splits,
                    there: bool = True, back: bool = True) -> None:
     """all_to_all_single of a payload, nothing else (the yardstick): `splits` there (the
@@ -373,11 +88,12 @@ def plain_exchange(send_buf: torch.Tensor, recv_buf: torch.Tensor, splits: Split
         dist.all_to_all_single(send_buf, recv_buf, splits.send, splits.recv)
 
 
-def working_set_bytes(settings: EPSettings) -> int:
-    """Estimated peak bytes of one rank: tokens, output, pair rows (sent, received, returned,
-    one dispatch kept for the combine's timing, the plain exchange's two buffers), index tensors."""
+def working_set_bytes(settings: EPSettings, batches: int = 1) -> int:
+    """Estimated peak bytes of one rank: every batch's tokens, the output, pair rows (the send
+    buffer with its main sections, rows received, overflow, one dispatch kept for the combine's
+    timing besides the one in flight, the plain exchange's two buffers), index tensors."""
     pairs = settings.tokens * settings.top_k
-    return settings.row_bytes * (2 * settings.tokens + 6 * pairs) + 64 * pairs
+    return settings.row_bytes * ((batches + 1) * settings.tokens + 10 * pairs) + 64 * pairs
 
 
 # Timed on every rank, each against its plain all_to_all_single of the rows that cross ranks:
@@ -402,78 +118,121 @@ def warm_up(fn: Callable[[], object], device: torch.device, seconds: float) -> N
 
 def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, reps: int,
             dump: Path | None = None, placement: Placement | None = None, chunks: int = 1,
-            warmup_s: float = 0.0) -> dict:
+            warmup_s: float = 0.0, batches: int = 1, slack: float = 1 / 32,
+            lead_ms: float = 0.0) -> dict:
     """Run and time the layer and its dispatch and combine phases on this rank, each next to a
     plain all_to_all_single of the rows that cross ranks (the layer's splits, own rank's set to 0);
     returns this rank's row (plain values, ms, MB).
 
+    batches: the calls cycle through this many batches (rank_batch's `batch`), so that every
+    call's routing differs from the last one's, from which the layer sizes its main exchange; the
+    plain exchange cycles through their splits in step. With 1, only the first call differs.
     placement: a fixed one (e.g. parsed from --map), else built from settings and global loads.
     warmup_s: seconds of untimed layer calls first (see warm_up), besides `warmup` calls per timing.
+    lead_ms: milliseconds of GPU work queued before every timed call (time_fn's `lead`), ended by
+    an all_reduce that lines the ranks up; 0: none, the GPU is idle when a call starts, and the
+    host's time before a transfer is exposed.
     """
     s = settings
-    ids, experts, weights = rank_batch(s, rank, device)
-    counts = torch.bincount(experts[experts >= 0], minlength=s.experts)
+    lead = None
+    if lead_ms > 0 and device.type == "cuda":
+        work, flag = gpu_work(lead_ms, device), torch.zeros(1, device=device)
+
+        def lead() -> None:
+            # Every rank's work, then an all_reduce of one value: the timed calls start on every
+            # GPU at once, not each when its own work ends (the first to start would wait).
+            work()
+            dist.all_reduce(flag)
+    data = []
+    for b in range(batches):
+        ids, experts, weights = rank_batch(s, rank, device, batch=b)
+        data.append((ids, token_features(ids, s.d_model, s.seed, DTYPES[s.dtype]), experts, weights))
+    counts = sum(torch.bincount(e[e >= 0], minlength=s.experts) for _, _, e, _ in data)
     dist.all_reduce(counts)  # global loads, as EPLB collects them, for the greedy placement
     placement = placement or make_placement(s, counts.cpu())
-    x = token_features(ids, s.d_model, s.seed, DTYPES[s.dtype])
     token_index = rank * s.tokens + torch.arange(s.tokens, device=device)
     gains = expert_gains(s.experts, s.seed)
-    layer = ExpertParallelLayer(placement, gains, rank, device, chunks)
+    layer = ExpertParallelLayer(placement, gains, rank, device, chunks, slack)
+    turn = itertools.count()
+
+    def layer_call() -> tuple[torch.Tensor, Splits]:
+        _, x, experts, weights = data[next(turn) % batches]
+        return layer(x, experts, weights, token_index)
 
     def dispatch_phase() -> Dispatched:
+        _, x, experts, _ = data[next(turn) % batches]
         d = layer.dispatch(x, experts, token_index)
         for m in range(len(d.rows)):
             d.wait(m)
         return d
 
-    warm_up(lambda: layer(x, experts, weights, token_index), device, warmup_s)
-    out, splits = layer(x, experts, weights, token_index)
-    d = dispatch_phase()  # kept: the combine phase sends these expert outputs back every rep
+    # Both paths (whole layer, and phases run apart) must give the reference's output: the
+    # layer's first call sends every row point to point (no last call to size the main exchange
+    # from), the later ones mostly in the main exchange, with overflow where routing changed.
+    err, splits, out0 = 0.0, [], None
+    for b, (ids, x, experts, weights) in enumerate(data + data[:1]):
+        reference = reference_layer(x, experts, weights, gains).float()
+        out, split = layer(x, experts, weights, token_index)
+        err = max(err, float((out.float() - reference).abs().max()))
+        if b < batches:
+            splits.append(split)
+        out0 = out if out0 is None else out0
+    d = layer.dispatch(x, experts, token_index)  # batch 0 again, after batch 0
     for m in range(len(d.rows)):
-        layer.experts(d, m)
-    reference = reference_layer(x, experts, weights, gains).float()
-    # Both paths (whole layer, and phases run apart) must give the reference's output.
-    err = max(float((o.float() - reference).abs().max()) for o in (out, layer.combine(d, weights)))
+        layer.experts(d, m)  # d is kept: the combine phase sends these rows back every rep
+    err = max(err, float((layer.combine(d, weights).float() - reference).abs().max()))
     if dump is not None:
+        ids, _, experts, weights = data[0]
         torch.save({"ids": ids.cpu(), "experts": experts.cpu(), "weights": weights.cpu(),
-                    "out": out.cpu(), "send": splits.send}, dump / f"rank{rank}.pt")
+                    "out": out0.cpu(), "send": splits[0].send}, dump / f"rank{rank}.pt")
+    warm_up(layer_call, device, warmup_s)
     # The yardstick moves the same bytes over the wire: the own rows stay out of it, as they
     # stay out of the layer's exchanges (with them NCCL also copies them locally).
-    wire = Splits(layer.off_rank(splits.send), layer.off_rank(splits.recv))
-    send_buf = x.new_empty(sum(wire.send), s.d_model)
-    recv_buf = x.new_empty(sum(wire.recv), s.d_model)
-    runs = {"layer": (lambda: layer(x, experts, weights, token_index),
-                      lambda: plain_exchange(send_buf, recv_buf, wire)),
-            "dispatch": (dispatch_phase, lambda: plain_exchange(send_buf, recv_buf, wire, back=False)),
-            "combine": (lambda: layer.combine(d, weights),
-                        lambda: plain_exchange(send_buf, recv_buf, wire, there=False))}
-    row = {"rank": rank, "tokens": s.tokens, "chunks": chunks, "pairs_sent": splits.send}
-    for name, (phase, plain) in runs.items():
-        for label, fn in ((name, phase), (f"plain_{name}", plain)):
+    wires = [Splits(layer.off_rank(sp.send), layer.off_rank(sp.recv)) for sp in splits]
+    send_buf = data[0][1].new_empty(max(sum(w.send) for w in wires), s.d_model)
+    recv_buf = data[0][1].new_empty(max(sum(w.recv) for w in wires), s.d_model)
+    plain_turn = itertools.count()
+
+    def plain(there: bool = True, back: bool = True) -> None:
+        wire = wires[next(plain_turn) % batches]
+        plain_exchange(send_buf[:sum(wire.send)], recv_buf[:sum(wire.recv)], wire, there, back)
+
+    runs = {"layer": (layer_call, plain),
+            "dispatch": (dispatch_phase, lambda: plain(back=False)),
+            "combine": (lambda: layer.combine(d, weights), lambda: plain(there=False))}
+    row = {"rank": rank, "tokens": s.tokens, "chunks": chunks, "batches": batches,
+           "lead_ms": lead_ms if lead else 0.0, "pairs_sent": splits[0].send}
+    layer.calls = layer.overflow_calls = 0
+    for name, (phase, plain_fn) in runs.items():
+        for label, fn in ((name, phase), (f"plain_{name}", plain_fn)):
             dist.barrier()
-            t = time_fn(fn, device, warmup, reps)
+            t = time_fn(fn, device, warmup, reps, lead=lead)
             row[f"{label}_ms"], row[f"{label}_p10_ms"], row[f"{label}_p90_ms"] = \
                 t.median_ms, t.p10_ms, t.p90_ms
-    there = (sum(splits.send) - splits.send[rank]) * s.row_bytes  # off-rank bytes sent, dispatch
-    back = (sum(splits.recv) - splits.recv[rank]) * s.row_bytes  # and combine
+    # Off-rank bytes sent in the dispatch and in the combine, averaged over the batches.
+    there = sum(sum(w.send) for w in wires) / batches * s.row_bytes
+    back = sum(sum(w.recv) for w in wires) / batches * s.row_bytes
     row.update({"off_rank_MB": (there + back) / 1e6,
                 "dispatch_GBps": there / row["dispatch_ms"] / 1e6,
                 "plain_dispatch_GBps": there / row["plain_dispatch_ms"] / 1e6,
                 "combine_GBps": back / row["combine_ms"] / 1e6,
                 "layer_GBps": (there + back) / row["layer_ms"] / 1e6,
-                "plain_GBps": (there + back) / row["plain_layer_ms"] / 1e6, "max_abs_err": err})
+                "plain_GBps": (there + back) / row["plain_layer_ms"] / 1e6, "max_abs_err": err,
+                "overflow_share": layer.overflow_calls / max(1, layer.calls)})
     return row
 
 
 def summarize(rows: list[dict]) -> dict:
     """One configuration: per phase the slowest rank's time, its plain exchange's slowest time and
     ratio = plain / phase (1 = as fast as the bare all_to_all_single; the target is dispatch's)."""
-    out = {"tokens": rows[0]["tokens"], "chunks": rows[0]["chunks"]}
+    out = {"tokens": rows[0]["tokens"], "chunks": rows[0]["chunks"],
+           "lead_ms": rows[0].get("lead_ms", 0.0)}
     for name in PHASES:
         phase = max(r[f"{name}_ms"] for r in rows)
         plain = max(r[f"plain_{name}_ms"] for r in rows)
         out.update({f"{name}_ms": phase, f"plain_{name}_ms": plain, f"{name}_ratio": plain / phase})
     out["max_abs_err"] = max(r["max_abs_err"] for r in rows)
+    out["overflow_share"] = max(r.get("overflow_share", 0.0) for r in rows)
     return out
 
 
@@ -532,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--chunks", default="4",
                    help="micro-batches overlapped in the layer; a comma list sweeps")
+    p.add_argument("--batches", type=int, default=4,
+                   help="calls cycle through this many batches, so routing changes every call")
+    p.add_argument("--slack", type=float, default=1 / 32,
+                   help="main-exchange headroom over the last call's rows per pair of ranks")
+    p.add_argument("--lead-ms", type=float, default=0.0,
+                   help="GPU work (ms) queued before every timed call, standing for the rest of "
+                        "a model step, so the host reaches the call ahead of the GPU; 0: none")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--warmup-s", type=float, default=2.0,
                    help="seconds of untimed layer calls per configuration before timing")
@@ -597,17 +363,21 @@ def worker(argv: list[str] | None = None) -> None:
         dist.monitored_barrier(timeout=timeout)
     try:
         check_int("rounds", args.rounds, 1, 100)
+        check_int("batches", args.batches, 1, 16)
+        check_float("lead-ms", args.lead_ms, 0.0, 100.0)
+        check_float("slack", args.slack, 0.0, 1.0)
         summaries, per_rank = [], []
         for tokens in parse_ints("tokens", args.tokens):
             s = settings_from_args(args, world, tokens)
             limit = int(0.8 * torch.cuda.get_device_properties(device).total_memory) \
                 if device.type == "cuda" else MAX_BYTES
-            check_bytes("dispatch working set per rank", working_set_bytes(s), limit)
+            check_bytes("dispatch working set per rank", working_set_bytes(s, args.batches), limit)
             for chunks in parse_ints("chunks", args.chunks):
                 rounds = []
                 for i in range(args.rounds):
                     row = measure(s, rank, device, args.warmup, args.reps, args.dump,
-                                  checked_map(args.map, s), chunks, args.warmup_s)
+                                  checked_map(args.map, s), chunks, args.warmup_s, args.batches,
+                                  args.slack, args.lead_ms)
                     rows: list[dict] = [{}] * world
                     dist.all_gather_object(rows, {**row, "round": i})
                     per_rank += rows
@@ -624,12 +394,13 @@ def _report(args: argparse.Namespace, backend: str, world: int, device: torch.de
     doc = {"backend": backend, "world": world, **environment(device),
            "settings": {k: v for k, v in asdict(settings).items() if k != "tokens"},
            "summary": summaries, "per_rank": per_rank}
-    keys = ["rank", "round", "tokens", "chunks", "off_rank_MB", "dispatch_ms", "plain_dispatch_ms",
-            "combine_ms", "plain_combine_ms", "layer_ms", "plain_layer_ms", "dispatch_GBps",
-            "plain_dispatch_GBps", "max_abs_err"]
+    keys = ["rank", "round", "tokens", "chunks", "batches", "lead_ms", "off_rank_MB", "dispatch_ms",
+            "plain_dispatch_ms", "combine_ms", "plain_combine_ms", "layer_ms", "plain_layer_ms",
+            "dispatch_GBps", "plain_dispatch_GBps", "overflow_share", "max_abs_err"]
     phases = "\n".join(f"  {name}: {what}" for name, what in PHASES.items())
-    summary_keys = ["tokens", "chunks"] + [f"{n}_ratio" for n in PHASES] + \
-        [f"{p}{n}_ms" for n in PHASES for p in ("", "plain_")] + ["max_abs_err", "dispatch_ratio_rounds"]
+    summary_keys = ["tokens", "chunks", "lead_ms"] + [f"{n}_ratio" for n in PHASES] + \
+        [f"{p}{n}_ms" for n in PHASES for p in ("", "plain_")] + ["overflow_share", "max_abs_err",
+                                                              "dispatch_ratio_rounds"]
     text = (f"Expert-parallel dispatch, {backend}, {world} ranks, {doc['device']}, {doc['date']}\n"
             f"torch {doc['torch']}, CUDA {doc['cuda']}, NCCL {doc['nccl']}; settings "
             f"{json.dumps(doc['settings'])}\n\nphases, each timed next to a plain all_to_all_single "
@@ -660,7 +431,8 @@ class LaunchError(RuntimeError):
 
 def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,
            timeout_s: float = 120.0, placement_map: str = "", chunks: int = 1,
-           fail_rank: int = -1, dump: Path | None = None) -> dict:
+           fail_rank: int = -1, dump: Path | None = None, batches: int = 1,
+           slack: float = 1 / 32) -> dict:
     """Run the dispatch on `processes` local CPU processes (gloo) via torchrun; returns rank 0's JSON.
 
     Everything is checked before launching; the whole job is killed after `timeout_s` seconds.
@@ -668,10 +440,12 @@ def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,
     processes = check_int("processes", processes, 1, MAX_CPU_PROCESSES)
     s = replace(settings, ranks=processes).validated()
     checked_map(placement_map, s)
-    check_bytes("dispatch working set (all processes)", processes * working_set_bytes(s))
+    check_bytes("dispatch working set (all processes)", processes * working_set_bytes(s, batches))
     check_int("warmup", warmup, 0, 100)
     check_int("reps", reps, 1, 1000)
     check_int("chunks", chunks, 1, 64)
+    check_int("batches", batches, 1, 16)
+    check_float("slack", slack, 0.0, 1.0)
     with tempfile.TemporaryDirectory(prefix="ep_dispatch_") as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                str(processes), "--max-restarts", "0", "-m", "engine.ep_dispatch",
@@ -679,7 +453,8 @@ def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,
                "--d-model", str(s.d_model), "--dtype", s.dtype, "--placement", s.placement,
                "--replicas", str(s.replicas), "--router", s.router, "--zipf", str(s.zipf),
                "--hot-share", str(s.hot_share), "--seed", str(s.seed), "--warmup", str(warmup),
-               "--reps", str(reps), "--warmup-s", "0", "--chunks", str(chunks), "--backend", "gloo", "--timeout", str(max(5.0, timeout_s / 2)),
+               "--reps", str(reps), "--warmup-s", "0", "--chunks", str(chunks), "--batches", str(batches),
+               "--slack", str(slack), "--backend", "gloo", "--timeout", str(max(5.0, timeout_s / 2)),
                "--map", placement_map, "--out", tmp, "--fail-rank", str(fail_rank)] + (["--dump", str(dump)] if dump else [])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         # Own session: on timeout the whole tree (torchrun and its workers) is killed at once.

@@ -240,9 +240,11 @@ def _id_pmf(zipf: float, seed: int) -> torch.Tensor:
     return workloads.id_pmf("zipf", VOCAB, zipf, seed)
 
 
-def rank_batch(settings: EPSettings, rank: int, device: str | torch.device = "cpu"
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rank_batch(settings: EPSettings, rank: int, device: str | torch.device = "cpu",
+               batch: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank `rank`'s tokens: ids (T,), experts (T, m) int64 (-1 empty), weights (T, m) float32.
+
+    batch: another draw from the same distributions, router and hot share (0 is the what-if's).
 
     m is k, except for Expert Choice (the most experts any token got).
 
@@ -250,7 +252,7 @@ def rank_batch(settings: EPSettings, rank: int, device: str | torch.device = "cp
     slot already on expert 0 is emptied and its weight moved to the first.
     """
     pmf = _id_pmf(settings.zipf, settings.seed)
-    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + rank)
+    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + rank + 7_919 * batch)
     ids = torch.multinomial(pmf, settings.tokens, replacement=True, generator=gen)
     hot = torch.rand(settings.tokens, generator=gen) < settings.hot_share
     ids = ids.to(device)

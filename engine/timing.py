@@ -42,16 +42,20 @@ def _summary(samples: list[float]) -> Timing:
 
 
 def time_fn(fn: Callable[[], object], device: str | torch.device = "cpu", warmup: int = 3,
-            reps: int = 10, flush_l2: bool = True, min_total_s: float = 0.0) -> Timing:
+            reps: int = 10, flush_l2: bool = True, min_total_s: float = 0.0,
+            lead: Callable[[], object] | None = None) -> Timing:
     """Time `fn()` on `device`; returns milliseconds per call (median and spread).
 
     `min_total_s` raises the repetition count for very fast calls so the median is stable.
+    `lead` (CUDA): untimed GPU work queued before every repetition, after the L2 flush, standing
+    for the rest of a model step: the host then reaches fn() ahead of the GPU, as in a model,
+    instead of finding it idle.
     """
     warmup = check_int("warmup", warmup, 0, 10_000)
     reps = check_int("reps", reps, 1, 100_000)
     dev = torch.device(device)
     if dev.type == "cuda":
-        return _time_cuda(fn, dev, warmup, reps, flush_l2)
+        return _time_cuda(fn, dev, warmup, reps, flush_l2, lead)
     for _ in range(warmup):
         fn()
     samples: list[float] = []
@@ -66,7 +70,7 @@ def time_fn(fn: Callable[[], object], device: str | torch.device = "cpu", warmup
 
 
 def _time_cuda(fn: Callable[[], object], dev: torch.device, warmup: int, reps: int,
-               flush_l2: bool) -> Timing:
+               flush_l2: bool, lead: Callable[[], object] | None) -> Timing:
     flush = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=dev) if flush_l2 else None
     for _ in range(warmup):
         fn()
@@ -76,11 +80,28 @@ def _time_cuda(fn: Callable[[], object], dev: torch.device, warmup: int, reps: i
     for i in range(reps):
         if flush is not None:
             flush.zero_()
+        if lead is not None:
+            lead()
         starts[i].record()
         fn()
         ends[i].record()
     torch.cuda.synchronize(dev)
     return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def gpu_work(ms: float, device: torch.device) -> Callable[[], None]:
+    """A callable that queues about `ms` milliseconds of matrix products on a CUDA device (a
+    stand-in for a model's compute; see time_fn's `lead`). Calibrated once, here."""
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)  # ~0.2 ms: few launches
+    out = torch.empty_like(a)
+    one = _time_cuda(lambda: torch.matmul(a, a, out=out), device, 3, 10, False, None).median_ms
+    count = max(1, round(ms / one))
+
+    def work() -> None:
+        for _ in range(count):
+            torch.matmul(a, a, out=out)
+
+    return work
 
 
 def alternating(first: Callable[[], float], second: Callable[[], float], rounds: int

@@ -16,6 +16,7 @@ import engine.ep_dispatch as ep
 from engine.cli import main
 from engine.ep_combine import weighted_rows_sum
 from engine.ep_dispatch import LaunchError, expert_gains, launch, median_round, summarize
+from engine.ep_layer import ExpertParallelLayer
 from engine.expert_parallel import (EPSettings, contiguous_placement, ep_stats, parse_placement,
                                     rank_batch, token_features)
 
@@ -64,6 +65,20 @@ def test_round_trip_equals_single_process_reference(tmp_path, ranks):
         assert doc["summary"][0][f"{phase}_ratio"] == pytest.approx(plain / slowest)
 
 
+@pytest.mark.parametrize("slack,overflows", [(0.0, True), (0.5, False)])
+def test_routing_that_changes_every_call_matches_the_reference(slack, overflows):
+    # Three batches in turn: each call's main sections are sized from the last call's counts
+    # (a different batch), so with no slack some rows overflow into the second exchange every
+    # few calls; with ample slack none do after the first call. The worker checks every
+    # batch's output, and the phases run apart, against reference_layer.
+    s = EPSettings(experts=8, top_k=2, tokens=60, d_model=8, dtype="fp32", router="topk", seed=2)
+    doc = launch(s, 2, warmup=1, reps=4, timeout_s=90, chunks=2, batches=3, slack=slack)
+    summary = doc["summary"][0]
+    assert summary["max_abs_err"] < 1e-6
+    assert (summary["overflow_share"] > 0) == overflows
+    assert all(row["batches"] == 3 for row in doc["per_rank"])
+
+
 def test_a_rank_that_dies_fails_the_launch_instead_of_hanging():
     s = EPSettings(experts=4, tokens=16, d_model=8)
     with pytest.raises(LaunchError) as err:
@@ -92,8 +107,9 @@ def test_bad_launches_are_refused_before_anything_starts(monkeypatch, kwargs, me
 def _rows(layer_ms):
     """Per-rank rows of two ranks: phase p of rank r takes base_p + r ms, its plain exchange 1 ms."""
     base = {"dispatch": 2.0, "combine": 4.0, "layer": layer_ms}
-    return [{"rank": r, "round": 0, "tokens": 8, "chunks": 2, "off_rank_MB": 1.0, "dispatch_GBps": 0.5,
-             "plain_dispatch_GBps": 0.6, "max_abs_err": r * 1e-3,
+    return [{"rank": r, "round": 0, "tokens": 8, "chunks": 2, "batches": 1, "lead_ms": 0.0, "off_rank_MB": 1.0,
+             "dispatch_GBps": 0.5, "plain_dispatch_GBps": 0.6, "max_abs_err": r * 1e-3,
+             "overflow_share": r * 0.25,
              **{f"{p}_ms": b + r for p, b in base.items()},
              **{f"plain_{p}_ms": 1.0 for p in base}} for r in range(2)]
 
@@ -105,6 +121,7 @@ def test_summary_takes_the_slowest_rank_per_phase():
     assert s["combine_ratio"] == pytest.approx(1 / 5)
     assert s["layer_ratio"] == pytest.approx(1 / 8)
     assert s["max_abs_err"] == 1e-3 and s["plain_layer_ms"] == 1.0
+    assert s["overflow_share"] == 0.25
 
 
 def test_the_median_round_is_reported_with_every_rounds_dispatch_ratio():
@@ -177,7 +194,7 @@ def test_one_rank_layer_equals_the_loop_for_any_chunking(one_rank_group, e, k, t
     x = token_features(ids, 4, seed)
     gains = expert_gains(e, seed)
     expected = _loop_reference(x, experts, weights, gains)
-    layer = ep.ExpertParallelLayer(contiguous_placement(e, 1), gains, 0, torch.device("cpu"), chunks)
+    layer = ExpertParallelLayer(contiguous_placement(e, 1), gains, 0, torch.device("cpu"), chunks)
     out, splits = layer(x, experts, weights, torch.arange(t))
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     assert splits.send == splits.recv == [int((experts >= 0).sum())]

@@ -1,0 +1,434 @@
+"""One expert-parallel MoE layer on torch.distributed: dispatch, experts and combine on one rank.
+
+dispatch: tally this rank's (token, slot) pairs per physical expert slot and send the counts to
+the slots' ranks with all_to_all_single; put every pair's row in a send buffer grouped by slot
+(engine.ep_place) and send the rows to their experts with all_to_all_single.
+experts: every received row times its expert's gain. combine: the rows go back the same way and
+each token's output is the gate-weighted sum of its returned rows, weighted at the sender (the
+weights never travel) in one gather-and-sum (engine.ep_combine), no atomic adds.
+
+Split sizes agreed in advance. all_to_all_single needs its split sizes on the host, and the
+counts are on the device: waiting for them before sending the rows (a host sync) left the GPU
+idle while the host caught up, which bound the dispatch at 8k tokens per rank. So the rows'
+exchange does not wait for them. Both ends of every pair of ranks know how many rows the pair
+moved in the layer's last call (one sent them, the other received them), and each sizes the
+pair's main section from it plus `slack` (headroom()), the same number on both ends. The rows go
+at once in those sections; the counts' exchange and the host sync happen meanwhile. Rows beyond
+a section (routing that moved more than the slack) follow in a second exchange of exactly those
+rows, point to point (batch_isend_irecv), after the sync; the first call of a shape has no
+history and sends everything that way. The combine mirrors both. A section's unused rows travel
+as padding: the slack is paid in bytes (the benchmark counts only real rows).
+
+Rows for this rank's own experts never go through NCCL: they are placed while the others travel
+and are already where the combine needs them. chunks: the tokens go in this many micro-batches
+whose exchanges run asynchronously, so one chunk's placing, experts and combine overlap another's
+transfer; 1 is the plain sequential layer, and the result is the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from engine import ep_place
+from engine.ep_combine import weighted_rows_sum
+from engine.expert_parallel import Placement, destinations
+from engine.validation import check_float, check_int
+
+RECV_CAP = 3  # the (4, codes) table's last row: rows received per (chunk, source) in the main exchange
+
+
+def headroom(rows: int, slack: float) -> int:
+    """Main-section rows for a pair of ranks whose last call moved `rows`."""
+    return rows + math.ceil(slack * rows)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Rows this rank sends to / received from every rank in the dispatch (combine: reversed)."""
+
+    send: list[int]
+    recv: list[int]
+
+
+@dataclass(frozen=True)
+class Sections:
+    """Where one call's rows go, fixed before its counts are known.
+
+    Chunk m owns buf rows base[m] .. base[m + 1]: first the main sections, send[m][r] rows for
+    each other rank r in rank order (recv[m][s]: rows from rank s, in the receiving rows[m]); then
+    every pair of the chunk at its exact position (pairs sorted by chunk, destination, slot), where
+    only the overflow, the own rows and the empty pairs are filled.
+    """
+
+    send: list[list[int]]  # [chunk][rank] main rows sent (own rank 0)
+    recv: list[list[int]]  # [chunk][rank] main rows received
+    base: list[int]  # [chunk + 1]
+
+    def spill(self, m: int) -> int:
+        """First buf row of chunk m's exact-position region."""
+        return self.base[m] + sum(self.send[m])
+
+
+@dataclass
+class Dispatched:
+    """One layer call in flight on this rank: what the dispatch received and how to put it back."""
+
+    rank: int
+    tokens: int
+    bounds: list[int]  # chunk m holds tokens bounds[m] .. bounds[m + 1]
+    send: list[list[int]]  # [chunk][rank] rows sent in the dispatch (own rank included)
+    recv: list[list[int]]  # [chunk][rank] rows received
+    sections: Sections
+    table: torch.Tensor  # (4, chunks * R) int64: ep_place's table, then the received main rows
+    recv_counts: torch.Tensor  # (R, chunks, my slots) rows received per source rank and slot
+    position: torch.Tensor  # (T * k,) int64 position of every pair's row in buf
+    buf: torch.Tensor  # the pairs' rows (see Sections); the combine's return buffer too
+    rows: list[torch.Tensor]  # [chunk] main rows received, by source rank, then by my slot
+    over: list[torch.Tensor]  # [chunk] overflow rows received, by source rank, then by my slot
+    works: list[dist.Work | None]  # [chunk] pending main exchange into rows[m]
+    late: list[dist.Work]  # pending overflow exchange into every chunk's over[m]
+
+    def splits(self) -> Splits:
+        """Rows sent to / received from each rank in the dispatch, all chunks together."""
+        return Splits([sum(c) for c in zip(*self.send)], [sum(c) for c in zip(*self.recv)])
+
+    @property
+    def k(self) -> int:
+        """Slots per token."""
+        return self.position.numel() // self.tokens
+
+    def _exact(self, m: int, r: int) -> int:
+        """First buf row of chunk m's pairs for rank r at their exact positions (own rank last)."""
+        before = sum(n for q, n in enumerate(self.send[m]) if q != self.rank and (q < r or r == self.rank))
+        return self.sections.spill(m) + before
+
+    def own_rows(self, m: int) -> torch.Tensor:
+        """Chunk m's rows for this rank's own experts (a view of buf), grouped by slot."""
+        lo = self._exact(m, self.rank)
+        return self.buf[lo:lo + self.send[m][self.rank]]
+
+    def empty_rows(self, m: int) -> torch.Tensor:
+        """Chunk m's rows of pairs without an expert (a view of buf)."""
+        pairs = (self.bounds[m + 1] - self.bounds[m]) * self.k
+        return self.buf[self.sections.spill(m) + sum(self.send[m]):self.sections.spill(m) + pairs]
+
+    def overflow(self, back: bool) -> list[dist.P2POp]:
+        """Point-to-point ops for the rows beyond the main sections, every chunk's (the dispatch's
+        way, or back); both ends list them in the same order. Tagged by chunk: gloo mismatched
+        two messages of different sizes between the same ranks with one tag (a hang)."""
+        ops, s = [], self.sections
+        for m in range(len(self.rows)):
+            lo = 0
+            for q in range(len(self.send[m])):
+                if q == self.rank:
+                    continue
+                n_in = self.recv[m][q] - s.recv[m][q]
+                if n_in > 0:
+                    ops.append(dist.P2POp(dist.isend if back else dist.irecv,
+                                          self.over[m][lo:lo + n_in], q, tag=m))
+                    lo += n_in
+                n_out = self.send[m][q] - s.send[m][q]
+                if n_out > 0:
+                    first = self._exact(m, q) + s.send[m][q]
+                    ops.append(dist.P2POp(dist.irecv if back else dist.isend,
+                                          self.buf[first:first + n_out], q, tag=m))
+        return ops
+
+    def wait(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunk m's main and overflow rows from the other ranks, once they are in place (the own
+        rows already are, for work queued after dispatch() returned)."""
+        # A point-to-point work of gloo can be waited for once: a second wait times out.
+        for work in [self.works[m]] + self.late:
+            if work is not None:
+                work.wait()
+        self.works[m], self.late = None, []
+        return self.rows[m], self.over[m]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Index tensors of one (token count, k), built once: see ExpertParallelLayer._layout."""
+
+    bounds: list[int]
+    chunk_key: torch.Tensor | None  # (T, 1) sort-key offset of every token's chunk; None: 1 chunk
+    ones: torch.Tensor  # (T * k,) int32 ones, what index_add_ adds per pair
+    tally: torch.Tensor  # (chunks * (P + 1),) int32 pairs per sort key, refilled every call
+    cursor: torch.Tensor  # (1 + chunks * (P + 1),) int32: 0, then each key's range end (CUDA)
+    key_cd: torch.Tensor  # (chunks * (P + 1),) int32 (chunk, destination rank) code of every key
+    first_key: torch.Tensor  # (chunks * R,) int64 first key of every code's range
+    slot_keys: torch.Tensor  # (chunks * P,) keys of the real slots, grouped by destination rank
+    meta: torch.Tensor  # (chunks * P + R * chunks * my slots,) counts sent, then counts received
+    host: torch.Tensor  # meta's copy on the host (pinned on CUDA; meta itself on CPU)
+    table: torch.Tensor  # (4, chunks * R) int64 on the host (pinned on CUDA), refilled every call
+
+
+class ExpertParallelLayer:
+    """One MoE layer's dispatch, experts and combine for this rank over the default process group
+    (see the module docstring).
+
+    The planning is written for few launches, as the dispatch is bound by the host at small token
+    counts: the counts are tallied from the unsorted keys; on CUDA the rows are then placed in the
+    send buffer on a side stream by one Triton kernel per chunk for the other ranks' rows and one
+    for the own rows (engine.ep_place, instead of a sort and a gather). The worker gives NCCL
+    high-priority streams so that transfers are not queued behind the placing of the own rows.
+    """
+
+    def __init__(self, placement: Placement, gains: torch.Tensor, rank: int, device: torch.device,
+                 chunks: int = 1, slack: float = 1 / 32) -> None:
+        self.rank, self.world, self.device = rank, placement.num_ranks, device
+        self.chunks = check_int("chunks", chunks, 1, 64)
+        self.slack = check_float("slack", slack, 0.0, 1.0)
+        self.slots_per_rank = [len(s) for s in placement.slots]
+        p_count = self.num_slots = sum(self.slots_per_rank)
+        # First physical slot of every rank (slots are numbered rank by rank), and past the last.
+        self.slot_start = [sum(self.slots_per_rank[:r]) for r in range(self.world + 1)]
+        # Sort position of every physical slot: the other ranks' slots in rank order, then this
+        # rank's own; position P (empty pairs, and the table's -1 padding) sorts last.
+        own = range(self.slot_start[rank], self.slot_start[rank + 1])
+        order = [s for s in range(p_count) if s not in own] + list(own)
+        self.sort_slot = [0] * p_count
+        for i, slot in enumerate(order):
+            self.sort_slot[slot] = i
+        # Destination rank of every sort position (the empty pairs' stay here).
+        self.sort_rank = [next(r for r in range(self.world) if s < self.slot_start[r + 1])
+                          for s in order] + [rank]
+        # int32 keys: index_add_ takes them as indices, and the radix sort makes 4 passes, not 8.
+        table, copies = placement.replica_table(empty=p_count)
+        lookup = torch.tensor(self.sort_slot + [p_count], dtype=torch.int32)
+        self.replicas = (lookup[table].to(device), copies.to(device))
+        self.my_experts = torch.tensor(placement.slots[rank], dtype=torch.int64, device=device)
+        # On the device: a list index would be copied from pageable memory, syncing the host.
+        self.other_ranks = torch.tensor([r for r in range(self.world) if r != rank], dtype=torch.int64,
+                                        device=device)
+        # Gains by expert id, and 0 for a main section's padding rows (id E).
+        self.gains = torch.cat([gains, gains.new_zeros(1)]).to(device)
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._layouts: dict[tuple[int, int], _Layout] = {}
+        # Rows sent to / received from every rank per chunk in the last call, per (T, k).
+        self._moved: dict[tuple[int, int], tuple[list[list[int]], list[list[int]]]] = {}
+        self.calls = self.overflow_calls = 0  # calls, and calls that sent or received overflow
+
+    def _layout(self, t_count: int, k: int) -> _Layout:
+        """Chunk bounds and the tensors that tally keys into counts, per (token count, k).
+
+        Sort key of a pair: chunk * (P + 1) + its slot's sort position.
+        """
+        if (t_count, k) not in self._layouts:
+            m_count, p1, dev, w = min(self.chunks, t_count), self.num_slots + 1, self.device, self.world
+            first = self.slot_start
+            chunk_key = (torch.arange(t_count, device=dev) * m_count // t_count * p1)[:, None]
+            # Counts go rank by rank: every chunk's counts for rank r's slots, then rank r + 1's.
+            slot_keys = [m * p1 + self.sort_slot[s] for r in range(w) for m in range(m_count)
+                         for s in range(first[r], first[r + 1])]
+            key_cd = [m * w + self.sort_rank[i] for m in range(m_count) for i in range(p1)]
+            first_key = [m * p1 + self.sort_slot[first[r]] for m in range(m_count) for r in range(w)]
+            meta = torch.empty(m_count * (self.num_slots + w * self.slots_per_rank[self.rank]),
+                               dtype=torch.int32, device=dev)
+            table = torch.empty(4, m_count * w, dtype=torch.int64)
+            cursor = torch.zeros(1 + m_count * p1, dtype=torch.int32, device=dev)
+            self._layouts[t_count, k] = _Layout(
+                [-(-m * t_count // m_count) for m in range(m_count + 1)],
+                chunk_key.to(torch.int32) if m_count > 1 else None,
+                torch.ones(t_count * k, dtype=torch.int32, device=dev),
+                torch.empty(m_count * p1, dtype=torch.int32, device=dev), cursor,
+                torch.tensor(key_cd, dtype=torch.int32, device=dev),
+                torch.tensor(first_key, dtype=torch.int64, device=dev),
+                torch.tensor(slot_keys, dtype=torch.int64, device=dev),
+                meta, meta if dev.type == "cpu" else torch.empty_like(meta, device="cpu").pin_memory(),
+                table if dev.type == "cpu" else table.pin_memory())
+        return self._layouts[t_count, k]
+
+    def off_rank(self, sizes: list[int]) -> list[int]:
+        """Split sizes for NCCL: this rank's own entry is 0, its rows are moved locally."""
+        return [0 if r == self.rank else n for r, n in enumerate(sizes)]
+
+    def _sections(self, lay: _Layout, k: int) -> Sections:
+        """Main sections of the next call from the last call's rows per pair (none before one)."""
+        m_count, w = len(lay.bounds) - 1, self.world
+        last = self._moved.get((lay.bounds[-1], k), ([[0] * w] * m_count,) * 2)
+        send, recv = ([self.off_rank([headroom(n, self.slack) for n in c]) for c in moved]
+                      for moved in last)
+        base = [0]
+        for m in range(m_count):
+            base.append(base[m] + sum(send[m]) + (lay.bounds[m + 1] - lay.bounds[m]) * k)
+        return Sections(send, recv, base)
+
+    def _fill_table(self, lay: _Layout, s: Sections, k: int) -> None:
+        """ep_place's table per code (chunk m, rank r): main section rows, its first buf row,
+        the shift from exact positions to buf rows; then the rows received in the main exchange."""
+        cap, main, shift, recv = [], [], [], []
+        for m, sizes in enumerate(s.send):
+            for r in range(self.world):
+                cap.append(sizes[r])
+                main.append(s.base[m] + sum(sizes[:r]))
+                shift.append(s.spill(m) - lay.bounds[m] * k)
+                recv.append(s.recv[m][r])
+        lay.table.copy_(torch.tensor([cap, main, shift, recv]))
+
+    def _sizes(self, counts: list[int], m_count: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Rows sent to / received from each rank per chunk, [chunk][rank], from the exchanged
+        counts (sent ones grouped [rank][chunk][its slots], then received [rank][chunk][my slots])."""
+        w, mine = self.world, self.slots_per_rank[self.rank]
+        send, recv, i = [[0] * w for _ in range(m_count)], [[0] * w for _ in range(m_count)], 0
+        for sizes, per_rank in ((send, self.slots_per_rank), (recv, [mine] * w)):
+            for r, n in enumerate(per_rank):
+                for m in range(m_count):
+                    sizes[m][r] = sum(counts[i:i + n])
+                    i += n
+        return send, recv
+
+    def _place(self, x: torch.Tensor, key: torch.Tensor, lay: _Layout, table: torch.Tensor,
+               position: torch.Tensor, buf: torch.Tensor, tallied: torch.cuda.Event | None
+               ) -> list[torch.cuda.Event | None]:
+        """Put every pair p's row x[p // k] in the send buffer (engine.ep_place); key (T * k,).
+
+        x must be contiguous and stay alive until the side stream is joined. Fills position
+        (T * k,) and buf; returns per chunk the event after which its rows for the other ranks
+        are in buf (None: they already are). With Triton on CUDA the rows are placed on the side
+        stream once `tallied` has passed, every chunk's rows for the other ranks first, then this
+        rank's own; elsewhere by a stable sort and a scatter on this stream.
+        """
+        k = key.numel() // x.shape[0]
+        if tallied is None or not ep_place.available(x):
+            exact = torch.empty_like(position).scatter_(
+                0, torch.sort(key, stable=True).indices, torch.arange(key.numel(), device=key.device))
+            starts = torch.cat([lay.tally.new_zeros(1), lay.tally.cumsum(0)])[lay.first_key]
+            position.copy_(ep_place.buffer_position(exact, lay.key_cd[key.long()], starts, table))
+            buf.index_copy_(0, position, x.repeat_interleave(k, dim=0))
+            return [None] * (len(lay.bounds) - 1)
+        p1, others = self.num_slots + 1, self.num_slots - self.slots_per_rank[self.rank]
+        self.side.wait_event(tallied)
+        events, cursor = [], lay.cursor[1:]
+        with torch.cuda.stream(self.side):
+            torch.cumsum(lay.tally, 0, dtype=torch.int32, out=cursor)
+            starts = lay.cursor[lay.first_key]  # before the kernels count the cursor down
+            args = (x, key, cursor, lay.key_cd, starts, table, position, buf)
+            for lo, hi in zip(lay.bounds, lay.bounds[1:]):
+                ep_place.place_rows(*args, lo * k, hi * k, p1, 0, others)
+                events.append(self.side.record_event())
+            ep_place.place_rows(*args, 0, key.numel(), p1, others, p1)
+        return events
+
+    def dispatch(self, x: torch.Tensor, experts: torch.Tensor,
+                 token_index: torch.Tensor) -> Dispatched:
+        """Start sending x's rows (T, D) to their experts (experts (T, k), token_index (T,));
+        every chunk's transfer is in flight on return."""
+        # Made contiguous before the side stream's event, and held until that stream is joined:
+        # the side stream reads it.
+        x = x.contiguous()
+        t_count, k = experts.shape
+        lay = self._layout(t_count, k)
+        m_count, w, mine = len(lay.bounds) - 1, self.world, self.slots_per_rank[self.rank]
+        stream = torch.cuda.current_stream(self.device) if self.side is not None else None
+        sections = self._sections(lay, k)
+        self._fill_table(lay, sections, k)
+        table = lay.table.to(self.device, non_blocking=True, copy=True)
+        key = destinations(experts, token_index, self.replicas)
+        if lay.chunk_key is not None:
+            key = key + lay.chunk_key
+        key = key.view(-1)
+        # Counts per physical slot, tallied from the unsorted keys, go to the slot's rank, so the
+        # receiver knows which of its experts every row is for and expert ids never travel.
+        lay.tally.zero_().index_add_(0, key, lay.ones)
+        n_send = lay.slot_keys.numel()
+        torch.index_select(lay.tally, 0, lay.slot_keys, out=lay.meta[:n_send])
+        # Both are read on this stream later, so they are allocated on it, before the event
+        # after which the side stream may write them.
+        position = torch.empty(key.numel(), dtype=torch.int64, device=key.device)
+        buf = x.new_empty(sections.base[-1], x.shape[1])
+        tallied = None if stream is None else stream.record_event()
+        dist.all_to_all_single(lay.meta[n_send:], lay.meta[:n_send], [m_count * mine] * w,
+                               [m_count * n for n in self.slots_per_rank], async_op=True).wait()
+        copied = None
+        if stream is not None:  # the counts' copy is queued before the rows are placed
+            lay.host.copy_(lay.meta, non_blocking=True)
+            copied = stream.record_event()
+        placed = self._place(x, key, lay, table, position, buf, tallied)
+        rows, works = [], []
+        for m in range(m_count):  # the main exchange goes before the counts are known
+            if placed[m] is not None:
+                stream.wait_event(placed[m])
+            rows.append(x.new_empty(sum(sections.recv[m]), x.shape[1]))
+            lo = sections.base[m]
+            works.append(dist.all_to_all_single(rows[m], buf[lo:lo + sum(sections.send[m])],
+                                                sections.recv[m], sections.send[m], async_op=True))
+        if copied is not None:
+            copied.synchronize()  # the host sync, while the rows travel
+        send, recv = self._sizes(lay.host.tolist(), m_count)
+        self._moved[t_count, k] = send, recv
+        over = [x.new_empty(sum(max(0, n - c) for n, c in zip(self.off_rank(recv[m]),
+                                                              sections.recv[m])), x.shape[1])
+                for m in range(m_count)]
+        d = Dispatched(self.rank, t_count, lay.bounds, send, recv, sections, table,
+                       lay.meta[n_send:].view(w, m_count, mine).clone(), position, buf, rows,
+                       over, works, [])
+        if self.side is not None:
+            # Later work on this stream (experts, combine, and new allocations in blocks the
+            # side stream still reads, such as the freed keys) waits for every row to be placed;
+            # the transfers above were queued before and wait only for theirs.
+            stream.wait_stream(self.side)
+        self.calls += 1
+        ops = d.overflow(back=False)
+        if ops:  # one batch for every chunk's overflow: each chunk waits for all of it
+            self.overflow_calls += 1
+            d.late = dist.batch_isend_irecv(ops)
+        return d
+
+    def experts(self, d: Dispatched, m: int) -> None:
+        """Chunk m's experts, in place: every received row and own row times its expert's gain."""
+        gains = self.gains.to(d.buf.dtype)
+        main, over = d.wait(m)
+        counts = d.recv_counts.index_select(0, self.other_ranks)[:, m]  # (R - 1, my slots)
+        # A section holds the first `cap` rows of its source in slot order, then padding.
+        cap = d.table[RECV_CAP].view(-1, self.world)[m].index_select(0, self.other_ranks)
+        in_main = torch.minimum(counts.cumsum(1), cap[:, None])
+        in_main = torch.diff(in_main, dim=1, prepend=in_main.new_zeros(len(cap), 1))
+        ids = torch.cat([self.my_experts, self.my_experts.new_full((1,), len(gains) - 1)])
+        per_row = [(main, ids, torch.cat([in_main, (cap - in_main.sum(1))[:, None]], 1)),
+                   (over, self.my_experts, counts - in_main),
+                   (d.own_rows(m), self.my_experts, d.recv_counts[self.rank, m][None])]
+        for rows, expert_ids, n in per_row:
+            row_expert = expert_ids.repeat(n.shape[0]).repeat_interleave(n.reshape(-1),
+                                                                       output_size=rows.shape[0])
+            rows.mul_(gains[row_expert][:, None])
+
+    def combine(self, d: Dispatched, weights: torch.Tensor, run_experts: bool = False
+                ) -> torch.Tensor:
+        """Every chunk back and summed per token with its gate weights (T, k); output (T, D).
+
+        Returned rows land at their pairs' positions in d.buf, beside the own rows;
+        empty pairs' rows are zeroed. run_experts: apply each chunk's experts just before
+        sending it back (the whole layer).
+        """
+        k, s, works = d.k, d.sections, []
+        for m in range(len(d.rows)):  # chunk m goes back while later chunks still arrive
+            if run_experts:
+                self.experts(d, m)
+            main, _ = d.wait(m)
+            lo = s.base[m]
+            works.append(dist.all_to_all_single(d.buf[lo:lo + sum(s.send[m])], main, s.send[m],
+                                                s.recv[m], async_op=True))
+            d.empty_rows(m).zero_()
+        ops = d.overflow(back=True)
+        late = dist.batch_isend_irecv(ops) if ops else []
+        position = d.position.view(d.tokens, k)  # where every pair's returned row is
+        outs = []
+        for m, work in enumerate(works):  # sum chunk m while later chunks still return
+            for w in [work] + (late if m == 0 else []):
+                w.wait()
+            lo, hi = d.bounds[m], d.bounds[m + 1]
+            outs.append(weighted_rows_sum(d.buf, position[lo:hi], weights[lo:hi]))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def __call__(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                 token_index: torch.Tensor) -> tuple[torch.Tensor, Splits]:
+        """MoE output for this rank's tokens: x (T, D), experts/weights (T, k), token_index (T,).
+
+        Returns the output (T, D) in x's dtype and the total rows sent to / received from each rank.
+        """
+        d = self.dispatch(x, experts, token_index)
+        return self.combine(d, weights, run_experts=True), d.splits()
