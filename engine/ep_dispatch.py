@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine.ep_layer import Dispatched, ExpertParallelLayer, Splits
+from engine.ep_layer import SLACK, Dispatched, ExpertParallelLayer, Splits
 from engine.expert_parallel import (DTYPES, EPSettings, Placement, make_placement,
                                     parse_placement, rank_batch, token_features)
 from engine.timing import gpu_work, time_fn
@@ -118,7 +118,7 @@ def warm_up(fn: Callable[[], object], device: torch.device, seconds: float) -> N
 
 def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, reps: int,
             dump: Path | None = None, placement: Placement | None = None, chunks: int = 1,
-            warmup_s: float = 0.0, batches: int = 1, slack: float = 1 / 32,
+            warmup_s: float = 0.0, batches: int = 1, slack: float = SLACK,
             lead_ms: float = 0.0) -> dict:
     """Run and time the layer and its dispatch and combine phases on this rank, each next to a
     plain all_to_all_single of the rows that cross ranks (the layer's splits, own rank's set to 0);
@@ -293,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="micro-batches overlapped in the layer; a comma list sweeps")
     p.add_argument("--batches", type=int, default=4,
                    help="calls cycle through this many batches, so routing changes every call")
-    p.add_argument("--slack", type=float, default=1 / 32,
-                   help="main-exchange headroom over the last call's rows per pair of ranks")
+    p.add_argument("--slack", type=float, default=SLACK,
+                   help="main-exchange headroom per pair of ranks over the last call's rows, in "
+                        "square roots of those rows")
     p.add_argument("--lead-ms", type=float, default=0.0,
                    help="GPU work (ms) queued before every timed call, standing for the rest of "
                         "a model step, so the host reaches the call ahead of the GPU; 0: none")
@@ -365,7 +366,7 @@ def worker(argv: list[str] | None = None) -> None:
         check_int("rounds", args.rounds, 1, 100)
         check_int("batches", args.batches, 1, 16)
         check_float("lead-ms", args.lead_ms, 0.0, 100.0)
-        check_float("slack", args.slack, 0.0, 1.0)
+        check_float("slack", args.slack, 0.0, 1000.0)
         summaries, per_rank = [], []
         for tokens in parse_ints("tokens", args.tokens):
             s = settings_from_args(args, world, tokens)
@@ -432,7 +433,7 @@ class LaunchError(RuntimeError):
 def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,
            timeout_s: float = 120.0, placement_map: str = "", chunks: int = 1,
            fail_rank: int = -1, dump: Path | None = None, batches: int = 1,
-           slack: float = 1 / 32) -> dict:
+           slack: float = SLACK) -> dict:
     """Run the dispatch on `processes` local CPU processes (gloo) via torchrun; returns rank 0's JSON.
 
     Everything is checked before launching; the whole job is killed after `timeout_s` seconds.
@@ -445,7 +446,7 @@ def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,
     check_int("reps", reps, 1, 1000)
     check_int("chunks", chunks, 1, 64)
     check_int("batches", batches, 1, 16)
-    check_float("slack", slack, 0.0, 1.0)
+    check_float("slack", slack, 0.0, 1000.0)
     with tempfile.TemporaryDirectory(prefix="ep_dispatch_") as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                str(processes), "--max-restarts", "0", "-m", "engine.ep_dispatch",

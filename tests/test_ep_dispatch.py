@@ -16,7 +16,7 @@ import engine.ep_dispatch as ep
 from engine.cli import main
 from engine.ep_combine import weighted_rows_sum
 from engine.ep_dispatch import LaunchError, expert_gains, launch, median_round, summarize
-from engine.ep_layer import ExpertParallelLayer
+from engine.ep_layer import ExpertParallelLayer, headroom
 from engine.expert_parallel import (EPSettings, contiguous_placement, ep_stats, parse_placement,
                                     rank_batch, token_features)
 
@@ -65,7 +65,7 @@ def test_round_trip_equals_single_process_reference(tmp_path, ranks):
         assert doc["summary"][0][f"{phase}_ratio"] == pytest.approx(plain / slowest)
 
 
-@pytest.mark.parametrize("slack,overflows", [(0.0, True), (0.5, False)])
+@pytest.mark.parametrize("slack,overflows", [(0.0, True), (50.0, False)])
 def test_routing_that_changes_every_call_matches_the_reference(slack, overflows):
     # Three batches in turn: each call's main sections are sized from the last call's counts
     # (a different batch), so with no slack some rows overflow into the second exchange every
@@ -77,6 +77,11 @@ def test_routing_that_changes_every_call_matches_the_reference(slack, overflows)
     assert summary["max_abs_err"] < 1e-6
     assert (summary["overflow_share"] > 0) == overflows
     assert all(row["batches"] == 3 for row in doc["per_rank"])
+
+
+def test_headroom_adds_slack_square_roots_of_the_last_calls_rows():
+    assert [headroom(n, 4.0) for n in (0, 1, 2, 10_000)] == [0, 5, 8, 10_400]
+    assert headroom(10_000, 0.0) == 10_000
 
 
 def test_a_rank_that_dies_fails_the_launch_instead_of_hanging():
