@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
 import signal
 import subprocess
 import sys
-import itertools
 import tempfile
 import time
 from collections.abc import Callable
@@ -146,7 +146,8 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
     data = []
     for b in range(batches):
         ids, experts, weights = rank_batch(s, rank, device, batch=b)
-        data.append((ids, token_features(ids, s.d_model, s.seed, DTYPES[s.dtype]), experts, weights))
+        x = token_features(ids, s.d_model, s.seed, DTYPES[s.dtype])
+        data.append((ids, x, experts, weights))
     counts = sum(torch.bincount(e[e >= 0], minlength=s.experts) for _, _, e, _ in data)
     dist.all_reduce(counts)  # global loads, as EPLB collects them, for the greedy placement
     placement = placement or make_placement(s, counts.cpu())

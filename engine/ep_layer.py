@@ -38,7 +38,8 @@ from engine.ep_combine import weighted_rows_sum
 from engine.expert_parallel import Placement, destinations
 from engine.validation import check_float, check_int
 
-RECV_CAP = 3  # the (4, codes) table's last row: rows received per (chunk, source) in the main exchange
+# The (4, codes) table's last row: rows received per (chunk, source rank) in the main exchange.
+RECV_CAP = 3
 
 
 # Headroom of a main section in units of sqrt(rows), the scale of a count's sampling noise. Over 8
@@ -49,7 +50,8 @@ SLACK = 4.0
 
 
 def headroom(rows: int, slack: float) -> int:
-    """Main-section rows for a pair of ranks whose last call moved `rows`: rows + slack sqrt(rows)."""
+    """Main-section rows for a pair of ranks whose last call moved `rows`: rows + slack
+    sqrt(rows), rounded up."""
     return rows + math.ceil(slack * math.sqrt(rows))
 
 
@@ -110,7 +112,8 @@ class Dispatched:
 
     def _exact(self, m: int, r: int) -> int:
         """First buf row of chunk m's pairs for rank r at their exact positions (own rank last)."""
-        before = sum(n for q, n in enumerate(self.send[m]) if q != self.rank and (q < r or r == self.rank))
+        before = sum(n for q, n in enumerate(self.send[m])
+                     if q != self.rank and (q < r or r == self.rank))
         return self.sections.spill(m) + before
 
     def own_rows(self, m: int) -> torch.Tensor:
@@ -232,7 +235,8 @@ class ExpertParallelLayer:
             slot_keys = [m * p1 + self.sort_slot[s] for r in range(w) for m in range(m_count)
                          for s in range(first[r], first[r + 1])]
             key_cd = [m * w + self.sort_rank[i] for m in range(m_count) for i in range(p1)]
-            first_key = [m * p1 + self.sort_slot[first[r]] for m in range(m_count) for r in range(w)]
+            first_key = [m * p1 + self.sort_slot[first[r]] for m in range(m_count)
+                         for r in range(w)]
             meta = torch.empty(m_count * (self.num_slots + w * self.slots_per_rank[self.rank]),
                                dtype=torch.int32, device=dev)
             table = torch.empty(4, m_count * w, dtype=torch.int64)
@@ -302,7 +306,8 @@ class ExpertParallelLayer:
         k = key.numel() // x.shape[0]
         if tallied is None or not ep_place.available(x):
             exact = torch.empty_like(position).scatter_(
-                0, torch.sort(key, stable=True).indices, torch.arange(key.numel(), device=key.device))
+                0, torch.sort(key, stable=True).indices,
+                torch.arange(key.numel(), device=key.device))
             starts = torch.cat([lay.tally.new_zeros(1), lay.tally.cumsum(0)])[lay.first_key]
             position.copy_(ep_place.buffer_position(exact, lay.key_cd[key.long()], starts, table))
             buf.index_copy_(0, position, x.repeat_interleave(k, dim=0))

@@ -112,8 +112,8 @@ def test_bad_launches_are_refused_before_anything_starts(monkeypatch, kwargs, me
 def _rows(layer_ms):
     """Per-rank rows of two ranks: phase p of rank r takes base_p + r ms, its plain exchange 1 ms."""
     base = {"dispatch": 2.0, "combine": 4.0, "layer": layer_ms}
-    return [{"rank": r, "round": 0, "tokens": 8, "chunks": 2, "batches": 1, "lead_ms": 0.0, "off_rank_MB": 1.0,
-             "dispatch_GBps": 0.5, "plain_dispatch_GBps": 0.6, "max_abs_err": r * 1e-3,
+    return [{"rank": r, "round": 0, "tokens": 8, "chunks": 2, "batches": 1, "lead_ms": 0.0,
+             "off_rank_MB": 1.0, "dispatch_GBps": 0.5, "plain_dispatch_GBps": 0.6, "max_abs_err": r * 1e-3,
              "overflow_share": r * 0.25,
              **{f"{p}_ms": b + r for p, b in base.items()},
              **{f"plain_{p}_ms": 1.0 for p in base}} for r in range(2)]
