@@ -28,6 +28,7 @@ import argparse
 import datetime
 import itertools
 import json
+import math
 import os
 import platform
 import signal
@@ -88,12 +89,18 @@ def plain_exchange(send_buf: torch.Tensor, recv_buf: torch.Tensor, splits: Split
         dist.all_to_all_single(send_buf, recv_buf, splits.send, splits.recv)
 
 
-def working_set_bytes(settings: EPSettings, batches: int = 1) -> int:
+def working_set_bytes(settings: EPSettings, batches: int = 1, slack: float = SLACK,
+                      chunks: int = 1) -> int:
     """Estimated peak bytes of one rank: every batch's tokens, the output, pair rows (the send
     buffer with its main sections, rows received, overflow, one dispatch kept for the combine's
-    timing besides the one in flight, the plain exchange's two buffers), index tensors."""
+    timing besides the one in flight, the plain exchange's two buffers), index tensors.
+
+    The sections' headroom, slack sqrt(n) rows for each of R * chunks pairs moving n rows, adds
+    at most slack sqrt(pairs R chunks) rows per buffer (Cauchy-Schwarz): four buffers hold it."""
     pairs = settings.tokens * settings.top_k
-    return settings.row_bytes * ((batches + 1) * settings.tokens + 10 * pairs) + 64 * pairs
+    padding = 4 * slack * math.sqrt(pairs * settings.ranks * chunks)
+    return int(settings.row_bytes * ((batches + 1) * settings.tokens + 10 * pairs + padding)) \
+        + 64 * pairs
 
 
 # Timed on every rank, each against its plain all_to_all_single of the rows that cross ranks:
@@ -126,7 +133,8 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
 
     batches: the calls cycle through this many batches (rank_batch's `batch`), so that every
     call's routing differs from the last one's, from which the layer sizes its main exchange; the
-    plain exchange cycles through their splits in step. With 1, only the first call differs.
+    plain exchange cycles through their splits in step (the combine is timed on one kept
+    dispatch, and its plain exchange on that batch's splits). With 1, only the first call differs.
     placement: a fixed one (e.g. parsed from --map), else built from settings and global loads.
     warmup_s: seconds of untimed layer calls first (see warm_up), besides `warmup` calls per timing.
     lead_ms: milliseconds of GPU work queued before every timed call (time_fn's `lead`), ended by
@@ -178,9 +186,14 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
         if b < batches:
             splits.append(split)
         out0 = out if out0 is None else out0
-    d = layer.dispatch(x, experts, token_index)  # batch 0 again, after batch 0
+    # Kept: the combine phase sends these rows back every rep. With several batches it is
+    # another batch than the last call's, as every timed dispatch is.
+    kept = 1 % batches
+    _, x, experts, weights = data[kept]
+    d = layer.dispatch(x, experts, token_index)
     for m in range(len(d.rows)):
-        layer.experts(d, m)  # d is kept: the combine phase sends these rows back every rep
+        layer.experts(d, m)
+    reference = reference_layer(x, experts, weights, gains).float()
     err = max(err, float((layer.combine(d, weights).float() - reference).abs().max()))
     if dump is not None:
         ids, _, experts, weights = data[0]
@@ -192,20 +205,20 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
     wires = [Splits(layer.off_rank(sp.send), layer.off_rank(sp.recv)) for sp in splits]
     send_buf = data[0][1].new_empty(max(sum(w.send) for w in wires), s.d_model)
     recv_buf = data[0][1].new_empty(max(sum(w.recv) for w in wires), s.d_model)
-    plain_turn = itertools.count()
 
-    def plain(there: bool = True, back: bool = True) -> None:
-        wire = wires[next(plain_turn) % batches]
+    def plain(there: bool = True, back: bool = True, batch: int | None = None) -> None:
+        wire = wires[next(turn) % batches if batch is None else batch]
         plain_exchange(send_buf[:sum(wire.send)], recv_buf[:sum(wire.recv)], wire, there, back)
 
     runs = {"layer": (layer_call, plain),
             "dispatch": (dispatch_phase, lambda: plain(back=False)),
-            "combine": (lambda: layer.combine(d, weights), lambda: plain(there=False))}
+            "combine": (lambda: layer.combine(d, weights), lambda: plain(there=False, batch=kept))}
     row = {"rank": rank, "tokens": s.tokens, "chunks": chunks, "batches": batches,
            "lead_ms": lead_ms if lead else 0.0, "pairs_sent": splits[0].send}
     layer.calls = layer.overflow_calls = 0
     for name, (phase, plain_fn) in runs.items():
         for label, fn in ((name, phase), (f"plain_{name}", plain_fn)):
+            turn = itertools.count()  # both sides go through the batches in the same order
             dist.barrier()
             t = time_fn(fn, device, warmup, reps, lead=lead)
             row[f"{label}_ms"], row[f"{label}_p10_ms"], row[f"{label}_p90_ms"] = \
@@ -213,10 +226,11 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
     # Off-rank bytes sent in the dispatch and in the combine, averaged over the batches.
     there = sum(sum(w.send) for w in wires) / batches * s.row_bytes
     back = sum(sum(w.recv) for w in wires) / batches * s.row_bytes
+    back_kept = sum(wires[kept].recv) * s.row_bytes  # the timed combine's
     row.update({"off_rank_MB": (there + back) / 1e6,
                 "dispatch_GBps": there / row["dispatch_ms"] / 1e6,
                 "plain_dispatch_GBps": there / row["plain_dispatch_ms"] / 1e6,
-                "combine_GBps": back / row["combine_ms"] / 1e6,
+                "combine_GBps": back_kept / row["combine_ms"] / 1e6,
                 "layer_GBps": (there + back) / row["layer_ms"] / 1e6,
                 "plain_GBps": (there + back) / row["plain_layer_ms"] / 1e6, "max_abs_err": err,
                 "overflow_share": layer.overflow_calls / max(1, layer.calls)})
@@ -373,7 +387,9 @@ def worker(argv: list[str] | None = None) -> None:
             s = settings_from_args(args, world, tokens)
             limit = int(0.8 * torch.cuda.get_device_properties(device).total_memory) \
                 if device.type == "cuda" else MAX_BYTES
-            check_bytes("dispatch working set per rank", working_set_bytes(s, args.batches), limit)
+            check_bytes("dispatch working set per rank",
+                        working_set_bytes(s, args.batches, args.slack,
+                                          max(parse_ints("chunks", args.chunks))), limit)
             for chunks in parse_ints("chunks", args.chunks):
                 rounds = []
                 for i in range(args.rounds):
@@ -442,12 +458,13 @@ def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,
     processes = check_int("processes", processes, 1, MAX_CPU_PROCESSES)
     s = replace(settings, ranks=processes).validated()
     checked_map(placement_map, s)
-    check_bytes("dispatch working set (all processes)", processes * working_set_bytes(s, batches))
     check_int("warmup", warmup, 0, 100)
     check_int("reps", reps, 1, 1000)
     check_int("chunks", chunks, 1, 64)
     check_int("batches", batches, 1, 16)
     check_float("slack", slack, 0.0, 1000.0)
+    check_bytes("dispatch working set (all processes)",
+                processes * working_set_bytes(s, batches, slack, chunks))
     with tempfile.TemporaryDirectory(prefix="ep_dispatch_") as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                str(processes), "--max-restarts", "0", "-m", "engine.ep_dispatch",

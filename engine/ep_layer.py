@@ -218,8 +218,10 @@ class ExpertParallelLayer:
         self.gains = torch.cat([gains, gains.new_zeros(1)]).to(device)
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._layouts: dict[tuple[int, int], _Layout] = {}
-        # Rows sent to / received from every rank per chunk in the last call, per (T, k).
-        self._moved: dict[tuple[int, int], tuple[list[list[int]], list[list[int]]]] = {}
+        # Rows sent to / received from every rank per chunk in the last call with that many
+        # chunks. Not per (T, k): those may differ between ranks (Expert Choice's k does), and both
+        # ends of a pair must look up the same call. The chunk count is the same on every rank.
+        self._moved: dict[int, tuple[list[list[int]], list[list[int]]]] = {}
         self.calls = self.overflow_calls = 0  # calls, and calls that sent or received overflow
 
     def _layout(self, t_count: int, k: int) -> _Layout:
@@ -260,7 +262,7 @@ class ExpertParallelLayer:
     def _sections(self, lay: _Layout, k: int) -> Sections:
         """Main sections of the next call from the last call's rows per pair (none before one)."""
         m_count, w = len(lay.bounds) - 1, self.world
-        last = self._moved.get((lay.bounds[-1], k), ([[0] * w] * m_count,) * 2)
+        last = self._moved.get(m_count, ([[0] * w] * m_count,) * 2)
         send, recv = ([self.off_rank([headroom(n, self.slack) for n in c]) for c in moved]
                       for moved in last)
         base = [0]
@@ -371,7 +373,7 @@ class ExpertParallelLayer:
         if copied is not None:
             copied.synchronize()  # the host sync, while the rows travel
         send, recv = self._sizes(lay.host.tolist(), m_count)
-        self._moved[t_count, k] = send, recv
+        self._moved[m_count] = send, recv
         over = [x.new_empty(sum(max(0, n - c) for n, c in zip(self.off_rank(recv[m]),
                                                               sections.recv[m])), x.shape[1])
                 for m in range(m_count)]

@@ -7,7 +7,8 @@ exchange are fixed before the counts are known (engine.ep_layer), so every (chun
 has a main section of `cap` rows at a known offset: its pairs with an in-destination index
 i = exact - dest_start below cap go there, at main + i; the others (the overflow, this rank's
 own rows, the empty pairs) keep their exact position plus a per-chunk shift, past all main
-sections. `table` holds per (chunk, destination) code cd: [cap, main, shift] (see capacity_table).
+sections. `table` holds per (chunk, destination) code cd: [cap, main, shift] (see
+ExpertParallelLayer._fill_table).
 
 On CUDA with Triton one kernel does it all: given `cursor`, the end of every key's range of exact
 positions (the inclusive prefix sum of the pairs per key), each pair takes the highest free one
