@@ -167,7 +167,7 @@ class _Layout:
     chunk_key: torch.Tensor | None  # (T, 1) sort-key offset of every token's chunk; None: 1 chunk
     ones: torch.Tensor  # (T * k,) int32 ones, what index_add_ adds per pair
     tally: torch.Tensor  # (chunks * (P + 1),) int32 pairs per sort key, refilled every call
-    cursor: torch.Tensor  # (1 + chunks * (P + 1),) int32: 0, then each key's range end (CUDA)
+    cursor: torch.Tensor  # (1 + chunks * (P + 1),) int32: 0, then each key's range end
     key_cd: torch.Tensor  # (chunks * (P + 1),) int32 (chunk, destination rank) code of every key
     first_key: torch.Tensor  # (chunks * R,) int64 first key of every code's range
     slot_keys: torch.Tensor  # (chunks * P,) keys of the real slots, grouped by destination rank
@@ -294,6 +294,13 @@ class ExpertParallelLayer:
                     i += n
         return send, recv
 
+    @staticmethod
+    def _range_starts(lay: _Layout) -> torch.Tensor:
+        """Write the tally's inclusive prefix sums (each key's range end of exact positions) after
+        lay.cursor's leading 0; return every (chunk, rank) code's first exact position."""
+        torch.cumsum(lay.tally, 0, dtype=torch.int32, out=lay.cursor[1:])
+        return lay.cursor[lay.first_key]
+
     def _place(self, x: torch.Tensor, key: torch.Tensor, lay: _Layout, table: torch.Tensor,
                position: torch.Tensor, buf: torch.Tensor, tallied: torch.cuda.Event | None
                ) -> list[torch.cuda.Event | None]:
@@ -310,7 +317,7 @@ class ExpertParallelLayer:
             exact = torch.empty_like(position).scatter_(
                 0, torch.sort(key, stable=True).indices,
                 torch.arange(key.numel(), device=key.device))
-            starts = torch.cat([lay.tally.new_zeros(1), lay.tally.cumsum(0)])[lay.first_key]
+            starts = self._range_starts(lay)
             position.copy_(ep_place.buffer_position(exact, lay.key_cd[key.long()], starts, table))
             buf.index_copy_(0, position, x.repeat_interleave(k, dim=0))
             return [None] * (len(lay.bounds) - 1)
@@ -318,8 +325,7 @@ class ExpertParallelLayer:
         self.side.wait_event(tallied)
         events, cursor = [], lay.cursor[1:]
         with torch.cuda.stream(self.side):
-            torch.cumsum(lay.tally, 0, dtype=torch.int32, out=cursor)
-            starts = lay.cursor[lay.first_key]  # before the kernels count the cursor down
+            starts = self._range_starts(lay)  # before the kernels count the cursor down
             args = (x, key, cursor, lay.key_cd, starts, table, position, buf)
             for lo, hi in zip(lay.bounds, lay.bounds[1:]):
                 ep_place.place_rows(*args, lo * k, hi * k, p1, 0, others)
