@@ -123,6 +123,21 @@ def warm_up(fn: Callable[[], object], device: torch.device, seconds: float) -> N
         dist.broadcast(go, 0)
 
 
+def lined_up_work(ms: float, device: torch.device) -> Callable[[], None] | None:
+    """`ms` of GPU work on every rank, then an all_reduce of one value, so that what is queued
+    next starts on every GPU at once, not each when its own work ends (the first to start would
+    wait for the others); None for 0 ms or on CPU."""
+    if ms <= 0 or device.type != "cuda":
+        return None
+    work, flag = gpu_work(ms, device), torch.zeros(1, device=device)
+
+    def lead() -> None:
+        work()
+        dist.all_reduce(flag)
+
+    return lead
+
+
 def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, reps: int,
             dump: Path | None = None, placement: Placement | None = None, chunks: int = 1,
             warmup_s: float = 0.0, batches: int = 1, slack: float = SLACK,
@@ -142,15 +157,7 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
     host's time before a transfer is exposed.
     """
     s = settings
-    lead = None
-    if lead_ms > 0 and device.type == "cuda":
-        work, flag = gpu_work(lead_ms, device), torch.zeros(1, device=device)
-
-        def lead() -> None:
-            # Every rank's work, then an all_reduce of one value: the timed calls start on every
-            # GPU at once, not each when its own work ends (the first to start would wait).
-            work()
-            dist.all_reduce(flag)
+    lead = lined_up_work(lead_ms, device)
     data = []
     for b in range(batches):
         ids, experts, weights = rank_batch(s, rank, device, batch=b)
@@ -185,7 +192,8 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
         err = max(err, float((out.float() - reference).abs().max()))
         if b < batches:
             splits.append(split)
-        out0 = out if out0 is None else out0
+        if b == 0:
+            out0 = out
     # Kept: the combine phase sends these rows back every rep. With several batches it is
     # another batch than the last call's, as every timed dispatch is.
     kept = 1 % batches
