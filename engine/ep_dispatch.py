@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from engine.cuda_graphs import GRAPH_LIMIT
 from engine.ep_layer import SLACK, Dispatched, ExpertParallelLayer, Splits
 from engine.expert_parallel import (DTYPES, EPSettings, Placement, make_placement,
                                     parse_placement, rank_batch, token_features)
@@ -90,17 +91,18 @@ def plain_exchange(send_buf: torch.Tensor, recv_buf: torch.Tensor, splits: Split
 
 
 def working_set_bytes(settings: EPSettings, batches: int = 1, slack: float = SLACK,
-                      chunks: int = 1) -> int:
+                      chunks: int = 1, graphs: int = 0) -> int:
     """Estimated peak bytes of one rank: every batch's tokens, the output, pair rows (the send
     buffer with its main sections, rows received, overflow, one dispatch kept for the combine's
-    timing besides the one in flight, the plain exchange's two buffers), index tensors.
+    timing besides the one in flight, the plain exchange's two buffers, and the send and
+    receive buffers of each of `graphs` CUDA graphs), index tensors.
 
-    The sections' headroom, slack sqrt(n) rows for each of R * chunks pairs moving n rows, adds
-    at most slack sqrt(pairs R chunks) rows per buffer (Cauchy-Schwarz): four buffers hold it."""
+    A main section exceeds the n rows its pair moves by at most 3 slack sqrt(n) (next_section),
+    which adds at most 3 slack sqrt(pairs R chunks) rows per buffer (Cauchy-Schwarz)."""
     pairs = settings.tokens * settings.top_k
-    padding = 4 * slack * math.sqrt(pairs * settings.ranks * chunks)
-    return int(settings.row_bytes * ((batches + 1) * settings.tokens + 10 * pairs + padding)) \
-        + 64 * pairs
+    padding = 3 * slack * math.sqrt(pairs * settings.ranks * chunks)
+    buffers = 10 * pairs + 4 * padding + graphs * (3 * pairs + 2 * padding)
+    return int(settings.row_bytes * ((batches + 1) * settings.tokens + buffers)) + 64 * pairs
 
 
 # Timed on every rank, each against its plain all_to_all_single of the rows that cross ranks:
@@ -141,7 +143,7 @@ def lined_up_work(ms: float, device: torch.device) -> Callable[[], None] | None:
 def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, reps: int,
             dump: Path | None = None, placement: Placement | None = None, chunks: int = 1,
             warmup_s: float = 0.0, batches: int = 1, slack: float = SLACK,
-            lead_ms: float = 0.0) -> dict:
+            lead_ms: float = 0.0, graphs: bool = True) -> dict:
     """Run and time the layer and its dispatch and combine phases on this rank, each next to a
     plain all_to_all_single of the rows that cross ranks (the layer's splits, own rank's set to 0);
     returns this rank's row (plain values, ms, MB).
@@ -155,6 +157,7 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
     lead_ms: milliseconds of GPU work queued before every timed call (time_fn's `lead`), ended by
     an all_reduce that lines the ranks up; 0: none, the GPU is idle when a call starts, and the
     host's time before a transfer is exposed.
+    graphs: let the layer replay its dispatch from CUDA graphs (see engine.ep_layer).
     """
     s = settings
     lead = lined_up_work(lead_ms, device)
@@ -168,7 +171,7 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
     placement = placement or make_placement(s, counts.cpu())
     token_index = rank * s.tokens + torch.arange(s.tokens, device=device)
     gains = expert_gains(s.experts, s.seed)
-    layer = ExpertParallelLayer(placement, gains, rank, device, chunks, slack)
+    layer = ExpertParallelLayer(placement, gains, rank, device, chunks, slack, graphs)
     turn = itertools.count()
 
     def layer_call() -> tuple[torch.Tensor, Splits]:
@@ -182,18 +185,27 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
             d.wait(m)
         return d
 
+    references = [reference_layer(x, experts, weights, gains).float()
+                  for _, x, experts, weights in data]
+
+    def checked_calls() -> tuple[float, list[Splits], torch.Tensor]:
+        """The layer's largest error over every batch, and batch 0 again; each batch's splits;
+        batch 0's output."""
+        err, splits, out0 = 0.0, [], None
+        for b, (ids, x, experts, weights) in enumerate(data + data[:1]):
+            out, split = layer(x, experts, weights, token_index)
+            err = max(err, float((out.float() - references[b % batches]).abs().max()))
+            if b < batches:
+                splits.append(split)
+            if b == 0:
+                out0 = out
+        return err, splits, out0
+
     # Both paths (whole layer, and phases run apart) must give the reference's output: the
     # layer's first call sends every row point to point (no last call to size the main exchange
-    # from), the later ones mostly in the main exchange, with overflow where routing changed.
-    err, splits, out0 = 0.0, [], None
-    for b, (ids, x, experts, weights) in enumerate(data + data[:1]):
-        reference = reference_layer(x, experts, weights, gains).float()
-        out, split = layer(x, experts, weights, token_index)
-        err = max(err, float((out.float() - reference).abs().max()))
-        if b < batches:
-            splits.append(split)
-        if b == 0:
-            out0 = out
+    # from), the later ones mostly in the main exchange, with overflow where routing changed;
+    # once timed (below), from CUDA graphs too.
+    err, splits, out0 = checked_calls()
     # Kept: the combine phase sends these rows back every rep. With several batches it is
     # another batch than the last call's, as every timed dispatch is.
     kept = 1 % batches
@@ -201,8 +213,7 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
     d = layer.dispatch(x, experts, token_index)
     for m in range(len(d.rows)):
         layer.experts(d, m)
-    reference = reference_layer(x, experts, weights, gains).float()
-    err = max(err, float((layer.combine(d, weights).float() - reference).abs().max()))
+    err = max(err, float((layer.combine(d, weights).float() - references[kept]).abs().max()))
     if dump is not None:
         ids, _, experts, weights = data[0]
         torch.save({"ids": ids.cpu(), "experts": experts.cpu(), "weights": weights.cpu(),
@@ -222,8 +233,9 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
             "dispatch": (dispatch_phase, lambda: plain(back=False)),
             "combine": (lambda: layer.combine(d, weights), lambda: plain(there=False, batch=kept))}
     row = {"rank": rank, "tokens": s.tokens, "chunks": chunks, "batches": batches,
-           "lead_ms": lead_ms if lead else 0.0, "pairs_sent": splits[0].send}
-    layer.calls = layer.overflow_calls = 0
+           "lead_ms": lead_ms if lead else 0.0, "graphs": layer.graphs is not None,
+           "pairs_sent": splits[0].send}
+    calls, overflow_calls, replays = layer.calls, layer.overflow_calls, layer.replays
     for name, (phase, plain_fn) in runs.items():
         for label, fn in ((name, phase), (f"plain_{name}", plain_fn)):
             turn = itertools.count()  # both sides go through the batches in the same order
@@ -231,6 +243,7 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
             t = time_fn(fn, device, warmup, reps, lead=lead)
             row[f"{label}_ms"], row[f"{label}_p10_ms"], row[f"{label}_p90_ms"] = \
                 t.median_ms, t.p10_ms, t.p90_ms
+    timed = max(1, layer.calls - calls)
     # Off-rank bytes sent in the dispatch and in the combine, averaged over the batches.
     there = sum(sum(w.send) for w in wires) / batches * s.row_bytes
     back = sum(sum(w.recv) for w in wires) / batches * s.row_bytes
@@ -240,8 +253,11 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
                 "plain_dispatch_GBps": there / row["plain_dispatch_ms"] / 1e6,
                 "combine_GBps": back_kept / row["combine_ms"] / 1e6,
                 "layer_GBps": (there + back) / row["layer_ms"] / 1e6,
-                "plain_GBps": (there + back) / row["plain_layer_ms"] / 1e6, "max_abs_err": err,
-                "overflow_share": layer.overflow_calls / max(1, layer.calls)})
+                "plain_GBps": (there + back) / row["plain_layer_ms"] / 1e6,
+                "overflow_share": (layer.overflow_calls - overflow_calls) / timed,
+                "graph_share": (layer.replays - replays) / timed})
+    row["max_abs_err"] = max(err, checked_calls()[0])  # the graphs captured while timing too
+    layer.release()
     return row
 
 
@@ -256,6 +272,7 @@ def summarize(rows: list[dict]) -> dict:
         out.update({f"{name}_ms": phase, f"plain_{name}_ms": plain, f"{name}_ratio": plain / phase})
     out["max_abs_err"] = max(r["max_abs_err"] for r in rows)
     out["overflow_share"] = max(r.get("overflow_share", 0.0) for r in rows)
+    out["graph_share"] = min(r.get("graph_share", 0.0) for r in rows)
     return out
 
 
@@ -322,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lead-ms", type=float, default=0.0,
                    help="GPU work (ms) queued before every timed call, standing for the rest of "
                         "a model step, so the host reaches the call ahead of the GPU; 0: none")
+    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA: replay the dispatch from CUDA graphs once its inputs repeat")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--warmup-s", type=float, default=2.0,
                    help="seconds of untimed layer calls per configuration before timing")
@@ -397,13 +416,15 @@ def worker(argv: list[str] | None = None) -> None:
                 if device.type == "cuda" else MAX_BYTES
             check_bytes("dispatch working set per rank",
                         working_set_bytes(s, args.batches, args.slack,
-                                          max(parse_ints("chunks", args.chunks))), limit)
+                                          max(parse_ints("chunks", args.chunks)),
+                                          GRAPH_LIMIT if args.graphs and device.type == "cuda"
+                                          else 0), limit)
             for chunks in parse_ints("chunks", args.chunks):
                 rounds = []
                 for i in range(args.rounds):
                     row = measure(s, rank, device, args.warmup, args.reps, args.dump,
                                   checked_map(args.map, s), chunks, args.warmup_s, args.batches,
-                                  args.slack, args.lead_ms)
+                                  args.slack, args.lead_ms, args.graphs)
                     rows: list[dict] = [{}] * world
                     dist.all_gather_object(rows, {**row, "round": i})
                     per_rank += rows
@@ -422,10 +443,11 @@ def _report(args: argparse.Namespace, backend: str, world: int, device: torch.de
            "summary": summaries, "per_rank": per_rank}
     keys = ["rank", "round", "tokens", "chunks", "batches", "lead_ms", "off_rank_MB", "dispatch_ms",
             "plain_dispatch_ms", "combine_ms", "plain_combine_ms", "layer_ms", "plain_layer_ms",
-            "dispatch_GBps", "plain_dispatch_GBps", "overflow_share", "max_abs_err"]
+            "dispatch_GBps", "plain_dispatch_GBps", "overflow_share", "graph_share", "max_abs_err"]
     phases = "\n".join(f"  {name}: {what}" for name, what in PHASES.items())
     summary_keys = ["tokens", "chunks", "lead_ms"] + [f"{n}_ratio" for n in PHASES] + \
-        [f"{p}{n}_ms" for n in PHASES for p in ("", "plain_")] + ["overflow_share", "max_abs_err",
+        [f"{p}{n}_ms" for n in PHASES for p in ("", "plain_")] + ["overflow_share", "graph_share",
+                                                              "max_abs_err",
                                                               "dispatch_ratio_rounds"]
     text = (f"Expert-parallel dispatch, {backend}, {world} ranks, {doc['device']}, {doc['date']}\n"
             f"torch {doc['torch']}, CUDA {doc['cuda']}, NCCL {doc['nccl']}; settings "

@@ -12,12 +12,20 @@ counts are on the device: waiting for them before sending the rows (a host sync)
 idle while the host caught up, which bound the dispatch at 8k tokens per rank. So the rows'
 exchange does not wait for them. Both ends of every pair of ranks know how many rows the pair
 moved in the layer's last call (one sent them, the other received them), and each sizes the
-pair's main section from it plus `slack` (headroom()), the same number on both ends. The rows go
-at once in those sections; the counts' exchange and the host sync happen meanwhile. Rows beyond
-a section (routing that moved more than the slack) follow in a second exchange of exactly those
+pair's main section from it and the section before (next_section: the rows plus `slack` square
+roots of them, kept while routing only jitters), the same number on both ends. The rows go at
+once in those sections; the counts' exchange and the host sync happen meanwhile. Rows beyond a
+section (routing that moved more than the slack) follow in a second exchange of exactly those
 rows, point to point (batch_isend_irecv), after the sync; the first call of a shape has no
 history and sends everything that way. The combine mirrors both. A section's unused rows travel
 as padding: the slack is paid in bytes (the benchmark counts only real rows).
+
+Since the split sizes are known before a call, on CUDA everything the dispatch queues up to the
+main exchange, both all_to_all_single calls included, is captured in a CUDA graph once the same
+inputs come with the same sections, and replayed from then on (engine.cuda_graphs): the host
+then costs one launch per call instead of some 25, and the GPU no longer waits for it. Only for
+exchanges up to GRAPH_MAX_BYTES: larger ones take longer than the host's work, and ran slower
+from a graph.
 
 Rows for this rank's own experts never go through NCCL: they are placed while the others travel
 and are already where the combine needs them. chunks: the tokens go in this many micro-batches
@@ -34,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from engine import ep_place
+from engine.cuda_graphs import CapturedCalls
 from engine.ep_combine import weighted_rows_sum
 from engine.expert_parallel import Placement, destinations
 from engine.validation import check_float, check_int
@@ -48,11 +57,29 @@ RECV_CAP = 3
 # batch to the next: 4 leaves overflow rare, for 4% more bytes at 9k rows and 1.5% at 70k.
 SLACK = 4.0
 
+# The dispatch is replayed from CUDA graphs only while its main exchange moves at most this many
+# bytes. On 2x H100 (2026-11-26, back to back, d_model 4096) graphs raised the dispatch's ratio
+# from 0.41-0.52 to 0.72 at 8k tokens per rank (75 MB) and tied at 32k (290 MB); at 64k
+# (580 MB), where the transfer outlasts the host's work anyway, they lowered it from 0.70-0.71
+# to 0.68-0.69.
+GRAPH_MAX_BYTES = 256 * 2**20
+
 
 def headroom(rows: int, slack: float) -> int:
     """Main-section rows for a pair of ranks whose last call moved `rows`: rows + slack
     sqrt(rows), rounded up."""
     return rows + math.ceil(slack * math.sqrt(rows))
+
+
+def next_section(current: int, rows: int, slack: float) -> int:
+    """A pair's main-section rows for the next call, from its current section and the rows it
+    moved in the last call: grown to headroom(rows) when below it, cut back to it when over
+    2 slack sqrt(rows) above it, else kept. So while routing only jitters from call to call the
+    split sizes stay the same, and with them the dispatch's CUDA graph (engine.cuda_graphs)."""
+    need = headroom(rows, slack)
+    if current < need or current > need + 2 * math.ceil(slack * math.sqrt(rows)):
+        return need
+    return current
 
 
 @dataclass(frozen=True)
@@ -160,6 +187,18 @@ class Dispatched:
 
 
 @dataclass(frozen=True)
+class _Queued:
+    """One dispatch's work on the device up to its main exchange, as queued or captured."""
+
+    table: torch.Tensor
+    position: torch.Tensor
+    buf: torch.Tensor
+    rows: list[torch.Tensor]
+    works: list[dist.Work | None]  # None: already joined to the current stream
+    copied: torch.cuda.Event | None  # after the counts' copy to the host; None: on the host
+
+
+@dataclass(frozen=True)
 class _Layout:
     """Index tensors of one (token count, k), built once: see ExpertParallelLayer._layout."""
 
@@ -188,7 +227,7 @@ class ExpertParallelLayer:
     """
 
     def __init__(self, placement: Placement, gains: torch.Tensor, rank: int, device: torch.device,
-                 chunks: int = 1, slack: float = SLACK) -> None:
+                 chunks: int = 1, slack: float = SLACK, graphs: bool = True) -> None:
         self.rank, self.world, self.device = rank, placement.num_ranks, device
         self.chunks = check_int("chunks", chunks, 1, 64)
         self.slack = check_float("slack", slack, 0.0, 1000.0)
@@ -218,10 +257,13 @@ class ExpertParallelLayer:
         self.gains = torch.cat([gains, gains.new_zeros(1)]).to(device)
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._layouts: dict[tuple[int, int], _Layout] = {}
-        # Rows sent to / received from every rank per chunk in the last call with that many
-        # chunks. Not per (T, k): those may differ between ranks (Expert Choice's k does), and both
-        # ends of a pair must look up the same call. The chunk count is the same on every rank.
-        self._moved: dict[int, tuple[list[list[int]], list[list[int]]]] = {}
+        # Main-section rows sent to / received from every rank per chunk in the next call with
+        # that many chunks (next_section). Not per (T, k): those may differ between ranks (Expert
+        # Choice's k does), and both ends of a pair must size it from the same calls. The chunk
+        # count is the same on every rank.
+        self._caps: dict[int, tuple[list[list[int]], list[list[int]]]] = {}
+        # The dispatch's work up to the main exchange, replayed from CUDA graphs (see dispatch).
+        self.graphs = CapturedCalls[_Queued]() if graphs and device.type == "cuda" else None
         self.calls = self.overflow_calls = 0  # calls, and calls that sent or received overflow
 
     def _layout(self, t_count: int, k: int) -> _Layout:
@@ -255,16 +297,25 @@ class ExpertParallelLayer:
                 table if dev.type == "cpu" else table.pin_memory())
         return self._layouts[t_count, k]
 
+    @property
+    def replays(self) -> int:
+        """Dispatch calls replayed from a CUDA graph."""
+        return 0 if self.graphs is None else self.graphs.replays
+
+    def release(self) -> None:
+        """Drop the dispatch's CUDA graphs: call before destroying the process group, whose
+        NCCL communicator they captured."""
+        if self.graphs is not None:
+            self.graphs.clear()
+
     def off_rank(self, sizes: list[int]) -> list[int]:
         """Split sizes for NCCL: this rank's own entry is 0, its rows are moved locally."""
         return [0 if r == self.rank else n for r, n in enumerate(sizes)]
 
     def _sections(self, lay: _Layout, k: int) -> Sections:
-        """Main sections of the next call from the last call's rows per pair (none before one)."""
-        m_count, w = len(lay.bounds) - 1, self.world
-        last = self._moved.get(m_count, ([[0] * w] * m_count,) * 2)
-        send, recv = ([self.off_rank([headroom(n, self.slack) for n in c]) for c in moved]
-                      for moved in last)
+        """Main sections of this call (none before a call with as many chunks)."""
+        m_count = len(lay.bounds) - 1
+        send, recv = self._caps.get(m_count, ([[0] * self.world] * m_count,) * 2)
         base = [0]
         for m in range(m_count):
             base.append(base[m] + sum(send[m]) + (lay.bounds[m + 1] - lay.bounds[m]) * k)
@@ -281,6 +332,13 @@ class ExpertParallelLayer:
                 shift.append(s.spill(m) - lay.bounds[m] * k)
                 recv.append(s.recv[m][r])
         lay.table.copy_(torch.tensor([cap, main, shift, recv]))
+
+    def _next_caps(self, s: Sections, moved: tuple[list[list[int]], list[list[int]]]) -> None:
+        """The next call's sections from this call's (s) and the rows each pair moved in it."""
+        self._caps[len(s.send)] = tuple(
+            [self.off_rank([next_section(c, n, self.slack) for c, n in zip(cap, rows)])
+             for cap, rows in zip(caps, moved_m)]
+            for caps, moved_m in zip((s.send, s.recv), moved))
 
     def _sizes(self, counts: list[int], m_count: int) -> tuple[list[list[int]], list[list[int]]]:
         """Rows sent to / received from each rank per chunk, [chunk][rank], from the exchanged
@@ -336,16 +394,60 @@ class ExpertParallelLayer:
     def dispatch(self, x: torch.Tensor, experts: torch.Tensor,
                  token_index: torch.Tensor) -> Dispatched:
         """Start sending x's rows (T, D) to their experts (experts (T, k), token_index (T,));
-        every chunk's transfer is in flight on return."""
-        # Made contiguous before the side stream's event, and held until that stream is joined:
-        # the side stream reads it.
-        x = x.contiguous()
+        every chunk's transfer is in flight on return.
+
+        On CUDA the work up to the main exchange is replayed from a CUDA graph once the same
+        inputs (addresses, shapes) come with the same sections (engine.cuda_graphs), if it moves
+        at most GRAPH_MAX_BYTES: one launch instead of some 25, which bound the dispatch at small
+        token counts. The Dispatched then holds the graph's buffers: combine it before the same
+        inputs are dispatched again.
+        """
+        x = x.contiguous()  # held until _queue has joined the side stream, which reads it
         t_count, k = experts.shape
         lay = self._layout(t_count, k)
         m_count, w, mine = len(lay.bounds) - 1, self.world, self.slots_per_rank[self.rank]
-        stream = torch.cuda.current_stream(self.device) if self.side is not None else None
         sections = self._sections(lay, k)
         self._fill_table(lay, sections, k)
+
+        def queue(capturing: bool) -> _Queued:
+            return self._queue(x, experts, token_index, lay, sections, capturing)
+
+        main_bytes = sum(map(sum, sections.send)) * x.shape[1] * x.element_size()
+        if self.graphs is not None and experts.is_cuda and token_index.is_cuda \
+                and main_bytes <= GRAPH_MAX_BYTES:
+            q = self.graphs((x.data_ptr(), x.shape, x.dtype, experts.data_ptr(), experts.shape,
+                             experts.stride(), experts.dtype, token_index.data_ptr(),
+                             token_index.shape, token_index.stride(), token_index.dtype,
+                             str(sections.send), str(sections.recv)), queue)
+        else:
+            q = queue(False)
+        if q.copied is not None:
+            q.copied.synchronize()  # the host sync, while the rows travel
+        send, recv = self._sizes(lay.host.tolist(), m_count)
+        self._next_caps(sections, (send, recv))
+        over = [x.new_empty(sum(max(0, n - c) for n, c in zip(self.off_rank(recv[m]),
+                                                              sections.recv[m])), x.shape[1])
+                for m in range(m_count)]
+        n_send = lay.slot_keys.numel()
+        d = Dispatched(self.rank, t_count, lay.bounds, send, recv, sections, q.table,
+                       lay.meta[n_send:].view(w, m_count, mine).clone(), q.position, q.buf, q.rows,
+                       over, list(q.works), [])
+        self.calls += 1
+        ops = d.overflow(back=False)
+        if ops:  # one batch for every chunk's overflow: each chunk waits for all of it
+            self.overflow_calls += 1
+            d.late = dist.batch_isend_irecv(ops)
+        return d
+
+    def _queue(self, x: torch.Tensor, experts: torch.Tensor, token_index: torch.Tensor,
+               lay: _Layout, sections: Sections, capturing: bool) -> _Queued:
+        """The dispatch's work on the device up to its main exchange: counts tallied and
+        exchanged, then copied to the host; rows placed and sent in the main sections.
+        capturing: inside a CUDA graph's capture, which needs every stream joined at its end,
+        the main exchange's included, and an external event for the host to wait on."""
+        t_count, k = experts.shape
+        m_count, w, mine = len(lay.bounds) - 1, self.world, self.slots_per_rank[self.rank]
+        stream = torch.cuda.current_stream(self.device) if self.side is not None else None
         table = lay.table.to(self.device, non_blocking=True, copy=True)
         key = destinations(experts, token_index, self.replicas)
         if lay.chunk_key is not None:
@@ -366,7 +468,8 @@ class ExpertParallelLayer:
         copied = None
         if stream is not None:  # the counts' copy is queued before the rows are placed
             lay.host.copy_(lay.meta, non_blocking=True)
-            copied = stream.record_event()
+            copied = torch.cuda.Event(external=capturing)
+            copied.record(stream)
         placed = self._place(x, key, lay, table, position, buf, tallied)
         rows, works = [], []
         for m in range(m_count):  # the main exchange goes before the counts are known
@@ -376,27 +479,16 @@ class ExpertParallelLayer:
             lo = sections.base[m]
             works.append(dist.all_to_all_single(rows[m], buf[lo:lo + sum(sections.send[m])],
                                                 sections.recv[m], sections.send[m], async_op=True))
-        if copied is not None:
-            copied.synchronize()  # the host sync, while the rows travel
-        send, recv = self._sizes(lay.host.tolist(), m_count)
-        self._moved[m_count] = send, recv
-        over = [x.new_empty(sum(max(0, n - c) for n, c in zip(self.off_rank(recv[m]),
-                                                              sections.recv[m])), x.shape[1])
-                for m in range(m_count)]
-        d = Dispatched(self.rank, t_count, lay.bounds, send, recv, sections, table,
-                       lay.meta[n_send:].view(w, m_count, mine).clone(), position, buf, rows,
-                       over, works, [])
+        if capturing:
+            for work in works:
+                work.wait()
+            works = [None] * m_count
         if self.side is not None:
             # Later work on this stream (experts, combine, and new allocations in blocks the
             # side stream still reads, such as the freed keys) waits for every row to be placed;
             # the transfers above were queued before and wait only for theirs.
             stream.wait_stream(self.side)
-        self.calls += 1
-        ops = d.overflow(back=False)
-        if ops:  # one batch for every chunk's overflow: each chunk waits for all of it
-            self.overflow_calls += 1
-            d.late = dist.batch_isend_irecv(ops)
-        return d
+        return _Queued(table, position, buf, rows, works, copied)
 
     def experts(self, d: Dispatched, m: int) -> None:
         """Chunk m's experts, in place: every received row and own row times its expert's gain."""

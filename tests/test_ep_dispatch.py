@@ -16,7 +16,7 @@ import engine.ep_dispatch as ep
 from engine.cli import main
 from engine.ep_combine import weighted_rows_sum
 from engine.ep_dispatch import LaunchError, expert_gains, launch, median_round, summarize
-from engine.ep_layer import ExpertParallelLayer, headroom
+from engine.ep_layer import ExpertParallelLayer, headroom, next_section
 from engine.expert_parallel import (EPSettings, contiguous_placement, ep_stats, parse_placement,
                                     rank_batch, token_features)
 
@@ -94,6 +94,16 @@ def test_headroom_adds_slack_square_roots_of_the_last_calls_rows():
     assert headroom(10_000, 0.0) == 10_000
 
 
+def test_a_section_grows_to_its_headroom_and_is_kept_until_far_above_it():
+    # 4 sqrt(9800) = 395.98: headroom 10196, kept up to 10196 + 2 * 396 = 10988.
+    assert next_section(0, 10_000, 4.0) == 10_400  # first sizing
+    assert next_section(10_400, 10_100, 4.0) == 10_502  # grown: 10100 + 402
+    assert next_section(10_502, 9_800, 4.0) == 10_502  # kept
+    assert next_section(10_988, 9_800, 4.0) == 10_988  # kept, at the edge
+    assert next_section(10_989, 9_800, 4.0) == 10_196  # cut back
+    assert next_section(5, 0, 4.0) == 0
+
+
 def test_a_rank_that_dies_fails_the_launch_instead_of_hanging():
     s = EPSettings(experts=4, tokens=16, d_model=8)
     with pytest.raises(LaunchError) as err:
@@ -124,7 +134,7 @@ def _rows(layer_ms):
     base = {"dispatch": 2.0, "combine": 4.0, "layer": layer_ms}
     return [{"rank": r, "round": 0, "tokens": 8, "chunks": 2, "batches": 1, "lead_ms": 0.0,
              "off_rank_MB": 1.0, "dispatch_GBps": 0.5, "plain_dispatch_GBps": 0.6, "max_abs_err": r * 1e-3,
-             "overflow_share": r * 0.25,
+             "overflow_share": r * 0.25, "graph_share": 1.0 - r * 0.5,
              **{f"{p}_ms": b + r for p, b in base.items()},
              **{f"plain_{p}_ms": 1.0 for p in base}} for r in range(2)]
 
@@ -134,6 +144,8 @@ def test_summary_takes_the_slowest_rank_per_phase():
     assert (s["dispatch_ms"], s["combine_ms"], s["layer_ms"]) == (3.0, 5.0, 8.0)
     assert s["dispatch_ratio"] == pytest.approx(1 / 3)
     assert s["combine_ratio"] == pytest.approx(1 / 5)
+    # Overflow on any rank counts; graphs only where every rank replayed them.
+    assert (s["overflow_share"], s["graph_share"]) == (0.25, 0.5)
     assert s["layer_ratio"] == pytest.approx(1 / 8)
     assert s["max_abs_err"] == 1e-3 and s["plain_layer_ms"] == 1.0
     assert s["overflow_share"] == 0.25

@@ -34,8 +34,8 @@ def test_kernel_places_rows_where_the_torch_path_does(chunks, k, d_model, dtype)
     per_dest = torch.zeros(chunks, ranks, dtype=torch.int64)
     per_dest.index_put_((chunk, torch.tensor(layer.sort_rank)[slot]), torch.ones_like(slot),
                         accumulate=True)
-    moved = (per_dest * torch.tensor([0.8, 1.0, 1.2])).long().tolist()
-    layer._moved[t_count, k] = moved, moved
+    caps = [layer.off_rank(c) for c in (per_dest * torch.tensor([0.8, 1.0, 1.2])).long().tolist()]
+    layer._caps[chunks] = caps, caps
     sections = layer._sections(lay, k)
     layer._fill_table(lay, sections, k)
     table = lay.table.cuda()
