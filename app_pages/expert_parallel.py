@@ -156,5 +156,6 @@ if results:
                "dispatch_ratio_rounds lists every round's. lead_ms: GPU work queued before every "
                "timed call, so the host reaches it ahead of the GPU as in a model step (0: back to "
                "back, the host's own time exposed). overflow_share: share of calls with rows "
-               "beyond the split sizes agreed from the last call. benchmarks/results/README.md "
-               "says where the time goes.")
+               "beyond the split sizes agreed from the last calls. graph_share: share of calls "
+               "replayed from a CUDA graph (exchanges up to 256 MiB). "
+               "benchmarks/results/README.md says where the time goes.")

@@ -5,7 +5,7 @@ dispatch (counts and rows to the experts), experts (each received row times its 
 combine (rows back, gate-weighted sum per token). With --chunks M the tokens go in M
 micro-batches whose exchanges overlap; with --batches B the calls cycle through B batches, so
 that each call's routing differs from the last one's (the layer sizes its main exchange from the
-last call's counts; see engine.ep_layer).
+last calls' counts; see engine.ep_layer).
 
 The dispatch, the combine and the whole layer are each timed next to a plain all_to_all_single of
 exactly the rows that cross ranks (the layer's split sizes with a rank's own set to 0, as the layer

@@ -54,14 +54,15 @@ RECV_CAP = 3
 # Headroom of a main section in units of sqrt(rows), the scale of a count's sampling noise. Over 8
 # of the benchmark's batches (2 and 4 ranks, 8k and 64k tokens, hash routing of Zipf ids) a pair's
 # count had a standard deviation of 0.5-0.9 sqrt(rows) and rose by at most 2.8 sqrt(rows) from one
-# batch to the next: 4 leaves overflow rare, for 4% more bytes at 9k rows and 1.5% at 70k.
+# batch to the next: 4 leaves overflow rare, for 4% more bytes at 9k rows and 1.5% at 70k (5.2%
+# and 1.9% over 4 batches in turn with sections kept while they fit: next_section).
 SLACK = 4.0
 
 # The dispatch is replayed from CUDA graphs only while its main exchange moves at most this many
-# bytes. On 2x H100 (2026-11-26, back to back, d_model 4096) graphs raised the dispatch's ratio
-# from 0.41-0.52 to 0.72 at 8k tokens per rank (75 MB) and tied at 32k (290 MB); at 64k
-# (580 MB), where the transfer outlasts the host's work anyway, they lowered it from 0.70-0.71
-# to 0.68-0.69.
+# bytes. On 2x H100 (2026-11-26, back to back, d_model 4096, benchmarks/results/README.md) graphs
+# raised the dispatch's ratio at 8k tokens per rank (75 MB) from 0.35-0.54 to 0.72, and at 16k
+# (150 MB) from 0.60-0.72 to 0.74. Where the transfer outlasts the host's work anyway they cost:
+# 0.73-0.75 against 0.74-0.77 at 32k (290 MB), 0.68-0.69 against 0.70-0.71 at 64k (580 MB).
 GRAPH_MAX_BYTES = 256 * 2**20
 
 
@@ -418,7 +419,8 @@ class ExpertParallelLayer:
             q = self.graphs((x.data_ptr(), x.shape, x.dtype, experts.data_ptr(), experts.shape,
                              experts.stride(), experts.dtype, token_index.data_ptr(),
                              token_index.shape, token_index.stride(), token_index.dtype,
-                             str(sections.send), str(sections.recv)), queue)
+                             tuple(map(tuple, sections.send)), tuple(map(tuple, sections.recv))),
+                            queue)
         else:
             q = queue(False)
         if q.copied is not None:
@@ -445,7 +447,6 @@ class ExpertParallelLayer:
         exchanged, then copied to the host; rows placed and sent in the main sections.
         capturing: inside a CUDA graph's capture, which needs every stream joined at its end,
         the main exchange's included, and an external event for the host to wait on."""
-        t_count, k = experts.shape
         m_count, w, mine = len(lay.bounds) - 1, self.world, self.slots_per_rank[self.rank]
         stream = torch.cuda.current_stream(self.device) if self.side is not None else None
         table = lay.table.to(self.device, non_blocking=True, copy=True)
