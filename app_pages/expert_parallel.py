@@ -27,10 +27,11 @@ def _sweep(**fields) -> list[dict]:
 
 
 def ratios_first(summary: pd.DataFrame) -> pd.DataFrame:
-    """Summary columns with the configuration and the ratios first (every round's dispatch ratio
-    beside the reported one, where there were rounds), the times after."""
-    first = [c for c in ("tokens", "chunks", "lead_ms", "dispatch_ratio", "dispatch_ratio_rounds",
-                         "combine_ratio", "layer_ratio") if c in summary]
+    """Summary columns with the configuration (with whether the dispatch ran from CUDA graphs) and
+    the ratios first (every round's dispatch ratio beside the reported one, where there were
+    rounds), the times after."""
+    first = [c for c in ("tokens", "chunks", "lead_ms", "graph_share", "dispatch_ratio",
+                         "dispatch_ratio_rounds", "combine_ratio", "layer_ratio") if c in summary]
     if "dispatch_ratio_rounds" in summary:  # a list per row: shown as short text
         summary = summary.assign(dispatch_ratio_rounds=summary["dispatch_ratio_rounds"].map(
             lambda v: " ".join(f"{x:.2f}" for x in v)))

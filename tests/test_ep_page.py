@@ -118,7 +118,7 @@ def test_committed_results_show_the_phase_ratios(at, monkeypatch):
     # Slowest rank: dispatch 3 ms against 1.5 ms plain, combine 4 against 1, layer 8 against 2.
     assert table.loc[0, ["dispatch_ratio", "combine_ratio", "layer_ratio"]].tolist() == \
         pytest.approx([0.5, 0.25, 0.25])
-    # The configuration (with the GPU work queued before each call), then the rounds' dispatch
-    # ratios beside the reported one.
-    assert list(table.columns[:5]) == ["tokens", "chunks", "lead_ms", "dispatch_ratio",
-                                       "dispatch_ratio_rounds"]
+    # The configuration (with the GPU work queued before each call and the share of calls
+    # replayed from graphs), then the rounds' dispatch ratios beside the reported one.
+    assert list(table.columns[:6]) == ["tokens", "chunks", "lead_ms", "graph_share",
+                                       "dispatch_ratio", "dispatch_ratio_rounds"]
