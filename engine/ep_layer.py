@@ -270,10 +270,11 @@ class ExpertParallelLayer:
     def _layout(self, t_count: int, k: int) -> _Layout:
         """Chunk bounds and the tensors that tally keys into counts, per (token count, k).
 
-        Sort key of a pair: chunk * (P + 1) + its slot's sort position.
+        Sort key of a pair: chunk * (P + 1) + its slot's sort position. Every rank has `chunks`
+        chunks, empty ones where it has fewer tokens, so that the exchanges match chunk for chunk.
         """
         if (t_count, k) not in self._layouts:
-            m_count, p1, dev, w = min(self.chunks, t_count), self.num_slots + 1, self.device, self.world
+            m_count, p1, dev, w = self.chunks, self.num_slots + 1, self.device, self.world
             first = self.slot_start
             chunk_key = (torch.arange(t_count, device=dev) * m_count // t_count * p1)[:, None]
             # Counts go rank by rank: every chunk's counts for rank r's slots, then rank r + 1's.

@@ -3,13 +3,17 @@
 Every launch is bounded by launch()'s own timeout, which kills the whole process tree.
 """
 
+import datetime
 import json
+import multiprocessing
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import given, settings, strategies as st
 
 import engine.ep_dispatch as ep
@@ -87,6 +91,46 @@ def test_ranks_whose_token_shapes_differ_agree_on_their_split_sizes():
                    router="expert_choice", seed=1)
     doc = launch(s, 2, warmup=1, reps=2, timeout_s=90, chunks=2, batches=3)
     assert doc["summary"][0]["max_abs_err"] < 1e-6
+
+
+def _uneven_rank(rank, port, errors):
+    """Rank `rank` of 2 (gloo): 1 token on rank 0, 5 on rank 1, 3 chunks; three layer calls, each
+    checked against reference_layer."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2, timeout=datetime.timedelta(seconds=20))
+    try:
+        s = EPSettings(experts=4, ranks=2, top_k=2, tokens=[1, 5][rank], d_model=8, dtype="fp32",
+                       router="topk", seed=3)
+        gains = expert_gains(4, 3)
+        layer = ExpertParallelLayer(contiguous_placement(4, 2), gains, rank, torch.device("cpu"),
+                                    chunks=3)
+        ids, experts, weights = rank_batch(s, rank)
+        x = token_features(ids, 8, 3)
+        reference = ep.reference_layer(x, experts, weights, gains)
+        errors.put(max(float((layer(x, experts, weights, 10 * rank + torch.arange(len(ids)))[0]
+                              - reference).abs().max()) for _ in range(3)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_fewer_tokens_than_chunks_agree_with_the_others():
+    # A rank with fewer tokens than chunks still runs every chunk (some empty): its counts'
+    # exchange must match the other ranks' chunk for chunk (it had fewer chunks, and the
+    # exchange's sizes mismatched).
+    ctx = multiprocessing.get_context("spawn")
+    errors = ctx.Queue()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [ctx.Process(target=_uneven_rank, args=(r, port, errors)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    assert max(errors.get(timeout=1) for _ in procs) < 1e-6
 
 
 def test_headroom_adds_slack_square_roots_of_the_last_calls_rows():
