@@ -14,6 +14,7 @@ overwrites.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
@@ -30,6 +31,7 @@ class CapturedCalls(Generic[Out]):
 
     def __init__(self, limit: int = GRAPH_LIMIT) -> None:
         self.limit = limit
+        _LIVE.add(self)
         self._graphs: OrderedDict[Hashable, tuple[torch.cuda.CUDAGraph, Out]] = OrderedDict()
         self._seen: OrderedDict[Hashable, None] = OrderedDict()
         self.replays = 0
@@ -64,6 +66,16 @@ class CapturedCalls(Generic[Out]):
             cache.popitem(last=False)
 
     def clear(self) -> None:
-        """Drop every graph (before the process group that their collectives use is destroyed)."""
+        """Drop every graph."""
         self._graphs.clear()
         self._seen.clear()
+
+
+_LIVE: weakref.WeakSet[CapturedCalls] = weakref.WeakSet()
+
+
+def release_all() -> None:
+    """Drop the graphs of every CapturedCalls alive, as before destroying a process group whose
+    communicator they captured (a process that exited with such graphs alive hung)."""
+    for calls in list(_LIVE):
+        calls.clear()

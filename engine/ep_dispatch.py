@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine.cuda_graphs import GRAPH_LIMIT
-from engine.ep_layer import SLACK, Dispatched, ExpertParallelLayer, Splits
+from engine.cuda_graphs import GRAPH_LIMIT, release_all
+from engine.ep_layer import GRAPH_MAX_BYTES, SLACK, Dispatched, ExpertParallelLayer, Splits
 from engine.expert_parallel import (DTYPES, EPSettings, Placement, make_placement,
                                     parse_placement, rank_batch, token_features)
 from engine.timing import gpu_work, time_fn
@@ -98,10 +98,12 @@ def working_set_bytes(settings: EPSettings, batches: int = 1, slack: float = SLA
     receive buffers of each of `graphs` CUDA graphs), index tensors.
 
     A main section exceeds the n rows its pair moves by at most 3 slack sqrt(n) (next_section),
-    which adds at most 3 slack sqrt(pairs R chunks) rows per buffer (Cauchy-Schwarz)."""
+    which adds at most 3 slack sqrt(pairs R chunks) rows per buffer (Cauchy-Schwarz). A graph's
+    main exchange moves at most GRAPH_MAX_BYTES each way (engine.ep_layer)."""
     pairs = settings.tokens * settings.top_k
     padding = 3 * slack * math.sqrt(pairs * settings.ranks * chunks)
-    buffers = 10 * pairs + 4 * padding + graphs * (3 * pairs + 2 * padding)
+    main = min(pairs + padding, GRAPH_MAX_BYTES / settings.row_bytes)
+    buffers = 10 * pairs + 4 * padding + graphs * (pairs + 2 * main)
     return int(settings.row_bytes * ((batches + 1) * settings.tokens + buffers)) + 64 * pairs
 
 
@@ -207,13 +209,18 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
     # once timed (below), from CUDA graphs too.
     err, splits, out0 = checked_calls()
     # Kept: the combine phase sends these rows back every rep. With several batches it is
-    # another batch than the last call's, as every timed dispatch is.
+    # another batch than the last call's, as every timed dispatch is. Not from a graph, whose
+    # buffers the later calls of the same batch would overwrite.
     kept = 1 % batches
     _, x, experts, weights = data[kept]
-    d = layer.dispatch(x, experts, token_index)
+    d = layer.dispatch(x, experts, token_index, replay=False)
     for m in range(len(d.rows)):
         layer.experts(d, m)
-    err = max(err, float((layer.combine(d, weights).float() - references[kept]).abs().max()))
+
+    def kept_error() -> float:
+        return float((layer.combine(d, weights).float() - references[kept]).abs().max())
+
+    err = max(err, kept_error())
     if dump is not None:
         ids, _, experts, weights = data[0]
         torch.save({"ids": ids.cpu(), "experts": experts.cpu(), "weights": weights.cpu(),
@@ -256,8 +263,9 @@ def measure(settings: EPSettings, rank: int, device: torch.device, warmup: int, 
                 "plain_GBps": (there + back) / row["plain_layer_ms"] / 1e6,
                 "overflow_share": (layer.overflow_calls - overflow_calls) / timed,
                 "graph_share": (layer.replays - replays) / timed})
-    row["max_abs_err"] = max(err, checked_calls()[0])  # the graphs captured while timing too
-    layer.release()
+    # Again after timing: the layer from the graphs captured meanwhile, the kept dispatch after
+    # all the calls since.
+    row["max_abs_err"] = max(err, checked_calls()[0], kept_error())
     return row
 
 
@@ -334,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=4,
                    help="calls cycle through this many batches, so routing changes every call")
     p.add_argument("--slack", type=float, default=SLACK,
-                   help="main-exchange headroom per pair of ranks over the last call's rows, in "
-                        "square roots of those rows")
+                   help="main-exchange headroom per pair of ranks over the rows it moved in "
+                        "the last call, in square roots of those rows (see next_section)")
     p.add_argument("--lead-ms", type=float, default=0.0,
                    help="GPU work (ms) queued before every timed call, standing for the rest of "
                         "a model step, so the host reaches the call ahead of the GPU; 0: none")
@@ -433,6 +441,7 @@ def worker(argv: list[str] | None = None) -> None:
         if rank == 0:
             _report(args, backend, world, device, s, summaries, per_rank)
     finally:
+        release_all()
         dist.destroy_process_group()
 
 

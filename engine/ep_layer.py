@@ -16,8 +16,8 @@ pair's main section from it and the section before (next_section: the rows plus 
 roots of them, kept while routing only jitters), the same number on both ends. The rows go at
 once in those sections; the counts' exchange and the host sync happen meanwhile. Rows beyond a
 section (routing that moved more than the slack) follow in a second exchange of exactly those
-rows, point to point (batch_isend_irecv), after the sync; the first call of a shape has no
-history and sends everything that way. The combine mirrors both. A section's unused rows travel
+rows, point to point (batch_isend_irecv), after the sync; the first call has no history and
+sends everything that way. The combine mirrors both. A section's unused rows travel
 as padding: the slack is paid in bytes (the benchmark counts only real rows).
 
 Since the split sizes are known before a call, on CUDA everything the dispatch queues up to the
@@ -25,7 +25,8 @@ main exchange, both all_to_all_single calls included, is captured in a CUDA grap
 inputs come with the same sections, and replayed from then on (engine.cuda_graphs): the host
 then costs one launch per call instead of some 25, and the GPU no longer waits for it. Only for
 exchanges up to GRAPH_MAX_BYTES: larger ones take longer than the host's work, and ran slower
-from a graph.
+from a graph. A replayed dispatch returns with every chunk's main exchange joined to the stream
+(a capture must join them), so its chunks' experts no longer overlap the later chunks' transfers.
 
 Rows for this rank's own experts never go through NCCL: they are placed while the others travel
 and are already where the combine needs them. chunks: the tokens go in this many micro-batches
@@ -192,6 +193,7 @@ class _Queued:
     """One dispatch's work on the device up to its main exchange, as queued or captured."""
 
     table: torch.Tensor
+    received: torch.Tensor  # (R, chunks, my slots) counts received (a view of the layout's meta)
     position: torch.Tensor
     buf: torch.Tensor
     rows: list[torch.Tensor]
@@ -304,12 +306,6 @@ class ExpertParallelLayer:
         """Dispatch calls replayed from a CUDA graph."""
         return 0 if self.graphs is None else self.graphs.replays
 
-    def release(self) -> None:
-        """Drop the dispatch's CUDA graphs: call before destroying the process group, whose
-        NCCL communicator they captured."""
-        if self.graphs is not None:
-            self.graphs.clear()
-
     def off_rank(self, sizes: list[int]) -> list[int]:
         """Split sizes for NCCL: this rank's own entry is 0, its rows are moved locally."""
         return [0 if r == self.rank else n for r, n in enumerate(sizes)]
@@ -393,8 +389,8 @@ class ExpertParallelLayer:
             ep_place.place_rows(*args, 0, key.numel(), p1, others, p1)
         return events
 
-    def dispatch(self, x: torch.Tensor, experts: torch.Tensor,
-                 token_index: torch.Tensor) -> Dispatched:
+    def dispatch(self, x: torch.Tensor, experts: torch.Tensor, token_index: torch.Tensor,
+                 replay: bool = True) -> Dispatched:
         """Start sending x's rows (T, D) to their experts (experts (T, k), token_index (T,));
         every chunk's transfer is in flight on return.
 
@@ -402,20 +398,21 @@ class ExpertParallelLayer:
         inputs (addresses, shapes) come with the same sections (engine.cuda_graphs), if it moves
         at most GRAPH_MAX_BYTES: one launch instead of some 25, which bound the dispatch at small
         token counts. The Dispatched then holds the graph's buffers: combine it before the same
-        inputs are dispatched again.
+        inputs are dispatched again, or pass replay=False for buffers of its own.
         """
         x = x.contiguous()  # held until _queue has joined the side stream, which reads it
         t_count, k = experts.shape
         lay = self._layout(t_count, k)
-        m_count, w, mine = len(lay.bounds) - 1, self.world, self.slots_per_rank[self.rank]
+        m_count = len(lay.bounds) - 1
         sections = self._sections(lay, k)
         self._fill_table(lay, sections, k)
 
         def queue(capturing: bool) -> _Queued:
             return self._queue(x, experts, token_index, lay, sections, capturing)
 
-        main_bytes = sum(map(sum, sections.send)) * x.shape[1] * x.element_size()
-        if self.graphs is not None and experts.is_cuda and token_index.is_cuda \
+        main_bytes = max(sum(map(sum, sections.send)), sum(map(sum, sections.recv))) \
+            * x.shape[1] * x.element_size()
+        if replay and self.graphs is not None and experts.is_cuda and token_index.is_cuda \
                 and main_bytes <= GRAPH_MAX_BYTES:
             q = self.graphs((x.data_ptr(), x.shape, x.dtype, experts.data_ptr(), experts.shape,
                              experts.stride(), experts.dtype, token_index.data_ptr(),
@@ -431,10 +428,8 @@ class ExpertParallelLayer:
         over = [x.new_empty(sum(max(0, n - c) for n, c in zip(self.off_rank(recv[m]),
                                                               sections.recv[m])), x.shape[1])
                 for m in range(m_count)]
-        n_send = lay.slot_keys.numel()
         d = Dispatched(self.rank, t_count, lay.bounds, send, recv, sections, q.table,
-                       lay.meta[n_send:].view(w, m_count, mine).clone(), q.position, q.buf, q.rows,
-                       over, list(q.works), [])
+                       q.received.clone(), q.position, q.buf, q.rows, over, list(q.works), [])
         self.calls += 1
         ops = d.overflow(back=False)
         if ops:  # one batch for every chunk's overflow: each chunk waits for all of it
@@ -490,7 +485,8 @@ class ExpertParallelLayer:
             # side stream still reads, such as the freed keys) waits for every row to be placed;
             # the transfers above were queued before and wait only for theirs.
             stream.wait_stream(self.side)
-        return _Queued(table, position, buf, rows, works, copied)
+        received = lay.meta[n_send:].view(w, m_count, mine)
+        return _Queued(table, received, position, buf, rows, works, copied)
 
     def experts(self, d: Dispatched, m: int) -> None:
         """Chunk m's experts, in place: every received row and own row times its expert's gain."""

@@ -29,8 +29,8 @@ def test_kernel_places_rows_where_the_torch_path_does(chunks, k, d_model, dtype)
     chunk = torch.arange(t_count).repeat_interleave(k) * chunks // t_count
     key = (chunk * p1 + slot).to("cuda", torch.int32)
     lay.tally.copy_(torch.bincount(key.long(), minlength=chunks * p1))
-    # Last call's rows per pair 20% below this call's for rank 0 (its sections overflow) and
-    # 20% above for rank 2 (room to spare).
+    # Main sections 20% below this call's rows for rank 0 (they overflow) and 20% above for
+    # rank 2 (room to spare).
     per_dest = torch.zeros(chunks, ranks, dtype=torch.int64)
     per_dest.index_put_((chunk, torch.tensor(layer.sort_rank)[slot]), torch.ones_like(slot),
                         accumulate=True)
