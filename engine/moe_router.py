@@ -232,7 +232,8 @@ class HashRouter:
         # (Dietzfelbinger 1996); the high 32 bits are m1 * id plus the carry, a second one.
         self._mult = _signed64((m1 << 32) | m0)
         self._add = _signed64((b_hi << 32) | b_lo)
-        self._planes: dict[object, torch.Tensor] = {}  # d: the planes; (d, device, dtype): copies
+        self._planes: dict[int, torch.Tensor] = {}  # by d, on the CPU in float32
+        self._plane_copies: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
     def __call__(self, x: torch.Tensor) -> Routing:
         """Route `x`: int token ids of any shape, or float hidden states (..., D)."""
@@ -272,9 +273,10 @@ class HashRouter:
             for i in range(0, planes.shape[1], d):
                 planes[:, i:i + d] = torch.linalg.qr(planes[:, i:i + d]).Q
             self._planes[d] = planes
-        if (d, x.device, x.dtype) not in self._planes:  # a copy per device and dtype, made once
-            self._planes[(d, x.device, x.dtype)] = self._planes[d].to(x.device, x.dtype)
-        planes = self._planes[(d, x.device, x.dtype)]
+        copy = (d, x.device, x.dtype)
+        if copy not in self._plane_copies:  # one per device and dtype, made once
+            self._plane_copies[copy] = self._planes[d].to(x.device, x.dtype)
+        planes = self._plane_copies[copy]
         # On CUDA one Triton pass over x instead of four torch passes over (T, 2 nbits).
         codes = (lsh_triton.lsh_codes if lsh_triton.available(x) else lsh_codes)(x, planes, nbits)
         # int64: code * E passes 2^31 for E > 8192.
