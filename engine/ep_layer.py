@@ -110,6 +110,12 @@ class Sections:
         """First buf row of chunk m's exact-position region."""
         return self.base[m] + sum(self.send[m])
 
+    def beyond(self, m: int, rows: list[int], rank: int, received: bool) -> list[int]:
+        """Rows per rank beyond chunk m's main sections (received ones, or sent ones) of the
+        `rows` this rank (`rank`, whose own entry is 0) received from or sent to each rank."""
+        caps = self.recv[m] if received else self.send[m]
+        return [0 if q == rank else max(0, n - c) for q, (n, c) in enumerate(zip(rows, caps))]
+
 
 @dataclass
 class Dispatched:
@@ -162,15 +168,13 @@ class Dispatched:
         ops, s = [], self.sections
         for m in range(len(self.rows)):
             lo = 0
-            for q in range(len(self.send[m])):
-                if q == self.rank:
-                    continue
-                n_in = self.recv[m][q] - s.recv[m][q]
+            beyond_in = s.beyond(m, self.recv[m], self.rank, received=True)
+            beyond_out = s.beyond(m, self.send[m], self.rank, received=False)
+            for q, (n_in, n_out) in enumerate(zip(beyond_in, beyond_out)):
                 if n_in > 0:
                     ops.append(dist.P2POp(dist.isend if back else dist.irecv,
                                           self.over[m][lo:lo + n_in], q, tag=m))
                     lo += n_in
-                n_out = self.send[m][q] - s.send[m][q]
                 if n_out > 0:
                     first = self._exact(m, q) + s.send[m][q]
                     ops.append(dist.P2POp(dist.irecv if back else dist.isend,
@@ -425,9 +429,8 @@ class ExpertParallelLayer:
             q.copied.synchronize()  # the host sync, while the rows travel
         send, recv = self._sizes(lay.host.tolist(), m_count)
         self._next_caps(sections, (send, recv))
-        over = [x.new_empty(sum(max(0, n - c) for n, c in zip(self.off_rank(recv[m]),
-                                                              sections.recv[m])), x.shape[1])
-                for m in range(m_count)]
+        over = [x.new_empty(sum(sections.beyond(m, recv[m], self.rank, received=True)),
+                            x.shape[1]) for m in range(m_count)]
         d = Dispatched(self.rank, t_count, lay.bounds, send, recv, sections, q.table,
                        q.received.clone(), q.position, q.buf, q.rows, over, list(q.works), [])
         self.calls += 1
