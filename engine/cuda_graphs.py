@@ -76,6 +76,7 @@ _LIVE: weakref.WeakSet[CapturedCalls] = weakref.WeakSet()
 
 def release_all() -> None:
     """Drop the graphs of every CapturedCalls alive, as before destroying a process group whose
-    communicator they captured (a process that exited with such graphs alive hung)."""
+    communicator they captured (a probe on 2x H100 that destroyed it with such a graph alive
+    hung at the end)."""
     for calls in list(_LIVE):
         calls.clear()
