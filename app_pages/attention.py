@@ -1,18 +1,26 @@
-"""Attention kernels: FA3, FA2, every SDPA backend and FlexAttention in TFLOP/s, here or from GPU runs."""
+"""Attention kernels: FA4, FA3, every SDPA backend and FlexAttention in TFLOP/s, from GPU runs or here."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import plotly.express as px
 import streamlit as st
 
 from app_pages._ui import _environment, download_buttons, guarded
-from engine.attention_bench import (BACKENDS, DTYPES, MODES, PRESETS, SweepResult, SweepSettings,
-                                    committed_results, load_result, run_sweep, settings_for)
-from engine.flash_attention3 import fa3_readiness
+from engine.attention_bench import SweepResult, committed_results, load_result, run_sweep
+from engine.attention_masks import MASKS
+from engine.attention_shapes import (BACKENDS, CPU_LIMIT_S, DTYPES, MODES, PRESETS, SweepSettings, device_tflops,
+                                     estimate_seconds, format_seconds, reduced, settings_for)
+from engine.attention_train import ModelShape, model_sweep_fields, training_view
+from engine.flash_attention3 import fa3_readiness, fa4_readiness
 
 QP = "query-params"
 SEQLENS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 DEFAULT = SweepSettings(seqlens=PRESETS["quick"].seqlens)
+SOURCES = ("Committed GPU results", "Run here")
+LABELS = {"paper-fwd": "FA3-paper shapes, forward", "paper-train": "FA3-paper shapes, forward + backward",
+          "masks": "training masks, forward + backward"}
 
 
 @st.cache_data(show_spinner=False)
@@ -20,24 +28,56 @@ def _committed(path: str) -> SweepResult:
     return load_result(path)
 
 
+@st.cache_data(show_spinner=False)
+def _rate(device: str, dtype: str) -> float:
+    import torch
+
+    return device_tflops(torch.device(device), dtype)
+
+
+def _on_gpu() -> bool:
+    return _environment()["cuda"] != "none"
+
+
 def _banner() -> None:
     env = _environment()
-    usable, why = fa3_readiness()
-    text = (f"**This machine:** {env['device']} · torch {env['torch']} · CUDA {env['cuda']} · "
-            f"**FA3:** {why if usable else 'not used: ' + why}")
-    (st.success if usable else st.info)(text, icon=":material/memory:")
+    parts = []
+    for name, (usable, why) in (("FA4", fa4_readiness()), ("FA3", fa3_readiness())):
+        parts.append(f"**{name}:** {why if usable else 'not used: ' + why}")
+    text = f"**This machine:** {env['device']} · torch {env['torch']} · CUDA {env['cuda']} · " + " · ".join(parts)
+    (st.success if _on_gpu() else st.info)(text, icon=":material/memory:")
+
+
+def measured_on(env: dict, created: str) -> str:
+    """'measured on an NVIDIA H200, 2026-12-03' for a result's environment and creation time."""
+    device = env["device"]
+    article = "an" if device[:1].upper() in "AEIOUN" else "a"  # "an NVIDIA": en-vidia
+    return f"measured on {article} {device}, {created[:10]}"
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _file_label(stem: str) -> str:
+    """attention_sweep_h200_2026-12-03_paper-train -> 'H200, 2026-12-03: FA3-paper shapes, forward + backward'."""
+    parts = stem.removeprefix("attention_sweep_").split("_")
+    what = LABELS.get(parts[2], parts[2]) if len(parts) > 2 else "FA3-paper shapes, forward"
+    return f"{parts[0].upper()}, {parts[1]}: {what}"
 
 
 def _settings_from_widgets() -> SweepSettings:
     """The sweep the widgets describe: a preset, or custom shapes; backends apply to both."""
-    gpu = _environment()["cuda"] != "none"
     names = [*PRESETS, "custom"]
-    preset = st.selectbox("Preset", names, index=names.index("fa3-paper" if gpu else "quick"), key="preset",
-                          bind=QP, help="fa3-paper: 16k tokens, hidden 2048, head dim 64/128/256, causal on "
-                                        "and off, seqlen 512 to 16k (FA3 paper, figs. 5-6). quick: seconds on a CPU.")
-    backends = st.multiselect("Backends", BACKENDS, default=list(DEFAULT.backends), key="backends", bind=QP,
-                              help="sdpa-* force one torch SDPA backend; flex is FlexAttention (GPU); "
-                                   "wrapper is engine.flash_attention3.attention() itself.")
+    preset = st.selectbox("Preset", names, index=names.index("fa3-paper" if _on_gpu() else "quick"), key="preset",
+                          bind=QP, help="fa3-paper: 16k tokens, hidden 2048, head dim 64/128/256, causal on and off, "
+                                        "seqlen 512 to 16k (FA3 paper, figs. 5-6); fa3-paper-train: the same forward "
+                                        "and backward; masks: windows, packed documents, softcap; quick: seconds on a CPU.")
+    default_backends = list(PRESETS[preset].backends if preset in PRESETS else DEFAULT.backends)
+    backends = st.multiselect("Backends", BACKENDS, default=default_backends, key=f"backends-{preset}",
+                              help="sdpa: SDPA's own choice; sdpa-* force one SDPA backend; sdpa-fa4: SDPA's flash "
+                                   "backend with FA4 inside; flex: FlexAttention (GPU); wrapper: "
+                                   "engine.flash_attention3.attention() itself.")
     if preset != "custom":
         return settings_for(preset, backends=tuple(backends))
     c1, c2, c3 = st.columns(3)
@@ -51,86 +91,179 @@ def _settings_from_widgets() -> SweepSettings:
     gqa = c3.multiselect("Query heads per kv head (GQA)", (1, 2, 4, 8, 16), default=[1], key="gqa", bind=QP)
     dtype = c1.selectbox("dtype", tuple(DTYPES), index=tuple(DTYPES).index("fp32"), key="dtype", bind=QP)
     mode = c2.radio("Direction", MODES, key="mode", bind=QP, horizontal=True)
-    reps = c3.slider("Timed repetitions", 1, 50, 5, key="reps", bind=QP)
+    masks = c3.multiselect("Masks (replace Causal)", MASKS, default=[], key="masks", bind=QP,
+                           help="causal throughout: sliding windows of 1k/4k keys, packed documents with random "
+                                "boundaries, Gemma-2 softcap 50. TFLOP/s count only the pairs a mask keeps.")
     return SweepSettings(seqlens=tuple(sorted(seqlens)), head_dims=tuple(sorted(head_dims)),
                          causal=tuple(c == "on" for c in causal), gqa=tuple(sorted(gqa)), dtypes=(dtype,),
                          tokens=int(tokens), hidden=int(hidden), backends=tuple(backends), mode=mode,
-                         reps=int(reps), warmup=1)
+                         masks=tuple(masks), rep_ms=20.0, warmup_ms=5.0)
 
 
-def _run(settings: SweepSettings) -> SweepResult:
-    with st.status("Timing attention kernels...", expanded=True) as status:
+def _run(settings: SweepSettings, estimate: float) -> SweepResult:
+    """Run with a progress bar; a click on Stop, or the page closing, ends it at the next row."""
+    with st.status(f"Timing attention kernels (about {format_seconds(estimate)})...", expanded=True) as status:
         bar = st.progress(0.0)
-        result = run_sweep(settings, progress=lambda done, total, label: bar.progress(done / total, text=label))
+        result = run_sweep(settings, progress=lambda done, total, label: bar.progress(
+            done / total, text=f"{done}/{total} rows · {label}"))
         status.update(label=f"Done in {result.elapsed_s:.1f} s", state="complete", expanded=False)
     return result
 
 
-def _show(result: SweepResult, name: str) -> None:
+def _chart(ok) -> None:
+    facet_row = "mask" if (ok["mask"] != "none").any() else "causal"
+    fig = px.line(ok, x="seqlen", y="tflops", color="backend", markers=True, log_x=True,
+                  facet_col="head_dim", facet_row=facet_row, labels={"tflops": "TFLOP/s", "seqlen": "seqlen"},
+                  hover_data=["batch", "heads", "kv_heads", "ms", "rel_err", "sm_mhz", "power_w", "dtype"],
+                  title="TFLOP/s against sequence length, per backend")
+    ticks = sorted(ok["seqlen"].unique())
+    fig.update_xaxes(tickvals=ticks, ticktext=[f"{t // 1024}k" if t >= 1024 else str(t) for t in ticks])
+    fig.update_layout(height=280 * ok[facet_row].nunique() + 120)
+    st.plotly_chart(fig, width="stretch")
+
+
+def _show(result: SweepResult, name: str, here: bool) -> None:
     env, table = result.env, result.table
+    mode = result.settings.get("mode", "fwd")
     ceiling = ", ".join(f"{v:.3g} ({k})" for k, v in result.matmul_tflops.items())
-    st.caption(f"Measured on **{env['device']}**, {result.created} · torch {env['torch']} · CUDA {env['cuda']} · "
-               f"FA3 {env['fa3']} · matmul ceiling {ceiling} TFLOP/s · "
-               f"sweep {result.elapsed_s:.1f} s · {result.settings.get('mode', 'fwd')}")
+    where = "Measured on this machine" if here else _sentence(measured_on(env, result.created))
+    st.caption(f"{where} · torch {env['torch']} · CUDA {env['cuda']} · FA4 {env.get('fa4', 'not recorded')} · "
+               f"FA3 {env['fa3']} · matmul ceiling {ceiling} TFLOP/s · {'forward + backward' if mode == 'fwd+bwd' else 'forward'}"
+               f" · sweep {result.elapsed_s:.0f} s")
     ok = table[table["status"] == "ok"]
     if ok.empty:
         st.warning("No backend ran on these shapes; the table says why for each.")
     else:
-        fig = px.line(ok, x="seqlen", y="tflops", color="backend", markers=True, log_x=True,
-                      facet_col="head_dim", facet_row="causal", labels={"tflops": "TFLOP/s", "seqlen": "seqlen"},
-                      hover_data=["batch", "heads", "kv_heads", "ms", "rel_err", "dtype"],
-                      title="TFLOP/s against sequence length, per backend")
-        ticks = sorted(ok["seqlen"].unique())
-        fig.update_xaxes(tickvals=ticks, ticktext=[f"{t // 1024}k" if t >= 1024 else str(t) for t in ticks])
-        fig.update_layout(height=300 * len(ok["causal"].unique()) + 100)
-        st.plotly_chart(fig, width="stretch")
-    speed = result.speedups()
-    st.subheader("FA3 speed-up over the best SDPA backend")
-    if speed.empty:
-        st.caption("Needs FA3 and at least one SDPA backend timed on the same shapes (FA3 runs on Hopper GPUs only).")
-    else:
-        st.dataframe(speed, hide_index=True, width="stretch",
-                     column_config={"speedup": st.column_config.NumberColumn(format="%.2fx"),
-                                    "fa3_tflops": st.column_config.NumberColumn(format="%.0f"),
-                                    "best_sdpa_tflops": st.column_config.NumberColumn(format="%.0f")})
+        _chart(ok)
+    for kernel in ("fa4", "fa3"):
+        speed = result.speedups(kernel)
+        if not speed.empty:
+            st.subheader(f"{kernel.upper()} speed-up over the best SDPA backend")
+            st.dataframe(speed, hide_index=True, width="stretch",
+                         column_config={"speedup": st.column_config.NumberColumn(format="%.2fx"),
+                                        f"{kernel}_tflops": st.column_config.NumberColumn(format="%.0f"),
+                                        "best_sdpa_tflops": st.column_config.NumberColumn(format="%.0f")})
+    if ok["vs_do_bench_pct"].notna().any():
+        within = (ok["vs_do_bench_pct"].abs() <= 3).sum()
+        st.caption(f"Timer cross-check: {within} of {len(ok)} rows within 3% of triton's do_bench (25 ms warm-up, "
+                   "100 ms window, median) timing the same call in the same process; column `vs_do_bench_pct`.")
     st.subheader("All rows")
+    st.caption("ms: median at steady clocks (warm-up for a time, then a >= 100 ms window); sm_mhz and power_w: "
+               "SM clock and board power sampled during that window; first_call_s: the first call's extra time "
+               "(kernel compilation, autotuning), never inside a timing.")
     st.dataframe(table, hide_index=True, width="stretch",
                  column_config={"rel_err": st.column_config.NumberColumn("rel err vs fp32", format="%.1e"),
+                                "dq_err": st.column_config.NumberColumn("dq rel err", format="%.1e"),
                                 "tflops": st.column_config.NumberColumn(format="%.1f"),
                                 "ms": st.column_config.NumberColumn(format="%.4f")})
     download_buttons(name, table, {"env": env, "created": result.created, "settings": result.settings,
-                                   "matmul_tflops": result.matmul_tflops, "speedups": speed.to_dict(orient="records")})
+                                   "matmul_tflops": result.matmul_tflops})
+    if mode == "fwd+bwd":
+        _training(result, here)
+
+
+def _model_widgets(prefix: str) -> ModelShape:
+    """Six number inputs for a model's attention shape (defaults: a Llama-3-8B-like layer at 8k tokens)."""
+    c = st.columns(6)
+    fields = [("Batch", "b", 1), ("Sequence length", "s", 8192), ("Heads", "h", 32), ("KV heads", "kv", 8),
+              ("Head dim", "d", 128), ("Layers", "l", 32)]
+    vals = [col.number_input(label, 1, 131072, default, key=prefix + key, bind=QP)
+            for col, (label, key, default) in zip(c, fields)]
+    return ModelShape(*(int(v) for v in vals))
+
+
+def _training(result: SweepResult, here: bool) -> None:
+    st.subheader("Training step: attention forward + backward for your model")
+    model = _model_widgets("run-" if here else "t")
+    view = guarded("attention_train_view", lambda: training_view(result.table, model))
+    if view is None:
+        return
+    if view.empty:
+        have = result.table[result.table["status"] == "ok"]
+        st.info(f"No forward+backward row at seqlen {model.seqlen}, head dim {model.head_dim}, causal. This result "
+                f"has seqlens {sorted(have['seqlen'].unique().tolist())} and head dims "
+                f"{sorted(have['head_dim'].unique().tolist())}; or time your shape under Run here.")
+        return
+    best = view.iloc[0]
+    st.metric(f"Fastest: {best['backend']}", f"{best['ms_per_step']:.1f} ms per step",
+              f"{best['speedup_vs_default']:.2f}x SDPA's default choice", delta_color="off")
+    st.dataframe(view, hide_index=True, width="stretch",
+                 column_config={"speedup_vs_default": st.column_config.NumberColumn(format="%.2fx"),
+                                "memory_vs_default": st.column_config.NumberColumn(format="%.2fx"),
+                                "ms_per_step": st.column_config.NumberColumn(format="%.1f"),
+                                "ms_per_layer": st.column_config.NumberColumn(format="%.3f"),
+                                "peak_mib_per_layer": st.column_config.NumberColumn(format="%.0f")})
+    st.caption(f"{model.layers} layers x one layer's forward+backward ({'this machine' if here else measured_on(result.env, result.created)}). "
+               "Rows at another batch or head count are scaled by B·H (FLOPs and memory grow linearly in it); "
+               "KV heads change only K/V traffic, not FLOPs. Default = `sdpa`, SDPA's own backend choice.")
+
+
+def _run_here() -> None:
+    import torch
+
+    model_run = st.toggle("Time one model's shape (training step)", key="train_here", bind=QP)
+    if model_run:
+        model = _model_widgets("m")
+        settings = guarded("attention_model", lambda: settings_for("fa3-paper-train", **model_sweep_fields(model)))
+        if settings is None:
+            return
+    else:
+        settings = _settings_from_widgets()
+    device = torch.device("cuda" if _on_gpu() else "cpu")
+    estimate = guarded("attention_estimate", lambda: estimate_seconds(settings, device, _rate(device.type, settings.dtypes[0])))
+    if estimate is None:
+        return
+    too_long = device.type == "cpu" and estimate > CPU_LIMIT_S
+    c1, c2, c3 = st.columns([2, 3, 1])
+    run = c1.button("Run sweep", type="primary", icon=":material/play_arrow:", disabled=too_long)
+    c3.button("Stop", icon=":material/stop:", help="Stops a running sweep at its next row.")
+    if too_long:
+        small = reduced(settings, device, CPU_LIMIT_S, _rate(device.type, settings.dtypes[0]))
+        small_s = estimate_seconds(small, device, _rate(device.type, settings.dtypes[0]))
+        st.warning(f"This sweep would take about {format_seconds(estimate)} on this CPU (estimated from its shapes "
+                   f"and a matmul timed here). Run it on a GPU, pick the quick preset, or run it at reduced size: "
+                   f"tokens {small.tokens}, seqlens {', '.join(map(str, small.seqlens))}, hidden {small.hidden} "
+                   f"(about {format_seconds(small_s)}).", icon=":material/timer:")
+        if c2.button(f"Run at reduced size (about {format_seconds(small_s)})", icon=":material/compress:"):
+            settings, estimate, run = small, small_s, True
+    else:
+        c2.caption(f"Estimated {format_seconds(estimate)} on this machine.")
+    if st.session_state.pop("attention_running", False):  # the last run never finished: Stop, or a rerun
+        st.info("The last run was stopped before it finished; nothing from it is shown.", icon=":material/stop:")
+    if run:
+        st.session_state["attention_running"] = True
+        res = guarded("attention_run", lambda: _run(replace(settings, device=device.type), estimate))
+        st.session_state["attention_running"] = False
+        if res is not None:
+            st.session_state["attention_result"] = res
+    res = st.session_state.get("attention_result")
+    if res is None:
+        st.caption("Press **Run sweep** to time the kernels on this machine. On a CPU only SDPA's flash (CPU "
+                   "kernel) and math backends run; the GPU backends are listed with the reason.")
+    else:
+        _show(res, "attention_sweep", here=True)
 
 
 st.title("Attention kernels")
-st.markdown("FlashAttention-3 against every `scaled_dot_product_attention` backend. FLOPs = 4·B·H·S²·D "
-            "(halved when causal, 3.5x with backward); error is ‖out − ref‖/‖ref‖ against fp32 SDPA-math "
-            "on a slice. Reproduce from a shell: `python -m engine attention --preset fa3-paper`.")
+st.markdown("FlashAttention-4 and -3 against every `scaled_dot_product_attention` backend and FlexAttention, forward "
+            "and forward + backward. FLOPs = 4·B·H·S²·D forward (halved when causal, as the FA papers count; "
+            "backward 2.5x forward); mask rows count only the query-key pairs the mask keeps. Error is "
+            "‖out − ref‖/‖ref‖ against fp32 on a slice. Reproduce from a shell: "
+            "`python -m engine attention --preset fa3-paper`.")
 _banner()
-source = st.radio("Results", ("Run here", "Committed GPU results"), key="src", bind=QP, horizontal=True)
+source = st.radio("Results", SOURCES, index=1 if _on_gpu() else 0, key="src", bind=QP, horizontal=True)
 
-if source == "Committed GPU results":
+if source == SOURCES[0]:
     files = committed_results()
     if not files:
         st.info("No committed results under benchmarks/results/.")
     else:
-        name = st.selectbox("Result file", list(files), key="file", bind=QP)
+        names = list(files)
+        name = st.selectbox("Result", names, format_func=_file_label, key="file", bind=QP)
         res = guarded("attention_committed", lambda: _committed(str(files[name])))
         if res is not None:
-            st.info(f"Measured on **{res.env['device']}** on {res.created[:10]}, not on this machine.",
-                    icon=":material/history:")
-            _show(res, name)
+            st.info(f"{_sentence(measured_on(res.env, res.created))}, not on this machine. "
+                    "**Run here** times this machine.", icon=":material/history:")
+            _show(res, name, here=False)
 else:
-    settings = _settings_from_widgets()
-    if st.button("Run sweep", type="primary", icon=":material/play_arrow:"):
-        res = guarded("attention_run", lambda: _run(settings))
-        if res is not None:
-            st.session_state["attention_result"] = res
-    if _environment()["cuda"] == "none":
-        st.caption("CPU run: only SDPA's flash (CPU kernel) and math backends run here; the GPU backends are "
-                   "listed with the reason. Committed GPU results show the lent H100 and H200.")
-    res = st.session_state.get("attention_result")
-    if res is None:
-        st.caption("Press **Run sweep** to time the kernels on this machine.")
-    else:
-        _show(res, "attention_sweep")
+    _run_here()

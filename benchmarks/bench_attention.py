@@ -1,10 +1,15 @@
-"""Attention lab on a GPU: FA3 correctness, the FA3-paper sweep, timer cross-check, wrapper overhead.
+"""Attention lab on a GPU: correctness, the FA3-paper sweeps (forward, forward+backward), masks,
+FA4 wrapper overhead and compile time, each row cross-checked against triton's do_bench.
 
-Run from the repo root:  python benchmarks/bench_attention.py --out DIR   (--smoke: tiny CPU dry run)
+Run from the repo root, one section per process so one failure or hang loses only itself:
+    python benchmarks/bench_attention.py --section paper-train --out DIR --tag h200_2026-12-03
+Sections: correctness, paper-fwd, paper-train, masks, fa4-extras (--smoke: tiny CPU dry run).
 
-Writes DIR/attention_sweep_<tag>.json (the sweep, loadable by the page and `--load`) and
-DIR/attention_checks_<tag>.json (everything else), and prints a short table last. Ratios are
-measured side by side in this one run.
+Sweep sections write DIR/attention_sweep_<tag>_<section>.json (loadable by the page and
+`python -m engine attention --load`); the others DIR/attention_<section>_<tag>.json. Every
+timed row runs at steady clocks (engine.timing.steady_time) and is timed again by `do_bench` with
+its defaults (25 ms warm-up, 100 ms of repetitions, median) on the same callable in this process:
+the `vs_do_bench_pct` column. A short table is printed last.
 """
 
 from __future__ import annotations
@@ -22,210 +27,190 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import flash_attention3 as fa  # noqa: E402
-from engine.attention_bench import (PRESETS, SweepSettings, attention_flops, run_sweep,  # noqa: E402
-                                    settings_for)
-from engine.env_info import environment  # noqa: E402
-from engine.timing import alternating, time_fn  # noqa: E402
+from engine.attention_bench import run_sweep, settings_for, sweep_environment  # noqa: E402
+from engine.timing import alternating  # noqa: E402
+
+SWEEPS = {"paper-fwd": "fa3-paper", "paper-train": "fa3-paper-train", "masks": "masks"}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in fp32."""
-    return float(torch.linalg.vector_norm(out.float() - ref) / torch.linalg.vector_norm(ref))
+    """||out - ref|| / ||ref|| in fp64."""
+    return float(torch.linalg.vector_norm(out.double() - ref) / torch.linalg.vector_norm(ref))
 
 
 def reference_bhsd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """fp32 SDPA-math on (B, H, S, D) inputs, kv heads repeated for GQA."""
+    """fp64 softmax(q k^T / sqrt(D)) v on (B, H, S, D), kv heads repeated for GQA, top-left causal."""
     g = q.shape[1] // k.shape[1]
-    k, v = (x.float().repeat_interleave(g, dim=1) for x in (k, v))
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        return torch.nn.functional.scaled_dot_product_attention(q.float(), k, v, is_causal=causal)
+    q, k, v = q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), -math.inf)
+    return torch.softmax(s, -1) @ v
 
 
 def correctness(dev: torch.device, smoke: bool) -> list[dict]:
-    """attention() against an fp32 math reference: both layouts, GQA, causal, head dims, fallbacks."""
-    cases = [  # (B, S, Hq, Hkv, D, causal, dtype, layout)
-        (2, 1024, 16, 16, 128, False, torch.bfloat16, "bshd"),
-        (2, 1024, 16, 16, 128, True, torch.bfloat16, "bshd"),
-        (2, 1024, 16, 16, 128, True, torch.bfloat16, "bhsd"),
-        (2, 1024, 16, 4, 128, True, torch.bfloat16, "bshd"),
-        (1, 2048, 32, 32, 64, False, torch.bfloat16, "bshd"),
-        (1, 2048, 8, 8, 256, True, torch.bfloat16, "bshd"),
-        (1, 4096, 16, 2, 128, False, torch.bfloat16, "bhsd"),
-        (2, 1024, 16, 16, 128, False, torch.float16, "bshd"),  # fa3-fwd: no fp16 -> SDPA
-        (2, 1024, 8, 8, 512, False, torch.bfloat16, "bshd"),  # head dim > 256 -> SDPA
+    """attention() forward and, with grads, backward against fp64 for each path and `prefer`."""
+    cases = [  # (B, S, Hq, Hkv, D, causal, dtype, layout, grad, prefer)
+        (2, 1024, 16, 16, 128, True, torch.bfloat16, "bshd", True, "auto"),
+        (2, 1024, 16, 4, 128, True, torch.bfloat16, "bhsd", True, "auto"),
+        (1, 2048, 8, 8, 256, False, torch.bfloat16, "bshd", True, "auto"),
+        (1, 2048, 32, 32, 64, True, torch.float16, "bshd", True, "auto"),
+        (2, 1024, 16, 16, 128, True, torch.bfloat16, "bshd", False, "auto"),  # forward only: FA3 first
+        (2, 1024, 16, 16, 128, True, torch.bfloat16, "bshd", False, "fa4"),
+        (2, 1024, 16, 16, 128, True, torch.bfloat16, "bshd", True, "fa3"),  # fa3-fwd has no bwd -> FA4
+        (2, 512, 8, 8, 264, False, torch.bfloat16, "bshd", True, "fa4"),  # head dim > 256 -> SDPA
+        (2, 512, 8, 8, 64, False, torch.float32, "bshd", True, "fa4"),  # fp32 -> SDPA
     ]
     if smoke:
-        cases = [(1, 128, 4, c[3] * 4 // c[2], 64, c[5], torch.float32, c[7]) for c in cases[:4]]
+        cases = [(1, 64, 4, 2, 16, True, torch.float32, "bshd", True, "fa4"), (1, 64, 4, 4, 16, False,
+                                                                               torch.float32, "bhsd", False, "auto")]
     gen = torch.Generator(device=dev).manual_seed(0)
     rows = []
-    for b, s, hq, hkv, d, causal, dt, layout in cases:
+    for b, s, hq, hkv, d, causal, dt, layout, grad, prefer in cases:
         shp = (lambda h: (b, s, h, d)) if layout == "bshd" else (lambda h: (b, h, s, d))
-        q, k, v = (torch.randn(*shp(h), generator=gen, device=dev, dtype=dt) for h in (hq, hkv, hkv))
-        out, path = fa.attention_with_path(q, k, v, causal=causal, layout=layout)
-        to_bhsd = (lambda x: x.transpose(1, 2)) if layout == "bshd" else (lambda x: x)
-        ref = reference_bhsd(to_bhsd(q), to_bhsd(k), to_bhsd(v), causal)
-        err = rel_err(to_bhsd(out), ref)
-        rows.append({"B": b, "S": s, "Hq": hq, "Hkv": hkv, "D": d, "causal": causal,
-                     "dtype": str(dt).removeprefix("torch."), "layout": layout, "path": path.backend,
-                     "reason": path.reason, "rel_err": err, "pass": bool(err < 1e-2 and math.isfinite(err))})
+        q, k, v = (torch.randn(*shp(h), generator=gen, device=dev, dtype=dt).requires_grad_(grad)
+                   for h in (hq, hkv, hkv))
+        row = {"B": b, "S": s, "Hq": hq, "Hkv": hkv, "D": d, "causal": causal, "layout": layout, "grad": grad,
+               "dtype": str(dt).removeprefix("torch."), "prefer": prefer}
+        try:
+            out, path = fa.attention_with_path(q, k, v, causal=causal, layout=layout, prefer=prefer)
+            to_bhsd = (lambda x: x.transpose(1, 2)) if layout == "bshd" else (lambda x: x)
+            qr, kr, vr = (to_bhsd(x).detach().requires_grad_(grad) for x in (q, k, v))
+            ref = reference_bhsd(qr, kr, vr, causal)
+            row.update(path=path.backend, reason=path.reason, out_err=rel_err(to_bhsd(out), ref))
+            if grad:
+                dout = torch.randn_like(out)
+                got = torch.autograd.grad(out, (q, k, v), dout)
+                want = torch.autograd.grad(ref, (qr, kr, vr), to_bhsd(dout).double())
+                row.update({f"d{n}_err": rel_err(to_bhsd(g), w) for n, g, w in zip("qkv", got, want)})
+            errs = [row[c] for c in ("out_err", "dq_err", "dk_err", "dv_err") if c in row]
+            row["pass"] = all(math.isfinite(e) and e < 2e-2 for e in errs)
+        except Exception as exc:  # noqa: BLE001 - one case's failure is a row
+            row.update(path="error", reason=f"{type(exc).__name__}: {exc}"[:300], **{"pass": False})
+        rows.append(row)
+        print(f"  {layout} D={d} {hq}/{hkv} causal={causal} {row['dtype']} grad={grad} prefer={prefer}: "
+              f"{row['path']} out {row.get('out_err', math.nan):.1e} dq {row.get('dq_err', math.nan):.1e} "
+              f"pass={row['pass']} ({row['reason'][:90]})", flush=True)
     return rows
 
 
-def _inputs(dev: torch.device, b: int, s: int, h: int, d: int, dt: torch.dtype):
-    gen = torch.Generator(device=dev).manual_seed(1)
-    q, k, v = (torch.randn(b, s, h, d, generator=gen, device=dev, dtype=dt) for _ in range(3))
-    return q, k, v, *(x.transpose(1, 2).contiguous() for x in (q, k, v))
-
-
-def _ratio(a: list[float], b: list[float]) -> float:
-    """Median over rounds of a_i / b_i."""
-    return statistics.median(x / y for x, y in zip(a, b))
-
-
-def timer_crosscheck(dev: torch.device) -> list[dict]:
-    """engine.timing.time_fn against triton.testing.do_bench (median) on the same FA3 and cuDNN calls."""
-    from triton.testing import do_bench
-
-    b, s, h, d = 1, 16384, 16, 128  # FA3 paper: 16k tokens, hidden 2048, head dim 128, non-causal
-    q, k, v, qt, kt, vt = _inputs(dev, b, s, h, d, torch.bfloat16)
-    flops = attention_flops(b, h, s, s, d, causal=False)
-
-    def cudnn():
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
-            return fa.sdpa_call(qt, kt, vt)
-
-    calls = {"sdpa-cudnn": cudnn}
-    if fa._HAS_FLASH3:
-        calls = {"fa3": lambda: fa.fa3_call(q, k, v), **calls}
-    rows = []
-    with torch.no_grad():
-        for name, fn in calls.items():
-            harness, triton_ms = alternating(lambda: time_fn(fn, dev, warmup=10, reps=50).median_ms,
-                                             lambda: do_bench(fn, warmup=25, rep=150, return_mode="median"), 9)
-            h_ms, t_ms = statistics.median(harness), statistics.median(triton_ms)
-            rows.append({"backend": name, "harness_ms": h_ms, "do_bench_ms": t_ms,
-                         "harness_tflops": flops / h_ms / 1e9, "do_bench_tflops": flops / t_ms / 1e9,
-                         "diff_pct": 100 * (_ratio(harness, triton_ms) - 1),
-                         "rounds_ms": {"harness": harness, "do_bench": triton_ms}})
-    return rows
-
-
-def wrapper_overhead(dev: torch.device) -> list[dict]:
-    """attention() against fa3_call on the same inputs in paired rounds; event-timed and back-to-back."""
-    rows = []
-    for s in (2048, 4096, 8192, 16384):
-        for causal in (False, True):
-            b, h, d = 16384 // s, 16, 128
-            q, k, v = _inputs(dev, b, s, h, d, torch.bfloat16)[:3]
-            direct = lambda: fa.fa3_call(q, k, v, causal)  # noqa: E731
-            wrapped = lambda: fa.attention(q, k, v, causal)  # noqa: E731
-            with torch.no_grad():
-                ev_w, ev_d = alternating(lambda: time_fn(wrapped, dev, warmup=3, reps=20).median_ms,
-                                         lambda: time_fn(direct, dev, warmup=3, reps=20).median_ms, 11)
-                bb_w, bb_d = alternating(lambda: _back_to_back_ms(wrapped, 20), lambda: _back_to_back_ms(direct, 20), 11)
-            rows.append({"S": s, "causal": causal, "direct_ms": statistics.median(ev_d),
-                         "wrapper_ms": statistics.median(ev_w), "overhead_pct": 100 * (_ratio(ev_w, ev_d) - 1),
-                         "b2b_direct_ms": statistics.median(bb_d), "b2b_wrapper_ms": statistics.median(bb_w),
-                         "b2b_overhead_pct": 100 * (_ratio(bb_w, bb_d) - 1)})
-    return rows
-
-
-def _back_to_back_ms(fn, n: int) -> float:
-    """Mean ms per call of n calls issued back to back (host dispatch included if it is the bottleneck)."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
-
-
-def oom_capture(dev: torch.device) -> list[dict]:
-    """Cap this process at 4 GiB so SDPA-math's 8 GiB of scores runs out of memory in one row only."""
-    index = torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).total_memory
-    torch.cuda.set_per_process_memory_fraction(4 * 2**30 / total, index)
+def _do_bench():
+    """triton's do_bench with its defaults (median), or None without triton."""
     try:
-        s = SweepSettings(seqlens=(8192,), head_dims=(128,), backends=("sdpa-math", "sdpa-flash"),
-                          tokens=16384, reps=3)
-        table = run_sweep(s).table
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, index)
-    return table[["backend", "status", "ms", "note"]].to_dict(orient="records")
+        from triton.testing import do_bench
+    except ImportError:
+        return None
+    return lambda fn: do_bench(fn, return_mode="median")
+
+
+def sweep(section: str, out: Path, tag: str, smoke: bool) -> dict:
+    """One preset as the page runs it, each row cross-checked with do_bench; writes the document."""
+    s = settings_for(SWEEPS[section])
+    if smoke:
+        s = settings_for(SWEEPS[section], seqlens=(64, 128), head_dims=(16,), hidden=32, tokens=256,
+                         dtypes=("fp32",), rep_ms=5.0, warmup_ms=1.0)
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int, label: str) -> None:
+        print(f"  [{done}/{total}] {time.perf_counter() - t0:5.0f} s  {label}", flush=True)
+
+    result = run_sweep(s, progress=progress, crosscheck=None if smoke else _do_bench())
+    (out / f"attention_sweep_{tag}_{section}.json").write_text(result.to_json())
+    t = result.table
+    ok = t[t["status"] == "ok"]
+    within = ok["vs_do_bench_pct"].abs() <= 3
+    print(f"{section}: {len(ok)} timed rows in {result.elapsed_s:.0f} s; within 3% of do_bench: "
+          f"{int(within.sum())}/{int(ok['vs_do_bench_pct'].notna().sum())}; "
+          f"max |diff| {ok['vs_do_bench_pct'].abs().max():.2f}%", flush=True)
+    cols = ["mask" if s.masks else "causal", "seqlen", "backend"]
+    view = ok[ok["head_dim"] == (128 if not smoke else 16)]
+    print(view.pivot_table(index=cols[:2], columns="backend", values="tflops").round(0).to_string())
+    for r in t[t["status"] != "ok"].drop_duplicates(["backend", "note"]).itertuples():
+        print(f"  {r.backend} {r.status}: {r.note[:120]}")
+    return {"rows": len(t), "timed": len(ok), "elapsed_s": result.elapsed_s}
+
+
+def _paired(a, b, rounds: int, bench) -> dict:
+    """Median of per-round ratios a/b, do_bench medians, alternating order."""
+    ta, tb = alternating(lambda: bench(a), lambda: bench(b), rounds)
+    return {"a_ms": statistics.median(ta), "b_ms": statistics.median(tb),
+            "ratio_pct": 100 * (statistics.median(x / y for x, y in zip(ta, tb)) - 1), "rounds": [ta, tb]}
+
+
+def fa4_extras(dev: torch.device) -> dict:
+    """FA4: compile time apart from kernel time, attention() overhead over a direct call, and SDPA
+    with FA4 activated inside (torch.nn.attention.activate_flash_attention_impl)."""
+    bench = _do_bench()
+    res: dict = {"compile": [], "overhead": []}
+    for d, causal in ((128, True), (64, False)):
+        q, k, v = (torch.randn(1, 16384, 2048 // d, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        t0 = time.perf_counter()
+        out = fa.fa4_call(q, k, v, causal)
+        torch.cuda.synchronize()
+        fwd_first = time.perf_counter() - t0
+        dout = torch.randn_like(out)
+        t0 = time.perf_counter()
+        torch.autograd.grad(out, (q, k, v), dout)
+        torch.cuda.synchronize()
+        bwd_first = time.perf_counter() - t0
+        with torch.no_grad():
+            fwd_ms = bench(lambda: fa.fa4_call(q, k, v, causal))
+        step_ms = bench(lambda: torch.autograd.grad(fa.fa4_call(q, k, v, causal), (q, k, v), dout))
+        res["compile"].append({"head_dim": d, "causal": causal, "fwd_first_call_s": fwd_first,
+                               "bwd_first_call_s": bwd_first, "fwd_ms": fwd_ms, "fwd_bwd_ms": step_ms,
+                               "fwd_compile_s": fwd_first - fwd_ms / 1e3,
+                               "bwd_compile_s": bwd_first - (step_ms - fwd_ms) / 1e3})
+        print(f"  compile D={d} causal={causal}: first fwd {fwd_first:.2f} s, first bwd {bwd_first:.2f} s; "
+              f"steady fwd {fwd_ms:.3f} ms, fwd+bwd {step_ms:.3f} ms", flush=True)
+    for s in (2048, 8192, 16384):
+        for grad in (False, True):
+            q, k, v = (torch.randn(16384 // s, s, 16, 128, device=dev, dtype=torch.bfloat16, requires_grad=grad)
+                       for _ in range(3))
+            if grad:
+                dout = torch.randn_like(q)
+                wrapped = lambda: torch.autograd.grad(fa.attention(q, k, v, True, prefer="fa4"), (q, k, v), dout)  # noqa: E731
+                direct = lambda: torch.autograd.grad(fa.fa4_call(q, k, v, True), (q, k, v), dout)  # noqa: E731
+            else:
+                wrapped = lambda: fa.attention(q, k, v, True, prefer="fa4")  # noqa: E731
+                direct = lambda: fa.fa4_call(q, k, v, True)  # noqa: E731
+            with torch.set_grad_enabled(grad):
+                path = fa.choose_path(q, k, v, causal=True, prefer="fa4")
+                r = _paired(wrapped, direct, 5, bench)
+            res["overhead"].append({"S": s, "grad": grad, "path": path.backend, "wrapper_ms": r["a_ms"],
+                                    "direct_ms": r["b_ms"], "overhead_pct": r["ratio_pct"], "rounds": r["rounds"]})
+            print(f"  attention() vs fa4_call S={s} grad={grad} ({path.backend}): {r['a_ms']:.3f} vs "
+                  f"{r['b_ms']:.3f} ms, {r['ratio_pct']:+.2f}% (median of 5 paired do_bench rounds)", flush=True)
+    inside = settings_for("fa3-paper-train", seqlens=(16384,), head_dims=(128,), causal=(True,),
+                          backends=("sdpa-flash", "sdpa-fa4"))
+    table = run_sweep(inside, crosscheck=bench).table  # sdpa-fa4 last: it switches SDPA's flash kernel
+    res["sdpa_fa4"] = json.loads(table.to_json(orient="records"))
+    for r in res["sdpa_fa4"]:
+        print(f"  {r['backend']}: {r['status']} {r['tflops'] or math.nan:.0f} TFLOP/s {r['note'][:150]}", flush=True)
+    return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--section", required=True, choices=["correctness", *SWEEPS, "fa4-extras"])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tag", default="gpu")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script runs")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    env = environment()
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = "none"
-    env["fa3_provider"] = f"{fa.PROVIDER.module} {fa.PROVIDER.version}" if fa._HAS_FLASH3 else fa.PROVIDER.reason
-    print(json.dumps(env, indent=1), flush=True)
-    checks: dict = {"env": env, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-    checks["correctness"] = correctness(dev, args.smoke)
-    print("correctness:", *[f"{r['layout']} D={r['D']} Hq/Hkv={r['Hq']}/{r['Hkv']} causal={r['causal']} "
-                            f"{r['dtype']}: {r['path']} err={r['rel_err']:.2e} ({r['reason']})"
-                            for r in checks["correctness"]], sep="\n  ", flush=True)
-
-    paper = settings_for("quick") if args.smoke else PRESETS["fa3-paper"]
-    t0 = time.perf_counter()
-    sweep = run_sweep(paper, progress=None)
-    checks["paper_sweep_wall_s"] = time.perf_counter() - t0
-    (args.out / f"attention_sweep_{args.tag}.json").write_text(sweep.to_json())
-    print(f"paper sweep: {checks['paper_sweep_wall_s']:.1f} s wall, matmul ceiling "
-          f"{sweep.matmul_tflops} TFLOP/s", flush=True)
-
-    if dev.type == "cuda":
-        extra = SweepSettings(seqlens=(4096,), causal=(False, True), gqa=(1, 4),
-                              backends=("fa3", "wrapper", "sdpa-flash", "sdpa-cudnn", "flex"))
-        bwd = SweepSettings(seqlens=(4096,), causal=(True,), mode="fwd+bwd",
-                            backends=("fa3", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn"))
-        sections = {"flex_gqa": lambda: run_sweep(extra).table.to_dict(orient="records"),
-                    "fwd_bwd": lambda: run_sweep(bwd).table.to_dict(orient="records"),
-                    "timer_crosscheck": lambda: timer_crosscheck(dev),
-                    "wrapper_overhead": lambda: wrapper_overhead(dev) if fa._HAS_FLASH3 else [],
-                    "oom_capture": lambda: oom_capture(dev)}
-        for key, section in sections.items():
-            try:  # one failing section must not lose the others' results
-                checks[key] = section()
-            except Exception as exc:  # noqa: BLE001
-                checks[f"{key}_error"] = f"{type(exc).__name__}: {exc}"
-                print(f"{key} failed: {checks[f'{key}_error']}", flush=True)
-    (args.out / f"attention_checks_{args.tag}.json").write_text(json.dumps(checks, indent=1, default=str))
-
-    t = sweep.table
-    ok = t[t["status"] == "ok"]
-    piv = ok.pivot_table(index=["head_dim", "causal", "seqlen"], columns="backend", values="tflops")
-    print("\nTFLOP/s (forward):\n" + piv.round(0).to_string())
-    print("\nFA3 speed-up over best SDPA:\n" + sweep.speedups()[["head_dim", "causal", "seqlen", "best_sdpa",
-                                                                 "speedup"]].round(2).to_string(index=False))
-    for key in ("flex_gqa", "fwd_bwd"):
-        for r in checks.get(key, []):
-            print(f"{key}: gqa {r['heads']}/{r['kv_heads']} causal={r['causal']} {r['backend']}: {r['status']} "
-                  f"{r['tflops']:.0f} TFLOP/s err={r['rel_err']:.1e} {r['note'][:60]}")
-    for r in checks.get("oom_capture", []):
-        print(f"oom capture: {r['backend']}: {r['status']} {r['note'][:80]}")
-    for r in checks.get("wrapper_overhead", []):
-        print(f"wrapper S={r['S']} causal={r['causal']}: events {r['direct_ms']:.3f} vs {r['wrapper_ms']:.3f} ms "
-              f"({r['overhead_pct']:+.2f}% median paired), back-to-back {r['b2b_overhead_pct']:+.2f}%")
-    for r in checks.get("timer_crosscheck", []):
-        print(f"timer {r['backend']}: harness {r['harness_ms']:.3f} ms ({r['harness_tflops']:.0f} TFLOP/s) vs "
-              f"do_bench {r['do_bench_ms']:.3f} ms ({r['do_bench_tflops']:.0f} TFLOP/s): {r['diff_pct']:+.2f}% (paired)")
-    print(f"correctness: {sum(r['pass'] for r in checks['correctness'])}/{len(checks['correctness'])} pass; "
-          f"paper sweep {checks['paper_sweep_wall_s']:.1f} s")
+    env = sweep_environment()
+    print(args.section, json.dumps(env), flush=True)
+    doc: dict = {"env": env, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "section": args.section}
+    if args.section == "correctness":
+        doc["cases"] = correctness(dev, args.smoke)
+        print(f"correctness: {sum(r['pass'] for r in doc['cases'])}/{len(doc['cases'])} pass")
+    elif args.section in SWEEPS:
+        doc.update(sweep(args.section, args.out, args.tag, args.smoke))
+        return
+    else:
+        doc.update(fa4_extras(dev))
+    (args.out / f"attention_{args.section}_{args.tag}.json").write_text(json.dumps(doc, indent=1, default=str))
 
 
 if __name__ == "__main__":

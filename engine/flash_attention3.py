@@ -1,6 +1,10 @@
-"""FlashAttention-3 when a kernel is installed and the call qualifies, else torch's SDPA.
+"""FlashAttention-3 or -4 when a kernel is installed and the call qualifies, else torch's SDPA.
 
-Layouts: FA3 and FA2 take (B, S, H, D); SDPA and FlexAttention take (B, H, S, D). `attention()`
+Forward-only calls take FA3 first, then FA4; calls whose inputs need gradients take FA4 first
+(fa3-fwd has no backward), then an official FA3 build; `prefer=` puts one first. Whatever cannot
+run says why in the path's reason, and SDPA runs.
+
+Layouts: FA3, FA4 and FA2 take (B, S, H, D); SDPA and FlexAttention take (B, H, S, D). `attention()`
 accepts either (`layout="bshd"` or `"bhsd"`) and returns the output in the layout it was given.
 Grouped-query attention: k and v may have fewer heads than q (H_q divisible by H_kv); query head
 h attends to kv head h // (H_q / H_kv) on every path.
@@ -27,6 +31,7 @@ _PROVIDERS = (
     ("fa3_fwd_interface", "fa3-fwd (PyPI, forward only)"),
 )
 LAYOUTS = ("bshd", "bhsd")
+PREFER = ("auto", "fa4", "fa3", "sdpa")
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ class ProviderStatus:
 
 @dataclass(frozen=True)
 class AttentionPath:
-    """The kernel `attention()` runs for a call ("fa3" or "sdpa") and why."""
+    """The kernel `attention()` runs for a call ("fa4", "fa3" or "sdpa") and why."""
 
     backend: str
     reason: str
@@ -84,6 +89,10 @@ _FA3_MODULE, PROVIDER = _detect()
 _HAS_FLASH3: bool = PROVIDER.available
 # FA2 from the `flash-attn` package (Ampere and newer, fp16/bf16, head dim <= 256).
 _FA2_MODULE, FA2 = _import_first((("flash_attn", "flash-attn (FA2)"),), ("flash-attn", "flash_attn"))
+# FA4 from `flash-attn-4` (CuTe DSL, compiled at first use per configuration): forward and
+# backward on sm_90 and sm_100, fp16/bf16.
+_FA4_MODULE, FA4 = _import_first((("flash_attn.cute.interface", "flash-attn-4 (CuTe DSL)"),), ("flash-attn-4",))
+_HAS_FLASH4: bool = FA4.available
 
 
 def _flex_status() -> tuple[bool, str]:
@@ -132,6 +141,29 @@ def fa3_readiness(device: torch.device | None = None) -> tuple[bool, str]:
     return True, f"{PROVIDER.description} {PROVIDER.version or ''}".strip()
 
 
+def fa4_head_dim_ok(head_dim: int, cap: tuple[int, int]) -> bool:
+    """Whether FA4 has kernels for this head dim on compute capability `cap` (q, k and v alike)."""
+    if head_dim % 8:
+        return False
+    if cap[0] == 9:
+        return 8 <= head_dim <= 256
+    return 8 <= head_dim <= 128 or head_dim == 256  # sm_100
+
+
+def fa4_readiness(device: torch.device | None = None) -> tuple[bool, str]:
+    """Whether FA4 can run on `device` (default: cuda if present, else cpu) and a one-line why."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not _HAS_FLASH4:
+        return False, "not installed (pip install flash-attn-4)"
+    if device.type != "cuda":
+        return False, f"{FA4.description} installed, but this is a CPU run; FA4 needs an sm_90 or sm_100 GPU"
+    cap = device_capability(device)
+    if cap[0] not in (9, 10):
+        return False, f"{FA4.description} installed, but the GPU is sm_{cap[0]}{cap[1]}, not sm_90 or sm_100"
+    return True, f"{FA4.description} {FA4.version or ''}".strip()
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str,
                   causal: bool = False) -> None:
     """Raise ValueError for what neither FA3 nor SDPA can take; shapes are read in `layout`."""
@@ -162,27 +194,76 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str
                          f"S_k {k.shape[s_dim]}")
 
 
-def choose_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str = "bshd",
-                causal: bool = False) -> AttentionPath:
-    """Which kernel `attention()` would run for these tensors, and why (no computation)."""
-    _check_inputs(q, k, v, layout, causal)
+def _needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def _fa3_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why FA3 cannot take this call, or None when it can."""
     if not _HAS_FLASH3:
-        return AttentionPath("sdpa", "FA3 not installed")
+        return "FA3 not installed"
     if q.device.type != "cuda":
-        return AttentionPath("sdpa", f"tensors on {q.device.type}; FA3 needs a CUDA Hopper GPU")
+        return f"tensors on {q.device.type}; FA3 needs a CUDA Hopper GPU"
     cap = device_capability(q.device)
     if cap != (9, 0):
-        return AttentionPath("sdpa", f"GPU is sm_{cap[0]}{cap[1]}; FA3 needs Hopper sm_90")
+        return f"GPU is sm_{cap[0]}{cap[1]}; FA3 needs Hopper sm_90"
     if q.dtype not in fa3_dtypes():
         names = ", ".join(str(d).removeprefix("torch.") for d in fa3_dtypes())
-        return AttentionPath("sdpa", f"{PROVIDER.module} takes {names}, not {q.dtype}")
+        return f"{PROVIDER.module} takes {names}, not {q.dtype}"
     d, dv = q.shape[3], v.shape[3]
     if d % 8 or d > 256 or dv != d:
-        return AttentionPath("sdpa", f"head dims q/k {d}, v {dv}: FA3 needs equal, a multiple of 8, <= 256")
-    if PROVIDER.module == "fa3_fwd_interface" and torch.is_grad_enabled() and (
-            q.requires_grad or k.requires_grad or v.requires_grad):
-        return AttentionPath("sdpa", "inputs require grad and fa3-fwd is forward only")
-    return AttentionPath("fa3", f"{PROVIDER.description} on sm_90, {q.dtype}, head dim {d}")
+        return f"head dims q/k {d}, v {dv}: FA3 needs equal, a multiple of 8, <= 256"
+    if PROVIDER.module == "fa3_fwd_interface" and _needs_grad(q, k, v):
+        return "inputs require grad and fa3-fwd is forward only"
+    return None
+
+
+def _fa4_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why FA4 cannot take this call, or None when it can."""
+    if not _HAS_FLASH4:
+        return "FA4 not installed"
+    if q.device.type != "cuda":
+        return f"tensors on {q.device.type}; FA4 needs an sm_90 or sm_100 GPU"
+    cap = device_capability(q.device)
+    if cap[0] not in (9, 10):
+        return f"GPU is sm_{cap[0]}{cap[1]}; FA4 needs sm_90 or sm_100"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"FA4 takes float16, bfloat16, not {q.dtype}"
+    d, dv = q.shape[3], v.shape[3]
+    if dv != d or not fa4_head_dim_ok(d, cap):
+        allowed = "8-256" if cap[0] == 9 else "8-128 or 256"
+        return f"head dims q/k {d}, v {dv}: FA4 on sm_{cap[0]}{cap[1]} needs equal, a multiple of 8, {allowed}"
+    return None
+
+
+_WHY_NOT = {"fa3": _fa3_why_not, "fa4": _fa4_why_not}
+
+
+def choose_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str = "bshd",
+                causal: bool = False, prefer: str = "auto") -> AttentionPath:
+    """Which kernel `attention()` would run for these tensors, and why (no computation).
+
+    Forward-only: FA3, then FA4. Inputs needing grad: FA4, then FA3 (official builds). `prefer`
+    ("fa4", "fa3", "sdpa") is tried first; the reason names every kernel passed over and why.
+    """
+    check_choice("prefer", prefer, PREFER)
+    _check_inputs(q, k, v, layout, causal)
+    if prefer == "sdpa":
+        return AttentionPath("sdpa", "asked for SDPA")
+    order = ["fa4", "fa3"] if _needs_grad(q, k, v) else ["fa3", "fa4"]
+    if prefer != "auto":
+        order.remove(prefer)
+        order.insert(0, prefer)
+    passed = []
+    for name in order:
+        why = _WHY_NOT[name](q, k, v)
+        if why is None:
+            lib = PROVIDER.description if name == "fa3" else FA4.description
+            cap = device_capability(q.device)
+            took = f"{lib} on sm_{cap[0]}{cap[1]}, {q.dtype}, head dim {q.shape[3]}"
+            return AttentionPath(name, "; ".join([*passed, took]))
+        passed.append(f"asked for {name.upper()}: {why}" if name == prefer else why)
+    return AttentionPath("sdpa", "; ".join(passed))
 
 
 def fa3_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -203,6 +284,23 @@ def fa2_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = F
     return out[0] if isinstance(out, tuple) else out
 
 
+def fa4_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+             softmax_scale: float | None = None, window: int | None = None, softcap: float = 0.0
+             ) -> torch.Tensor:
+    """FA4's flash_attn_func on (B, S, H, D) inputs; returns out (B, S, H_q, D), differentiable.
+
+    window: each query sees itself and the `window` keys before it (FA's window_size (w, 0)).
+    softcap: scores become softcap * tanh(scores / softcap) (0: off). First call per
+    configuration compiles the kernel (seconds); the backward compiles at its own first call.
+    """
+    if _FA4_MODULE is None:
+        raise RuntimeError(f"FA4 is not available: {FA4.reason}")
+    size = (window, 0) if window is not None else (None, None)
+    out = _FA4_MODULE.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal,
+                                      window_size=size, softcap=softcap)
+    return out[0] if isinstance(out, tuple) else out  # (out, lse)
+
+
 def sdpa_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
               softmax_scale: float | None = None) -> torch.Tensor:
     """torch SDPA on (B, H, S, D) inputs with GQA; returns out (B, H_q, S, D).
@@ -215,14 +313,15 @@ def sdpa_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
 
 def attention_with_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                        softmax_scale: float | None = None, layout: str = "bshd"
+                        softmax_scale: float | None = None, layout: str = "bshd", prefer: str = "auto"
                         ) -> tuple[torch.Tensor, AttentionPath]:
     """Like `attention()`, and also returns the path taken and why."""
-    path = choose_path(q, k, v, layout, causal)
-    if path.backend == "fa3":
+    path = choose_path(q, k, v, layout, causal, prefer)
+    if path.backend in ("fa3", "fa4"):
+        call = fa3_call if path.backend == "fa3" else fa4_call
         if layout == "bshd":
-            return fa3_call(q, k, v, causal, softmax_scale), path
-        out = fa3_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, softmax_scale)
+            return call(q, k, v, causal, softmax_scale), path
+        out = call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, softmax_scale)
         return out.transpose(1, 2), path
     if layout == "bhsd":
         return sdpa_call(q, k, v, causal, softmax_scale), path
@@ -231,11 +330,11 @@ def attention_with_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-              softmax_scale: float | None = None, layout: str = "bshd") -> torch.Tensor:
-    """softmax(q k^T * scale [+ causal mask]) v via FA3 if it qualifies, else SDPA.
+              softmax_scale: float | None = None, layout: str = "bshd", prefer: str = "auto") -> torch.Tensor:
+    """softmax(q k^T * scale [+ causal mask]) v via FA3/FA4 if one qualifies, else SDPA.
 
     q: (B, S_q, H_q, D) for layout "bshd" or (B, H_q, S_q, D) for "bhsd"; k, v: the same with H_kv
     heads and S_k keys (causal needs S_k == S_q). Returns out in the input layout; scale defaults
-    to 1/sqrt(D).
+    to 1/sqrt(D). prefer: "auto", "fa4", "fa3" or "sdpa" (tried first; falls back with a reason).
     """
-    return attention_with_path(q, k, v, causal, softmax_scale, layout)[0]
+    return attention_with_path(q, k, v, causal, softmax_scale, layout, prefer)[0]

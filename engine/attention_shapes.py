@@ -1,0 +1,257 @@
+"""Attention sweep settings: presets, the shapes they expand to, FLOP counts and run-time estimates.
+
+Shapes follow the FA3 paper: batch = tokens // seqlen, heads = hidden // head_dim, kv heads =
+heads // gqa. FLOPs are 4 * B * H * S_q * S_k * D forward (QK^T and PV), halved when causal (the
+papers' count); forward + backward is 3.5x forward (backward 2.5x: five matmuls against two).
+Mask rows count exactly the (query, key) pairs the mask keeps (engine.attention_masks).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from engine.attention_masks import check_mask, kept_pairs
+from engine.validation import check_choice, check_float, check_int
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SDPA_NAMES = ("sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math")
+# "sdpa" is SDPA's own choice (no backend forced): the default a model gets. "sdpa-fa4" is SDPA's
+# flash backend with FA4 activated inside it. "wrapper" is engine.flash_attention3.attention().
+BACKENDS = ("fa4", "fa3", "fa2", *SDPA_NAMES, "sdpa-fa4", "flex", "wrapper")
+MODES = ("fwd", "fwd+bwd")
+BWD_FACTOR = 2.5  # backward FLOPs over forward FLOPs (two matmuls forward, five backward)
+CPU_LIMIT_S = 120.0  # runs estimated longer than this on a CPU are refused or offered reduced
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """One sweep: every combination of dtype x head dim x GQA ratio x mask x seqlen, each backend.
+
+    `causal` lists plain rows (mask "none" or "causal"); `masks`, when given, replaces it with
+    named masks (engine.attention_masks.MASKS). Timing: warm up for `warmup_ms`, then time a
+    window of at least `rep_ms` and `min_reps` calls (engine.timing.steady_time).
+    """
+
+    seqlens: tuple[int, ...]
+    head_dims: tuple[int, ...] = (128,)
+    causal: tuple[bool, ...] = (False,)
+    gqa: tuple[int, ...] = (1,)
+    dtypes: tuple[str, ...] = ("bf16",)
+    tokens: int = 16384
+    hidden: int = 2048
+    backends: tuple[str, ...] = ("fa4", "fa3", "fa2", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math")
+    mode: str = "fwd"
+    masks: tuple[str, ...] = ()
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    min_reps: int = 3
+    seed: int = 0
+    device: str = "auto"
+
+
+PRESETS: dict[str, SweepSettings] = {
+    # FA3 paper (Shah et al. 2024, figs. 5-6): 16k tokens, hidden 2048, head dim 64/128/256.
+    "fa3-paper": SweepSettings(seqlens=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128, 256),
+                               causal=(False, True)),
+    # The same shapes forward and backward, as a training step runs them (fa3-fwd has no backward).
+    "fa3-paper-train": SweepSettings(seqlens=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128, 256),
+                                     causal=(False, True), mode="fwd+bwd",
+                                     backends=("fa4", "fa3", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn")),
+    # Masks people train with, causal throughout, forward and backward, head dim 128, 16k tokens.
+    "masks": SweepSettings(seqlens=(16384,), masks=("causal", "window-1k", "window-4k", "documents", "softcap"),
+                           mode="fwd+bwd", backends=("fa4", "flex", "sdpa-cudnn", "sdpa-efficient")),
+    # A few seconds on a CPU (fp32: CPU attention has no fast bf16 path); same code as the paper sweep.
+    "quick": SweepSettings(seqlens=(128, 256, 512), head_dims=(64,), causal=(False, True), dtypes=("fp32",),
+                           tokens=1024, hidden=256, rep_ms=20.0, warmup_ms=5.0,
+                           backends=("fa4", "fa3", "sdpa-flash", "sdpa-math", "wrapper")),
+    # Grouped-query attention at head dim 128: 1, 4 and 8 query heads per kv head.
+    "gqa": SweepSettings(seqlens=(1024, 4096, 16384), gqa=(1, 4, 8), causal=(False, True),
+                         backends=("fa4", "fa3", "sdpa-flash", "sdpa-cudnn", "flex", "wrapper")),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One attention problem; tensors are (B, S, H, D) for FA and (B, H, S, D) for SDPA/Flex."""
+
+    batch: int
+    seqlen: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+    dtype: str
+    mask: str = "none"
+
+
+def attention_flops(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int,
+                    causal: bool = False, mode: str = "fwd") -> float:
+    """FLOPs of attention: 4*B*H*S_q*S_k*D forward (QK^T and PV), halved if causal; bwd is 2.5x fwd."""
+    check_choice("mode", mode, MODES)
+    fwd = 4.0 * batch * heads * seqlen_q * seqlen_k * head_dim / (2 if causal else 1)
+    return fwd * (1 + BWD_FACTOR) if mode == "fwd+bwd" else fwd
+
+
+def shape_flops(shape: Shape, mode: str, seed: int = 0) -> float:
+    """FLOPs one call does on `shape`: the paper's count, or 4*D*H*(kept pairs) for a named mask."""
+    if shape.mask == "none":  # plain rows: the papers' count (causal S^2/2, S(S+1)/2 to within 1/S)
+        return attention_flops(shape.batch, shape.heads, shape.seqlen, shape.seqlen, shape.head_dim,
+                               shape.causal, mode)
+    fwd = 4.0 * shape.heads * shape.head_dim * kept_pairs(shape.mask, shape.seqlen, shape.batch, seed)
+    return fwd * (1 + BWD_FACTOR) if mode == "fwd+bwd" else fwd
+
+
+def shapes_of(s: SweepSettings) -> list[Shape]:
+    """Validate the settings and list the shapes in sweep order; ValueError names the bad field."""
+    if not s.seqlens or not s.head_dims or not (s.causal or s.masks) or not s.gqa or not s.dtypes or not s.backends:
+        raise ValueError("seqlens, head_dims, causal, gqa, dtypes and backends must each be non-empty")
+    tokens = check_int("tokens", s.tokens, 1, 2**22)
+    hidden = check_int("hidden", s.hidden, 8, 65536)
+    for b in s.backends:
+        check_choice("backend", b, BACKENDS)
+    if len(set(s.backends)) != len(s.backends):
+        raise ValueError(f"backends must not repeat, got {', '.join(s.backends)}")
+    check_choice("mode", s.mode, MODES)
+    check_float("warmup_ms", s.warmup_ms, 0.0, 10_000.0)
+    check_float("rep_ms", s.rep_ms, 1.0, 10_000.0)
+    check_int("min_reps", s.min_reps, 1, 1000)
+    for m in s.masks:
+        check_mask(m)
+    # Named masks are all causal (decoder training); plain rows are causal or not, mask "none".
+    kinds = [(True, m) for m in s.masks] or [(bool(c), "none") for c in s.causal]
+    out = []
+    for dtype, d, g, (causal, mask), seqlen in itertools.product(s.dtypes, s.head_dims, s.gqa, kinds, s.seqlens):
+        check_choice("dtype", dtype, tuple(DTYPES))
+        check_int("seqlen", seqlen, 16, 131072)
+        check_int("head_dim", d, 8, 256)
+        if d % 8 or hidden % d:
+            raise ValueError(f"head_dim must be a multiple of 8 dividing hidden ({hidden}), got {d}")
+        heads = hidden // d
+        check_int("gqa", g, 1, heads)
+        if heads % g:
+            raise ValueError(f"gqa must divide the head count ({heads} = hidden / head_dim), got {g}")
+        out.append(Shape(max(1, tokens // seqlen), seqlen, heads, heads // g, d, causal, dtype, mask))
+    return out
+
+
+def uses_bhsd(backends: tuple[str, ...] | list[str]) -> bool:
+    """Whether any backend takes SDPA's (B, H, S, D) layout (a second, contiguous copy of q, k, v)."""
+    return any(b.startswith("sdpa") or b == "flex" for b in backends)
+
+
+def input_bytes(shape: Shape, backends: tuple[str, ...]) -> int:
+    """Bytes of q, k, v and one output, in (B, S, H, D) and, for SDPA/Flex backends, (B, H, S, D)."""
+    elt = DTYPES[shape.dtype].itemsize
+    one = shape.batch * shape.seqlen * shape.head_dim * elt * (2 * shape.heads + 2 * shape.kv_heads)
+    return one * (2 if uses_bhsd(backends) else 1)
+
+
+def math_bytes(shape: Shape, mode: str) -> int:
+    """Bytes SDPA-math materialises: (B, H, S, S) scores, probabilities and temporaries, and the mask.
+
+    12 bytes per score element forward (measured on an H100: 8.7 at bf16), 16 with backward.
+    """
+    s2 = shape.batch * shape.heads * shape.seqlen**2
+    return (4 if mode == "fwd+bwd" else 3) * s2 * 4 + shape.batch * shape.seqlen**2
+
+
+def mask_bytes(shape: Shape) -> int:
+    """Bytes of an explicit (B, 1, S, S) boolean mask, which SDPA needs for window/document masks."""
+    return shape.batch * shape.seqlen**2 if shape.mask not in ("none", "causal", "softcap") else 0
+
+
+# Effective attention TFLOP/s assumed for estimates: about half of what the kernels reach.
+_GPU_TFLOPS = {9: 300.0, 10: 600.0}
+_COMPILE_S = {"fa4": 3.0, "flex": 15.0}  # first call of a new configuration; backward about twice
+
+
+def device_tflops(device: torch.device, dtype: str) -> float:
+    """Attention TFLOP/s to expect on `device`: nominal on GPU; on CPU half a 512^3 matmul's rate,
+    measured now (a loaded machine gives a slower, truer estimate)."""
+    if device.type == "cuda":
+        major = torch.cuda.get_device_capability(device)[0]
+        rate = _GPU_TFLOPS.get(major, 100.0)
+        return rate / 8 if dtype == "fp32" else rate
+    n, calls = 512, 0
+    a = torch.randn(n, n, dtype=DTYPES[dtype])
+    for _ in range(2):  # thread pool start-up
+        a @ a
+    t0 = time.perf_counter()
+    while calls < 2 or time.perf_counter() - t0 < 0.05:
+        a @ a
+        calls += 1
+    return 0.5 * calls * 2 * n**3 / (time.perf_counter() - t0) / 1e12
+
+
+def estimate_seconds(s: SweepSettings, device: torch.device, tflops: float | None = None,
+                     crosscheck: bool = False) -> float:
+    """Seconds a sweep should take: per timed row its calls (first, probes, warm-up, window) at
+    `tflops`, plus kernel compilation; rows that cannot run cost nothing. An estimate, not a bound."""
+    shapes = shapes_of(s)
+    rate = (tflops or device_tflops(device, s.dtypes[0])) * 1e12
+    total, compiled = 0.0, set()
+    for shape in shapes:
+        call = shape_flops(shape, s.mode, s.seed) / rate
+        for b in s.backends:
+            if device.type == "cpu" and b in ("fa4", "fa3", "fa2", "flex", "sdpa-efficient", "sdpa-cudnn", "sdpa-fa4"):
+                continue
+            slow = 4.0 if b == "sdpa-math" else 1.0
+            t = call * slow
+            window = max(s.warmup_ms / 1e3, t) + max(s.rep_ms / 1e3, t * s.min_reps) + 8 * t
+            total += window * (2 if crosscheck else 1)
+            key = (b, shape.head_dim, shape.mask, shape.causal, shape.seqlen if b == "flex" else 0)
+            if b in _COMPILE_S and key not in compiled:
+                compiled.add(key)
+                total += _COMPILE_S[b] * (3 if s.mode == "fwd+bwd" else 1)
+    return total
+
+
+def reduced(s: SweepSettings, device: torch.device, limit_s: float, tflops: float | None = None
+            ) -> SweepSettings:
+    """`s` shrunk until its estimate fits `limit_s`: fewer tokens, then the longest seqlens dropped,
+    then a smaller hidden size (the same backends, dtypes and masks)."""
+    rate = tflops or device_tflops(device, s.dtypes[0])
+    for _ in range(64):
+        if estimate_seconds(s, device, rate) <= limit_s:
+            return s
+        if s.tokens > min(s.seqlens):
+            s = replace(s, tokens=s.tokens // 2)
+        elif len(s.seqlens) > 1:
+            s = replace(s, seqlens=tuple(sorted(s.seqlens))[:-1], tokens=s.tokens)
+        elif s.hidden > max(s.head_dims) * max(s.gqa):
+            s = replace(s, hidden=s.hidden // 2)
+        else:
+            break
+    return s
+
+
+def describe(s: SweepSettings) -> dict[str, Any]:
+    """A settings dict for result documents (tuples as lists)."""
+    from dataclasses import asdict
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}
+
+
+def settings_for(preset: str, **overrides: Any) -> SweepSettings:
+    """A preset's settings with some fields replaced (None values are ignored)."""
+    check_choice("preset", preset, tuple(PRESETS))
+    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def format_seconds(seconds: float) -> str:
+    """'45 s', '12 min', '3.2 h': an estimate at the precision it deserves."""
+    if not math.isfinite(seconds):
+        return "unknown"
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{round(seconds / 86400)} days"
