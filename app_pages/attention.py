@@ -258,8 +258,8 @@ if source == SOURCES[0]:
     if not files:
         st.info("No committed results under benchmarks/results/.")
     else:
-        names = list(files)
-        name = st.selectbox("Result", names, format_func=_file_label, key="file", bind=QP)
+        labels = {_file_label(stem): stem for stem in files}  # plain options: the URL carries the label
+        name = labels[st.selectbox("Result", list(labels), key="file", bind=QP)]
         res = guarded("attention_committed", lambda: _committed(str(files[name])))
         if res is not None:
             st.info(f"{_sentence(measured_on(res.env, res.created))}, not on this machine. "

@@ -215,7 +215,7 @@ def estimate_seconds(s: SweepSettings, device: torch.device, tflops: float | Non
 def reduced(s: SweepSettings, device: torch.device, limit_s: float, tflops: float | None = None
             ) -> SweepSettings:
     """`s` shrunk until its estimate fits `limit_s`: fewer tokens, then the longest seqlens dropped,
-    then a smaller hidden size (the same backends, dtypes and masks)."""
+    then a smaller hidden size, then a shorter sequence (the same backends, dtypes and masks)."""
     rate = tflops or device_tflops(device, s.dtypes[0])
     for _ in range(64):
         if estimate_seconds(s, device, rate) <= limit_s:
@@ -226,6 +226,8 @@ def reduced(s: SweepSettings, device: torch.device, limit_s: float, tflops: floa
             s = replace(s, seqlens=tuple(sorted(s.seqlens))[:-1], tokens=s.tokens)
         elif s.hidden > max(s.head_dims) * max(s.gqa):
             s = replace(s, hidden=s.hidden // 2)
+        elif s.seqlens[0] >= 32:
+            s = replace(s, seqlens=(s.seqlens[0] // 2,), tokens=s.seqlens[0] // 2)
         else:
             break
     return s

@@ -260,7 +260,8 @@ def choose_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str =
         if why is None:
             lib = PROVIDER.description if name == "fa3" else FA4.description
             cap = device_capability(q.device)
-            took = f"{lib} on sm_{cap[0]}{cap[1]}, {q.dtype}, head dim {q.shape[3]}"
+            where = f"sm_{cap[0]}{cap[1]}" if cap else q.device.type
+            took = f"{lib} on {where}, {q.dtype}, head dim {q.shape[3]}"
             return AttentionPath(name, "; ".join([*passed, took]))
         passed.append(f"asked for {name.upper()}: {why}" if name == prefer else why)
     return AttentionPath("sdpa", "; ".join(passed))

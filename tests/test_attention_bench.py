@@ -1,19 +1,24 @@
-"""engine.attention_bench and `python -m engine attention`: FLOPs by hand, shapes, refusals, CPU sweep."""
+"""engine.attention_bench and `python -m engine attention`: FLOPs by hand, masks, shapes, refusals,
+run-time estimates, stopping, the cross-check column, CPU sweeps and the committed H200 results."""
 
 import json
 import math
+import re
 
 import pandas as pd
 import pytest
 import torch
 
+from engine import attention_backends as abk
 from engine import attention_bench as ab
+from engine import attention_masks as am
+from engine import attention_shapes as ash
 from engine.cli import main
 from tests.test_attention_wrapper import naive_attention
 
 TINY = ab.SweepSettings(seqlens=(32, 64), head_dims=(16,), causal=(False, True), dtypes=("fp32",), tokens=128,
-                        hidden=32, backends=("fa3", "sdpa-flash", "sdpa-cudnn", "sdpa-math", "wrapper"),
-                        reps=2, warmup=0, device="cpu")
+                        hidden=32, backends=("fa4", "fa3", "sdpa-flash", "sdpa-cudnn", "sdpa-math", "wrapper"),
+                        rep_ms=2.0, warmup_ms=0.0, min_reps=2, device="cpu")
 
 
 def test_flops_by_hand():
@@ -41,7 +46,11 @@ def test_paper_preset_shapes_follow_tokens_and_hidden():
     ({"head_dims": (12,)}, "head_dim must be a multiple of 8"),
     ({"head_dims": (64,), "hidden": 96}, "dividing hidden"),
     ({"gqa": (3,)}, "gqa must divide the head count"),
-    ({"backends": ("fa4",)}, "backend must be one of"),
+    ({"backends": ("fa5",)}, "backend must be one of"),
+    ({"masks": ("window-0",)}, "mask window must be >= 1"),
+    ({"masks": ("window-x",)}, "mask window must be an integer"),
+    ({"masks": ("diagonal",)}, "mask must be one of causal, window-1k"),
+    ({"rep_ms": 0.5}, "rep_ms must be >= 1.0"),
     ({"backends": ("sdpa-math", "sdpa-math")}, "backends must not repeat"),
     ({"seqlens": ()}, "must each be non-empty"),
     ({"seqlens": (8,)}, "seqlen must be >= 16"),
@@ -57,28 +66,79 @@ def test_oversize_sweep_is_refused_before_allocating(monkeypatch):
     def no_alloc(*args, **kwargs):
         raise AssertionError("allocated inputs for a sweep that should have been refused")
 
-    monkeypatch.setattr(ab, "_make_inputs", no_alloc)
+    monkeypatch.setattr(ab, "make_inputs", no_alloc)
     monkeypatch.setattr(ab, "matmul_ceiling", no_alloc)
     big = ab.settings_for("quick", seqlens=(65536,), tokens=2**22, hidden=8192, head_dims=(128,), device="cpu")
     with pytest.raises(ValueError, match="would need about .* GiB"):
         ab.run_sweep(big)
 
 
-def test_reference_slice_matches_a_float64_reference():
-    shape = ab.Shape(batch=2, seqlen=40, heads=4, kv_heads=2, head_dim=8, causal=True, dtype="fp32")
-    t = ab._make_inputs(shape, torch.device("cpu"), seed=3, need_bhsd=False, grad=False)
-    ref = ab._reference(t, shape)  # (rows, group, D): batch 0, kv head 0's two query heads
-    full = naive_attention(*(t[n].transpose(1, 2) for n in ("q", "k", "v")), causal=True)
+def _dense_reference(t, shape):
+    """float64 attention over the whole batch with the mask built by brute force, softcap applied."""
+    q, k, v = (t[n].double().transpose(1, 2) for n in ("q", "k", "v"))
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(shape.head_dim)
+    if shape.mask == "softcap":
+        s = am.SOFTCAP * torch.tanh(s / am.SOFTCAP)
+    n, w = shape.seqlen, am.window_of(shape.mask)
+    keep = torch.zeros(shape.batch, n, n, dtype=torch.bool)
+    for b in range(shape.batch):
+        for i in range(n):
+            for j in range(i + 1):
+                same_doc = shape.mask != "documents" or bool(t["doc"][b, i] == t["doc"][b, j])
+                keep[b, i, j] = same_doc and (w is None or i - j <= w)
+    return torch.softmax(s.masked_fill(~keep[:, None], -math.inf), -1) @ v, keep
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "window-5", "documents", "softcap"])
+def test_reference_slice_and_dq_match_a_brute_force_float64_reference(mask):
+    shape = ab.Shape(batch=2, seqlen=40, heads=4, kv_heads=2, head_dim=8, causal=mask != "none", dtype="fp32",
+                     mask=mask)
+    t = abk.make_inputs(shape, torch.device("cpu"), seed=3, backends=["fa4"], grad=False)
+    if mask == "documents":
+        t["doc"] = torch.tensor([[0] * 13 + [1] * 20 + [2] * 7, [0] * 30 + [1] * 10], dtype=torch.int32)
+    dout = torch.randn(40, 2, 8, dtype=torch.float64)
+    ref, dq = abk.reference(t, shape, dout)  # (rows, group, D): batch 0, kv head 0's two query heads
+    full, keep = _dense_reference(t, shape) if mask != "none" else (
+        naive_attention(*(t[n].transpose(1, 2) for n in ("q", "k", "v"))), None)
     torch.testing.assert_close(ref.double(), full[0, :2].transpose(0, 1), rtol=1e-5, atol=1e-6)
+    q = t["q"].detach().double().requires_grad_(True)
+    again = _dense_reference({**t, "q": q}, shape)[0] if mask != "none" else naive_attention(
+        q.transpose(1, 2), t["k"].transpose(1, 2), t["v"].transpose(1, 2))
+    (want,) = torch.autograd.grad(again[0, :2].transpose(0, 1), q, dout)
+    torch.testing.assert_close(dq.double(), want[0, :, :2], rtol=1e-4, atol=1e-6)
+    if keep is not None and mask != "documents":  # kept pairs, by brute force, for the FLOP count
+        assert am.kept_pairs(mask, 40, 2) == int(keep.sum())
+
+
+@pytest.mark.parametrize("mask, n", [("window-1", 7), ("window-3", 10), ("window-4k", 5000), ("causal", 33)])
+def test_kept_pairs_by_counting(mask, n):
+    w = am.window_of(mask)
+    want = sum(min(i, w if w is not None else i) + 1 for i in range(n))
+    assert am.kept_pairs(mask, n, batch=3) == 3 * want
+
+
+def test_documents_cover_the_sequence_and_count_pairs_per_document():
+    rows = am.doc_lengths(5000, batch=2, seed=1)
+    assert all(sum(r) == 5000 and len(r) == 4 and min(r) >= 1 for r in rows)  # 5000 // 1024 = 4 documents
+    assert am.kept_pairs("documents", 5000, 2, seed=1) == sum(n * (n + 1) // 2 for r in rows for n in r)
+    ids = am.document_ids(5000, 2, 1, torch.device("cpu"))
+    assert [torch.bincount(ids[b]).tolist() for b in range(2)] == rows
+    cu, longest = am.cu_seqlens(5000, 2, 1, torch.device("cpu"))
+    assert cu.tolist() == [0, *torch.tensor([n for r in rows for n in r]).cumsum(0).tolist()] and longest == max(
+        n for r in rows for n in r)
+    shape = ab.Shape(2, 5000, 4, 4, 64, True, "bf16", "documents")
+    assert ash.shape_flops(shape, "fwd", seed=1) == 4 * 4 * 64 * am.kept_pairs("documents", 5000, 2, 1)
 
 
 def test_cpu_sweep_rows_are_labelled_timed_and_checked():
     result = ab.run_sweep(TINY)
     t = result.table
-    assert len(t) == 2 * 2 * 5  # shapes x backends, every backend listed even when it cannot run
-    assert list(t["backend"][:5]) == list(TINY.backends)
+    assert len(t) == 2 * 2 * 6  # shapes x backends, every backend listed even when it cannot run
+    assert list(t["backend"][:6]) == list(TINY.backends)
     assert set(t.loc[t["backend"] == "sdpa-cudnn", "note"]) == {"CUDA only"}
-    assert set(t.loc[t["backend"] == "fa3", "status"]) == {"unavailable"}
+    assert set(t.loc[t["backend"].isin(["fa3", "fa4"]), "status"]) == {"unavailable"}
     ok = t[t["status"] == "ok"]
     assert set(ok["backend"]) == {"sdpa-flash", "sdpa-math", "wrapper"}
     assert (ok["batch"] == 128 // ok["seqlen"]).all() and (ok["heads"] == 2).all()
@@ -93,7 +153,7 @@ def test_cpu_sweep_rows_are_labelled_timed_and_checked():
 
 
 def test_an_oom_or_missing_kernel_fails_one_row_only(monkeypatch):
-    real = ab._runner
+    real = ab.runner
 
     def runner(backend, t, shape):
         if backend == "sdpa-math" and shape.seqlen == 64:
@@ -106,7 +166,7 @@ def test_an_oom_or_missing_kernel_fails_one_row_only(monkeypatch):
             return nokernel, True
         return real(backend, t, shape)
 
-    monkeypatch.setattr(ab, "_runner", runner)
+    monkeypatch.setattr(ab, "runner", runner)
     t = ab.run_sweep(ab.replace(TINY, backends=("sdpa-flash", "sdpa-math"))).table
     status = {(r.seqlen, r.causal, r.backend): r.status for r in t.itertuples()}
     assert status == {(32, False, "sdpa-flash"): "ok", (32, False, "sdpa-math"): "ok",
@@ -117,12 +177,14 @@ def test_an_oom_or_missing_kernel_fails_one_row_only(monkeypatch):
 
 
 def test_math_backend_is_skipped_when_its_scores_cannot_fit(monkeypatch):
-    shape = ab.shapes_of(TINY)[-1]  # seqlen 64: 2 * 2 * 64 * 64 scores
-    assert ab.math_bytes(shape, "fwd") == 3 * 2 * 2 * 64 * 64 * 4 + 64 * 64
-    # Inputs take 131072 bytes per shape (twice that must fit); math scores take 99328 bytes at seqlen 32
-    # and 200704 at 64, so 300000 bytes leave room for the first and not the second.
+    s = ab.replace(TINY, seqlens=(32, 128), backends=("sdpa-math",))
+    shape = ab.shapes_of(s)[1]  # seqlen 128: batch 1, 2 heads
+    assert ab.math_bytes(shape, "fwd") == 3 * 1 * 2 * 128 * 128 * 4 + 128 * 128
+    # Inputs take 131072 bytes per shape in both layouts (twice that must fit); math takes 102400 bytes
+    # at seqlen 32 and 409600 at 128, so 300000 bytes leave room for the first and not the second.
+    assert ab.input_bytes(shape, s.backends) == 131072
     monkeypatch.setattr(ab, "memory_budget", lambda device: 300_000)
-    t = ab.run_sweep(ab.replace(TINY, backends=("sdpa-math",))).table
+    t = ab.run_sweep(s).table
     assert list(t["status"]) == ["ok", "skipped", "ok", "skipped"]
 
 
@@ -144,24 +206,37 @@ def test_speedup_uses_the_fastest_timed_sdpa_backend():
 def test_committed_gpu_sweeps_are_consistent_with_the_flop_formula(name):
     path = ab.committed_results()[name]
     res = ab.load_result(path)
-    raw = json.loads(path.read_text())["matmul_tflops"]  # one float in documents from before per-dtype ceilings
-    assert res.matmul_tflops == (raw if isinstance(raw, dict) else {"bf16": raw})
     ok = res.table[res.table["status"] == "ok"]
-    card = name.split("_")[2].upper()  # attention_sweep_<card>_<date>: the file name says the device
+    card = name.split("_")[2].upper()  # attention_sweep_<card>_<date>_<section>: the file name says the device
     assert card in res.env["device"] and not ok.empty
-    flops = [ab.attention_flops(r.batch, r.heads, r.seqlen, r.seqlen, r.head_dim, r.causal) for r in ok.itertuples()]
+    mode = res.settings["mode"]
+    flops = [ash.shape_flops(ab.Shape(r.batch, r.seqlen, r.heads, r.kv_heads, r.head_dim, r.causal, r.dtype, r.mask),
+                             mode, res.settings["seed"]) for r in ok.itertuples()]
     recomputed = pd.Series(flops, index=ok.index) / (ok["ms"] / 1e3) / 1e12
     pd.testing.assert_series_equal(recomputed, ok["tflops"], check_names=False, rtol=1e-9)
+    # Cross-check column: the harness's median against do_bench's on the same callable, in percent.
+    pct = 100 * (ok["ms"] / ok["do_bench_ms"] - 1)
+    pd.testing.assert_series_equal(pct, ok["vs_do_bench_pct"], check_names=False, rtol=1e-6, atol=1e-6)  # JSON: 10 digits
+    assert (ok["rel_err"] < 1e-2).all() and ((ok["dq_err"] < 2e-2) | ok["dq_err"].isna()).all()
 
 
-def test_an_h100_sweep_is_committed():
-    assert any("_h100_" in name for name in ab.committed_results())
+def test_the_h200_results_hold_fa4_forward_and_backward_at_steady_clocks():
+    files = ab.committed_results()
+    train = ab.load_result(files["attention_sweep_h200_2026-12-03_paper-train"])
+    assert train.settings["mode"] == "fwd+bwd" and train.env["device"] == "NVIDIA H200"
+    ok = train.table[train.table["status"] == "ok"]
+    assert set(ok["backend"]) >= {"fa4", "sdpa", "sdpa-cudnn", "sdpa-flash"}
+    assert ok["sm_mhz"].between(300, 2100).all() and ok["power_w"].between(50, 800).all()
+    assert train.table.loc[train.table["backend"] == "fa3", "note"].eq("fa3-fwd is forward only").all()
+    assert ok["dq_err"].notna().all()
+    masks = ab.load_result(files["attention_sweep_h200_2026-12-03_masks"])
+    assert set(masks.table["mask"]) == set(am.MASKS)
 
 
 def test_cli_prints_the_same_rows_as_json(capsys):
     argv = ["attention", "--preset", "quick", "--seqlens", "32", "--head-dims", "16", "--hidden", "32",
             "--tokens", "64", "--causal", "both", "--dtypes", "fp32", "--backends", "sdpa-math,sdpa-flash",
-            "--reps", "1", "--device", "cpu", "--json"]
+            "--rep-ms", "1", "--device", "cpu", "--json"]
     assert main(argv) == 0
     doc = json.loads(capsys.readouterr().out)
     rows = doc["attention rows"]
@@ -175,8 +250,8 @@ def test_cli_loads_a_committed_result_and_rejects_bad_input(capsys):
     path = next(iter(ab.committed_results().values()))
     assert main(["attention", "--load", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "FA3 speed-up over the best SDPA backend" in out and "sdpa-cudnn" in out
-    assert main(["attention", "--head-dims", "12"]) == 2
+    assert "FA4 speed-up over the best SDPA backend" in out and "sdpa-cudnn" in out
+    assert main(["attention", "--head-dims", "12", "--device", "cpu"]) == 2
     assert "head_dim must be a multiple of 8" in capsys.readouterr().err
     assert main(["attention", "--load", "no/such/file.json"]) == 2
 
@@ -186,3 +261,88 @@ def test_quick_preset_is_cpu_sized():
     # Largest problem: tokens * seqlen * hidden * 4 FLOPs = 1024 * 512 * 256 * 4 ~ 0.5 GFLOP.
     assert max(ab.attention_flops(s.batch, s.heads, s.seqlen, s.seqlen, s.head_dim) for s in shapes) <= 1e9
     assert math.prod(len(x) for x in (ab.PRESETS["quick"].seqlens, ab.PRESETS["quick"].causal)) == len(shapes)
+
+
+class _Closed(BaseException):
+    """Stands for Streamlit's StopException (a BaseException) when a page's session ends."""
+
+
+def test_a_progress_callback_that_raises_stops_the_sweep_at_once(monkeypatch):
+    timed = []
+    real = ab._time_row
+    monkeypatch.setattr(ab, "_time_row", lambda shape, b, *a: timed.append(b) or real(shape, b, *a))
+
+    def progress(done, total, label):
+        if done >= 2:
+            raise _Closed()
+
+    with pytest.raises(_Closed):
+        ab.run_sweep(ab.replace(TINY, backends=("sdpa-flash", "sdpa-math")), progress=progress)
+    assert timed == ["sdpa-flash", "sdpa-math"]  # the rows before the stop, none after
+
+
+def test_crosscheck_times_each_rows_own_callable():
+    seen = []
+
+    def crosscheck(fn):
+        seen.append(fn)
+        fn()
+        return 2.0
+
+    t = ab.run_sweep(ab.replace(TINY, seqlens=(32,), backends=("sdpa-math",)), crosscheck=crosscheck).table
+    assert len(seen) == 2 and (t["do_bench_ms"] == 2.0).all()
+    pd.testing.assert_series_equal(t["vs_do_bench_pct"], 100 * (t["ms"] / 2.0 - 1), check_names=False)
+
+
+def test_masked_cpu_sweep_checks_output_and_dq_and_counts_kept_pairs():
+    s = ab.replace(TINY, seqlens=(64,), masks=("causal", "window-8", "documents", "softcap"), mode="fwd+bwd",
+                   backends=("fa4", "sdpa", "sdpa-math"))
+    t = ab.run_sweep(s).table.set_index(["mask", "backend"])
+    assert t.loc[("softcap", "sdpa"), "note"] == "SDPA has no softcap"
+    assert t.loc[("window-8", "fa4"), "status"] == "unavailable"
+    ok = t[t["status"] == "ok"]
+    assert len(ok) == 6 and (ok["rel_err"] < 1e-5).all() and (ok["dq_err"] < 1e-5).all()
+    r = ok.loc[("window-8", "sdpa")]
+    flops = 4 * 2 * 16 * am.kept_pairs("window-8", 64, 2) * 3.5  # heads 2, head dim 16, fwd+bwd 3.5x
+    assert r["tflops"] == pytest.approx(flops / (r["ms"] / 1e3) / 1e12)
+
+
+def test_a_window_reaching_past_the_sequence_is_a_row_that_says_why():
+    t = ab.run_sweep(ab.replace(TINY, seqlens=(32,), masks=("window-4k",), backends=("sdpa",))).table
+    assert list(t["status"]) == ["unavailable"]
+    assert t["note"][0] == "window 4096 covers the whole sequence (32 tokens): the same as the causal row"
+
+
+def test_estimate_by_hand_and_reduced_settings_fit():
+    s = ab.replace(TINY, seqlens=(64,), causal=(False,), backends=("sdpa-math", "sdpa-cudnn"), rep_ms=10.0,
+                   warmup_ms=5.0, min_reps=3)
+    # One shape (batch 2, 2 heads, D 16): 4*2*2*64*64*16 = 1,048,576 FLOPs at 1e-6 TFLOP/s = 1.048576 s per
+    # call, x4 for math; cudnn does not run on a CPU. Row: max(5 ms, t) + max(10 ms, 3t) + 8t = 12t.
+    t = 4 * 1.048576
+    assert ash.estimate_seconds(s, torch.device("cpu"), tflops=1e-6) == pytest.approx(12 * t)
+    paper = ab.PRESETS["fa3-paper"]
+    small = ash.reduced(paper, torch.device("cpu"), 60.0, tflops=1e-3)
+    assert ash.estimate_seconds(small, torch.device("cpu"), 1e-3) <= 60.0 < ash.estimate_seconds(paper, torch.device("cpu"), 1e-3)
+    assert small.backends == paper.backends and small.dtypes == paper.dtypes
+    assert [ash.format_seconds(x) for x in (0.2, 45, 600, 7200, 10 * 86400)] == ["1 s", "45 s", "10 min", "2.0 h", "10 days"]
+
+
+def test_cli_refuses_a_gpu_sized_preset_on_a_cpu_with_its_estimate(capsys, monkeypatch):
+    monkeypatch.setattr(ab, "run_sweep", lambda *a, **k: pytest.fail("ran a refused sweep"))
+    assert main(["attention", "--preset", "fa3-paper", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"would take about [\d.]+ (h|days|min) on this CPU", err) and "--reduce" in err
+
+
+def test_cli_shows_progress_and_the_training_view(capsys):
+    argv = ["attention", "--model", "2,64,4,2,16,3", "--device", "cpu", "--backends", "sdpa,sdpa-math",
+            "--rep-ms", "1", "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "estimated" in captured.err and re.search(r"\[1/2\] .* left: sdpa-math", captured.err)
+    doc = json.loads(captured.out)
+    rows = {r["backend"]: r for r in doc["attention rows"]}
+    assert rows["sdpa"]["batch"] == 2 and rows["sdpa"]["heads"] == 4 and rows["sdpa"]["kv_heads"] == 2
+    view = {r["backend"]: r for r in doc["training step (attention, forward+backward)"]}
+    assert view["sdpa-math"]["ms_per_step"] == pytest.approx(3 * rows["sdpa-math"]["ms"])
+    assert view["sdpa"]["speedup_vs_default"] == 1.0

@@ -1,4 +1,5 @@
-"""engine.flash_attention3: provider detection, the SDPA fallback, layouts, GQA and the FA3 branch.
+"""engine.flash_attention3: provider detection, the SDPA fallback, layouts, GQA, the FA3 and FA4
+branches, and which kernel a call takes (forward-only, with gradients, `prefer=`).
 
 Every output is compared with `naive_attention`, a float64 softmax(q k^T * scale) v written here.
 """
@@ -57,8 +58,11 @@ def test_cpu_path_says_why():
     q, k, v = _qkv(1, 4, 2, 2, 8, "bshd")
     path = fa.choose_path(q, k, v)
     assert path.backend == "sdpa"
-    assert path.reason == ("FA3 not installed" if not fa._HAS_FLASH3 else
-                           "tensors on cpu; FA3 needs a CUDA Hopper GPU")
+    fa3 = "FA3 not installed" if not fa._HAS_FLASH3 else "tensors on cpu; FA3 needs a CUDA Hopper GPU"
+    fa4 = "FA4 not installed" if not fa._HAS_FLASH4 else "tensors on cpu; FA4 needs an sm_90 or sm_100 GPU"
+    assert path.reason == f"{fa3}; {fa4}"  # forward only: FA3 is tried first
+    q.requires_grad_(True)
+    assert fa.choose_path(q, k, v).reason == f"{fa4}; {fa3}"  # with gradients: FA4 first
 
 
 @pytest.mark.parametrize("shapes, layout, match", [
@@ -141,7 +145,8 @@ def _fake_fa3(returns_tuple: bool):
 def test_fa3_branch_passes_bshd_and_restores_the_callers_layout(monkeypatch, returns_tuple):
     mod, calls = _fake_fa3(returns_tuple)
     monkeypatch.setattr(fa, "_FA3_MODULE", mod)
-    monkeypatch.setattr(fa, "choose_path", lambda q, k, v, layout, causal=False: fa.AttentionPath("fa3", "forced"))
+    monkeypatch.setattr(fa, "choose_path",
+                        lambda q, k, v, layout, causal=False, prefer="auto": fa.AttentionPath("fa3", "forced"))
     q, k, v = _qkv(2, 6, 4, 2, 8, "bhsd")
     out, path = fa.attention_with_path(q, k, v, causal=True, layout="bhsd")
     assert path.backend == "fa3" and calls == [(2, 6, 4, 8)]  # the provider saw (B, S, H, D)
@@ -170,3 +175,102 @@ def test_causal_with_unequal_query_and_key_lengths_is_refused(layout, sq, sk):
     out = fa.attention(q, k, v, causal=False, layout=layout)  # non-causal cross-attention is fine
     bhsd = (lambda x: x) if layout == "bhsd" else (lambda x: x.transpose(1, 2))
     torch.testing.assert_close(bhsd(out).double(), naive_attention(bhsd(q), bhsd(k), bhsd(v)), rtol=1e-4, atol=1e-5)
+
+
+def _fake_fa4():
+    """An FA4 interface whose flash_attn_func checks the (B, S, H, D) contract, returns (out, lse)
+    like FA4, and is differentiable (float64 reference ops)."""
+    calls = []
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(None, None), softcap=0.0):
+        calls.append((tuple(q.shape), causal, window_size, softcap))
+        out = naive_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, softmax_scale)
+        return out.transpose(1, 2).to(q.dtype), None
+
+    mod = _Found("flash_attn.cute.interface")
+    mod.flash_attn_func = flash_attn_func
+    return mod, calls
+
+
+def _kernels(monkeypatch, fa3: str | None, fa4: str | None) -> None:
+    """Pretend each kernel can (None) or cannot (the reason) take the call."""
+    monkeypatch.setattr(fa, "_WHY_NOT", {"fa3": lambda q, k, v: fa3, "fa4": lambda q, k, v: fa4})
+
+
+@pytest.mark.parametrize("grad, prefer, fa3, fa4, backend, reason", [
+    (False, "auto", None, None, "fa3", "on cpu"),  # forward only: FA3 first
+    (True, "auto", None, None, "fa4", "on cpu"),  # gradients: FA4 first
+    (False, "fa4", None, None, "fa4", "on cpu"),
+    (True, "fa3", "inputs require grad and fa3-fwd is forward only", None, "fa4",
+     "asked for FA3: inputs require grad and fa3-fwd is forward only; "),
+    (True, "auto", None, "FA4 not installed", "fa3", "FA4 not installed; "),
+    (False, "fa4", "FA3 not installed", "tensors on cpu", "sdpa", "asked for FA4: tensors on cpu; FA3 not installed"),
+    (False, "sdpa", None, None, "sdpa", "asked for SDPA"),
+])
+def test_which_kernel_a_call_takes(monkeypatch, grad, prefer, fa3, fa4, backend, reason):
+    _kernels(monkeypatch, fa3, fa4)
+    q, k, v = (x.requires_grad_(grad) for x in _qkv(1, 4, 2, 2, 8, "bshd"))
+    path = fa.choose_path(q, k, v, prefer=prefer)
+    assert path.backend == backend and reason in path.reason
+
+
+def test_no_grad_mode_counts_as_forward_only(monkeypatch):
+    _kernels(monkeypatch, None, None)
+    q, k, v = (x.requires_grad_(True) for x in _qkv(1, 4, 2, 2, 8, "bshd"))
+    with torch.no_grad():
+        assert fa.choose_path(q, k, v).backend == "fa3"
+
+
+def test_bad_prefer_is_refused_naming_the_choices():
+    q, k, v = _qkv(1, 4, 2, 2, 8, "bshd")
+    with pytest.raises(ValueError, match="prefer must be one of auto, fa4, fa3, sdpa"):
+        fa.attention(q, k, v, prefer="fa5")
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_fa4_branch_passes_bshd_restores_the_layout_and_carries_gradients(monkeypatch, layout):
+    mod, calls = _fake_fa4()
+    monkeypatch.setattr(fa, "_FA4_MODULE", mod)
+    _kernels(monkeypatch, "FA3 not installed", None)
+    q, k, v = (x.double().requires_grad_(True) for x in _qkv(2, 6, 4, 2, 8, layout))
+    out, path = fa.attention_with_path(q, k, v, causal=True, layout=layout)
+    assert path.backend == "fa4" and calls == [((2, 6, 4, 8), True, (None, None), 0.0)]
+    bhsd = (lambda x: x) if layout == "bhsd" else (lambda x: x.transpose(1, 2))
+    qr, kr, vr = (bhsd(x).detach().requires_grad_(True) for x in (q, k, v))
+    ref = naive_attention(qr, kr, vr, causal=True)
+    torch.testing.assert_close(bhsd(out), ref)
+    dout = torch.randn_like(ref)
+    got = torch.autograd.grad(bhsd(out), (q, k, v), dout)
+    want = torch.autograd.grad(ref, (qr, kr, vr), dout)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(bhsd(g), w)
+
+
+def test_fa4_call_passes_window_and_softcap_and_returns_out_only(monkeypatch):
+    mod, calls = _fake_fa4()
+    monkeypatch.setattr(fa, "_FA4_MODULE", mod)
+    q, k, v = _qkv(1, 5, 2, 2, 8, "bshd")
+    out = fa.fa4_call(q, k, v, causal=True, window=3, softcap=50.0)
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape
+    assert calls[-1][1:] == (True, (3, 0), 50.0)
+
+
+@pytest.mark.parametrize("d, cap, ok", [(8, (9, 0), True), (256, (9, 0), True), (264, (9, 0), False),
+                                        (12, (9, 0), False), (128, (10, 0), True), (192, (10, 0), False),
+                                        (256, (10, 0), True)])
+def test_fa4_head_dims_per_architecture(d, cap, ok):
+    assert fa.fa4_head_dim_ok(d, cap) is ok
+
+
+def test_fa4_on_a_cpu_or_missing_says_why_instead_of_failing(monkeypatch):
+    q, k, v = _qkv(1, 4, 2, 2, 8, "bshd")
+    monkeypatch.setattr(fa, "_HAS_FLASH4", False)
+    assert fa.fa4_readiness(torch.device("cpu")) == (False, "not installed (pip install flash-attn-4)")
+    monkeypatch.setattr(fa, "_HAS_FLASH4", True)
+    usable, why = fa.fa4_readiness(torch.device("cpu"))
+    assert not usable and "this is a CPU run; FA4 needs an sm_90 or sm_100 GPU" in why
+    assert fa._fa4_why_not(q, k, v) == "tensors on cpu; FA4 needs an sm_90 or sm_100 GPU"
+    out, path = fa.attention_with_path(q, k, v, prefer="fa4")  # asked for, cannot run: SDPA, and why
+    assert path.backend == "sdpa" and path.reason.startswith("asked for FA4: tensors on cpu")
+    torch.testing.assert_close(out.transpose(1, 2).double(), naive_attention(*(x.transpose(1, 2) for x in (q, k, v))),
+                               rtol=1e-4, atol=1e-5)
