@@ -71,8 +71,9 @@ def _settings_from_widgets() -> SweepSettings:
     names = [*PRESETS, "custom"]
     preset = st.selectbox("Preset", names, index=names.index("fa3-paper" if _on_gpu() else "quick"), key="preset",
                           bind=QP, help="fa3-paper: 16k tokens, hidden 2048, head dim 64/128/256, causal on and off, "
-                                        "seqlen 512 to 16k (FA3 paper, figs. 5-6); fa3-paper-train: the same forward "
-                                        "and backward; masks: windows, packed documents, softcap; quick: seconds on a CPU.")
+                                        "seqlen 512 to 16k (FA3 paper, figs. 5-6); fa3-paper-train: the same "
+                                        "forward and backward; masks: windows, packed documents, softcap; quick: "
+                                        "seconds on a CPU.")
     default_backends = list(PRESETS[preset].backends if preset in PRESETS else DEFAULT.backends)
     backends = st.multiselect("Backends", BACKENDS, default=default_backends, key=f"backends-{preset}",
                               help="sdpa: SDPA's own choice; sdpa-* force one SDPA backend; sdpa-fa4: SDPA's flash "
@@ -127,9 +128,9 @@ def _show(result: SweepResult, name: str, here: bool) -> None:
     mode = result.settings.get("mode", "fwd")
     ceiling = ", ".join(f"{v:.3g} ({k})" for k, v in result.matmul_tflops.items())
     where = "Measured on this machine" if here else _sentence(measured_on(env, result.created))
+    direction = "forward + backward" if mode == "fwd+bwd" else "forward"
     st.caption(f"{where} · torch {env['torch']} · CUDA {env['cuda']} · FA4 {env.get('fa4', 'not recorded')} · "
-               f"FA3 {env['fa3']} · matmul ceiling {ceiling} TFLOP/s · {'forward + backward' if mode == 'fwd+bwd' else 'forward'}"
-               f" · sweep {result.elapsed_s:.0f} s")
+               f"FA3 {env['fa3']} · matmul ceiling {ceiling} TFLOP/s · {direction} · sweep {result.elapsed_s:.0f} s")
     ok = table[table["status"] == "ok"]
     if ok.empty:
         st.warning("No backend ran on these shapes; the table says why for each.")
@@ -193,7 +194,8 @@ def _training(result: SweepResult, here: bool) -> None:
                                 "ms_per_step": st.column_config.NumberColumn(format="%.1f"),
                                 "ms_per_layer": st.column_config.NumberColumn(format="%.3f"),
                                 "peak_mib_per_layer": st.column_config.NumberColumn(format="%.0f")})
-    st.caption(f"{model.layers} layers x one layer's forward+backward ({'this machine' if here else measured_on(result.env, result.created)}). "
+    where = "this machine" if here else measured_on(result.env, result.created)
+    st.caption(f"{model.layers} layers x one layer's forward+backward ({where}). "
                "Rows at another batch or head count are scaled by B·H (FLOPs and memory grow linearly in it); "
                "KV heads change only K/V traffic, not FLOPs. Default = `sdpa`, SDPA's own backend choice.")
 
@@ -210,7 +212,8 @@ def _run_here() -> None:
     else:
         settings = _settings_from_widgets()
     device = torch.device("cuda" if _on_gpu() else "cpu")
-    estimate = guarded("attention_estimate", lambda: estimate_seconds(settings, device, _rate(device.type, settings.dtypes[0])))
+    rate = _rate(device.type, settings.dtypes[0])
+    estimate = guarded("attention_estimate", lambda: estimate_seconds(settings, device, rate))
     if estimate is None:
         return
     too_long = device.type == "cpu" and estimate > CPU_LIMIT_S
@@ -218,8 +221,8 @@ def _run_here() -> None:
     run = c1.button("Run sweep", type="primary", icon=":material/play_arrow:", disabled=too_long)
     c3.button("Stop", icon=":material/stop:", help="Stops a running sweep at its next row.")
     if too_long:
-        small = reduced(settings, device, CPU_LIMIT_S, _rate(device.type, settings.dtypes[0]))
-        small_s = estimate_seconds(small, device, _rate(device.type, settings.dtypes[0]))
+        small = reduced(settings, device, CPU_LIMIT_S, rate)
+        small_s = estimate_seconds(small, device, rate)
         st.warning(f"This sweep would take about {format_seconds(estimate)} on this CPU (estimated from its shapes "
                    f"and a matmul timed here). Run it on a GPU, pick the quick preset, or run it at reduced size: "
                    f"tokens {small.tokens}, seqlens {', '.join(map(str, small.seqlens))}, hidden {small.hidden} "

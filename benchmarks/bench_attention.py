@@ -169,7 +169,8 @@ def fa4_extras(dev: torch.device) -> dict:
                        for _ in range(3))
             if grad:
                 dout = torch.randn_like(q)
-                wrapped = lambda: torch.autograd.grad(fa.attention(q, k, v, True, prefer="fa4"), (q, k, v), dout)  # noqa: E731
+                wrapped = lambda: torch.autograd.grad(  # noqa: E731
+                    fa.attention(q, k, v, True, prefer="fa4"), (q, k, v), dout)
                 direct = lambda: torch.autograd.grad(fa.fa4_call(q, k, v, True), (q, k, v), dout)  # noqa: E731
             else:
                 wrapped = lambda: fa.attention(q, k, v, True, prefer="fa4")  # noqa: E731

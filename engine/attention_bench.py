@@ -24,9 +24,9 @@ from engine import flash_attention3 as fa
 from engine.attention_backends import (backend_unavailable, make_inputs, output_slice, reference,
                                        runner)
 from engine.attention_masks import mask_unfit
-from engine.attention_shapes import (BACKENDS, DTYPES, MODES, PRESETS, Shape, SweepSettings,  # noqa: F401
-                                     attention_flops, describe, input_bytes, mask_bytes, math_bytes,
-                                     settings_for, shape_flops, shapes_of, uses_bhsd)
+from engine.attention_shapes import (DTYPES, PRESETS, Shape, SweepSettings, attention_flops,  # noqa: F401
+                                     describe, input_bytes, mask_bytes, math_bytes, settings_for, shape_flops,
+                                     shapes_of)
 from engine.env_info import environment
 from engine.timing import steady_time
 from engine.validation import MAX_BYTES, check_bytes
@@ -169,7 +169,10 @@ def _time_row(shape: Shape, backend: str, t: dict[str, torch.Tensor], s: SweepSe
             timed = fn
         del out
         peak = _peak_extra_mib(timed, device)
-        timing = steady_time(timed, device, s.warmup_ms, s.rep_ms, s.min_reps)
+        # On a GPU never less than do_bench's 25 ms warm-up and 100 ms window: shorter reads the boost clocks.
+        gpu = device.type == "cuda"
+        warm, window = (max(s.warmup_ms, 25.0), max(s.rep_ms, 100.0)) if gpu else (s.warmup_ms, s.rep_ms)
+        timing = steady_time(timed, device, warm, window, s.min_reps)
         checked = crosscheck(timed) if crosscheck is not None else math.nan
     tflops = shape_flops(shape, s.mode, s.seed) / (timing.median_ms * 1e-3) / 1e12
     return _row(shape, backend, "ok", note, ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms,

@@ -172,21 +172,22 @@ _COMPILE_S = {"fa4": 3.0, "flex": 15.0}  # first call of a new configuration; ba
 
 
 def device_tflops(device: torch.device, dtype: str) -> float:
-    """Attention TFLOP/s to expect on `device`: nominal on GPU; on CPU half a 512^3 matmul's rate,
-    measured now (a loaded machine gives a slower, truer estimate)."""
+    """Attention TFLOP/s to expect on `device`: nominal on GPU; on CPU a 512^3 fp32 matmul's rate,
+    measured now (a loaded machine gives a slower, truer estimate; SDPA's CPU flash kernel ran at
+    0.7-1.3x of it on the 2-core reference machine, math at 0.4x)."""
     if device.type == "cuda":
         major = torch.cuda.get_device_capability(device)[0]
         rate = _GPU_TFLOPS.get(major, 100.0)
         return rate / 8 if dtype == "fp32" else rate
     n, calls = 512, 0
-    a = torch.randn(n, n, dtype=DTYPES[dtype])
+    a = torch.randn(n, n)  # fp32 even for bf16: CPU attention kernels accumulate in fp32 (a bf16 matmul is far slower)
     for _ in range(2):  # thread pool start-up
         a @ a
     t0 = time.perf_counter()
     while calls < 2 or time.perf_counter() - t0 < 0.05:
         a @ a
         calls += 1
-    return 0.5 * calls * 2 * n**3 / (time.perf_counter() - t0) / 1e12
+    return calls * 2 * n**3 / (time.perf_counter() - t0) / 1e12
 
 
 def estimate_seconds(s: SweepSettings, device: torch.device, tflops: float | None = None,
@@ -195,15 +196,17 @@ def estimate_seconds(s: SweepSettings, device: torch.device, tflops: float | Non
     `tflops`, plus kernel compilation; rows that cannot run cost nothing. An estimate, not a bound."""
     shapes = shapes_of(s)
     rate = (tflops or device_tflops(device, s.dtypes[0])) * 1e12
-    total, compiled = 0.0, set()
+    total, compiled, cuda = 0.0, set(), device.type == "cuda"
     for shape in shapes:
         call = shape_flops(shape, s.mode, s.seed) / rate
         for b in s.backends:
             if device.type == "cpu" and b in ("fa4", "fa3", "fa2", "flex", "sdpa-efficient", "sdpa-cudnn", "sdpa-fa4"):
                 continue
-            slow = 4.0 if b == "sdpa-math" else 1.0
+            # SDPA-math materialises the scores (4x); at half precision on a CPU its matmuls are slower still.
+            slow = (10.0 if device.type == "cpu" and shape.dtype != "fp32" else 2.5) if b == "sdpa-math" else 1.0
             t = call * slow
-            window = max(s.warmup_ms / 1e3, t) + max(s.rep_ms / 1e3, t * s.min_reps) + 8 * t
+            # Besides warm-up and window: first call, reference, estimate calls (5 on CUDA) and memory probe.
+            window = max(s.warmup_ms / 1e3, t) + max(s.rep_ms / 1e3, t * s.min_reps) + (8 if cuda else 3) * t
             total += window * (2 if crosscheck else 1)
             key = (b, shape.head_dim, shape.mask, shape.causal, shape.seqlen if b == "flex" else 0)
             if b in _COMPILE_S and key not in compiled:

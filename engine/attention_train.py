@@ -65,7 +65,8 @@ def training_view(table: pd.DataFrame, model: ModelShape) -> pd.DataFrame:
         scale = work / (r["batch"] * r["heads"])
         same = r["batch"] == model.batch and r["heads"] == model.heads
         source = "measured at this B and H" if same else f"x{scale:.3g} from B={r['batch']}, H={r['heads']}"
-        rows.append({"backend": backend, "ms_per_layer": r["ms"] * scale, "peak_mib_per_layer": r["peak_extra_mib"] * scale,
+        rows.append({"backend": backend, "ms_per_layer": r["ms"] * scale,
+                     "peak_mib_per_layer": r["peak_extra_mib"] * scale,
                      "source": source})
     view = pd.DataFrame(rows)
     view["ms_per_step"] = view["ms_per_layer"] * model.layers

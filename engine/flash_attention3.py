@@ -16,6 +16,7 @@ import functools
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -127,18 +128,24 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def fa3_readiness(device: torch.device | None = None) -> tuple[bool, str]:
-    """Whether FA3 can run on `device` (default: cuda if present, else cpu) and a one-line why."""
+def _readiness(device: torch.device | None, installed: bool, lib: ProviderStatus, install: str,
+               fits: Callable[[tuple[int, int]], bool], arch: str, needs: str) -> tuple[bool, str]:
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not _HAS_FLASH3:
-        return False, "not installed (pip install fa3-fwd, or build flash-attention's hopper/)"
+    if not installed:
+        return False, f"not installed ({install})"
     if device.type != "cuda":
-        return False, f"{PROVIDER.description} installed, but this is a CPU run; FA3 needs a Hopper GPU"
+        return False, f"{lib.description} installed, but this is a CPU run; {needs}"
     cap = device_capability(device)
-    if cap != (9, 0):
-        return False, f"{PROVIDER.description} installed, but the GPU is sm_{cap[0]}{cap[1]}, not Hopper sm_90"
-    return True, f"{PROVIDER.description} {PROVIDER.version or ''}".strip()
+    if not fits(cap):
+        return False, f"{lib.description} installed, but the GPU is sm_{cap[0]}{cap[1]}, not {arch}"
+    return True, f"{lib.description} {lib.version or ''}".strip()
+
+
+def fa3_readiness(device: torch.device | None = None) -> tuple[bool, str]:
+    """Whether FA3 can run on `device` (default: cuda if present, else cpu) and a one-line why."""
+    return _readiness(device, _HAS_FLASH3, PROVIDER, "pip install fa3-fwd, or build flash-attention's hopper/",
+                      lambda cap: cap == (9, 0), "Hopper sm_90", "FA3 needs a Hopper GPU")
 
 
 def fa4_head_dim_ok(head_dim: int, cap: tuple[int, int]) -> bool:
@@ -152,16 +159,8 @@ def fa4_head_dim_ok(head_dim: int, cap: tuple[int, int]) -> bool:
 
 def fa4_readiness(device: torch.device | None = None) -> tuple[bool, str]:
     """Whether FA4 can run on `device` (default: cuda if present, else cpu) and a one-line why."""
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not _HAS_FLASH4:
-        return False, "not installed (pip install flash-attn-4)"
-    if device.type != "cuda":
-        return False, f"{FA4.description} installed, but this is a CPU run; FA4 needs an sm_90 or sm_100 GPU"
-    cap = device_capability(device)
-    if cap[0] not in (9, 10):
-        return False, f"{FA4.description} installed, but the GPU is sm_{cap[0]}{cap[1]}, not sm_90 or sm_100"
-    return True, f"{FA4.description} {FA4.version or ''}".strip()
+    return _readiness(device, _HAS_FLASH4, FA4, "pip install flash-attn-4", lambda cap: cap[0] in (9, 10),
+                      "sm_90 or sm_100", "FA4 needs an sm_90 or sm_100 GPU")
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str,
@@ -198,15 +197,24 @@ def _needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
+def _device_why_not(q: torch.Tensor, name: str, installed: bool, fits: Callable[[tuple[int, int]], bool],
+                    gpu: str, arch: str) -> str | None:
+    """Why kernel `name` cannot run where q lives (not installed, not CUDA, another arch), or None."""
+    if not installed:
+        return f"{name} not installed"
+    if q.device.type != "cuda":
+        return f"tensors on {q.device.type}; {name} needs {gpu}"
+    cap = device_capability(q.device)
+    if not fits(cap):
+        return f"GPU is sm_{cap[0]}{cap[1]}; {name} needs {arch}"
+    return None
+
+
 def _fa3_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why FA3 cannot take this call, or None when it can."""
-    if not _HAS_FLASH3:
-        return "FA3 not installed"
-    if q.device.type != "cuda":
-        return f"tensors on {q.device.type}; FA3 needs a CUDA Hopper GPU"
-    cap = device_capability(q.device)
-    if cap != (9, 0):
-        return f"GPU is sm_{cap[0]}{cap[1]}; FA3 needs Hopper sm_90"
+    why = _device_why_not(q, "FA3", _HAS_FLASH3, lambda cap: cap == (9, 0), "a CUDA Hopper GPU", "Hopper sm_90")
+    if why is not None:
+        return why
     if q.dtype not in fa3_dtypes():
         names = ", ".join(str(d).removeprefix("torch.") for d in fa3_dtypes())
         return f"{PROVIDER.module} takes {names}, not {q.dtype}"
@@ -220,13 +228,11 @@ def _fa3_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | Non
 
 def _fa4_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why FA4 cannot take this call, or None when it can."""
-    if not _HAS_FLASH4:
-        return "FA4 not installed"
-    if q.device.type != "cuda":
-        return f"tensors on {q.device.type}; FA4 needs an sm_90 or sm_100 GPU"
+    why = _device_why_not(q, "FA4", _HAS_FLASH4, lambda cap: cap[0] in (9, 10), "an sm_90 or sm_100 GPU",
+                          "sm_90 or sm_100")
+    if why is not None:
+        return why
     cap = device_capability(q.device)
-    if cap[0] not in (9, 10):
-        return f"GPU is sm_{cap[0]}{cap[1]}; FA4 needs sm_90 or sm_100"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"FA4 takes float16, bfloat16, not {q.dtype}"
     d, dv = q.shape[3], v.shape[3]

@@ -31,8 +31,8 @@ def test_cpu_machine_opens_on_the_committed_h200_results():
     assert not any("lent" in t.lower().split() for t in _texts(at))
     assert any("not used: " in i.value and "**FA4:**" in i.value for i in at.info)  # why FA4/FA3 are not used here
     # The training-step view at its defaults equals the engine's view of the committed rows.
-    expected = training_view(ab.load_result(ab.committed_results()["attention_sweep_h200_2026-12-03_paper-train"]).table,
-                             ModelShape())
+    train = ab.load_result(ab.committed_results()["attention_sweep_h200_2026-12-03_paper-train"])
+    expected = training_view(train.table, ModelShape())
     assert at.metric[0].label == f"Fastest: {expected['backend'][0]}"
     assert at.metric[0].value == f"{expected['ms_per_step'][0]:.1f} ms per step"
 

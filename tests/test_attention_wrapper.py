@@ -274,3 +274,12 @@ def test_fa4_on_a_cpu_or_missing_says_why_instead_of_failing(monkeypatch):
     assert path.backend == "sdpa" and path.reason.startswith("asked for FA4: tensors on cpu")
     torch.testing.assert_close(out.transpose(1, 2).double(), naive_attention(*(x.transpose(1, 2) for x in (q, k, v))),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_a_gpu_of_another_architecture_is_named(monkeypatch):
+    monkeypatch.setattr(fa, "_HAS_FLASH4", True)
+    monkeypatch.setattr(fa, "_HAS_FLASH3", True)
+    monkeypatch.setattr(fa, "device_capability", lambda device: (8, 0))
+    gpu = torch.device("cuda", 0)
+    assert fa.fa4_readiness(gpu)[1].endswith("the GPU is sm_80, not sm_90 or sm_100")
+    assert fa.fa3_readiness(gpu)[1].endswith("the GPU is sm_80, not Hopper sm_90")
