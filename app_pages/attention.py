@@ -66,16 +66,23 @@ def _file_label(stem: str) -> str:
     return f"{parts[0].upper()}, {parts[1]}: {what}"
 
 
+def _preset_backends() -> None:
+    """A newly picked preset brings its own backends (custom keeps the current choice)."""
+    preset = st.session_state.get("preset")
+    if preset in PRESETS:
+        st.session_state["backends"] = list(PRESETS[preset].backends)
+
+
 def _settings_from_widgets() -> SweepSettings:
     """The sweep the widgets describe: a preset, or custom shapes; backends apply to both."""
     names = [*PRESETS, "custom"]
     preset = st.selectbox("Preset", names, index=names.index("fa3-paper" if _on_gpu() else "quick"), key="preset",
-                          bind=QP, help="fa3-paper: 16k tokens, hidden 2048, head dim 64/128/256, causal on and off, "
-                                        "seqlen 512 to 16k (FA3 paper, figs. 5-6); fa3-paper-train: the same "
-                                        "forward and backward; masks: windows, packed documents, softcap; quick: "
-                                        "seconds on a CPU.")
-    default_backends = list(PRESETS[preset].backends if preset in PRESETS else DEFAULT.backends)
-    backends = st.multiselect("Backends", BACKENDS, default=default_backends, key=f"backends-{preset}",
+                          bind=QP, on_change=_preset_backends,
+                          help="fa3-paper: 16k tokens, hidden 2048, head dim 64/128/256, causal on and off, "
+                               "seqlen 512 to 16k (FA3 paper, figs. 5-6); fa3-paper-train: the same forward and "
+                               "backward; masks: windows, packed documents, softcap; quick: seconds on a CPU.")
+    backends = st.multiselect("Backends", BACKENDS, default=list(PRESETS.get(preset, DEFAULT).backends),
+                              key="backends", bind=QP,
                               help="sdpa: SDPA's own choice; sdpa-* force one SDPA backend; sdpa-fa4: SDPA's flash "
                                    "backend with FA4 inside; flex: FlexAttention (GPU); wrapper: "
                                    "engine.flash_attention3.attention() itself.")

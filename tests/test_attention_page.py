@@ -48,7 +48,7 @@ def test_run_here_is_one_click_away_and_waits_for_the_button():
 def test_custom_run_shows_rows_for_every_backend():
     at = _page({"src": "Run here", "preset": "custom", "S": ["32", "64"], "D": "16", "hidden": "32",
                 "tokens": "128", "causal": "off", "dtype": "fp32"})
-    at.multiselect(key="backends-custom").set_value(["sdpa-math", "sdpa-cudnn"]).run()
+    at.multiselect(key="backends").set_value(["sdpa-math", "sdpa-cudnn"]).run()
     assert at.multiselect(key="S").value == [32, 64]  # the URL set the widgets
     at.button[0].click().run()
     assert not at.exception and not at.error
@@ -91,3 +91,10 @@ def test_committed_results_render_from_a_cold_link():
     want = ab.attention_flops(1, 16, 16384, 16384, 128, causal=True) / (fa4["ms"].iloc[0] / 1e3) / 1e12
     assert abs(fa4["tflops"].iloc[0] - want) < 1e-6 * want
     assert any(c.value.startswith("Timer cross-check: ") for c in at.caption)
+
+
+def test_a_new_preset_brings_its_backends_and_a_link_keeps_chosen_ones():
+    at = _page({"src": "Run here", "backends": ["fa3", "sdpa-math"]})
+    assert at.multiselect(key="backends").value == ["fa3", "sdpa-math"]  # from the URL
+    at.selectbox(key="preset").set_value("masks").run()
+    assert at.multiselect(key="backends").value == list(ab.PRESETS["masks"].backends)

@@ -117,7 +117,7 @@ def test_expert_parallel_absurd_cold_link(page, server):
 def test_attention_fa3_on_cpu(page, server):
     """FA3 alone on a CPU: the banner says why it is not used, the sweep explains each row, and
     adding an SDPA backend then gives a figure."""
-    bs.open_page(page, server, "attention", {"preset": "quick", "backends": ["fa3"]})
+    bs.open_page(page, server, "attention", {"src": "Run here", "preset": "quick", "backends": ["fa3"]})
     banner = page.get_by_test_id("stAlertContainer").first.inner_text()
     if "CUDA none" not in banner:
         pytest.skip("a GPU is present: FA3 on a CPU is not what this machine does")
