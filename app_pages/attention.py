@@ -120,6 +120,12 @@ def _run(settings: SweepSettings, estimate: float) -> SweepResult:
 
 def _chart(ok) -> None:
     facet_row = "mask" if (ok["mask"] != "none").any() else "causal"
+    if ok["seqlen"].nunique() == 1:  # one sequence length (the mask set): bars per mask, not a line
+        fig = px.bar(ok, x=facet_row, y="tflops", color="backend", barmode="group", facet_col="head_dim",
+                     labels={"tflops": "TFLOP/s"}, hover_data=["seqlen", "batch", "heads", "ms", "rel_err"],
+                     title=f"TFLOP/s per {facet_row} and backend, seqlen {ok['seqlen'].iloc[0]}")
+        st.plotly_chart(fig, width="stretch")
+        return
     fig = px.line(ok, x="seqlen", y="tflops", color="backend", markers=True, log_x=True,
                   facet_col="head_dim", facet_row=facet_row, labels={"tflops": "TFLOP/s", "seqlen": "seqlen"},
                   hover_data=["batch", "heads", "kv_heads", "ms", "rel_err", "sm_mhz", "power_w", "dtype"],
@@ -166,7 +172,7 @@ def _show(result: SweepResult, name: str, here: bool) -> None:
                                 "ms": st.column_config.NumberColumn(format="%.4f")})
     download_buttons(name, table, {"env": env, "created": result.created, "settings": result.settings,
                                    "matmul_tflops": result.matmul_tflops})
-    if mode == "fwd+bwd":
+    if mode == "fwd+bwd" and (table["mask"] == "none").any():  # the view reads unmasked rows
         _training(result, here)
 
 
