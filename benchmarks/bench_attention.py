@@ -35,7 +35,8 @@ SWEEPS = {"paper-fwd": "fa3-paper", "paper-train": "fa3-paper-train", "masks": "
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in fp64."""
-    return float(torch.linalg.vector_norm(out.detach().double() - ref.detach()) / torch.linalg.vector_norm(ref.detach()))
+    out, ref = out.detach().double(), ref.detach()
+    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
 
 
 def reference_bhsd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
