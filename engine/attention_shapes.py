@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -227,7 +227,7 @@ def reduced(s: SweepSettings, device: torch.device, limit_s: float, tflops: floa
             s = replace(s, tokens=s.tokens // 2)
         elif len(s.seqlens) > 1:
             s = replace(s, seqlens=tuple(sorted(s.seqlens))[:-1], tokens=s.tokens)
-        elif s.hidden > max(s.head_dims) * max(s.gqa):
+        elif all((s.hidden // 2) % (d * g) == 0 for d in s.head_dims for g in s.gqa):  # shapes stay valid
             s = replace(s, hidden=s.hidden // 2)
         elif s.seqlens[0] >= 32:
             s = replace(s, seqlens=(s.seqlens[0] // 2,), tokens=s.seqlens[0] // 2)
@@ -238,8 +238,6 @@ def reduced(s: SweepSettings, device: torch.device, limit_s: float, tflops: floa
 
 def describe(s: SweepSettings) -> dict[str, Any]:
     """A settings dict for result documents (tuples as lists)."""
-    from dataclasses import asdict
-
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()}
 
 
