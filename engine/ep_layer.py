@@ -491,23 +491,40 @@ class ExpertParallelLayer:
         received = lay.meta[n_send:].view(w, m_count, mine)
         return _Queued(table, received, position, buf, rows, works, copied)
 
-    def experts(self, d: Dispatched, m: int) -> None:
-        """Chunk m's experts, in place: every received row and own row times its expert's gain."""
-        gains = self.gains.to(d.buf.dtype)
+    def received(self, d: Dispatched, m: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Chunk m's rows on this rank once in place, as (rows, expert id of every row) for the
+        main rows, the overflow and the own rows; rows are views of d's buffers, and a main
+        section's padding rows have id E."""
         main, over = d.wait(m)
         counts = d.recv_counts.index_select(0, self.other_ranks)[:, m]  # (R - 1, my slots)
         # A section holds the first `cap` rows of its source in slot order, then padding.
         cap = d.table[RECV_CAP].view(-1, self.world)[m].index_select(0, self.other_ranks)
         in_main = torch.minimum(counts.cumsum(1), cap[:, None])
         in_main = torch.diff(in_main, dim=1, prepend=in_main.new_zeros(len(cap), 1))
-        ids = torch.cat([self.my_experts, self.my_experts.new_full((1,), len(gains) - 1)])
+        ids = torch.cat([self.my_experts, self.my_experts.new_full((1,), len(self.gains) - 1)])
         per_row = [(main, ids, torch.cat([in_main, (cap - in_main.sum(1))[:, None]], 1)),
                    (over, self.my_experts, counts - in_main),
                    (d.own_rows(m), self.my_experts, d.recv_counts[self.rank, m][None])]
-        for rows, expert_ids, n in per_row:
-            row_expert = expert_ids.repeat(n.shape[0]).repeat_interleave(n.reshape(-1),
-                                                                       output_size=rows.shape[0])
+        return [(rows, expert_ids.repeat(n.shape[0]).repeat_interleave(
+                     n.reshape(-1), output_size=rows.shape[0])) for rows, expert_ids, n in per_row]
+
+    def experts(self, d: Dispatched, m: int) -> None:
+        """Chunk m's experts, in place: every received row and own row times its expert's gain."""
+        gains = self.gains.to(d.buf.dtype)
+        for rows, row_expert in self.received(d, m):
             rows.mul_(gains[row_expert][:, None])
+
+    def resend(self, d: Dispatched) -> None:
+        """Send what d.buf holds at the pairs' positions along the dispatch's routes again, into
+        d.rows and d.over (own rows stay where they are), and wait: the combine's exchange
+        reversed, which carries the gradients of the experts' outputs back to the experts."""
+        s = d.sections
+        works = [dist.all_to_all_single(d.rows[m], d.buf[s.base[m]:s.base[m] + sum(s.send[m])],
+                                        s.recv[m], s.send[m], async_op=True)
+                 for m in range(len(d.rows))]
+        ops = d.overflow(back=False)
+        for work in works + (dist.batch_isend_irecv(ops) if ops else []):
+            work.wait()
 
     def combine(self, d: Dispatched, weights: torch.Tensor, run_experts: bool = False
                 ) -> torch.Tensor:

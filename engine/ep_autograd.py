@@ -1,0 +1,187 @@
+"""The expert-parallel layer (engine.ep_layer) made differentiable, for training with experts on R ranks.
+
+engine.ep_layer's dispatch and combine move rows only forward: its experts scale rows in place,
+and nothing records a graph. Training needs each exchange's gradient, which is the other
+exchange run on the gradients:
+
+- dispatch: rows x[t] go to the pairs' experts. Its backward sends the gradients of the received
+  rows back along the combine's routes and sums them per token: a combine with weights 1.
+- combine: out[t] = sum_j w[t, j] y[t, j] after the expert outputs y come back. Its backward
+  sends w[t, j] * grad_out[t] to the experts along the dispatch's routes (ExpertParallelLayer.resend),
+  and grad_w[t, j] = <grad_out[t], y[t, j]> is computed where the token lives.
+
+ExpertParallelMoE wraps one MoE FFN (engine.moe_block.MoEFFN's parameters and router) with its
+experts split over the ranks in contiguous blocks; router, shared experts and everything else are
+replicated and trained data-parallel (sync_gradients). Every rank must call the layers in the
+same order, as every collective requires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.ep_layer import Dispatched, ExpertParallelLayer
+from engine.expert_parallel import contiguous_placement
+from engine.moe_block import ffn_forward
+from engine.validation import check_int
+
+
+@dataclass
+class _InFlight:
+    """One layer call between its dispatch and its combine (and again in backward)."""
+
+    d: Dispatched | None = None
+    groups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def write(self, rows: torch.Tensor) -> None:
+        """Copy rows (N, D), in received order, into the dispatch's buffers."""
+        for (view, _), part in zip(self.groups, rows.split([v.shape[0] for v, _ in self.groups])):
+            view.copy_(part)
+
+    def read(self) -> torch.Tensor:
+        """The dispatch's buffers, in received order, as one new (N, D) tensor."""
+        return torch.cat([view for view, _ in self.groups])
+
+
+class _Dispatch(torch.autograd.Function):
+    """x (T, D) -> rows received by this rank's experts (N, D) and their expert ids (N,)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: ExpertParallelLayer, experts: torch.Tensor,
+                token_index: torch.Tensor, flight: _InFlight) -> tuple[torch.Tensor, torch.Tensor]:
+        # Own buffers (no CUDA graph): backward reuses this call's layout after later calls.
+        flight.d = layer.dispatch(x.detach(), experts, token_index, replay=False)
+        flight.groups = [g for m in range(len(flight.d.rows)) for g in layer.received(flight.d, m)]
+        ctx.layer, ctx.flight, ctx.k = layer, flight, experts.shape[1]
+        ids = torch.cat([i for _, i in flight.groups])
+        ctx.mark_non_differentiable(ids)
+        return flight.read(), ids
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor, _grad_ids: None) -> tuple:
+        d = ctx.flight.d
+        ctx.flight.write(grad_rows)
+        ones = torch.ones(d.tokens, ctx.k, dtype=grad_rows.dtype, device=grad_rows.device)
+        return ctx.layer.combine(d, ones), None, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """Expert outputs y (N, D) in received order, gate weights (T, k) -> out (T, D)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, weights: torch.Tensor, layer: ExpertParallelLayer,
+                flight: _InFlight) -> torch.Tensor:
+        d = flight.d
+        flight.write(y.detach())
+        out = layer.combine(d, weights.detach())
+        # Every pair's returned row (zero for empty pairs), for the weights' gradient.
+        returned = d.buf.index_select(0, d.position).view(d.tokens, d.k, -1)
+        ctx.save_for_backward(returned, weights)
+        ctx.layer, ctx.flight = layer, flight
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple:
+        returned, weights = ctx.saved_tensors
+        d = ctx.flight.d
+        grad_w = (returned.float() * grad_out.float()[:, None, :]).sum(-1).to(weights.dtype)
+        per_pair = (weights.to(grad_out.dtype)[:, :, None] * grad_out[:, None, :]).flatten(0, 1)
+        d.buf.index_copy_(0, d.position, per_pair)
+        ctx.layer.resend(d)
+        return ctx.flight.read(), grad_w, None, None
+
+
+def expert_ffn(rows: torch.Tensor, ids: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
+               first: int, ffn: str) -> torch.Tensor:
+    """Rows (N, D) through their experts: expert `first + e` is w_in[e], w_out[e]; rows with
+    another id (a main section's padding) give 0 and no gradient. Returns (N, D)."""
+    n_local = w_in.shape[0]
+    local = ids - first
+    local = torch.where((local >= 0) & (local < n_local), local, n_local)
+    order = torch.argsort(local, stable=True)
+    counts = torch.bincount(local, minlength=n_local + 1).tolist()  # one host sync
+    slab = rows.index_select(0, order)
+    parts = slab.split(counts)
+    outs = [ffn_forward(part, w_in[e], w_out[e], ffn) if counts[e] else part
+            for e, part in enumerate(parts[:n_local])] + [torch.zeros_like(parts[-1])]
+    return torch.cat(outs).index_select(0, torch.argsort(order))
+
+
+class ExpertParallelMoE(nn.Module):
+    """One MoE FFN over the default process group: x (T, D) -> (T, D) on every rank.
+
+    Takes over `moe` (engine.moe_block.MoEFFN or anything with its `route`, `w_in` (E, D, F'),
+    `w_out` (E, F, D), `ffn`, `shared`): this rank keeps its contiguous block of the experts'
+    weights as its own parameters (expert_parameters; moe's full ones are deleted) and shares
+    moe's router and shared experts with the other ranks (data-parallel, see sync_gradients).
+    """
+
+    def __init__(self, moe: nn.Module, rank: int, world: int, device: torch.device,
+                 chunks: int = 1) -> None:
+        super().__init__()
+        num_experts = moe.w_in.shape[0]
+        if not 1 <= world <= num_experts:
+            raise ValueError(f"Ranks R must be between 1 and the experts E ({num_experts}) so "
+                             f"every rank hosts an expert, got {world}")
+        check_int("rank", rank, 0, world - 1)
+        placement = contiguous_placement(num_experts, world)
+        mine = placement.slots[rank]
+        self.first, self.ffn, self.num_experts = mine[0], moe.ffn, num_experts
+        self.w_in = nn.Parameter(moe.w_in.detach()[mine[0]:mine[-1] + 1].clone())
+        self.w_out = nn.Parameter(moe.w_out.detach()[mine[0]:mine[-1] + 1].clone())
+        # `moe` keeps its router and shared experts, registered here; the full expert weights
+        # are not this rank's to keep.
+        del moe.w_in, moe.w_out
+        self.moe = moe
+        # Gains are the engine layer's own experts; here they are never applied.
+        self.layer = ExpertParallelLayer(placement, torch.ones(num_experts), rank, device, chunks,
+                                         graphs=False)
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """This rank's experts' weights, which no other rank holds."""
+        return [self.w_in, self.w_out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, D) -> (T, D): route, dispatch, this rank's experts, combine (+ shared experts)."""
+        routing = self.moe.route(x)
+        token_index = torch.arange(x.shape[0], device=x.device)  # no replicas: not read
+        flight = _InFlight()
+        rows, ids = _Dispatch.apply(x, self.layer, routing.experts, token_index, flight)
+        y = expert_ffn(rows, ids, self.w_in, self.w_out, self.first, self.ffn)
+        out = _Combine.apply(y, routing.weights, self.layer, flight)
+        return out + self.moe.shared(x) if self.moe.shared is not None else out
+
+
+def replace_moe_layers(model: nn.Module, moe_type: type, rank: int, world: int,
+                       device: torch.device) -> list[nn.Parameter]:
+    """Swap every `moe_type` submodule of `model` for an ExpertParallelMoE over `world` ranks, in
+    place; returns the expert parameters (this rank's only), which sync_gradients leaves alone."""
+    experts: list[nn.Parameter] = []
+    for name, child in list(model.named_children()):
+        if isinstance(child, moe_type):
+            ep = ExpertParallelMoE(child, rank, world, device)
+            setattr(model, name, ep)
+            experts += ep.expert_parameters()
+        else:
+            experts += replace_moe_layers(child, moe_type, rank, world, device)
+    return experts
+
+
+def sync_gradients(model: nn.Module, expert_params: list[nn.Parameter], world: int) -> None:
+    """Data-parallel part of a step after backward of (local mean loss / R) on every rank: sum the
+    replicated parameters' gradients over the ranks (one flat all_reduce). Expert gradients
+    already hold every rank's contribution (the combine's backward brought them), so together
+    both equal the gradient of the mean loss over all ranks' tokens."""
+    if world == 1:
+        return
+    own = {id(p) for p in expert_params}
+    grads = [p.grad for p in model.parameters() if id(p) not in own and p.grad is not None]
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
