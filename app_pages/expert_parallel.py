@@ -8,7 +8,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages._ui import download_buttons, guarded
-from engine.ep_dispatch import LaunchError, committed_results, launch
+from engine.ep_dispatch import committed_results, launch
+from engine.ep_launch import LaunchError
 from engine.expert_parallel import (DTYPES, PLACEMENTS, ROUTERS, SWEEP_TOKENS, EPSettings, EPStats,
                                     ep_stats, hot_expert_sweep, rank_table, traffic_table)
 

@@ -10,14 +10,16 @@ exchange run on the gradients:
   sends w[t, j] * grad_out[t] to the experts along the dispatch's routes (ExpertParallelLayer.resend),
   and grad_w[t, j] = <grad_out[t], y[t, j]> is computed where the token lives.
 
-ExpertParallelMoE wraps one MoE FFN (engine.moe_block.MoEFFN's parameters and router) with its
-experts split over the ranks in contiguous blocks; router, shared experts and everything else are
-replicated and trained data-parallel (sync_gradients). Every rank must call the layers in the
-same order, as every collective requires.
+ExpertParallelExperts replaces the experts of one MoE layer of the training lab's model
+(engine.train_model) with their contiguous block on this rank; routers, attention and everything
+else are replicated and trained data-parallel (sync_gradients). Routers see their rank's tokens
+only: an auxiliary loss or a capacity computed per batch is then per rank's batch. Every rank must
+call the layers in the same order, as every collective requires.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -111,64 +113,113 @@ def expert_ffn(rows: torch.Tensor, ids: torch.Tensor, w_in: torch.Tensor, w_out:
     return torch.cat(outs).index_select(0, torch.argsort(order))
 
 
-class ExpertParallelMoE(nn.Module):
-    """One MoE FFN over the default process group: x (T, D) -> (T, D) on every rank.
+class PhaseClock:
+    """Time spent per phase of a step, forward and backward: marks (see mark) record an event
+    (CUDA, on the current stream, so nothing waits) or a clock reading (CPU) as the step runs
+    through them; totals() reads them once the step is done."""
 
-    Takes over `moe` (engine.moe_block.MoEFFN or anything with its `route`, `w_in` (E, D, F'),
-    `w_out` (E, F, D), `ffn`, `shared`): this rank keeps its contiguous block of the experts'
-    weights as its own parameters (expert_parameters; moe's full ones are deleted) and shares
-    moe's router and shared experts with the other ranks (data-parallel, see sync_gradients).
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, str, object]] = []  # (phase, "start" | "end", event or time)
+
+    def record(self, phase: str, edge: str) -> None:
+        """Note that `phase` starts or ends now."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        else:
+            event = time.perf_counter()
+        self.marks.append((phase, edge, event))
+
+    def totals(self) -> dict[str, float]:
+        """Milliseconds per phase since the last call (forward and backward together)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        open_at: dict[str, object] = {}
+        out: dict[str, float] = {}
+        for phase, edge, event in self.marks:
+            if edge == "start":
+                open_at[phase] = event
+                continue
+            begun = open_at.pop(phase)
+            ms = begun.elapsed_time(event) if self.cuda else (event - begun) * 1e3
+            out[phase] = out.get(phase, 0.0) + ms
+        self.marks = []
+        return out
+
+
+class _Mark(torch.autograd.Function):
+    """Identity on a tensor that records a phase edge in forward and the mirrored edge in
+    backward (where the phases run in reverse order)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, clock: PhaseClock, phase: str, edge: str) -> torch.Tensor:
+        clock.record(phase, edge)
+        ctx.clock, ctx.phase, ctx.edge = clock, phase, edge
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        ctx.clock.record(f"{ctx.phase} backward", "end" if ctx.edge == "start" else "start")
+        return grad, None, None, None
+
+
+def mark(x: torch.Tensor, clock: PhaseClock | None, phase: str, edge: str) -> torch.Tensor:
+    """x, with `phase`'s start or end recorded on `clock` in forward and backward (None: x)."""
+    return x if clock is None else _Mark.apply(x, clock, phase, edge)
+
+
+class ExpertParallelExperts(nn.Module):
+    """Drop-in for engine.train_model.Experts over the default process group: forward(x (T, D),
+    experts (T, k), weights (T, k)) -> (T, D) on every rank, the same call on every rank.
+
+    From `experts` (w_in (E, D, F'), w_out (E, F, D), ffn) this rank keeps its contiguous block
+    of the experts as its own parameters; the rows travel through engine.ep_layer. `clock`, if
+    set, times dispatch, experts and combine (forward and backward).
     """
 
-    def __init__(self, moe: nn.Module, rank: int, world: int, device: torch.device,
+    def __init__(self, experts: nn.Module, rank: int, world: int, device: torch.device,
                  chunks: int = 1) -> None:
         super().__init__()
-        num_experts = moe.w_in.shape[0]
+        num_experts = experts.w_in.shape[0]
         if not 1 <= world <= num_experts:
             raise ValueError(f"Ranks R must be between 1 and the experts E ({num_experts}) so "
                              f"every rank hosts an expert, got {world}")
         check_int("rank", rank, 0, world - 1)
         placement = contiguous_placement(num_experts, world)
         mine = placement.slots[rank]
-        self.first, self.ffn, self.num_experts = mine[0], moe.ffn, num_experts
-        self.w_in = nn.Parameter(moe.w_in.detach()[mine[0]:mine[-1] + 1].clone())
-        self.w_out = nn.Parameter(moe.w_out.detach()[mine[0]:mine[-1] + 1].clone())
-        # `moe` keeps its router and shared experts, registered here; the full expert weights
-        # are not this rank's to keep.
-        del moe.w_in, moe.w_out
-        self.moe = moe
+        self.first, self.ffn = mine[0], experts.ffn
+        self.w_in = nn.Parameter(experts.w_in.detach()[mine[0]:mine[-1] + 1].clone())
+        self.w_out = nn.Parameter(experts.w_out.detach()[mine[0]:mine[-1] + 1].clone())
         # Gains are the engine layer's own experts; here they are never applied.
         self.layer = ExpertParallelLayer(placement, torch.ones(num_experts), rank, device, chunks,
                                          graphs=False)
+        self.clock: PhaseClock | None = None
 
-    def expert_parameters(self) -> list[nn.Parameter]:
-        """This rank's experts' weights, which no other rank holds."""
-        return [self.w_in, self.w_out]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (T, D) -> (T, D): route, dispatch, this rank's experts, combine (+ shared experts)."""
-        routing = self.moe.route(x)
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
+                ) -> torch.Tensor:
+        """x (T, D), experts/weights (T, k) (-1: empty slot) -> gate-weighted expert outputs."""
         token_index = torch.arange(x.shape[0], device=x.device)  # no replicas: not read
-        flight = _InFlight()
-        rows, ids = _Dispatch.apply(x, self.layer, routing.experts, token_index, flight)
-        y = expert_ffn(rows, ids, self.w_in, self.w_out, self.first, self.ffn)
-        out = _Combine.apply(y, routing.weights, self.layer, flight)
-        return out + self.moe.shared(x) if self.moe.shared is not None else out
+        flight, c = _InFlight(), self.clock
+        rows, ids = _Dispatch.apply(mark(x, c, "dispatch", "start"), self.layer, experts,
+                                    token_index, flight)
+        rows = mark(mark(rows, c, "dispatch", "end"), c, "experts", "start")
+        y = mark(expert_ffn(rows, ids, self.w_in, self.w_out, self.first, self.ffn), c,
+                 "experts", "end")
+        out = _Combine.apply(mark(y, c, "combine", "start"), weights, self.layer, flight)
+        return mark(out, c, "combine", "end")
 
 
-def replace_moe_layers(model: nn.Module, moe_type: type, rank: int, world: int,
-                       device: torch.device) -> list[nn.Parameter]:
-    """Swap every `moe_type` submodule of `model` for an ExpertParallelMoE over `world` ranks, in
-    place; returns the expert parameters (this rank's only), which sync_gradients leaves alone."""
-    experts: list[nn.Parameter] = []
-    for name, child in list(model.named_children()):
-        if isinstance(child, moe_type):
-            ep = ExpertParallelMoE(child, rank, world, device)
-            setattr(model, name, ep)
-            experts += ep.expert_parameters()
-        else:
-            experts += replace_moe_layers(child, moe_type, rank, world, device)
-    return experts
+def shard_experts(model: nn.Module, rank: int, world: int, device: torch.device
+                  ) -> list[nn.Parameter]:
+    """Swap the experts of every MoE layer of `model` (engine.train_model.MoELM, after it is on
+    `device`) for ExpertParallelExperts over `world` ranks, in place; returns this rank's expert
+    parameters, which sync_gradients leaves alone."""
+    params: list[nn.Parameter] = []
+    for layer in model.moe_layers():
+        layer.experts = ExpertParallelExperts(layer.experts, rank, world, device)
+        params += [layer.experts.w_in, layer.experts.w_out]
+    return params
 
 
 def sync_gradients(model: nn.Module, expert_params: list[nn.Parameter], world: int) -> None:

@@ -31,9 +31,6 @@ import json
 import math
 import os
 import platform
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,13 +42,12 @@ import torch.distributed as dist
 
 from engine.cuda_graphs import GRAPH_LIMIT, release_all
 from engine.ep_layer import GRAPH_MAX_BYTES, SLACK, Dispatched, ExpertParallelLayer, Splits
+from engine.ep_launch import MAX_CPU_PROCESSES, ROOT, init_group, torchrun
 from engine.expert_parallel import (DTYPES, EPSettings, Placement, make_placement,
                                     parse_placement, rank_batch, token_features)
 from engine.timing import gpu_work, time_fn
 from engine.validation import MAX_BYTES, check_bytes, check_float, check_int
 
-ROOT = Path(__file__).resolve().parents[1]
-MAX_CPU_PROCESSES = 8
 
 
 def expert_gains(num_experts: int, seed: int) -> torch.Tensor:
@@ -394,24 +390,9 @@ def checked_map(text: str, settings: EPSettings) -> Placement | None:
 def worker(argv: list[str] | None = None) -> None:
     """Entry point of every torchrun process: measure each (tokens, chunks), rank 0 reports."""
     args = build_parser().parse_args(argv)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    backend = args.backend if args.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
-    timeout = datetime.timedelta(seconds=args.timeout)
-    if backend == "nccl":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        # High-priority NCCL streams: exchanges get SMs ahead of the placing of own rows.
-        options = dist.ProcessGroupNCCL.Options()
-        options.is_high_priority_stream = True
-        dist.init_process_group("nccl", timeout=timeout, device_id=device, pg_options=options)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=timeout)
-    if rank == args.fail_rank:
-        os._exit(3)  # fault injection: die without a word, as a crashed rank would
-    if backend == "gloo":  # names the missing rank instead of hanging in the first collective
-        dist.monitored_barrier(timeout=timeout)
+    # High-priority NCCL streams: exchanges get SMs ahead of the placing of own rows.
+    rank, world, device = init_group(args.backend, args.timeout, args.fail_rank, high_priority=True)
+    backend = dist.get_backend()
     try:
         check_int("rounds", args.rounds, 1, 100)
         check_int("batches", args.batches, 1, 16)
@@ -482,10 +463,6 @@ def committed_results(directory: Path = ROOT / "benchmarks" / "results") -> list
     return sorted(docs, key=lambda d: d.get("date", ""), reverse=True)
 
 
-class LaunchError(RuntimeError):
-    """torchrun failed or exceeded its wall time; the message carries the workers' last output."""
-
-
 def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,
            timeout_s: float = 120.0, placement_map: str = "", chunks: int = 1,
            fail_rank: int = -1, dump: Path | None = None, batches: int = 1,
@@ -505,27 +482,14 @@ def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,
     check_bytes("dispatch working set (all processes)",
                 processes * working_set_bytes(s, batches, slack, chunks))
     with tempfile.TemporaryDirectory(prefix="ep_dispatch_") as tmp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               str(processes), "--max-restarts", "0", "-m", "engine.ep_dispatch",
-               "--experts", str(s.experts), "--top-k", str(s.top_k), "--tokens", str(s.tokens),
+        args = ["--experts", str(s.experts), "--top-k", str(s.top_k), "--tokens", str(s.tokens),
                "--d-model", str(s.d_model), "--dtype", s.dtype, "--placement", s.placement,
                "--replicas", str(s.replicas), "--router", s.router, "--zipf", str(s.zipf),
                "--hot-share", str(s.hot_share), "--seed", str(s.seed), "--warmup", str(warmup),
                "--reps", str(reps), "--warmup-s", "0", "--chunks", str(chunks), "--batches", str(batches),
                "--slack", str(slack), "--backend", "gloo", "--timeout", str(max(5.0, timeout_s / 2)),
                "--map", placement_map, "--out", tmp, "--fail-rank", str(fail_rank)] + (["--dump", str(dump)] if dump else [])
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        # Own session: on timeout the whole tree (torchrun and its workers) is killed at once.
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            output, _ = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-            raise LaunchError(f"dispatch did not finish within {timeout_s:.0f} s:\n{output[-2000:]}")
-        if proc.returncode != 0:
-            raise LaunchError(f"dispatch failed (torchrun exit {proc.returncode}):\n{output[-2000:]}")
+        torchrun("engine.ep_dispatch", args, processes, timeout_s, "dispatch")
         return json.loads((Path(tmp) / f"ep_gloo_{processes}ranks.json").read_text())
 
 

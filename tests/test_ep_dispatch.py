@@ -17,9 +17,11 @@ import torch.distributed as dist
 from hypothesis import given, settings, strategies as st
 
 import engine.ep_dispatch as ep
+import engine.ep_launch as ep_launch
 from engine.cli import main
 from engine.ep_combine import weighted_rows_sum
-from engine.ep_dispatch import LaunchError, expert_gains, launch, median_round, summarize
+from engine.ep_dispatch import expert_gains, launch, median_round, summarize
+from engine.ep_launch import LaunchError
 from engine.ep_layer import ExpertParallelLayer, headroom, next_section
 from engine.expert_parallel import (EPSettings, contiguous_placement, ep_stats, parse_placement,
                                     rank_batch, token_features)
@@ -167,7 +169,7 @@ def test_bad_launches_are_refused_before_anything_starts(monkeypatch, kwargs, me
     def no_popen(*a, **k):
         raise AssertionError("launched despite bad input")
 
-    monkeypatch.setattr(ep.subprocess, "Popen", no_popen)
+    monkeypatch.setattr(ep_launch.subprocess, "Popen", no_popen)
     settings = kwargs.pop("settings", EPSettings(experts=8))
     with pytest.raises(ValueError, match=message):
         launch(settings, **kwargs)

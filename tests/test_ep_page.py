@@ -6,6 +6,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import engine.ep_dispatch as ep
+from engine.ep_launch import LaunchError
 from engine.expert_parallel import EPSettings, rank_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def test_dispatch_button_shows_the_measured_tables(at, monkeypatch):
 
 def test_a_failed_launch_shows_the_workers_output(at, monkeypatch):
     def failing(settings, processes, timeout_s):
-        raise ep.LaunchError("dispatch failed (torchrun exit 1):\nrank 1 exited with code 3")
+        raise LaunchError("dispatch failed (torchrun exit 1):\nrank 1 exited with code 3")
 
     monkeypatch.setattr(ep, "launch", failing)
     at.button(key="run_dispatch").click().run()
