@@ -160,7 +160,7 @@ class _Mark(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:
-        ctx.clock.record(f"{ctx.phase} backward", "end" if ctx.edge == "start" else "start")
+        ctx.clock.record(f"{ctx.phase}_backward", "end" if ctx.edge == "start" else "start")
         return grad, None, None, None
 
 

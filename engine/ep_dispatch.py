@@ -293,7 +293,8 @@ def median_round(rounds: list[dict]) -> dict:
             "dispatch_ratio_rounds": [r["dispatch_ratio"] for r in rounds]}
 
 
-def _print_table(rows: list[dict], keys: list[str]) -> str:
+def format_table(rows: list[dict], keys: list[str]) -> str:
+    """Rows as a right-aligned text table of `keys` (floats to 4 significant digits)."""
     def fmt(v: object) -> str:
         if isinstance(v, list):
             return " ".join(map(fmt, v))
@@ -445,10 +446,10 @@ def _report(args: argparse.Namespace, backend: str, world: int, device: torch.de
             f"of the rows that cross ranks (one way for dispatch and combine, both ways for the "
             f"layer):"
             f"\n{phases}\n\nper rank (GB/s = off-rank bytes sent per second):\n\n"
-            f"{_print_table(per_rank, keys)}\n\nslowest rank (max over ranks of each median) in the "
+            f"{format_table(per_rank, keys)}\n\nslowest rank (max over ranks of each median) in the "
             f"round with the median dispatch ratio of {args.rounds} (every round's ratio last); "
             f"ratio = plain time / phase time (target: dispatch_ratio >= 0.7):\n\n"
-            f"{_print_table(summaries, summary_keys)}\n")
+            f"{format_table(summaries, summary_keys)}\n")
     print(text, flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -460,7 +461,9 @@ def _report(args: argparse.Namespace, backend: str, world: int, device: torch.de
 def committed_results(directory: Path = ROOT / "benchmarks" / "results") -> list[dict]:
     """Every committed dispatch result (ep_*.json written by the worker), newest first."""
     docs = [json.loads(p.read_text()) for p in sorted(directory.glob("ep_*.json"))]
-    return sorted(docs, key=lambda d: d.get("date", ""), reverse=True)
+    # The sweep's and the training's results (ep_sweep_*, ep_train_*) have no summary table.
+    return sorted([d for d in docs if "summary" in d], key=lambda d: d.get("date", ""),
+                  reverse=True)
 
 
 def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,
