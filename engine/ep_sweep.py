@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from engine.ep_dispatch import environment, format_table, measure
-from engine.ep_launch import init_group
+from engine.ep_launch import ROOT, init_group
 from engine.expert_parallel import EPSettings
 from engine.timing import time_fn
 from engine.validation import check_float, check_int
@@ -143,14 +143,14 @@ def worker(argv: list[str] | None = None) -> None:
         check_int("--batches", args.batches, 1, 16)
         base = EPSettings(experts=args.experts, ranks=world, top_k=args.top_k, tokens=1,
                           d_model=args.d_model, dtype=args.dtype, router="topk").validated()
-        points = [sweep_settings(b, base) for b in parse_sizes(args.mb)]
+        points = [("sweep", sweep_settings(b, base)) for b in parse_sizes(args.mb)]
         if args.decode:
-            points.append(EPSettings(**{**asdict(base), "tokens": DECODE_TOKENS}))
+            points.append(("decode", EPSettings(**{**asdict(base), "tokens": DECODE_TOKENS})))
         summaries = []
-        for s in points:
+        for case, s in points:
             rows: list[dict] = [{}] * world
             dist.all_gather_object(rows, point(s, rank, world, device, args))
-            summaries.append(summarize(rows, world))
+            summaries.append({"case": case, **summarize(rows, world)})
         if rank == 0:
             _report(args, world, device, base, summaries)
     finally:
@@ -163,7 +163,7 @@ def _report(args: argparse.Namespace, world: int, device: torch.device, base: EP
            **environment(device), "nvlink_GBps": NVLINK_GBPS,
            "settings": {k: v for k, v in asdict(base).items() if k not in ("tokens", "ranks")},
            "sweep": summaries, "published": PUBLISHED if args.decode else []}
-    keys = ["payload_MB", "tokens", "even_busbw_GBps", "plain_dispatch_busbw_GBps",
+    keys = ["case", "payload_MB", "tokens", "even_busbw_GBps", "plain_dispatch_busbw_GBps",
             "dispatch_busbw_GBps", "combine_busbw_GBps", "dispatch_ratio", "combine_ratio",
             "dispatch_ms", "combine_ms", "max_abs_err"]
     print(f"EP bandwidth sweep, {doc['backend']}, {world} ranks, {doc['device']}, {doc['date']}, "
@@ -175,8 +175,9 @@ def _report(args: argparse.Namespace, world: int, device: torch.device, base: EP
             json.dumps(doc, indent=2))
 
 
-def committed_sweeps(directory: Path) -> list[dict]:
-    """Every committed sweep (ep_sweep_*.json), newest first."""
+def committed_sweeps(directory: Path | None = None) -> list[dict]:
+    """Every committed result (ep_sweep_*.json under benchmarks/results unless `directory`), newest first."""
+    directory = directory or ROOT / "benchmarks" / "results"
     docs = [json.loads(p.read_text()) for p in sorted(directory.glob("ep_sweep_*.json"))]
     return sorted(docs, key=lambda d: d.get("date", ""), reverse=True)
 

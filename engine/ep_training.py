@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from engine.ep_autograd import PhaseClock, shard_experts, sync_gradients
 from engine.ep_dispatch import environment
-from engine.ep_launch import init_group, torchrun
+from engine.ep_launch import ROOT, init_group, torchrun
 from engine.flash_attention3 import attention
 from engine.timing import time_fn
 from engine.train_model import ModelConfig, MoELM, lm_loss
@@ -241,6 +241,13 @@ def launch_check(processes: int = 2, steps: int = 3, timeout_s: float = 120.0,
                                         "--out", tmp] + (extra or []),
                  processes, timeout_s, "expert-parallel training check")
         return json.loads((Path(tmp) / f"ep_train_check_{processes}ranks.json").read_text())
+
+
+def committed_training(directory: Path | None = None) -> list[dict]:
+    """Every committed result (ep_train_bench_*.json under benchmarks/results unless `directory`), newest first."""
+    directory = directory or ROOT / "benchmarks" / "results"
+    docs = [json.loads(p.read_text()) for p in sorted(directory.glob("ep_train_bench_*.json"))]
+    return sorted(docs, key=lambda d: d.get("date", ""), reverse=True)
 
 
 if __name__ == "__main__":

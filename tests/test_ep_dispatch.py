@@ -161,7 +161,7 @@ def test_a_rank_that_dies_fails_the_launch_instead_of_hanging():
 @pytest.mark.parametrize("kwargs,message", [
     ({"processes": 9}, "processes must be >= 1 and <= 8"),
     ({"processes": 0}, "processes must be >= 1"),
-    ({"processes": 4, "settings": EPSettings(experts=2)}, "ranks must be <= experts"),
+    ({"processes": 4, "settings": EPSettings(experts=2)}, "Ranks R must be <= Experts E"),
     ({"processes": 2, "placement_map": "0-3;4-6"}, "misses experts"),
     ({"processes": 3, "placement_map": "0-3;4-7"}, "2 rank groups; the job has 3"),
 ])

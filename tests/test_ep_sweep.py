@@ -23,6 +23,7 @@ def test_sweep_on_two_ranks_reports_every_size_with_its_bytes(tmp_path):
     # k 8 rows of 32 fp32 values (128 bytes each) per token: 0.02 MB -> 20 tokens, 0.08 MB -> 78;
     # then the decoding case, 128 tokens.
     assert [r["tokens"] for r in rows] == [20, 78, 128]
+    assert [r["case"] for r in rows] == ["sweep", "sweep", "decode"]
     for r in rows:
         assert r["payload_MB"] == pytest.approx(r["tokens"] * 8 * 32 * 4 / 1e6)
         assert r["max_abs_err"] < 1e-5  # the layer's output against the single-process reference
