@@ -11,7 +11,7 @@ from app_pages._ui import download_buttons, guarded
 from engine.ep_dispatch import committed_results, launch
 from engine.ep_launch import LaunchError
 from engine.ep_sweep import NVLINK_GBPS, committed_sweeps
-from engine.ep_training import committed_training, launch_check
+from engine.ep_training import BENCH_ARGS, committed_training, launch_check
 from engine.expert_parallel import (DTYPES, MAX_EXPERTS, MAX_RANKS, MAX_TOP_K, PLACEMENTS, ROUTERS,
                                     SWEEP_TOKENS, EPSettings, EPStats, ep_stats, hot_expert_sweep,
                                     rank_table, traffic_table)
@@ -97,8 +97,8 @@ if stats is not None:
                                 zmax=max((v for row in mb for v in row if v is not None),
                                          default=0.0) or 1.0,
                                 hovertemplate="src %{y} -> dst %{x}: %{z:.2f} MB<extra></extra>"))
-    heat.update_layout(title="Off-rank dispatch MB by rank pair (same rank: blank; combine: the "
-                             "transpose)",
+    heat.update_layout(title="Off-rank dispatch MB by rank pair<br><sup>same rank: blank (never "
+                             "sent); combine: the transpose</sup>",
                        xaxis_title="destination rank", yaxis_title="source rank",
                        yaxis_autorange="reversed")
     right.plotly_chart(heat, key="ep_heat")
@@ -200,7 +200,10 @@ for i, doc in enumerate(sweeps):
                   labels={"payload_MB": "MB sent per rank", "bus_GBps": "bus bandwidth, GB/s"})
     fig.add_hline(y=doc["nvlink_GBps"], line_dash="dot", annotation_text="NVLink per direction")
     st.plotly_chart(fig, key=f"ep_wire_{i}")
-    st.dataframe(sweep_rows, hide_index=True)
+    first = ["payload_MB", "tokens"] + [f"{n}_busbw_GBps" for n in names] + \
+        ["dispatch_ratio", "combine_ratio"]
+    st.dataframe(sweep_rows[first + [c for c in sweep_rows if c not in first + ["case"]]],
+                 hide_index=True)
     decode = table[table["case"] == "decode"]
     if len(decode):
         ours = [{"source": f"this layer, {doc['device']}", "setting": f"{doc['world']} ranks, "
@@ -208,7 +211,8 @@ for i, doc in enumerate(sweeps):
                  "combine_us": 1e3 * decode["combine_ms"].iloc[0]}]
         st.markdown("Decoding: 128 tokens per rank, d_model 7168, k 8, 256 experts; published "
                     "figures for scale (other machines, other rank counts)")
-        st.dataframe(pd.DataFrame(ours + doc["published"]), hide_index=True)
+        st.dataframe(pd.DataFrame(ours + doc["published"])[
+            ["source", "dispatch_us", "combine_us", "setting"]], hide_index=True)
 
 st.subheader("Training with experts on several ranks")
 st.caption("The training lab's model with every MoE layer's experts split over R ranks "
@@ -219,8 +223,8 @@ runs = committed_training()
 if not runs:
     st.info("No multi-GPU training run is committed yet. It is made by `NCCL_NVLS_ENABLE=0 "
             "python -m torch.distributed.run --standalone --nproc-per-node 4 "
-            "benchmarks/bench_ep_train.py --mode bench --dtype bf16 --out benchmarks/results` "
-            "(and again with 2 processes).", icon=":material/info:")
+            f"benchmarks/bench_ep_train.py {BENCH_ARGS} --out benchmarks/results` (and again "
+            "with 2 processes).", icon=":material/info:")
 for i, doc in enumerate(runs):
     st.markdown(f"**{doc['device']}**, {doc['world']} ranks, {doc['backend']}, {doc['date']}, "
                 f"{doc['dtype']}, {doc['batch_per_rank']} sequences of {doc['model']['seq_len']} "

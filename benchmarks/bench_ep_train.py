@@ -6,6 +6,8 @@ the step's time goes (attention, experts, dispatch, combine), NCCL.
         --experts 32 --top-k 2 --layers 4 --heads 16 --vocab 8192 --seq-len 1024 --batch 8 \
         --out benchmarks/results
 
+(engine.ep_training.BENCH_ARGS holds these settings.)
+
 Every rank first times the whole model alone on its GPU with its batch, then the expert-parallel
 model (experts split over the ranks, the rest data-parallel). --mode check compares losses and
 gradients with the single-process model instead. Writes ep_train_<mode>_<N>ranks.json into

@@ -6,7 +6,7 @@ Every rank builds the same model (same seed), keeps its block of every MoE layer
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m engine.ep_training \
         --mode check --steps 3 --out DIR       # gloo on CPU: same losses and gradients as one process
     python -m torch.distributed.run --standalone --nproc-per-node 4 -m engine.ep_training \
-        --mode bench --d-model 1024 --experts 32 --batch 8 --seq-len 1024 --out DIR   # NCCL
+        $BENCH_ARGS --out DIR                  # NCCL: tokens/s against one GPU, phases
 
 check: every rank also trains the single-process model on the global batch (all ranks' sequences)
 and compares, step by step, the loss and every gradient (its experts' slice for expert weights).
@@ -36,6 +36,11 @@ from engine.flash_attention3 import attention
 from engine.timing import time_fn
 from engine.train_model import ModelConfig, MoELM, lm_loss
 from engine.validation import check_choice, check_float, check_int
+
+# The GPU run's model: 32 experts of width 2048 in 4 layers (0.55 B parameters, 16 bytes each
+# with AdamW: 9 GB on the one-GPU run), 8 sequences of 1024 tokens per GPU.
+BENCH_ARGS = ("--mode bench --dtype bf16 --d-model 1024 --d-expert 2048 --experts 32 --top-k 2 "
+              "--layers 4 --heads 16 --vocab 8192 --seq-len 1024 --batch 8")
 
 
 def build_parser() -> argparse.ArgumentParser:
