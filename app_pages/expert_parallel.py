@@ -1,5 +1,6 @@
 """Expert parallelism: place experts on ranks, see load and all-to-all traffic, run a real dispatch."""
 
+from collections.abc import Callable
 from dataclasses import asdict
 
 import pandas as pd
@@ -40,6 +41,19 @@ def ratios_first(summary: pd.DataFrame) -> pd.DataFrame:
         summary = summary.assign(dispatch_ratio_rounds=summary["dispatch_ratio_rounds"].map(
             lambda v: " ".join(f"{x:.2f}" for x in v)))
     return summary[first + [c for c in summary if c not in first]]
+
+
+def run_job(state_key: str, what: str, spinner: str, job: Callable[[], dict]) -> None:
+    """Run a torchrun job into st.session_state[state_key]. Not through guarded(): a failed job
+    shows the workers' own last lines."""
+    try:
+        with st.spinner(spinner):
+            st.session_state[state_key] = job()
+    except ValueError as exc:
+        st.error(str(exc), icon=":material/error:")
+    except LaunchError as exc:
+        st.error(f"The {what} failed; its last output:", icon=":material/error:")
+        st.code(str(exc))
 
 
 st.title("Expert parallelism")
@@ -133,15 +147,8 @@ st.caption("torchrun starts N CPU processes (gloo); each routes its tokens, exch
 c = st.columns([1, 1, 2])
 procs = c[0].number_input("Processes", 2, 4, 2, key="procs", **Q)
 if c[1].button("Run the dispatch", key="run_dispatch", icon=":material/play_arrow:"):
-    # Not through guarded(): a failed launch should show the workers' own last lines.
-    try:
-        with st.spinner(f"Running {procs} processes..."):
-            st.session_state["ep_measured"] = launch(settings, int(procs), timeout_s=120)
-    except ValueError as exc:
-        st.error(str(exc), icon=":material/error:")
-    except LaunchError as exc:
-        st.error("The dispatch failed; its last output:", icon=":material/error:")
-        st.code(str(exc))
+    run_job("ep_measured", "dispatch", f"Running {procs} processes...",
+            lambda: launch(settings, int(procs), timeout_s=120))
 measured = st.session_state.get("ep_measured")
 if measured is not None:
     st.caption(f"{measured['world']} ranks, {measured['backend']}, {measured['device']}, "
@@ -243,12 +250,8 @@ for i, doc in enumerate(runs):
 st.markdown("Check on this machine: 2 CPU processes (gloo) train a small model for 3 steps, each "
             "beside the single-process model on both ranks' tokens.")
 if st.button("Run the check", key="run_train_check", icon=":material/play_arrow:"):
-    try:
-        with st.spinner("Training on 2 processes..."):
-            st.session_state["ep_train_check"] = launch_check(2, steps=3, timeout_s=150)
-    except LaunchError as exc:
-        st.error("The check failed; its last output:", icon=":material/error:")
-        st.code(str(exc))
+    run_job("ep_train_check", "check", "Training on 2 processes...",
+            lambda: launch_check(2, steps=3, timeout_s=150))
 check = st.session_state.get("ep_train_check")
 if check is not None:
     st.caption(f"{check['world']} ranks, {check['backend']}, {check['device']}, {check['date']}: "

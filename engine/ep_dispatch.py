@@ -42,7 +42,8 @@ import torch.distributed as dist
 
 from engine.cuda_graphs import GRAPH_LIMIT, release_all
 from engine.ep_layer import GRAPH_MAX_BYTES, SLACK, Dispatched, ExpertParallelLayer, Splits
-from engine.ep_launch import MAX_CPU_PROCESSES, ROOT, init_group, torchrun
+from engine.ep_launch import (MAX_CPU_PROCESSES, add_job_arguments, committed, init_group,
+                              torchrun)
 from engine.expert_parallel import (DTYPES, EPSettings, Placement, make_placement,
                                     parse_placement, rank_batch, token_features)
 from engine.timing import gpu_work, time_fn
@@ -353,11 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every configuration this many times afresh; report the round "
                         "with the median dispatch ratio")
-    p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
-    p.add_argument("--timeout", type=float, default=120.0, help="process-group timeout, seconds")
-    p.add_argument("--out", type=Path, help="directory for ep_<backend>_<N>ranks.json and .md")
+    add_job_arguments(p, 120.0, "directory for ep_<backend>_<N>ranks.json and .md")
     p.add_argument("--dump", type=Path, help="directory for each rank's tensors (tests)")
-    p.add_argument("--fail-rank", type=int, default=-1, help="fault injection: this rank exits at once")
     return p
 
 
@@ -458,12 +456,10 @@ def _report(args: argparse.Namespace, backend: str, world: int, device: torch.de
         stem.with_suffix(".md").write_text(f"```text\n{text}```\n")
 
 
-def committed_results(directory: Path = ROOT / "benchmarks" / "results") -> list[dict]:
+def committed_results(directory: Path | None = None) -> list[dict]:
     """Every committed dispatch result (ep_*.json written by the worker), newest first."""
-    docs = [json.loads(p.read_text()) for p in sorted(directory.glob("ep_*.json"))]
     # The sweep's and the training's results (ep_sweep_*, ep_train_*) have no summary table.
-    return sorted([d for d in docs if "summary" in d], key=lambda d: d.get("date", ""),
-                  reverse=True)
+    return [d for d in committed("ep_*.json", directory) if "summary" in d]
 
 
 def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,

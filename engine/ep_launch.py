@@ -7,7 +7,9 @@ Pure torch and stdlib: the GPU box runs the workers without pandas or streamlit.
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
 import os
 import re
 import signal
@@ -22,6 +24,14 @@ from engine.validation import check_int
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_CPU_PROCESSES = 8
+
+
+def committed(pattern: str, directory: Path | None = None) -> list[dict]:
+    """Every committed result matching `pattern` under benchmarks/results (or `directory`),
+    newest first."""
+    directory = directory or ROOT / "benchmarks" / "results"
+    docs = [json.loads(p.read_text()) for p in sorted(directory.glob(pattern))]
+    return sorted(docs, key=lambda d: d.get("date", ""), reverse=True)
 
 
 class LaunchError(RuntimeError):
@@ -53,6 +63,15 @@ def torchrun(module: str, args: list[str], processes: int, timeout_s: float, wha
         raise LaunchError(f"{what} failed (torchrun exit {proc.returncode}): {first}"
                           f"{output[-2000:]}")
     return output
+
+
+def add_job_arguments(p: argparse.ArgumentParser, timeout_s: float, out_help: str) -> None:
+    """The arguments of every worker's job: --backend, --timeout, --out, --fail-rank."""
+    p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
+    p.add_argument("--timeout", type=float, default=timeout_s,
+                   help="process-group timeout, seconds")
+    p.add_argument("--out", type=Path, help=out_help)
+    p.add_argument("--fail-rank", type=int, default=-1, help="fault injection: this rank exits")
 
 
 def init_group(backend: str, timeout_s: float, fail_rank: int = -1,

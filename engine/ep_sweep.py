@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from engine.ep_dispatch import environment, format_table, measure
-from engine.ep_launch import ROOT, init_group
+from engine.ep_launch import add_job_arguments, committed, init_group
 from engine.expert_parallel import EPSettings
 from engine.timing import time_fn
 from engine.validation import check_float, check_int
@@ -113,10 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-s", type=float, default=1.0)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--batches", type=int, default=4)
-    p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
-    p.add_argument("--timeout", type=float, default=120.0, help="process-group timeout, seconds")
-    p.add_argument("--out", type=Path, help="directory for ep_sweep_<backend>_<N>ranks.json")
-    p.add_argument("--fail-rank", type=int, default=-1, help="fault injection: this rank exits")
+    add_job_arguments(p, 120.0, "directory for ep_sweep_<backend>_<N>ranks.json")
     return p
 
 
@@ -175,12 +171,9 @@ def _report(args: argparse.Namespace, world: int, device: torch.device, base: EP
             json.dumps(doc, indent=2))
 
 
-def committed_sweeps(directory: Path | None = None) -> list[dict]:
-    """Every committed result (ep_sweep_*.json under benchmarks/results unless `directory`), newest first."""
-    directory = directory or ROOT / "benchmarks" / "results"
-    docs = [json.loads(p.read_text()) for p in sorted(directory.glob("ep_sweep_*.json"))]
-    return sorted(docs, key=lambda d: d.get("date", ""), reverse=True)
-
+def committed_sweeps() -> list[dict]:
+    """Every committed result (ep_sweep_*.json), newest first."""
+    return committed("ep_sweep_*.json")
 
 if __name__ == "__main__":
     worker()

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from engine.ep_autograd import PhaseClock, shard_experts, sync_gradients
 from engine.ep_dispatch import environment
-from engine.ep_launch import ROOT, init_group, torchrun
+from engine.ep_launch import add_job_arguments, committed, init_group, torchrun
 from engine.flash_attention3 import attention
 from engine.timing import time_fn
 from engine.train_model import ModelConfig, MoELM, lm_loss
@@ -66,10 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
-    p.add_argument("--timeout", type=float, default=60.0, help="process-group timeout, seconds")
-    p.add_argument("--out", type=Path, help="directory for ep_train_<mode>_<N>ranks.json")
-    p.add_argument("--fail-rank", type=int, default=-1, help="fault injection: this rank exits")
+    add_job_arguments(p, 60.0, "directory for ep_train_<mode>_<N>ranks.json")
     return p
 
 
@@ -248,12 +245,9 @@ def launch_check(processes: int = 2, steps: int = 3, timeout_s: float = 120.0,
         return json.loads((Path(tmp) / f"ep_train_check_{processes}ranks.json").read_text())
 
 
-def committed_training(directory: Path | None = None) -> list[dict]:
-    """Every committed result (ep_train_bench_*.json under benchmarks/results unless `directory`), newest first."""
-    directory = directory or ROOT / "benchmarks" / "results"
-    docs = [json.loads(p.read_text()) for p in sorted(directory.glob("ep_train_bench_*.json"))]
-    return sorted(docs, key=lambda d: d.get("date", ""), reverse=True)
-
+def committed_training() -> list[dict]:
+    """Every committed result (ep_train_bench_*.json), newest first."""
+    return committed("ep_train_bench_*.json")
 
 if __name__ == "__main__":
     worker()

@@ -289,9 +289,12 @@ def test_reference_layer_matches_the_loop_in_bf16():
 
 
 def test_committed_results_newest_first(tmp_path):
+    # Only the dispatch's own results (with a summary table): not the sweep's nor the training's.
     for name, date in [("ep_nccl_2ranks.json", "2026-01-02"), ("ep_nccl_4ranks.json", "2026-03-01"),
-                       ("other.json", "2027-01-01")]:
-        (tmp_path / name).write_text(json.dumps({"date": date}))
+                       ("other.json", "2027-01-01"), ("ep_sweep_nccl_2ranks.json", "2027-01-02"),
+                       ("ep_train_bench_2ranks.json", "2027-01-03")]:
+        doc = {"date": date} if "sweep" in name or "train" in name else {"date": date, "summary": []}
+        (tmp_path / name).write_text(json.dumps(doc))
     assert [d["date"] for d in ep.committed_results(tmp_path)] == ["2026-03-01", "2026-01-02"]
 
 

@@ -179,8 +179,7 @@ def _sweep_doc() -> dict:
 
 def test_committed_sweep_and_training_run_are_drawn_with_device_and_date(monkeypatch, tmp_path):
     import json
-    import engine.ep_sweep as ep_sweep
-    import engine.ep_training as ep_training
+    import engine.ep_launch as ep_launch
     results = tmp_path / "benchmarks" / "results"
     results.mkdir(parents=True)
     (results / "ep_sweep_nccl_2ranks.json").write_text(json.dumps(_sweep_doc()))
@@ -191,8 +190,7 @@ def test_committed_sweep_and_training_run_are_drawn_with_device_and_date(monkeyp
              "slowest_rank_phases_ms": {"one_device_step_ms": 160.0, "ep_step_ms": 182.0,
                                         "attention_ms": 20.0, "dispatch_ms": 5.0}}
     (results / "ep_train_bench_2ranks.json").write_text(json.dumps(train))
-    monkeypatch.setattr(ep_sweep, "ROOT", tmp_path)
-    monkeypatch.setattr(ep_training, "ROOT", tmp_path)
+    monkeypatch.setattr(ep_launch, "ROOT", tmp_path)
     at = _page(monkeypatch.chdir)
     assert not at.exception
     assert any("NVIDIA Test" in m.value and "2026-12-03" in m.value for m in at.markdown)
