@@ -41,7 +41,8 @@ import torch
 import torch.distributed as dist
 
 from engine.cuda_graphs import GRAPH_LIMIT, release_all
-from engine.ep_layer import GRAPH_MAX_BYTES, SLACK, Dispatched, ExpertParallelLayer, Splits
+from engine.ep_layer import GRAPH_MAX_BYTES, ExpertParallelLayer
+from engine.ep_sections import SLACK, Dispatched, Splits
 from engine.ep_launch import (MAX_CPU_PROCESSES, add_job_arguments, committed, init_group,
                               torchrun)
 from engine.expert_parallel import (DTYPES, EPSettings, Placement, make_placement,

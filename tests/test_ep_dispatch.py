@@ -22,7 +22,8 @@ from engine.cli import main
 from engine.ep_combine import weighted_rows_sum
 from engine.ep_dispatch import expert_gains, launch, median_round, summarize
 from engine.ep_launch import LaunchError
-from engine.ep_layer import ExpertParallelLayer, headroom, next_section
+from engine.ep_layer import ExpertParallelLayer
+from engine.ep_sections import headroom, next_section
 from engine.expert_parallel import (EPSettings, contiguous_placement, ep_stats, parse_placement,
                                     rank_batch, token_features)
 
