@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Model shape, batch, steps and the job's settings."""
     p = argparse.ArgumentParser(description="expert-parallel training worker (run under torchrun)")
     p.add_argument("--mode", default="check", choices=["check", "bench"])
-    p.add_argument("--router", default="topk")
+    p.add_argument("--router", default="topk",
+                   help="router of the MoE layers; check: a comma list runs each in turn")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--alpha", type=float, default=0.0,
@@ -70,12 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_config(args: argparse.Namespace) -> ModelConfig:
-    """The model of the job (checked by ModelConfig)."""
+def model_config(args: argparse.Namespace, router: str | None = None) -> ModelConfig:
+    """The model of the job (checked by ModelConfig), with `router` or the first of --router."""
     return ModelConfig(vocab=args.vocab, d_model=args.d_model, n_layers=args.layers,
                        n_heads=args.heads, seq_len=args.seq_len, d_expert=args.d_expert,
-                       num_experts=args.experts, top_k=args.top_k, router=args.router,
-                       alpha=args.alpha, seed=args.seed)
+                       num_experts=args.experts, top_k=args.top_k,
+                       router=router or args.router.split(",")[0], alpha=args.alpha,
+                       seed=args.seed)
 
 
 def global_batch(cfg: ModelConfig, world: int, batch: int, step: int) -> torch.Tensor:
@@ -91,9 +93,16 @@ def step_loss(model: MoELM, ids: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def check(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
-    """Train the expert-parallel model and the single-process one side by side; this rank's
-    largest differences of loss and gradients per step."""
-    cfg = model_config(args)
+    """Train the expert-parallel model and the single-process one side by side, for every
+    router of --router; this rank's largest differences of loss and gradients per step."""
+    return {"rows": [row for router in args.router.split(",")
+                     for row in check_router(args, router, rank, world, device)]}
+
+
+def check_router(args: argparse.Namespace, router: str, rank: int, world: int,
+                 device: torch.device) -> list[dict]:
+    """check() for one router."""
+    cfg = model_config(args, router)
     ref, model = MoELM(cfg).to(device), MoELM(cfg).to(device)
     experts = shard_experts(model, rank, world, device)
     ref_names = dict(ref.named_parameters())
@@ -122,12 +131,12 @@ def check(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                 want = want[slices[id(p)]:slices[id(p)] + p.shape[0]]
             grad_err = max(grad_err, float((p.grad - want).abs().max()))
             grad_scale = max(grad_scale, float(want.abs().max()))
-        rows.append({"rank": rank, "step": step, "loss": float(mean_loss) / world,
+        rows.append({"router": router, "rank": rank, "step": step, "loss": float(mean_loss) / world,
                      "ref_loss": float(ref_loss), "grad_max_abs_err": grad_err,
                      "grad_max_abs": grad_scale})
         opt_ref.step()
         opt.step()
-    return {"rows": rows}
+    return rows
 
 
 def attention_ms(cfg: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype,
@@ -192,7 +201,10 @@ def worker(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     rank, world, device = init_group(args.backend, args.timeout, args.fail_rank)
     try:
-        check_choice("router", args.router, ("topk", "hash", "balanced_hash", "deepseek"))
+        for router in args.router.split(","):
+            # Routers whose choice depends on the whole batch (capacity) route each rank's
+            # batch apart, unlike one process: they train, but not as the same model.
+            check_choice("--router", router, ("topk", "hash", "deepseek"))
         check_int("steps", args.steps, 1, 1000)
         check_int("batch", args.batch, 1, 4096)
         check_float("lr", args.lr, 0.0, 10.0, lo_open=True)
