@@ -248,7 +248,8 @@ for i, doc in enumerate(runs):
     st.plotly_chart(fig, key=f"ep_train_{i}")
 
 st.markdown("Check on this machine: 2 CPU processes (gloo) train a small model for 3 steps, each "
-            "beside the single-process model on both ranks' tokens.")
+            "beside the single-process model on both ranks' tokens (from a shell: "
+            "`python -m engine dispatch --train-check`).")
 if st.button("Run the check", key="run_train_check", icon=":material/play_arrow:"):
     run_job("ep_train_check", "check", "Training on 2 processes...",
             lambda: launch_check(2, steps=3, timeout_s=150))
