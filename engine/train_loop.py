@@ -112,10 +112,11 @@ def resolve_device(name: str) -> torch.device:
 
 def train_run(s: TrainSettings, corpus: Corpus, router: str, seed: int,
               on_eval: Callable[[RunHistory], None] | None = None,
-              final_stats: bool = True) -> RunHistory:
+              final_stats: bool = True, deadline: float | None = None) -> RunHistory:
     """Train one router from seed `seed`; histories per evaluation, final loads and specialisation.
 
     A non-finite training loss stops the run: `stopped` says so and the curves so far are kept.
+    deadline (time.monotonic() seconds): stop at the first evaluation past it, saying so.
     """
     dev = resolve_device(s.device)
     cfg = s.model_config(router, seed, corpus.vocab)
@@ -124,7 +125,8 @@ def train_run(s: TrainSettings, corpus: Corpus, router: str, seed: int,
     model = MoELM(cfg, freq if router == "balanced_hash" else None).to(dev)
     total, active = model.param_counts()
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, min(s.warmup, s.steps), s.steps))
+    warmup = min(s.warmup, s.steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, warmup, s.steps))
     batches = train_batches(corpus, s.batch, s.seq_len, s.steps, seed)
     val = val_batches(corpus, s.batch, s.seq_len, s.eval_batches).to(dev)
     autocast = torch.autocast(dev.type, torch.bfloat16, enabled=s.dtype == "bf16")
@@ -133,7 +135,7 @@ def train_run(s: TrainSettings, corpus: Corpus, router: str, seed: int,
         first = float(lm_loss(model(batches[0].to(dev))[0], batches[0].to(dev)))
         hist.record(0, first, math.nan, math.nan, eval_metrics(model, val))
     ce_sum = aux_sum = 0.0
-    n_since, t_train = 0, 0.0
+    n_since, t_train, diverged = 0, 0.0, False
     t0 = time.perf_counter()
     for step in range(1, s.steps + 1):
         ids = batches[step - 1].to(dev, non_blocking=True)
@@ -142,6 +144,7 @@ def train_run(s: TrainSettings, corpus: Corpus, router: str, seed: int,
             ce = lm_loss(logits, ids)
         ce_val = float(ce.detach())
         if not math.isfinite(ce_val):
+            diverged = True
             hist.stopped = (f"training loss became {ce_val} at step {step}: the run stopped there "
                             f"(learning rate {s.lr:g} too high?)")
             break
@@ -165,9 +168,12 @@ def train_run(s: TrainSettings, corpus: Corpus, router: str, seed: int,
             n_since = 0
             if on_eval:
                 on_eval(hist)
+            if deadline is not None and time.monotonic() > deadline and step < s.steps:
+                hist.stopped = f"time limit: stopped at step {step} of {s.steps}"
+                break
             t0 = time.perf_counter()
     hist.train_seconds = t_train
-    if final_stats and not hist.stopped and router in MOE_ROUTERS:
+    if final_stats and not diverged and router in MOE_ROUTERS:
         with torch.no_grad(), autocast:
             hist.final = specialisation(model, val, corpus.strings)
     return hist
