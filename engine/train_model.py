@@ -123,7 +123,7 @@ class Router(nn.Module):
     Hash routers route on token ids and have no parameters. The learned ones apply the engine's
     rules (engine.moe_router) to a trainable gate (D, E); DeepSeek's bias is a buffer changed only
     by `update_bias` (sign rule, DeepSeek-V3 sec. 2.1.2), never by gradients. `last` holds the
-    latest forward's loads (counts, demand) for metrics and the bias update.
+    latest forward's loads (counts, demand, unrouted share, experts) for metrics and the bias update.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int, freq: torch.Tensor | None = None) -> None:
@@ -162,7 +162,9 @@ class Router(nn.Module):
         counts = torch.bincount(routing.experts.reshape(-1) + 1,
                                 minlength=routing.num_experts + 1)[1:]
         demand = counts if routing.demand is None else routing.demand
-        self.last = {"counts": counts.detach(), "demand": demand.detach()}
+        self.last = {"counts": counts.detach(), "demand": demand.detach(),
+                     "unrouted": (routing.experts < 0).all(dim=1).float().mean().detach(),
+                     "experts": routing.experts.detach()}
         aux = x.new_zeros((), dtype=torch.float32)
         if self.kind in ("topk", "switch") and self.alpha > 0:
             aux = load_balance_loss(routing.probs, demand)
