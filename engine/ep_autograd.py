@@ -200,6 +200,9 @@ class ExpertParallelExperts(nn.Module):
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
                 ) -> torch.Tensor:
         """x (T, D), experts/weights (T, k) (-1: empty slot) -> gate-weighted expert outputs."""
+        if torch.is_autocast_enabled(x.device.type):
+            # Rows travel in the autocast dtype (bf16), as a mixed-precision model's would.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         token_index = torch.arange(x.shape[0], device=x.device)  # no replicas: not read
         flight, c = _InFlight(), self.clock
         rows, ids = _Dispatch.apply(mark(x, c, "dispatch", "start"), self.layer, experts,

@@ -179,14 +179,14 @@ def bench(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     del alone
     model = MoELM(cfg).to(device)
     experts = shard_experts(model, rank, world, device)
-    clock = PhaseClock(device)
-    for layer in model.moe_layers():
-        layer.experts.clock = clock
     step = stepper(model, experts)
     dist.barrier()
     ep_ms = time_fn(step, device, args.warmup, args.reps).median_ms
-    clock.marks = []
-    for _ in range(args.reps):  # phases over separate steps, so the step times carry no marks' cost
+    # Phases over further steps, so that the step's time above carries no marks.
+    clock = PhaseClock(device)
+    for layer in model.moe_layers():
+        layer.experts.clock = clock
+    for _ in range(args.reps):
         step()
     phases = {f"{k}_ms": v / args.reps for k, v in clock.totals().items()}
     tokens = args.batch * cfg.seq_len
