@@ -31,14 +31,18 @@ def test_sweep_on_two_ranks_reports_every_size_with_its_bytes(tmp_path):
         # source rank (batch 0 of the same routing), over the dispatch's time.
         s = EPSettings(experts=16, ranks=2, top_k=8, tokens=r["tokens"], d_model=32,
                        dtype="fp32", router="topk")
-        off = max(sum(b for dst, b in enumerate(row) if dst != src)
-                  for src, row in enumerate(ep_stats(s).dispatch_bytes()))
+        sent = ep_stats(s).dispatch_bytes()  # [src][dst]
+        off = max(sum(b for dst, b in enumerate(row) if dst != src) for src, row in enumerate(sent))
         assert r["dispatch_busbw_GBps"] == pytest.approx(off / r["dispatch_ms"] / 1e6)
+        # The combine sends back what a rank received: the dispatch's columns.
+        back = max(sum(row[dst] for src, row in enumerate(sent) if src != dst) for dst in range(2))
+        assert r["combine_busbw_GBps"] == pytest.approx(back / r["combine_ms"] / 1e6)
         assert r["even_busbw_GBps"] == pytest.approx(r["payload_MB"] / 2 / r["even_ms"])  # MB/ms = GB/s
 
 
 def test_summary_takes_the_slowest_rank_and_half_the_payload_leaves_each_of_two():
     rows = [{"tokens": 10, "payload_bytes": 8e6, "max_abs_err": 0.0, "off_rank_bytes": 3e6,
+             "combine_off_rank_bytes": 2e6 + r,
              "even_ms": 1.0 + r, "plain_dispatch_ms": 2.0, "dispatch_ms": 4.0 - r,
              "plain_combine_ms": 1.0, "combine_ms": 2.0} for r in range(2)]
     s = summarize(rows, 2)
@@ -46,6 +50,7 @@ def test_summary_takes_the_slowest_rank_and_half_the_payload_leaves_each_of_two(
     assert s["even_busbw_GBps"] == pytest.approx(4e6 / 2.0 / 1e6)  # (R-1)/R of 8 MB in 2 ms
     assert s["even_algbw_GBps"] == pytest.approx(8e6 / 2.0 / 1e6)
     assert s["dispatch_busbw_GBps"] == pytest.approx(3e6 / 4.0 / 1e6)
+    assert s["combine_busbw_GBps"] == pytest.approx((2e6 + 1) / 2.0 / 1e6)
     assert s["dispatch_ratio"] == 0.5 and s["combine_ratio"] == 0.5
 
 
