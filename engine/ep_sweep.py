@@ -31,11 +31,12 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from engine.ep_dispatch import environment, format_table, measure
+from engine.cuda_graphs import GRAPH_LIMIT
+from engine.ep_dispatch import environment, format_table, measure, working_set_bytes
 from engine.ep_launch import add_job_arguments, committed, init_group
 from engine.expert_parallel import EPSettings
 from engine.timing import time_fn
-from engine.validation import check_float, check_int
+from engine.validation import MAX_BYTES, check_bytes, check_float, check_int
 
 NVLINK_GBPS = 450.0  # NVLink 4 on H100 / H200: 18 links x 25 GB/s, per direction
 DEFAULT_MB = "1,2,4,8,16,32,64,128,256"
@@ -146,6 +147,12 @@ def worker(argv: list[str] | None = None) -> None:
         points = [("sweep", sweep_settings(b, base)) for b in parse_sizes(args.mb)]
         if args.decode:
             points.append(("decode", EPSettings(**{**asdict(base), "tokens": DECODE_TOKENS})))
+        limit = int(0.8 * torch.cuda.get_device_properties(device).total_memory) \
+            if device.type == "cuda" else MAX_BYTES
+        graphs = GRAPH_LIMIT if device.type == "cuda" else 0
+        for _, s in points:  # refused before anything is allocated
+            check_bytes(f"--mb {s.tokens * s.top_k * s.row_bytes / 1e6:g}: working set per rank",
+                        working_set_bytes(s, args.batches, graphs=graphs), limit)
         summaries = []
         for case, s in points:
             rows: list[dict] = [{}] * world
