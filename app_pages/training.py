@@ -37,7 +37,8 @@ def _settings() -> tuple[TrainSettings, str]:
                              bind=QP, help="hash: token ids (Hash Layers); balanced_hash: a table "
                              "from token frequencies; topk: softmax top-k + load-balancing loss "
                              "(alpha); switch: top-1 with capacity + aux loss; expert_choice: each "
-                             "expert picks its tokens; deepseek: bias balancing, no aux loss; "
+                             "expert picks its tokens from the whole batch (so it sees later "
+                             "tokens: not causal, its loss is optimistic); deepseek: bias balancing, no aux loss; "
                              "dense: FFN of k x expert width (same active parameters); "
                              "dense_total: FFN of E x expert width (same total).")
     c = st.columns(6)
