@@ -13,7 +13,7 @@ import streamlit as st
 from app_pages._ui import download_buttons, guarded
 from engine.train_data import TEXTS, TOKENIZERS, builtin_text, decode_upload, tokenize
 from engine.train_loop import TrainSettings, train
-from engine.train_metrics import history_table, summary_table
+from engine.train_metrics import history_table
 from engine.train_model import ROUTERS
 
 QP = "query-params"
