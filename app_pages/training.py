@@ -13,7 +13,7 @@ import streamlit as st
 from app_pages._ui import download_buttons, guarded
 from engine.train_data import TEXTS, TOKENIZERS, builtin_text, decode_upload, tokenize
 from engine.train_loop import TrainSettings, train
-from engine.train_metrics import history_table, summary_table
+from engine.train_metrics import history_table
 from engine.train_model import ROUTERS
 
 QP = "query-params"
@@ -37,7 +37,8 @@ def _settings() -> tuple[TrainSettings, str]:
                              bind=QP, help="hash: token ids (Hash Layers); balanced_hash: a table "
                              "from token frequencies; topk: softmax top-k + load-balancing loss "
                              "(alpha); switch: top-1 with capacity + aux loss; expert_choice: each "
-                             "expert picks its tokens; deepseek: bias balancing, no aux loss; "
+                             "expert picks its tokens from the whole batch (so it sees later "
+                             "tokens: not causal, its loss is optimistic); deepseek: bias balancing, no aux loss; "
                              "dense: FFN of k x expert width (same active parameters); "
                              "dense_total: FFN of E x expert width (same total).")
     c = st.columns(6)
@@ -88,10 +89,21 @@ def _settings() -> tuple[TrainSettings, str]:
 
 
 def _curves(runs: list[dict], metric: str, height: int = 340):
+    """metric against step per router; over several seeds the mean with +- 1 std bars."""
     hist = history_table(runs).dropna(subset=[metric])
-    fig = px.line(hist, x="step", y=metric, color="router", line_dash="seed" if
-                  hist["seed"].nunique() > 1 else None, markers=True,
-                  labels={metric: BALANCE.get(metric, metric.replace("_", " "))})
+    label = BALANCE.get(metric, metric.replace("_", " "))
+    if hist["seed"].nunique() > 1:
+        hist = (hist.groupby(["router", "step"], sort=False)[metric].agg(["mean", "std"])
+                .reset_index().rename(columns={"mean": metric}))
+        fig = px.line(hist, x="step", y=metric, color="router", error_y="std", markers=True,
+                      labels={metric: f"{label}, mean +- std over seeds"})
+    else:
+        fig = px.line(hist, x="step", y=metric, color="router", markers=True,
+                      labels={metric: label})
+    steps = sorted(hist["step"].unique())
+    if metric.endswith("loss") and len(steps) > 2:  # the step-0 loss would flatten the rest
+        top = hist.loc[hist["step"] == steps[1], metric].max()
+        fig.update_yaxes(range=[hist[metric].min() * 0.97, top * 1.03])
     fig.update_layout(height=height, margin=dict(t=10, b=10), legend_title_text="")
     return fig
 
@@ -111,18 +123,22 @@ def _show(doc: dict, name: str) -> None:
         c2.caption("No run has this metric (dense runs have no experts).")
     table = pd.DataFrame(doc["summary"])
     st.subheader("Summary")
-    st.dataframe(table, hide_index=True, width="stretch",
-                 column_config={c: st.column_config.NumberColumn(format="%.4f")
-                                for c in ("val loss", "val loss std", "train loss", "CV", "MaxVio",
-                                          "drop rate", "unrouted")})
+    fmt = {c: st.column_config.NumberColumn(format="%.4f")
+           for c in ("val loss", "val loss std", "train loss", "CV", "MaxVio", "drop rate",
+                     "unrouted", "perplexity")}
+    fmt["tokens/s"] = st.column_config.NumberColumn(format="%.0f")
+    st.dataframe(table, hide_index=True, width="stretch", column_config=fmt)
+    if doc.get("throughput"):
+        st.caption("tokens/s above: during the sweep, with every run sharing the device. "
+                   "Each model alone, side by side:")
+        st.dataframe(pd.DataFrame(doc["throughput"]), hide_index=True,
+                     column_config={"tokens_per_s": st.column_config.NumberColumn(format="%.0f"),
+                                    "vs_dense": st.column_config.NumberColumn(format="%.2fx")})
     extra = {k: doc[k] for k in ("settings", "corpus", "environment", "date") if k in doc}
     download_buttons(f"{name}_summary", table, extra)
     download_buttons(f"{name}_history", history_table(runs), extra)
     st.download_button("full result (JSON)", json.dumps(doc, default=str).encode(),
                        f"{name}.json", "application/json", key=f"{name}_doc", on_click="ignore")
-    if doc.get("throughput"):
-        st.subheader("Throughput, each model alone")
-        st.dataframe(pd.DataFrame(doc["throughput"]), hide_index=True)
     moe = [r for r in runs if r.get("final")]
     if not moe:
         return
@@ -222,4 +238,6 @@ with gpu:
                     f"({doc['corpus']['train_tokens']:,} training tokens, BPE "
                     f"{doc['corpus']['vocab']}). Compared at step {doc['compared_at_step']} of "
                     f"{s['steps']}.")
+        if doc.get("note"):
+            st.caption(doc["note"])
         _show(doc, "gpu")

@@ -121,9 +121,9 @@ def cut_to_common_step(runs: list[dict]) -> dict:
     """Truncate every run's lists to the last evaluation step all runs reached."""
     common = min(r["step"][-1] for r in runs)
     for r in runs:
-        n = r["step"].index(common) + 1
+        n, evals = r["step"].index(common) + 1, len(r["step"])
         for k, v in r.items():
-            if isinstance(v, list) and len(v) == len(r["step"]):
+            if isinstance(v, list) and len(v) == evals:
                 r[k] = v[:n]
         if r["stopped"] and r["stopped"].startswith("time limit"):
             r["stopped"] = None

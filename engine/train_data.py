@@ -101,7 +101,7 @@ def _bpe(text: str, sha: str, vocab: int) -> "tokenizers.Tokenizer":  # noqa: F8
     return tok
 
 
-def tokenize(text: str, tokenizer: str = "bpe", vocab: int = 2048) -> Corpus:
+def tokenize(text: str, tokenizer: str = "bpe", vocab: int = 1024) -> Corpus:
     """Tokenize `text` and split it (last 10% held out); cached in memory by (hash, tokenizer, V)."""
     check_choice("tokenizer", tokenizer, TOKENIZERS)
     if tokenizer == "bpe":
@@ -119,6 +119,8 @@ def tokenize(text: str, tokenizer: str = "bpe", vocab: int = 2048) -> Corpus:
             ids = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
             strings = tuple(bytes([i]).decode("latin-1") for i in range(256))
         n_val = max(1, int(len(ids) * VAL_SHARE))
+        if len(_CORPORA) >= 8:  # uploads are up to 5 MB each: keep the 8 latest corpora
+            _CORPORA.pop(next(iter(_CORPORA)))
         _CORPORA[key] = Corpus(ids[:-n_val], ids[-n_val:], strings, tokenizer, sha, len(text))
     return _CORPORA[key]
 
