@@ -18,6 +18,20 @@ DEEPSEEK_V3 = {"num_experts": 256, "top_k": 8, "n_groups": 8, "topk_groups": 4,
                "route_scale": 2.5}
 
 
+def check_groups(num_experts: int, top_k: int, n_groups: int, topk_groups: int) -> tuple[int, int]:
+    """Validate group-limited routing: n_groups divides E into groups of >= 2 experts (a group
+    scores its top two), 1 <= topk_groups <= n_groups, and k fits in the eligible experts."""
+    g = check_int("n_groups", n_groups, 1, num_experts)
+    if num_experts % g or (g > 1 and num_experts // g < 2):
+        raise ValueError(f"n_groups must divide the {num_experts} experts into groups of 2 or "
+                         f"more, got {n_groups}")
+    tg = check_int("topk_groups", topk_groups, 1, g)
+    if g > 1 and top_k > tg * (num_experts // g):
+        raise ValueError(f"top_k must be <= groups per token * experts per group = "
+                         f"{tg * (num_experts // g)}, got {top_k}")
+    return g, tg
+
+
 @dataclass(frozen=True)
 class BalanceStep:
     """One bias update of DeepSeekV3Router: the load before the update (CV and MaxVio)."""
@@ -44,17 +58,10 @@ class DeepSeekV3Router(_GatedRouter):
                  route_scale: float = 1.0) -> None:
         super().__init__(num_experts, top_k, d_model, seed)
         self.gamma = check_float("bias_update_speed", bias_update_speed, 0.0, 1.0)
-        e = self.num_experts
-        self.n_groups = check_int("n_groups", n_groups, 1, e)
-        if e % self.n_groups or (self.n_groups > 1 and e // self.n_groups < 2):
-            raise ValueError(f"n_groups must divide num_experts = {e} into groups of 2 or more "
-                             f"experts, got {n_groups}")
-        self.topk_groups = check_int("topk_groups", topk_groups, 1, self.n_groups)
-        if self.n_groups > 1 and self.top_k > self.topk_groups * (e // self.n_groups):
-            raise ValueError(f"top_k must be <= topk_groups * experts per group = "
-                             f"{self.topk_groups * (e // self.n_groups)}, got {self.top_k}")
+        self.n_groups, self.topk_groups = check_groups(self.num_experts, self.top_k, n_groups,
+                                                       topk_groups)
         self.route_scale = check_float("route_scale", route_scale, 0.0, 100.0, lo_open=True)
-        self.bias = torch.zeros(e)
+        self.bias = torch.zeros(self.num_experts)
         self.history: list[BalanceStep] = []
 
     @classmethod
