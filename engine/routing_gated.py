@@ -144,11 +144,11 @@ class ExpertChoiceRouter(_CapacityRouter):
         # (E, cap), unordered: the pairs are regrouped by token below. Contiguous rows and no
         # sorting make CPU topk 42 ms instead of 78 at 64k tokens x 64 experts.
         _, tokens = probs.t().contiguous().topk(cap, dim=1, sorted=False)
-        # Mark the chosen (expert, token) pairs, then read them back token-major: nonzero() of the
-        # (T, E) view lists pairs sorted by token, so no sort is needed to regroup them.
-        chosen = torch.zeros(num_experts, num_tokens, dtype=torch.bool, device=probs.device)
-        chosen.scatter_(1, tokens, True)
-        tok, exp = chosen.t().nonzero(as_tuple=True)
+        # Regroup the E * cap = C k T (expert, token) pairs token-major with one stable sort of
+        # the pairs (experts ascending within a token): 4 ms of CPU at the defaults, where marking
+        # them in a (T, E) mask and reading it back with nonzero() took 37 ms.
+        tok, order = tokens.reshape(-1).sort(stable=True)
+        exp = torch.div(order, cap, rounding_mode="floor")
         per_token = torch.bincount(tok, minlength=num_tokens)
         starts = torch.cumsum(per_token, 0) - per_token
         col = torch.arange(tok.numel(), device=tok.device) - starts[tok]
