@@ -47,8 +47,9 @@ def _settings() -> LabSettings:
                             bind=QP, help="uniform / zipf: token ids over a vocabulary (learned "
                                           "routers see their embeddings); gaussian / clustered: "
                                           "hidden states.")
+    lo, hi = LIMITS["num_tokens"]
     tokens = _num(c2, "num_tokens", "T", D.num_tokens, step=1024,
-                  help="1,000 to 4,194,304. The learned routers hold (T, E) scores: a large "
+                  help=f"{lo:,} to {hi:,}. The learned routers hold (T, E) scores: a large "
                        "T x E is refused with the memory it would need.")
     experts = _num(c3, "num_experts", "E", D.num_experts)
     k = _num(c4, "top_k", "k", D.top_k,

@@ -82,7 +82,8 @@ class DeepSeekV3Router(_GatedRouter):
             biased = grouped.masked_fill(off.unsqueeze(-1), float("-inf")).flatten(1)
         return top_k(biased, self.top_k)[1]
 
-    def _route_scores(self, scores: torch.Tensor, batch_shape: tuple[int, ...]) -> Routing:
+    def route_scores(self, scores: torch.Tensor, batch_shape: tuple[int, ...]) -> Routing:
+        """Route sigmoid scores (T, E) with the current bias."""
         experts = self._select(scores)
         chosen = scores.gather(1, experts)
         weights = chosen / chosen.sum(dim=-1, keepdim=True)
@@ -95,21 +96,20 @@ class DeepSeekV3Router(_GatedRouter):
         """Run `steps` bias updates, each on the next `batch_tokens` tokens of x (..., D) (cycling,
         as training steps see new batches); returns the history: the batch's load before each
         update, steps + 1 entries (the last is measured after the final update)."""
-        return self.balance_logits(self.logits(x)[0], steps, batch_tokens)
+        return self.balance_scores(torch.sigmoid(self.logits(x)[0]), steps, batch_tokens)
 
-    def balance_logits(self, logits: torch.Tensor, steps: int,
+    def balance_scores(self, scores: torch.Tensor, steps: int,
                        batch_tokens: int = 4096) -> list[BalanceStep]:
-        """`balance` on gate logits (T, E) already computed."""
+        """`balance` on sigmoid scores (T, E) already computed (the gate is fixed)."""
         steps = check_int("steps", steps, 0, 10_000)
         batch_tokens = check_int("batch_tokens", batch_tokens, 1)
-        scores = torch.sigmoid(logits)  # the gate is fixed, so the scores are computed once
         num_tokens = scores.shape[0]
         batch = min(batch_tokens, num_tokens)
         offsets = torch.arange(batch, device=scores.device)
         self.history = []
         for step in range(steps + 1):
             rows = (offsets + step * batch) % num_tokens
-            counts = self._route_scores(scores[rows], (batch,)).counts.double()
+            counts = self.route_scores(scores[rows], (batch,)).counts.double()
             mean = counts.mean()
             self.history.append(BalanceStep(step, relative_std(counts),
                                             float(counts.max() / mean - 1)))
@@ -120,4 +120,4 @@ class DeepSeekV3Router(_GatedRouter):
     def route_logits(self, logits: torch.Tensor, batch_shape: tuple[int, ...],
                      probs: torch.Tensor | None = None) -> Routing:
         """Route gate logits (T, E) with the current bias (probs unused: scores are sigmoids)."""
-        return self._route_scores(torch.sigmoid(logits), batch_shape)
+        return self.route_scores(torch.sigmoid(logits), batch_shape)

@@ -19,7 +19,7 @@ import torch
 from engine import routing_metrics as rm
 from engine import workloads as wl
 from engine.moe_router import (DEEPSEEK_V3, BalancedHashRouter, DeepSeekV3Router,
-                               ExpertChoiceRouter, GShardRouter, HashRouter, SwitchRouter,
+                               ExpertChoiceRouter, GShardRouter, HashRouter, Routing, SwitchRouter,
                                TopKRouter, expert_capacity, expert_utilization, lsh_bits,
                                router_probs)
 from engine.routing_deepseek import check_groups
@@ -211,7 +211,7 @@ def for_router(s: LabSettings, key: str) -> LabSettings:
     return replace(s, routers=(key,))
 
 
-def _route(s: LabSettings, key: str) -> tuple[object, pd.DataFrame, tuple[str, ...]]:
+def _route(s: LabSettings, key: str) -> tuple[Routing | None, pd.DataFrame, tuple[str, ...]]:
     """Route the workload with router `key`: (Routing, DeepSeek balance table, notes)."""
     e, k, label = s.num_experts, _k_of(key, s), ROUTERS[key]
     work = (s.workload, s.num_tokens, s.vocab_size, s.zipf_s)
@@ -230,9 +230,10 @@ def _route(s: LabSettings, key: str) -> tuple[object, pd.DataFrame, tuple[str, .
     if key == "deepseek":
         router = DeepSeekV3Router(e, k, s.d_model, s.seed, s.bias_update_speed, s.n_groups,
                                   s.topk_groups, s.route_scale)
-        hist = router.balance_logits(logits, s.deepseek_steps)
+        scores = torch.sigmoid(logits)  # one pass, for the bias steps and the final routing
+        hist = router.balance_scores(scores, s.deepseek_steps)
         balance = pd.DataFrame([{"step": h.step, "CV": h.cv, "MaxVio": h.max_vio} for h in hist])
-        return router.route_logits(logits, batch), balance, ()
+        return router.route_scores(scores, batch), balance, ()
     if key == "topk":
         return TopKRouter(e, k, s.d_model, s.seed).route_logits(logits, batch, probs), balance, ()
     if key == "gshard":
@@ -243,7 +244,7 @@ def _route(s: LabSettings, key: str) -> tuple[object, pd.DataFrame, tuple[str, .
         balance, ()
 
 
-def _gshard_note(r, renormalized: bool) -> str:
+def _gshard_note(r: Routing, renormalized: bool) -> str:
     """What GShard's capacity did to the tokens that kept one of their two experts."""
     one = (r.experts >= 0).sum(dim=1) == 1
     share = float(one.double().mean())
