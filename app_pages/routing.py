@@ -22,7 +22,7 @@ _V3_KEYS = {"E": V3["num_experts"], "k": V3["top_k"], "groups": V3["n_groups"],
 _GSHARD = ("g/(g1+g2)", "1")
 
 
-@st.cache_data(show_spinner="Routing tokens...", max_entries=64)
+@st.cache_data(show_spinner=False, max_entries=64)
 def _one(settings: LabSettings, key: str) -> LabResult:
     """route_one, cached per router: run_lab passes for_router(settings, key), which drops the
     settings a router does not use, so adding a router or changing DeepSeek's steps reruns only
@@ -199,8 +199,21 @@ st.caption("Hash routing needs no training; the learned routers here (top-k, Swi
            "show what each routing rule does to a fixed score distribution. Same tokens for all. "
            "Reproduce any figure with `python -m engine route` (see docs/load_balance.md).")
 lab_settings = _settings()
+progress = st.empty()
+
+
+def _route_showing_progress(settings: LabSettings, key: str) -> LabResult:
+    """_one, with a progress bar naming the router (a cold run at 1M tokens takes seconds)."""
+    n = len(lab_settings.routers)
+    i = lab_settings.routers.index(key)
+    progress.progress(i / n, text=f"Routing {lab_settings.num_tokens:,} tokens: {ROUTERS[key]} "
+                                  f"({i + 1} of {n})")
+    return _one(settings, key)
+
+
 # Keep the settings with the result: after bad input the last good pair is shown together.
-shown = guarded("routing", lambda: (lab_settings,
-                                    run_lab(lab_settings, route=_one, labels=PAGE_LABELS)))
+shown = guarded("routing", lambda: (
+    lab_settings, run_lab(lab_settings, route=_route_showing_progress, labels=PAGE_LABELS)))
+progress.empty()
 if shown is not None:
     _show(shown[1], shown[0])

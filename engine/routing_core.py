@@ -164,7 +164,7 @@ def exact_factor(name: str, value: object) -> Fraction:
 
 def expert_capacity(capacity_factor: float, top_k: int, num_tokens: int, num_experts: int) -> int:
     """Slots per expert at capacity factor C: ceil(C * k * T / E) (Switch: k = 1; GShard: k = 2),
-    exact for the decimal C as typed (1.1 * 100 / 10 is 11, where floats give 11.000000000000002)."""
+    exact for the decimal C as typed (1.1 * 100 / 10 is 11; floats give 11.000000000000002)."""
     c = exact_factor("capacity_factor", capacity_factor)
     k = check_int("top_k", top_k, 1)
     t = check_int("num_tokens", num_tokens, 1)

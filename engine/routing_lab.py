@@ -240,8 +240,8 @@ def _route(s: LabSettings, key: str) -> tuple[Routing | None, pd.DataFrame, tupl
         r = GShardRouter(e, k, s.d_model, s.seed, s.capacity_factor,
                          s.gshard_renormalize).route_logits(logits, batch, probs)
         return r, balance, (_gshard_note(r, s.gshard_renormalize),)
-    return _CLASSES[key](e, k, s.d_model, s.seed, s.capacity_factor).route_logits(logits, batch, probs), \
-        balance, ()
+    router = _CLASSES[key](e, k, s.d_model, s.seed, s.capacity_factor)
+    return router.route_logits(logits, batch, probs), balance, ()
 
 
 def _gshard_note(r: Routing, renormalized: bool) -> str:
