@@ -149,8 +149,6 @@ _METRIC_HELP = {
 
 
 def _show(result: LabResult, settings: LabSettings) -> None:
-    for note in result.notes:
-        st.info(note, icon=":material/info:")
     _histogram(result, settings.capacity_factor)
 
     st.subheader("Balance metrics")
@@ -165,6 +163,8 @@ def _show(result: LabResult, settings: LabSettings) -> None:
                  width="stretch",
                  column_config={c: st.column_config.Column(help=h)
                                 for c, h in _METRIC_HELP.items()})
+    for note in result.notes:
+        st.info(note, icon=":material/info:")
     extra = {"settings": settings_dict(settings)}
     download_buttons("routing_metrics", metrics, extra)
     download_buttons("routing_counts", result.counts, extra)
