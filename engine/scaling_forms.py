@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from engine.scaling_breakpoint import (BootstrapResult, BreakpointModel, BreakTest, bootstrap,
-                                       break_test, fit_breakpoint, prediction_band, validate_xy)
+from engine.scaling_breakpoint import BreakpointModel, fit_breakpoint, validate_xy
+from engine.scaling_breaktest import BreakTest, break_test
+from engine.scaling_intervals import BootstrapResult, bootstrap, prediction_band
 from engine.validation import check_choice, check_float, check_int
 
 if TYPE_CHECKING:
@@ -244,7 +245,7 @@ def compare_forms(x: object, y: object, train: object = None,
     n_tr = int(mask.sum())
     check_int("training rows", n_tr, 4)
     if nd is not None:
-        nd = validate_xy(nd[0], nd[1], "params N", "tokens D", distinct=False)
+        nd = validate_xy(nd[0], nd[1], "params N", "tokens D", min_distinct=1)
         if nd[0].shape != xa.shape:
             raise ValueError(f"params N and tokens D must have {xa.size} rows, got {nd[0].size}")
     rows, fits = [], {}

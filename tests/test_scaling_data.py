@@ -26,9 +26,10 @@ def _select(text: str, **kw):
     (GOOD.replace("2.0", "0"), r"column 'loss' must be > 0 .*line 5"),
     (GOOD.replace("2.2", "abc"), r"column 'loss', line 4: 'abc' is not a number"),
     (GOOD.replace("1.7", ""), r"column 'loss', line 6: '' is not a number"),
-    ("n,loss\n10,3\n20,2\n30,1\n", r"at least 4 points, got 3"),
-    ("n,loss\n10,3\n10,2\n10,1\n10,1\n", r"column 'n' must not be all equal"),
-    (GOOD.replace("80,", "20,"), r"column 'n' has duplicate values: line 3 and line 5"),
+    ("n,loss\n10,3\n20,2\n30,1\n", r"^need at least 4 distinct values of column 'n' for two segments, "
+                                     r"got 3 \(10, 20, 30\) in 3 rows$"),
+    ("n,loss\n10,3\n10,2\n10,1\n10,1\n", r"at least 4 distinct values of column 'n' .*got 1 \(10\) in 4"),
+    (GOOD.replace("80,", "20,").replace("160,", "40,"), r"at least 4 distinct .*got 3 \(10, 20, 40\) in 5"),
 ])
 def test_bad_values_name_the_column_and_line(text, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -53,7 +54,7 @@ def test_upload_limits_and_unreadable_files():
 
 def test_too_few_points_for_the_segments():
     sel = _select(GOOD)
-    with pytest.raises(ValueError, match=r"2 \* min_segment = 6 points"):
+    with pytest.raises(ValueError, match=r"2 \* min_segment = 6 distinct sizes for two segments, got 5"):
         fit_breakpoint(sel.x, sel.y, min_segment=3)
 
 
@@ -119,8 +120,9 @@ def test_cli_reports_bad_csv_with_exit_code_2(tmp_path, capsys):
     assert main(["fit", str(path), "--x", "n", "--y", "loss"]) == 2
     assert "column 'loss', line 4: 'oops' is not a number" in capsys.readouterr().err
     assert main(["fit", str(tmp_path / "missing.csv"), "--x", "n", "--y", "loss"]) == 2
-    assert main(["fit", "--dataset", "chinchilla", "--x", "Model Size"]) == 2
-    assert "duplicate values" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["fit", str(path), "--x", "n", "--y", "tag"]) == 2
+    assert "column 'tag', line 2: 'a' is not a number" in capsys.readouterr().err
 
 
 def test_cli_csv_with_filter_and_first_k_holdout(tmp_path, capsys):
