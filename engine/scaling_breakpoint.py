@@ -242,18 +242,26 @@ def _profile(u: np.ndarray, w: np.ndarray, v: np.ndarray, min_seg: int, continuo
     v = np.broadcast_to(v, w.shape)
     a, b, g, starts, ok = _sides(u, w, v, min_seg)
     with np.errstate(divide="ignore", invalid="ignore"):
-        val, _ = _join(a, b, g[:-1], g[1:], continuous)
+        val, c = _join(a, b, g[:-1], g[1:], continuous)
     val = np.where(ok & np.isfinite(val), val, np.inf)
-    # Two-pass recomputation of each row's best few gaps (P = B * k pairs of row and gap).
-    k = min(_REFINE, val.shape[1])
-    j = np.argpartition(val, k - 1, axis=1)[:, :k].ravel()
-    rows = np.repeat(np.arange(w.shape[0]), k)
+    j = np.argmin(val, axis=1)
+    s = val[np.arange(val.shape[0]), j]
+    cb = c[np.arange(val.shape[0]), j]
+    # Rows whose best SSE is within 1e-6 of the total sum of squares (nearly noise-free): prefix
+    # sums lose the digits that rank the gaps, so their best few gaps are recomputed two-pass.
     with np.errstate(divide="ignore", invalid="ignore"):
-        sse, c = _join(*_sides_two_pass(u, w, v, starts, rows, j), g[j], g[j + 1], continuous)
-    sse = np.where(np.isfinite(val[rows, j]) & np.isfinite(sse), sse, np.inf).reshape(-1, k)
-    best = np.argmin(sse, axis=1)
-    s = np.take_along_axis(sse, best[:, None], 1)[:, 0]
-    cb = np.take_along_axis(c.reshape(-1, k), best[:, None], 1)[:, 0]
+        mean = (w * v).sum(1, keepdims=True) / w.sum(1, keepdims=True)
+    rows = np.flatnonzero(np.isfinite(s) & (s <= 1e-6 * np.sum(w * (v - mean) ** 2, axis=1)))
+    if rows.size:
+        k = min(_REFINE, val.shape[1])
+        j = np.argpartition(val[rows], k - 1, axis=1)[:, :k].ravel()
+        r = np.repeat(rows, k)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sse, cr = _join(*_sides_two_pass(u, w, v, starts, r, j), g[j], g[j + 1], continuous)
+        sse = np.where(np.isfinite(val[r, j]) & np.isfinite(sse), sse, np.inf).reshape(-1, k)
+        best = np.argmin(sse, axis=1)
+        s[rows] = np.take_along_axis(sse, best[:, None], 1)[:, 0]
+        cb[rows] = np.take_along_axis(cr.reshape(-1, k), best[:, None], 1)[:, 0]
     bad = ~np.isfinite(s)
     return _Profile(np.where(bad, np.nan, cb), np.where(bad, np.nan, s))
 

@@ -13,6 +13,7 @@ The coverage benchmark (benchmarks/bench_breakpoint_ci.py) chose DEFAULT_METHOD.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,10 +24,11 @@ from engine.scaling_breakpoint import (_centred, _check_settings, _check_weights
                                        data_rng, validate_xy)
 from engine.validation import check_bytes, check_choice, check_float, check_int
 
-METHODS = ("profile", "bootstrap", "residual")
-METHOD_NAMES = {"profile": "inverted-F profile", "bootstrap": "case bootstrap (percentile)",
-                "residual": "residual bootstrap (percentile)"}
-DEFAULT_METHOD = "profile"
+METHODS = ("calibrated", "profile", "bootstrap", "residual")
+METHOD_NAMES = {"calibrated": "inverted F, least-favourable bound", "profile": "inverted F",
+                "bootstrap": "case bootstrap (percentile)", "residual": "residual bootstrap (percentile)"}
+DEFAULT_METHOD = "calibrated"
+N_CAL = 400  # noise draws of the least-favourable bound
 _TWO_PASS_CELLS = 4_000_000  # gaps x points up to which every gap is refitted two-pass
 _GRID = 256  # breakpoints per profile interval of a slope or a prediction
 
@@ -66,12 +68,69 @@ class ProfileInterval(Intervals):
     bands: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # loss units, each (G,)
 
 
+def _residual_draws(u: np.ndarray, w: np.ndarray, v: np.ndarray, c: np.ndarray, continuous: bool,
+                    n_draws: int, rng: np.random.Generator, free: int) -> np.ndarray:
+    """(len(c) * n_draws, n) responses: the fit with its breakpoint fixed at each c plus that fit's
+    residuals drawn with replacement (weighted, inflated by sqrt(n / (n - free)))."""
+    coef, _ = _coefficients(u, np.broadcast_to(w, (c.size, u.size)), v, c, continuous)
+    fitted = _curve(coef, c, u)  # (C, n)
+    pos = w > 0
+    r = (v - fitted)[:, pos] * np.sqrt(w[pos] * u.size / (u.size - free))
+    r -= r.mean(1, keepdims=True)
+    pick = rng.integers(0, r.shape[1], (c.size, n_draws, u.size))
+    draws = np.take_along_axis(r[:, None, :], pick, axis=2) / np.sqrt(np.where(pos, w, 1.0))
+    return (fitted[:, None, :] + draws).reshape(-1, u.size)
+
+
+def _sse_at(u: np.ndarray, w: np.ndarray, V: np.ndarray, c: float, continuous: bool) -> np.ndarray:
+    """SSE of each row of V (B, n) fitted with the breakpoint fixed at c: one projection for all."""
+    _, cov = _coefficients(u, w[None], np.zeros(u.size), np.array([c]), continuous)
+    X = _value_vectors(u, np.array([c]), continuous)[0]  # (n, p)
+    beta = (V * w) @ X @ cov[0]  # (B, p): cov = (X'WX)^-1
+    return np.sum(w * (V - beta @ X.T) ** 2, axis=1)
+
+
+def calibrated_bounds(u: np.ndarray, w: np.ndarray, m: int, continuous: bool, c: np.ndarray,
+                      level: float, n_cal: int, seed: int) -> np.ndarray:
+    """Critical values of F(c0) = (SSE(c0) - SSE_min) / s^2 for each breakpoint c0 of `c` (C,):
+    its `level` quantile when the kink is zero (pure Gaussian noise on a line, `n_cal` draws).
+
+    F(1, n - p) holds only for a well identified knee: with a weak kink, or a knee near an end,
+    noise makes spurious knees elsewhere and F(c0) has a heavier law. F(c0) is largest when the
+    kink vanishes (any real kink raises SSE away from c0), so this least favourable law bounds it
+    at every kink, and it depends on the sizes and weights only (not on slopes or noise scale):
+    its draws are seeded by `seed` and the sizes, and the result is cached per table layout.
+    """
+    return np.array(_bounds(u.tobytes(), w.tobytes(), m, continuous, c.tobytes(), level, n_cal, seed))
+
+
+@functools.lru_cache(maxsize=64)
+def _bounds(ub: bytes, wb: bytes, m: int, continuous: bool, cb: bytes, level: float, n_cal: int,
+            seed: int) -> tuple[float, ...]:
+    u, w, c = (np.frombuffer(b) for b in (ub, wb, cb))
+    N = data_rng(u, w, seed).standard_normal((n_cal, u.size)) / np.sqrt(np.where(w > 0, w, 1.0))
+    sse_min = _profile(u, np.broadcast_to(w, N.shape), N, m, continuous).sse
+    dof = u.size - _n_params(continuous)
+    q = np.empty(c.size)
+    for i, c0 in enumerate(c):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            f = (_sse_at(u, w, N, c0, continuous) - sse_min) / (sse_min / dof)
+        q[i] = np.quantile(f[np.isfinite(f)], level)
+    return tuple(q)
+
+
 def profile_interval(params: object, losses: object, level: float = 0.95, min_segment: int = 2,
-                     weights: object = None, continuous: bool = True,
-                     at: object = None) -> ProfileInterval:
+                     weights: object = None, continuous: bool = True, at: object = None,
+                     n_cal: int = 0, seed: int = 0, n_anchor: int = 12) -> ProfileInterval:
     """Inverted-F intervals of breakpoint and slopes; with `at` (G,) sizes, the fitted curve's
-    confidence band and a prediction band for a new point there (dict of (G,) arrays, loss units)."""
+    confidence band and a prediction band for a new point there (dict of (G,) arrays, loss units).
+
+    n_cal > 0: the bound at each breakpoint is the larger of F(level; 1, n - p) and its calibrated
+    value (calibrated_bounds, `n_cal` resamples at `n_anchor` breakpoints, interpolated between).
+    """
     level = check_float("level", level, 0.5, 0.999)
+    n_cal = check_int("n_cal", n_cal, 0, 100_000)
+    n_anchor = check_int("n_anchor", n_anchor, 2, 1000)
     x, y, m, w, u, v, u0, v0 = _prepare(params, losses, min_segment, weights)
     n, p = x.size, _n_params(continuous)
     if n <= p:
@@ -79,23 +138,32 @@ def profile_interval(params: object, losses: object, level: float = 0.95, min_se
     best = _profile(u, w[None], v, m, continuous)
     sse_min, c_hat = float(best.sse[0]), float(best.c[0])
     f1 = float(stats.f.ppf(level, 1, n - p))
-    t = sse_min * (1 + f1 / (n - p))
-    c_lo, c_hi, edge = _breakpoint_set(u, w, v, m, continuous, t)
+    g = np.unique(u)
+    c_range = (g[m - 1], g[-m])  # m distinct sizes a side
+    bound = lambda c: np.full(np.shape(c), f1)  # noqa: E731
+    if n_cal:
+        check_bytes("profile_interval", 8.0 * n_cal * n_anchor * n * 12)
+        anchors = np.linspace(*c_range, n_anchor)
+        q = np.maximum(f1, calibrated_bounds(u, w, m, continuous, anchors, level, n_cal, seed))
+        bound = lambda c: np.interp(c, anchors, q)  # noqa: E731
+    t = lambda c: sse_min * (1 + bound(c) / (n - p))  # noqa: E731
+    c_lo, c_hi = _breakpoint_set(u, w, v, m, continuous, t)
     # Slopes and the curve: union over a grid of breakpoints across the set, its ends, the fit.
     c = np.unique(np.r_[np.linspace(c_lo, c_hi, _GRID), c_hat])
     check_bytes("profile_interval", 8.0 * c.size * u.size * 12)
     wb = np.broadcast_to(w, (c.size, u.size))
     coef, cov = _coefficients(u, wb, v, c, continuous)
-    slack = np.maximum(t - np.sum(wb * (v - _curve(coef, c, u)) ** 2, axis=1), 0.0)
+    slack = np.maximum(t(c) - np.sum(wb * (v - _curve(coef, c, u)) ** 2, axis=1), 0.0)
     keep = (slack > 0) | (c == c_hat)
     coef, cov, c, slack = coef[keep], cov[keep], c[keep], slack[keep]
     e = np.eye(cov.shape[1])
     a_before = e[1]
     a_after = e[1] + e[2] if continuous else e[3]
 
-    def union(est: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Ends of the union of est(c) +- sqrt(slack(c) a'V(c)a); est (C, G), a (C, G, p)."""
-        half = np.sqrt(slack[:, None] * np.einsum("cgp,cpq,cgq->cg", a, cov, a))
+    def union(est: np.ndarray, a: np.ndarray, noise: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """Ends of the union of est(c) +- sqrt(slack(c) a'V(c)a + noise); est (C, G), a (C, G, p).
+        noise: the prediction band's F(level; 1, n - p) s^2 (at the fitted knee: t s sqrt(1 + a'Va))."""
+        half = np.sqrt(slack[:, None] * np.einsum("cgp,cpq,cgq->cg", a, cov, a) + noise)
         return (est - half).min(0), (est + half).max(0)
 
     sb = union(coef[:, 1:2], np.broadcast_to(a_before, (c.size, 1, e.shape[0])))
@@ -106,21 +174,14 @@ def profile_interval(params: object, losses: object, level: float = 0.95, min_se
         est = _curve(coef, c, ua)
         a = _value_vectors(ua, c, continuous)
         lo, hi = union(est, a)
-        pi_lo, pi_hi = _with_noise(est, a, cov, slack, f1 * sse_min / (n - p))
-        bands = {"median": np.exp(est[np.flatnonzero(c == c_hat)[0]] + v0), "ci_low": np.exp(lo + v0), "ci_high": np.exp(hi + v0),
-                 "pi_low": np.exp(pi_lo + v0), "pi_high": np.exp(pi_hi + v0)}
-    note = _edge_note(edge, m)
-    return ProfileInterval("profile", level, (float(np.exp(c_lo + u0)), float(np.exp(c_hi + u0))),
+        pi_lo, pi_hi = union(est, a, f1 * sse_min / (n - p))
+        bands = {"median": np.exp(est[np.flatnonzero(c == c_hat)[0]] + v0), "ci_low": np.exp(lo + v0),
+                 "ci_high": np.exp(hi + v0), "pi_low": np.exp(pi_lo + v0), "pi_high": np.exp(pi_hi + v0)}
+    edge = (c_lo <= c_range[0], c_hi >= c_range[1])
+    return ProfileInterval("calibrated" if n_cal else "profile", level,
+                           (float(np.exp(c_lo + u0)), float(np.exp(c_hi + u0))),
                            (float(sb[0][0]), float(sb[1][0])), (float(sa[0][0]), float(sa[1][0])),
-                           note, t, bands)
-
-
-def _with_noise(est: np.ndarray, a: np.ndarray, cov: np.ndarray, slack: np.ndarray,
-                noise: float) -> tuple[np.ndarray, np.ndarray]:
-    """Prediction band for a new point: the profile half-width with F(level; 1, n - p) sigma^2
-    added in quadrature (at the fitted knee: the classic t sigma sqrt(1 + a'Va))."""
-    half = np.sqrt(slack[:, None] * np.einsum("cgp,cpq,cgq->cg", a, cov, a) + noise)
-    return (est - half).min(0), (est + half).max(0)
+                           _edge_note(edge, m), float(t(c_hat)), bands)
 
 
 def _value_vectors(ua: np.ndarray, c: np.ndarray, continuous: bool) -> np.ndarray:
@@ -135,9 +196,8 @@ def _value_vectors(ua: np.ndarray, c: np.ndarray, continuous: bool) -> np.ndarra
 
 
 def _breakpoint_set(u: np.ndarray, w: np.ndarray, v: np.ndarray, m: int, continuous: bool,
-                    t: float) -> tuple[float, float, tuple[bool, bool]]:
-    """Smallest and largest c with SSE(c) <= t, exact per gap, and whether each end is the edge of
-    the searchable range (min_segment distinct sizes a side)."""
+                    t) -> tuple[float, float]:
+    """Smallest and largest c with SSE(c) <= t(c), exact per gap (t taken at the gap's middle)."""
     a, b, g, starts, ok = _sides(u, w[None], v[None], m)
     ok = ok[0]
     j = np.flatnonzero(ok)
@@ -148,6 +208,7 @@ def _breakpoint_set(u: np.ndarray, w: np.ndarray, v: np.ndarray, m: int, continu
                 for s in (a, b))
     lo, hi = g[j], g[j + 1]
     sse4 = a.e + b.e
+    t = t(0.5 * (lo + hi))
     if continuous:
         # SSE(c) <= t  <=>  d^2 - (t - SSE4) q <= 0: with z = c - m a quadratic A z^2 + B z + C <= 0.
         m, gm, db, q2, k = _poly(a, b)
@@ -161,8 +222,7 @@ def _breakpoint_set(u: np.ndarray, w: np.ndarray, v: np.ndarray, m: int, continu
     else:
         cand, sse = np.stack([lo, hi]), np.stack([sse4, sse4])
     inside = sse <= t * (1 + 1e-9) + 1e-300
-    c_lo, c_hi = float(cand[inside].min()), float(cand[inside].max())
-    return c_lo, c_hi, (c_lo <= lo[0], c_hi >= hi[-1])
+    return float(cand[inside].min()), float(cand[inside].max())
 
 
 def _edge_note(edge: tuple[bool, bool], m: int) -> str:
@@ -220,13 +280,8 @@ def bootstrap(params: object, losses: object, n_boot: int = 1000, level: float =
         W = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float) * w
         V = np.broadcast_to(v, W.shape)
     else:
-        c_hat = full.c
-        coef, _ = _coefficients(u, w[None], v, c_hat, continuous)
-        fitted = _curve(coef, c_hat, u)[0]
-        r = (v - fitted) * np.sqrt(w) * np.sqrt(n / dof)
-        r = r[w > 0] - np.average(r[w > 0])
-        W = np.broadcast_to(w, (n_boot, n))
-        V = fitted + rng.choice(r, (n_boot, n)) / np.sqrt(np.where(w > 0, w, 1.0))
+        V = _residual_draws(u, w, v, full.c, continuous, n_boot, rng, _n_params(continuous))
+        W = np.broadcast_to(w, V.shape)
     prof = _profile(u, W, V, m, continuous)
     good = np.isfinite(prof.c)
     if good.sum() < 10:
