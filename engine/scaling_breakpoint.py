@@ -31,6 +31,7 @@ from engine.validation import check_bytes, check_int
 
 MIN_POINTS = 4  # distinct sizes: two segments of two
 MAX_POINTS = 1_000_000
+MAX_SEED = 2**31 - 1
 _REFINE = 4  # intervals per row recomputed two-pass after the prefix-sum pass
 
 
@@ -117,7 +118,7 @@ def data_rng(x: np.ndarray, y: np.ndarray, seed: int) -> np.random.Generator:
     the same table and seed always the same ones."""
     order = np.lexsort((y, x))
     digest = hashlib.blake2b(np.stack([x[order], y[order]]).tobytes(), digest_size=16).digest()
-    return np.random.default_rng([check_int("seed", seed, 0, 2**63 - 1),
+    return np.random.default_rng([check_int("seed", seed, 0, MAX_SEED),
                                   *np.frombuffer(digest, dtype=np.uint32).tolist()])
 
 

@@ -38,30 +38,38 @@ def _line_fit(u: np.ndarray, W: np.ndarray, V: np.ndarray) -> np.ndarray:
     return dv - (W * du * dv).sum(1, keepdims=True) / (W * du * du).sum(1, keepdims=True) * du
 
 
+def _irls(V: np.ndarray, residuals) -> np.ndarray:
+    """Huber weights (B, n) at convergence; `residuals(W, rows)` fits rows `rows` with weights W
+    (R, n) and returns their residuals. Only rows whose weights still move are refitted."""
+    W = np.ones_like(V)
+    rows = np.arange(V.shape[0])
+    for _ in range(_ITERS):
+        new = _huber(residuals(W[rows], rows))
+        moved = np.abs(new - W[rows]).max(1) > 1e-4
+        W[rows] = new
+        rows = rows[moved]
+        if not rows.size:
+            break
+    return W
+
+
 def huber_line(u: np.ndarray, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """IRLS Huber line per row of V (B, n): final weights and residuals, both (B, n)."""
-    W = np.ones_like(V)
-    for _ in range(_ITERS):
-        r = _line_fit(u, W, V)
-        W_new = _huber(r)
-        if np.allclose(W_new, W, atol=1e-6):
-            break
-        W = W_new
+    W = _irls(V, lambda W, rows: _line_fit(u, W, V[rows]))
     return W, _line_fit(u, W, V)
 
 
 def huber_broken(u: np.ndarray, V: np.ndarray, m: int, continuous: bool) -> tuple[np.ndarray, np.ndarray]:
     """IRLS Huber two-segment fit per row of V (B, n): final weights (B, n) and breakpoints (B,)."""
-    W = np.ones_like(V)
-    for _ in range(_ITERS):
-        c = _profile(u, W, V, m, continuous).c
+    def residuals(W: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        c = _profile(u, W, V[rows], m, continuous).c
+        r = np.zeros_like(W)  # rows without two segments keep their weights
         ok = np.isfinite(c)
-        coef, _ = _coefficients(u, W[ok], V[ok], c[ok], continuous)
-        W_new = W.copy()
-        W_new[ok] = _huber(V[ok] - _curve(coef, c[ok], u))
-        if np.allclose(W_new, W, atol=1e-6):
-            break
-        W = W_new
+        coef, _ = _coefficients(u, W[ok], V[rows][ok], c[ok], continuous)
+        r[ok] = V[rows][ok] - _curve(coef, c[ok], u)
+        return r
+
+    W = _irls(V, residuals)
     return W, _profile(u, W, V, m, continuous).c
 
 
