@@ -147,7 +147,7 @@ def profile_interval(params: object, losses: object, level: float = 0.95, min_se
         q = np.maximum(f1, calibrated_bounds(u, w, m, continuous, anchors, level, n_cal, seed))
         bound = lambda c: np.interp(c, anchors, q)  # noqa: E731
     t = lambda c: sse_min * (1 + bound(c) / (n - p))  # noqa: E731
-    c_lo, c_hi = _breakpoint_set(u, w, v, m, continuous, t)
+    c_lo, c_hi = _breakpoint_set(u, w, v, m, continuous, t, c_hat)
     # Slopes and the curve: union over a grid of breakpoints across the set, its ends, the fit.
     c = np.unique(np.r_[np.linspace(c_lo, c_hi, _GRID), c_hat])
     check_bytes("profile_interval", 8.0 * c.size * u.size * 12)
@@ -196,7 +196,7 @@ def _value_vectors(ua: np.ndarray, c: np.ndarray, continuous: bool) -> np.ndarra
 
 
 def _breakpoint_set(u: np.ndarray, w: np.ndarray, v: np.ndarray, m: int, continuous: bool,
-                    t) -> tuple[float, float]:
+                    t, c_hat: float) -> tuple[float, float]:
     """Smallest and largest c with SSE(c) <= t(c), exact per gap (t taken at the gap's middle)."""
     a, b, g, starts, ok = _sides(u, w[None], v[None], m)
     ok = ok[0]
@@ -221,8 +221,9 @@ def _breakpoint_set(u: np.ndarray, w: np.ndarray, v: np.ndarray, m: int, continu
             sse = sse4 + _gap(a, b, cand) ** 2 / _var(a, b, cand)
     else:
         cand, sse = np.stack([lo, hi]), np.stack([sse4, sse4])
-    inside = sse <= t * (1 + 1e-9) + 1e-300
-    return float(cand[inside].min()), float(cand[inside].max())
+    inside = cand[sse <= t * (1 + 1e-9)]
+    # The fitted knee always belongs (on exact data t is 0 and rounding can exclude every end).
+    return float(min(inside.min(initial=c_hat), c_hat)), float(max(inside.max(initial=c_hat), c_hat))
 
 
 def _edge_note(edge: tuple[bool, bool], m: int) -> str:

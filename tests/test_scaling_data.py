@@ -138,3 +138,22 @@ def test_cli_csv_with_filter_and_first_k_holdout(tmp_path, capsys):
     assert doc["model"]["breakpoint"] == pytest.approx(1e9, rel=1e-9)
     forms = pd.DataFrame(doc["forms (RMSLE in natural-log units)"])
     assert forms["form"].tolist() == ["power"]
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", "-1"), ("--n-boot", "5"), ("--level", "1.5"),
+                                         ("--n-sim", "-3"), ("--min-segment", "1")])
+def test_cli_names_the_flag_of_a_bad_number(flag, value, capsys):
+    assert main(["fit", "--dataset", "bnsl_4digit", flag, value]) == 2
+    assert f"{flag} must be" in capsys.readouterr().err
+
+
+def test_minimum_sizes_are_stated_the_same_way():
+    """One phrasing: the fit needs 4 distinct sizes, the test and intervals 5 rows ('at least')."""
+    from engine.scaling_breaktest import break_test
+    from engine.scaling_intervals import profile_interval
+
+    x, y = np.array([10.0, 20, 40, 80]), np.array([3.0, 2.5, 2.2, 2.0])
+    assert fit_breakpoint(x, y).n == 4
+    for fn in (break_test, profile_interval):
+        with pytest.raises(ValueError, match=r"^need at least 5 points .*got 4$"):
+            fn(x, y)
