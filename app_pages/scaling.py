@@ -151,10 +151,11 @@ res: LabResult | None = last_good("scaling_lab") if stale else \
     guarded("scaling_lab", lambda: _lab(source, csv_bytes, syn, x_col, y_col, flt, nd, split, fit))
 if res is None:
     st.stop()
-if not stale and not refused("scaling_lab"):
+stale = stale or refused("scaling_lab")
+if not stale:
     st.session_state["_scaling_source"] = source_name
-shown = st.session_state.get("_scaling_source", "the earlier table")
-if stale:
+shown = st.session_state.get("_scaling_source", "an earlier table")
+if stale and shown != source_name:
     st.warning(f"The results below are those of the earlier table ({shown}), not of {source_name}, "
                "which was refused.", icon=":material/history:")
 
@@ -163,7 +164,7 @@ m, t = res.model, res.test
 iv = res.intervals
 lo, hi = iv.breakpoint
 k = st.columns(5)
-k[0].metric("Breakpoint", f"{m.breakpoint:.4g}", help=f"{iv.level:.0%} interval: {METHOD_NAMES[iv.method]}")
+k[0].metric("Breakpoint", f"{m.breakpoint:.3g}".replace("e+0", "e").replace("e+", "e"), help=f"{iv.level:.0%} interval: {METHOD_NAMES[iv.method]}")
 k[0].caption(f"{iv.level:.0%} CI {lo:.4g} to {hi:.4g} ({iv.method})")
 for col, name, value, (a, b) in ((k[1], "Slope before", m.slope_before, iv.slope_before),
                                  (k[2], "Slope after", m.slope_after, iv.slope_after)):
@@ -174,7 +175,7 @@ k[3].metric("sup-F p-value", f"{t.supf_pvalue:.3g}", help="Monte Carlo p-value o
             f"{t.f_pvalue:.2g}")
 k[4].metric("BIC(broken) - BIC(single)", f"{t.delta_bic:.1f}", help="negative favours a break")
 verdict = t.supported(0.05)
-earlier = f"Earlier table ({shown}): " if stale else ""
+earlier = f"Last valid result ({shown}): " if stale else ""
 (st.info if stale else st.success if verdict else st.warning)(
     earlier + ("A break is supported: sup-F rejects a single power law at 5 % and BIC prefers the break."
                if verdict else "No convincing break: a single power law is not rejected, or BIC prefers it."))
