@@ -16,7 +16,7 @@ from engine.scaling_data import (DATASETS, MAX_UPLOAD_BYTES, Filter, SyntheticSp
                                  generate_synthetic, load_dataset, parse_csv, select_xy)
 from engine.scaling_forms import FORMS
 from engine.scaling_intervals import DEFAULT_METHOD, METHOD_NAMES, METHODS
-from engine.scaling_lab import LOSSES, FitSettings, LabResult, analyse
+from engine.scaling_lab import LOSSES, FitSettings, LabResult, analyse, other_forms
 
 Q = {"bind": "query-params"}
 NONE = "(none)"
@@ -40,7 +40,16 @@ def _lab(source: str, csv: bytes | None, syn: dict | None, x: str, y: str, flt: 
          nd: tuple[str, str] | None, split: str | None, fit: dict) -> LabResult:
     table = _table(source, csv, syn)
     filters = (Filter.parse(*flt),) if flt else ()
-    return analyse(select_xy(table, x, y, filters, nd, split), FitSettings(**fit))
+    return analyse(select_xy(table, x, y, filters, nd, split), FitSettings(**fit), forms=False)
+
+
+# Cached apart from the fit: the other forms do not depend on seed, loss or interval settings.
+@st.cache_data(show_spinner="Fitting other forms...", max_entries=32)
+def _forms(source: str, csv: bytes | None, syn: dict | None, x: str, y: str, flt: tuple | None,
+           nd: tuple[str, str] | None, split: str | None, fit: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    table = _table(source, csv, syn)
+    filters = (Filter.parse(*flt),) if flt else ()
+    return other_forms(select_xy(table, x, y, filters, nd, split), FitSettings(**fit))
 
 
 @st.cache_data(show_spinner="Simulating detection...", max_entries=16)
@@ -159,6 +168,11 @@ if stale and shown != source_name:
     st.warning(f"The results below are those of the earlier table ({shown}), not of {source_name}, "
                "which was refused.", icon=":material/history:")
 
+form_keys = ("min_segment", "holdout", "first_k", "target", "forms")
+forms_res = last_good("scaling_forms") if stale else guarded("scaling_forms", lambda: _forms(
+    source, csv_bytes, syn, x_col, y_col, flt, nd, split, {k: fit[k] for k in form_keys}))
+form_table, form_curves = forms_res if forms_res is not None else (pd.DataFrame(), pd.DataFrame())
+
 # ---------------------------------------------------------------- headline
 m, t = res.model, res.test
 iv = res.intervals
@@ -195,8 +209,8 @@ fig.add_trace(go.Scatter(x=cur["x"], y=cur["ci_low"], line_width=0, fill="tonext
                          fillcolor="rgba(31,119,180,0.3)", name=f"{iv.level:.0%} confidence band"))
 fig.add_trace(go.Scatter(x=cur["x"], y=cur["broken_fit"], name="two-segment fit", line_color="#1f77b4"))
 for name, color in COLORS.items():
-    if name in cur:
-        fig.add_trace(go.Scatter(x=cur["x"], y=cur[name], name=name, line=dict(color=color, dash="dot"),
+    if name in form_curves:
+        fig.add_trace(go.Scatter(x=form_curves["x"], y=form_curves[name], name=name, line=dict(color=color, dash="dot"),
                                  visible="legendonly"))
 for train, label, sym in ((True, "fitted points", "circle"), (False, "held-out points", "x")):
     p = pts[pts["train"] == train]
@@ -245,8 +259,8 @@ download_buttons("scaling_fit_summary", res.summary, {"model": m.summary, "setti
                                                       "y": y_col})
 st.subheader("Other forms on the same points")
 st.caption("RMSLE is the root mean squared error of natural-log loss; hold-out rows are extrapolated.")
-st.dataframe(res.forms, hide_index=True, key="scaling_forms")
-download_buttons("scaling_forms", res.forms)
+st.dataframe(form_table, hide_index=True, key="scaling_forms")
+download_buttons("scaling_forms", form_table)
 if not res.extrapolation.empty:
     st.subheader("Extrapolation")
     st.dataframe(res.extrapolation, hide_index=True, key="scaling_extrap")

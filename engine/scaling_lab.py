@@ -69,11 +69,9 @@ def _methods_table(rows: dict[str, Intervals], default: str) -> pd.DataFrame:
         "note": iv.note} for name, iv in rows.items()])
 
 
-def analyse(sel: "Selection", settings: FitSettings = FitSettings()) -> LabResult:
-    """Fit the two-segment law with intervals and tests on the training rows of `sel`; compare forms."""
+def _rows(sel: "Selection", settings: FitSettings):
+    """Rows sorted by size, and the training mask the hold-out setting picks."""
     check_choice("holdout", settings.holdout, ("none", "split", "first_k"))
-    check_choice("interval method", settings.method, METHODS)
-    check_choice("loss", settings.loss, LOSSES)
     order = np.argsort(sel.x, kind="stable")
     x, y, lines = sel.x[order], sel.y[order], sel.lines[order]
     nd = (sel.nd[0][order], sel.nd[1][order]) if sel.nd is not None else None
@@ -83,6 +81,29 @@ def analyse(sel: "Selection", settings: FitSettings = FitSettings()) -> LabResul
         train = holdout_mask(x.size, split=sel.split[order])
     else:
         train = holdout_mask(x.size, settings.first_k if settings.holdout == "first_k" else None)
+    target = None if settings.target is None else check_float("target", settings.target, 0.0, lo_open=True)
+    grid = np.geomspace(x.min(), max(x.max(), target or 0.0), 200)
+    return x, y, lines, nd, train, target, grid
+
+
+def other_forms(sel: "Selection", settings: FitSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The compare_forms table on the training rows and each form's loss on the lab's size grid
+    (columns x and one per form). Independent of seed, loss and intervals: pages cache it apart."""
+    x, y, _, nd, train, _, grid = _rows(sel, settings)
+    table, fits = compare_forms(x, y, train, nd, tuple(settings.forms), settings.min_segment)
+    curves = pd.DataFrame({"x": grid})
+    for name, fit in fits.items():
+        if name != "chinchilla":  # needs N and D per grid point; shown in the table only
+            curves[name] = fit.predict(grid)
+    return table, curves
+
+
+def analyse(sel: "Selection", settings: FitSettings = FitSettings(), forms: bool = True) -> LabResult:
+    """Fit the two-segment law with intervals and tests on the training rows of `sel`; with
+    `forms`, compare the other forms too (else LabResult.forms is empty: see other_forms)."""
+    check_choice("interval method", settings.method, METHODS)
+    check_choice("loss", settings.loss, LOSSES)
+    x, y, lines, nd, train, target, grid = _rows(sel, settings)
     xt, yt = x[train], y[train]
     kw = dict(min_segment=settings.min_segment, continuous=settings.continuous)
     weights = None
@@ -92,8 +113,6 @@ def analyse(sel: "Selection", settings: FitSettings = FitSettings()) -> LabResul
     else:
         model = fit_breakpoint(xt, yt, **kw)
         test = break_test(xt, yt, settings.n_sim, settings.seed, **kw)
-    target = None if settings.target is None else check_float("target", settings.target, 0.0, lo_open=True)
-    grid = np.geomspace(x.min(), max(x.max(), target or 0.0), 200)
     at = np.r_[grid, target or grid[-1]]
     boot = bootstrap(xt, yt, settings.n_boot, settings.level, settings.seed, weights=weights, **kw)
     ivs: dict[str, Intervals] = {}
@@ -123,7 +142,6 @@ def analyse(sel: "Selection", settings: FitSettings = FitSettings()) -> LabResul
             ("sup-F p-value (Davies-type)", test.supf_pvalue), ("BIC single", test.bic_single),
             ("BIC broken", test.bic_broken), ("n train", model.n))),
     ])
-    forms, fits = compare_forms(x, y, train, nd, tuple(settings.forms), settings.min_segment)
     fitted = model.predict(x)
     points = pd.DataFrame({"line": lines, "x": x, "y": y, "fitted": fitted,
                            "residual": np.log(y) - np.log(fitted), "train": train})
@@ -131,12 +149,13 @@ def analyse(sel: "Selection", settings: FitSettings = FitSettings()) -> LabResul
         points.loc[train, "huber_weight"] = weights
     curve = pd.DataFrame({"x": grid, "broken_fit": model.predict(grid),
                           **{k: v[:-1] for k, v in bands.items()}})
-    for name, fit in fits.items():
-        if name != "chinchilla":  # needs N and D per grid point; shown in the table only
-            curve[name] = fit.predict(grid)
+    table = pd.DataFrame()
+    if forms:
+        table, curves = other_forms(sel, settings)
+        curve = pd.concat([curve, curves.drop(columns="x")], axis=1)
     extrap = pd.DataFrame()
     if target is not None:
         extrap = pd.DataFrame([{"target": target, "predicted_loss": float(model.predict(target)),
                                 **{k: float(v[-1]) for k, v in bands.items()}}])
-    return LabResult(model, boot, test, iv, _methods_table(ivs, DEFAULT_METHOD), summary, forms,
+    return LabResult(model, boot, test, iv, _methods_table(ivs, DEFAULT_METHOD), summary, table,
                      points, curve, extrap)
