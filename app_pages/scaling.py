@@ -83,14 +83,20 @@ source = c[0].radio("Data", list(SOURCES), captions=list(SOURCES.values()), hori
 seed = c[1].number_input("Seed", 0, MAX_SEED, 0, key="seed", **Q, help="noise, resamples, simulations")
 csv_bytes, syn = None, None
 source_name = SOURCES[source]
+no_file = False
 if source == "upload":
     up = st.file_uploader(f"CSV with a header row (at most {MAX_UPLOAD_BYTES // 2**20} MiB)", type="csv",
                           key="csv")
-    if up is None:
+    # Replacing a file passes through a run without one: an earlier upload's results stay on
+    # screen (marked as such) rather than the page going blank for a moment.
+    no_file = up is None
+    if no_file:
         st.info("Upload a CSV with a size column and a loss column, or pick a bundled table.")
-        st.stop()
-    csv_bytes = up.getvalue()
-    source_name = f"upload {up.name!r}"
+        if not str(st.session_state.get("_scaling_source", "")).startswith("upload"):
+            st.stop()
+    else:
+        csv_bytes = up.getvalue()
+        source_name = f"upload {up.name!r}"
 elif source == "synthetic":
     c = st.columns(5)
     syn = asdict(SyntheticSpec(
@@ -101,7 +107,8 @@ elif source == "synthetic":
         noise=c[4].select_slider("Noise (std of ln loss)", (0.0,) + NOISE_LEVELS, 0.01, key="noise", **Q),
         seed=int(seed)))
 
-table = guarded("scaling_table", lambda: _table(source, csv_bytes, syn))
+table = last_good("scaling_table") if no_file else \
+    guarded("scaling_table", lambda: _table(source, csv_bytes, syn))
 if table is None:
     st.stop()
 ds = DATASETS.get(source)
@@ -155,7 +162,7 @@ nd = (n_col, d_col) if NONE not in (n_col, d_col) else None
 split = split_col if holdout == "split" and split_col != NONE else None
 # After a refused upload, keep showing the last fit rather than parsing (and refusing) it again,
 # marked as the earlier table's: the uploader already shows the new file's name.
-stale = refused("scaling_table")
+stale = no_file or refused("scaling_table")
 res: LabResult | None = last_good("scaling_lab") if stale else \
     guarded("scaling_lab", lambda: _lab(source, csv_bytes, syn, x_col, y_col, flt, nd, split, fit))
 if res is None:
@@ -165,8 +172,9 @@ if not stale:
     st.session_state["_scaling_source"] = source_name
 shown = st.session_state.get("_scaling_source", "an earlier table")
 if stale and shown != source_name:
-    st.warning(f"The results below are those of the earlier table ({shown}), not of {source_name}, "
-               "which was refused.", icon=":material/history:")
+    st.warning(f"The results below are those of the earlier table ({shown})"
+               + ("." if no_file else f", not of {source_name}, which was refused."),
+               icon=":material/history:")
 
 form_keys = ("min_segment", "holdout", "first_k", "target", "forms")
 forms_res = last_good("scaling_forms") if stale else guarded("scaling_forms", lambda: _forms(
