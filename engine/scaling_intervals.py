@@ -8,7 +8,10 @@ profile   {c : SSE(c) <= T}, T = SSE_min (1 + F(level; 1, n - p) / (n - p)): the
           union over c of g(c) +- sqrt((T - SSE(c)) a' V(c) a), V the unscaled covariance at c.
 bootstrap percentile interval of case resamples (rows drawn with replacement).
 residual  percentile interval of residual resamples (fitted curve + resampled residuals).
-The coverage benchmark (benchmarks/bench_breakpoint_ci.py) chose DEFAULT_METHOD.
+calibrated  the profile set with a least-favourable bound per breakpoint (calibrated_bounds).
+The coverage benchmark (benchmarks/bench_breakpoint_ci.py, results in benchmarks/results/
+breakpoint_ci_cpu.txt) chose DEFAULT_METHOD: over 44 designs its 95 % interval covered 0.925-0.993
+(the F bound alone 0.89-0.96, the case bootstrap 0.64-1.0), at 0.2-1.3x the bootstrap's width.
 """
 
 from __future__ import annotations
