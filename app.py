@@ -16,6 +16,7 @@ PAGES = [
     st.Page("app_pages/scaling.py", title="Scaling breakpoints", icon=":material/show_chart:",
             url_path="scaling"),
     st.Page("app_pages/cost.py", title="MoE vs dense cost", icon=":material/calculate:", url_path="cost"),
+    st.Page("app_pages/training.py", title="MoE training lab", icon="🧪", url_path="training"),
 ]
 
 page = st.navigation(PAGES)

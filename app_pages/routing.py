@@ -1,21 +1,28 @@
 """MoE routing lab: the same generated tokens through hash and learned routers, and how balanced
-each routing is. Thin: widgets -> LabSettings -> engine.routing_lab.run_lab -> figures and tables."""
+each routing is. Thin: widgets -> LabSettings -> engine.routing_lab.run_lab -> figures and tables.
+Input bounds and the names errors use come from the engine (LIMITS, PAGE_LABELS)."""
 
 from __future__ import annotations
 
-import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages._ui import download_buttons, guarded
-from engine.routing_lab import (NULL_LABEL, ROUTERS, LabResult, LabSettings, route_one, run_lab,
-                                settings_dict)
-from engine.workloads import KINDS
+from engine.routing_lab import (LIMITS, PAGE_LABELS, PRESETS, ROUTERS, LabResult, LabSettings,
+                                route_one, run_lab, settings_dict)
+from engine.workloads import ID_KINDS, KINDS
 
 QP = "query-params"
 D = LabSettings()
+L = PAGE_LABELS
+V3 = PRESETS["DeepSeek-V3"]
+# Preset -> widget keys (the URL keys) it sets.
+_V3_KEYS = {"E": V3["num_experts"], "k": V3["top_k"], "groups": V3["n_groups"],
+            "tgroups": V3["topk_groups"], "scale": V3["route_scale"]}
+_GSHARD = ("g/(g1+g2)", "1")
 
 
-@st.cache_data(show_spinner="Routing tokens...", max_entries=64)
+@st.cache_data(show_spinner=False, max_entries=64)
 def _one(settings: LabSettings, key: str) -> LabResult:
     """route_one, cached per router: run_lab passes for_router(settings, key), which drops the
     settings a router does not use, so adding a router or changing DeepSeek's steps reruns only
@@ -23,99 +30,163 @@ def _one(settings: LabSettings, key: str) -> LabResult:
     return route_one(settings, key)
 
 
+def _num(col, name: str, key: str, default, **kw):
+    """A number input bounded by the engine's LIMITS[name] and labelled as errors name it."""
+    lo, hi = LIMITS[name]
+    return col.number_input(L[name], lo, hi, default, key=key, bind=QP, **kw)
+
+
+def _apply_v3() -> None:
+    st.session_state.update(_V3_KEYS)
+
+
 def _settings() -> LabSettings:
     """Read the widgets (all bound to the URL) into LabSettings."""
     c1, c2, c3, c4 = st.columns(4)
-    workload = c1.selectbox("Workload", KINDS, index=KINDS.index(D.workload), key="wl", bind=QP,
-                            help="uniform / zipf: token ids over a vocabulary (learned routers see "
-                                 "their embeddings); gaussian / clustered: hidden states.")
-    tokens = c2.number_input("Tokens T", 1, 1 << 23, D.num_tokens, step=1024, key="T", bind=QP,
-                             help="1,000 to 4,194,304; large sizes are refused if they would not "
-                                  "fit the memory budget.")
-    experts = c3.number_input("Experts E", 1, 4096, D.num_experts, key="E", bind=QP)
-    k = c4.number_input("Experts per token k", 1, 16, D.top_k, key="k", bind=QP,
-                        help="Hash routers: 1 or 2. Switch is always top-1, GShard top-2.")
+    workload = c1.selectbox(L["workload"], KINDS, index=KINDS.index(D.workload), key="wl",
+                            bind=QP, help="uniform / zipf: token ids over a vocabulary (learned "
+                                          "routers see their embeddings); gaussian / clustered: "
+                                          "hidden states.")
+    lo, hi = LIMITS["num_tokens"]
+    tokens = _num(c2, "num_tokens", "T", D.num_tokens, step=1024,
+                  help=f"{lo:,} to {hi:,}. The learned routers hold (T, E) scores: a large "
+                       "T x E is refused with the memory it would need.")
+    experts = _num(c3, "num_experts", "E", D.num_experts)
+    k = _num(c4, "top_k", "k", D.top_k,
+             help="Hash routers use at most 2; Switch is always top-1, GShard top-2.")
     c1, c2, c3, c4 = st.columns(4)
-    capacity = c1.number_input("Capacity factor C", 0.0, 64.0, D.capacity_factor, step=0.25,
-                               key="C", bind=QP, help="capacity per expert = ceil(C * k * T / E)")
-    ranks = c2.number_input("Ranks R (expert parallel)", 1, 4096, D.num_ranks, key="R", bind=QP,
-                            help="experts placed contiguously, E / R per rank")
-    if workload in ("uniform", "zipf"):
-        vocab = c3.number_input("Vocabulary V", 2, 1 << 21, D.vocab_size, step=1000, key="V",
-                                bind=QP)
-        zipf_s = c4.slider("Zipf exponent s", 0.0, 2.0, D.zipf_s, step=0.05, key="s", bind=QP,
+    capacity = _num(c1, "capacity_factor", "C", D.capacity_factor, step=0.25,
+                    help="capacity per expert = ceil(C k T / E), exact for the decimal typed")
+    ranks = _num(c2, "num_ranks", "R", D.num_ranks,
+                 help="expert parallel: experts placed contiguously, E / R per rank (R <= E)")
+    if workload in ID_KINDS:
+        vocab = _num(c3, "vocab_size", "V", D.vocab_size, step=1000)
+        lo, hi = LIMITS["zipf_s"]
+        zipf_s = c4.slider(L["zipf_s"], lo, hi, D.zipf_s, step=0.05, key="s", bind=QP,
                            disabled=workload != "zipf", help="text is close to s = 1")
         clusters = D.clusters
     else:
         vocab, zipf_s = D.vocab_size, D.zipf_s
-        clusters = c3.number_input("Clusters", 1, 4096, D.clusters, key="c", bind=QP)
+        clusters = _num(c3, "clusters", "c", D.clusters)
     # Plain keys as options (no format_func): the URL then carries short names, e.g. routers=topk.
-    routers = st.multiselect("Routers", list(ROUTERS), default=list(D.routers), key="routers",
+    routers = st.multiselect(L["routers"], list(ROUTERS), default=list(D.routers), key="routers",
                              bind=QP, help="; ".join(f"{k}: {v}" for k, v in ROUTERS.items()))
-    with st.expander("More settings"):
+    with st.expander("More settings: DeepSeek-V3, GShard, hidden size, seed"):
+        st.button("DeepSeek-V3 preset", on_click=_apply_v3,
+                  help=f"DeepSeek-V3's own router: E = {V3['num_experts']}, k = {V3['top_k']}, "
+                       f"{V3['n_groups']} groups, top-{V3['topk_groups']} groups, routed "
+                       f"scaling factor {V3['route_scale']}")
         c1, c2, c3, c4 = st.columns(4)
-        d_model = c1.selectbox("Hidden size D", (16, 32, 64, 128, 256, 512, 1024),
+        groups = _num(c1, "n_groups", "groups", D.n_groups,
+                      help="DeepSeek-V3 group-limited routing: experts in this many groups "
+                           "(1: no limit; V3: 8)")
+        tgroups = _num(c2, "topk_groups", "tgroups", D.topk_groups,
+                       help="groups a token may use, chosen by the sum of each group's top two "
+                            "scores (V3: 4)")
+        scale = _num(c3, "route_scale", "scale", D.route_scale, step=0.5,
+                     help="multiplies the renormalised DeepSeek-V3 weights (V3: 2.5)")
+        renorm = c4.radio("GShard weight after a drop", _GSHARD, key="gs", bind=QP,
+                          horizontal=True,
+                          help="When capacity drops one of a token's two experts, the survivor "
+                               "keeps g/(g1+g2) in GShard's Algorithm 1; DeepSpeed and fairseq "
+                               "renormalise it to 1.")
+        c1, c2, c3, c4 = st.columns(4)
+        d_model = c1.selectbox(L["d_model"], (16, 32, 64, 128, 256, 512, 1024),
                                index=2, key="d", bind=QP)
-        steps = c2.slider("DeepSeek-V3 bias steps", 0, 200, D.deepseek_steps, key="steps",
-                          bind=QP)
-        speed = c3.select_slider("Bias update speed", (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03,
-                                                       0.1), D.bias_update_speed, key="gamma",
-                                 bind=QP)
-        seed = c4.number_input("Seed", 0, 2**31 - 1, D.seed, key="seed", bind=QP)
-    settings = LabSettings(workload=workload, num_tokens=int(tokens), vocab_size=int(vocab),
-                           zipf_s=float(zipf_s), d_model=int(d_model), clusters=int(clusters),
-                           num_experts=int(experts), top_k=int(k), capacity_factor=float(capacity),
-                           num_ranks=int(ranks), routers=tuple(routers), deepseek_steps=int(steps),
-                           bias_update_speed=float(speed), seed=int(seed))
-    return settings
+        lo, hi = LIMITS["deepseek_steps"]
+        steps = c2.slider(L["deepseek_steps"], lo, hi, D.deepseek_steps, key="steps", bind=QP)
+        speed = c3.select_slider(L["bias_update_speed"], (0.0001, 0.0003, 0.001, 0.003, 0.01,
+                                                          0.03, 0.1), D.bias_update_speed,
+                                 key="gamma", bind=QP)
+        seed = _num(c4, "seed", "seed", D.seed)
+    return LabSettings(workload=workload, num_tokens=int(tokens), vocab_size=int(vocab),
+                       zipf_s=float(zipf_s), d_model=int(d_model), clusters=int(clusters),
+                       num_experts=int(experts), top_k=int(k), capacity_factor=float(capacity),
+                       num_ranks=int(ranks), routers=tuple(routers), deepseek_steps=int(steps),
+                       bias_update_speed=float(speed), seed=int(seed), n_groups=int(groups),
+                       topk_groups=int(tgroups), route_scale=float(scale),
+                       gshard_renormalize=renorm == _GSHARD[1])
 
 
-def _show(result: LabResult, settings: LabSettings) -> None:
-    for note in result.notes:
-        st.info(note, icon=":material/info:")
+@st.fragment
+def _histogram(result: LabResult, capacity_factor: float) -> None:
+    """Tokens per expert; its order control reruns only this fragment."""
     st.subheader("Tokens per expert")
     order = st.radio("Order", ("sorted", "by id"), horizontal=True, key="order", bind=QP)
     x = "load rank" if order == "sorted" else "expert"
-    # px.line joins points in row order: order rows along the chosen x axis (display only).
-    fig = px.line(result.counts.sort_values(["router", x], kind="stable"), x=x, y="load/mean",
-                  color="router", line_shape="hv", hover_data=["expert", "tokens"],
-                  category_orders={"router": list(result.metrics["router"])},
-                  labels={"load rank": "experts, busiest first", "expert": "expert id",
-                          "load/mean": "tokens / mean tokens per expert"})
-    fig.add_hline(y=1.0, line_dash="dot", annotation_text="perfect balance")
-    fig.add_hline(y=settings.capacity_factor, line_dash="dash", line_color="firebrick",
-                  annotation_text=f"capacity C = {settings.capacity_factor:g}")
-    fig.update_layout(height=420, legend_title_text="")
+    fig = go.Figure()
+    for router, g in result.counts.groupby("router", sort=False):
+        g = g.sort_values(x, kind="stable")
+        fig.add_scatter(x=g[x], y=g["load/mean"].round(4), name=router, mode="lines",
+                        line_shape="hv", customdata=g[["expert", "tokens"]],
+                        hovertemplate="expert %{customdata[0]}: %{customdata[1]} tokens, "
+                                      "%{y:.3f} x mean<extra>%{fullData.name}</extra>")
+    fig.add_hline(y=1.0, line_dash="dot", annotation_text="perfect balance",
+                  annotation_position="bottom right")
+    fig.add_hline(y=capacity_factor, line_dash="dash", line_color="firebrick",
+                  annotation_text=f"capacity C = {capacity_factor:g}",
+                  annotation_position="top right")
+    fig.update_layout(height=420, legend_title_text="", margin=dict(t=30),
+                      xaxis_title="experts, busiest first" if x == "load rank" else "expert id",
+                      yaxis_title="tokens / mean tokens per expert")
     st.plotly_chart(fig, width="stretch")
 
+
+_METRIC_HELP = {
+    "CV": "std / mean of tokens per expert (population std); 0 is perfect balance",
+    "null CV": "CV of uniform random routing with this router's k and T: sqrt((E-1)/(kT)) for k "
+               "independent slots (hash routers), sqrt((E-k)/(kT)) for k distinct experts "
+               "(top-k, Switch, GShard, DeepSeek-V3); none for Expert Choice (loads fixed)",
+    "drop rate at C": "slots over capacity ceil(C k T / E), counting choices before a router's "
+                      "own drops",
+    "aux loss": "each router's own auxiliary loss. Switch: E sum f_i P_i, f_i the share of "
+                "top-1 choices before drops (1 at balance). GShard: DeepSpeed's top2gating "
+                "l_aux, the same on first choices. Top-k: HF Mixtral load_balancing_loss_func, "
+                "E sum_i (tokens choosing i among their k / T) P_i (k at balance). Hash, Expert "
+                "Choice and DeepSeek-V3 (auxiliary-loss-free) have none",
+    "rank balancedness": "mean / max tokens per rank",
+}
+
+
+def _show(result: LabResult, settings: LabSettings) -> None:
+    _histogram(result, settings.capacity_factor)
+
     st.subheader("Balance metrics")
-    st.caption(f"CV = std/mean of tokens per expert; MaxVio = max/mean - 1; drop rate at capacity "
-               f"ceil(C k T / E), counting choices before a router's own drops; {NULL_LABEL}: "
-               "CV = sqrt((E-1)/(kT)), what k T slots thrown uniformly at random would give. "
-               "Switch aux loss = E sum f_i P_i (routers with probabilities). Rank balancedness = "
-               "mean/max tokens per rank.")
-    st.dataframe(result.metrics, hide_index=True, width="stretch",
-                 column_config={c: st.column_config.NumberColumn(format="%.4f")
-                                for c in result.metrics.columns
-                                if c not in ("router", "k", "slots routed")})
+    st.caption("Each router is compared with its own null, uniform random routing at its k: "
+               "hash routers throw k independent slots, sqrt((E-1)/(kT)); routers that pick k "
+               "distinct experts, sqrt((E-k)/(kT)). The aux loss is the one each router's paper "
+               "or reference code defines (hover the column names). — marks a figure that does "
+               "not apply, or is undefined because no token was routed.")
+    metrics = result.metrics
+    numeric = [c for c in metrics.columns if c not in ("router", "k", "slots routed")]
+    st.dataframe(metrics.style.format("{:.4f}", subset=numeric, na_rep="—"), hide_index=True,
+                 width="stretch",
+                 column_config={c: st.column_config.Column(help=h)
+                                for c, h in _METRIC_HELP.items()})
+    for note in result.notes:
+        st.info(note, icon=":material/info:")
     extra = {"settings": settings_dict(settings)}
-    download_buttons("routing_metrics", result.metrics, extra)
+    download_buttons("routing_metrics", metrics, extra)
     download_buttons("routing_counts", result.counts, extra)
 
     c1, c2 = st.columns(2)
     with c1:
         st.subheader(f"Per-rank load (R = {settings.num_ranks})")
-        fig = px.bar(result.ranks, x="rank", y="tokens", color="router", barmode="group")
-        fig.update_layout(height=360, legend_title_text="")
+        fig = go.Figure([go.Bar(x=g["rank"], y=g["tokens"], name=router)
+                         for router, g in result.ranks.groupby("router", sort=False)])
+        fig.update_layout(height=360, legend_title_text="", barmode="group", margin=dict(t=30),
+                          xaxis_title="rank", yaxis_title="tokens")
         st.plotly_chart(fig, width="stretch")
     with c2:
         st.subheader("DeepSeek-V3 balance over steps")
         if result.balance.empty:
             st.caption("Add the DeepSeek-V3 router to see its bias balancing the load.")
         else:
-            fig = px.line(result.balance, x="step", y=["CV", "MaxVio"], markers=True,
-                          labels={"value": "load imbalance (per step's batch)", "variable": ""})
-            fig.update_layout(height=360)
+            b = result.balance
+            fig = go.Figure([go.Scatter(x=b["step"], y=b[c].round(5), name=c,
+                                        mode="lines+markers") for c in ("CV", "MaxVio")])
+            fig.update_layout(height=360, margin=dict(t=30), xaxis_title="step",
+                              yaxis_title="load imbalance (per step's batch)")
             st.plotly_chart(fig, width="stretch")
             st.caption(f"Each step routes the next batch of up to 4,096 tokens and nudges every "
                        f"expert's selection bias by ±{settings.bias_update_speed:g} towards the "
@@ -128,7 +199,21 @@ st.caption("Hash routing needs no training; the learned routers here (top-k, Swi
            "show what each routing rule does to a fixed score distribution. Same tokens for all. "
            "Reproduce any figure with `python -m engine route` (see docs/load_balance.md).")
 lab_settings = _settings()
+progress = st.empty()
+
+
+def _route_showing_progress(settings: LabSettings, key: str) -> LabResult:
+    """_one, with a progress bar naming the router (a cold run at 1M tokens takes seconds)."""
+    n = len(lab_settings.routers)
+    i = lab_settings.routers.index(key)
+    progress.progress(i / n, text=f"Routing {lab_settings.num_tokens:,} tokens: {ROUTERS[key]} "
+                                  f"({i + 1} of {n})")
+    return _one(settings, key)
+
+
 # Keep the settings with the result: after bad input the last good pair is shown together.
-shown = guarded("routing", lambda: (lab_settings, run_lab(lab_settings, route=_one)))
+shown = guarded("routing", lambda: (
+    lab_settings, run_lab(lab_settings, route=_route_showing_progress, labels=PAGE_LABELS)))
+progress.empty()
 if shown is not None:
     _show(shown[1], shown[0])

@@ -11,9 +11,12 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages._ui import download_buttons, guarded, last_good, refused
+from engine.scaling_breakpoint import MAX_SEED
 from engine.scaling_data import (DATASETS, MAX_UPLOAD_BYTES, Filter, SyntheticSpec, detection_curve,
                                  generate_synthetic, load_dataset, parse_csv, select_xy)
-from engine.scaling_forms import FORMS, FitSettings, LabResult, analyse
+from engine.scaling_forms import FORMS
+from engine.scaling_intervals import DEFAULT_METHOD, METHOD_NAMES, METHODS
+from engine.scaling_lab import LOSSES, FitSettings, LabResult, analyse, other_forms
 
 Q = {"bind": "query-params"}
 NONE = "(none)"
@@ -37,7 +40,16 @@ def _lab(source: str, csv: bytes | None, syn: dict | None, x: str, y: str, flt: 
          nd: tuple[str, str] | None, split: str | None, fit: dict) -> LabResult:
     table = _table(source, csv, syn)
     filters = (Filter.parse(*flt),) if flt else ()
-    return analyse(select_xy(table, x, y, filters, nd, split), FitSettings(**fit))
+    return analyse(select_xy(table, x, y, filters, nd, split), FitSettings(**fit), forms=False)
+
+
+# Cached apart from the fit: the other forms do not depend on seed, loss or interval settings.
+@st.cache_data(show_spinner="Fitting other forms...", max_entries=32)
+def _forms(source: str, csv: bytes | None, syn: dict | None, x: str, y: str, flt: tuple | None,
+           nd: tuple[str, str] | None, split: str | None, fit: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    table = _table(source, csv, syn)
+    filters = (Filter.parse(*flt),) if flt else ()
+    return other_forms(select_xy(table, x, y, filters, nd, split), FitSettings(**fit))
 
 
 @st.cache_data(show_spinner="Simulating detection...", max_entries=16)
@@ -58,24 +70,33 @@ def _pick(label: str, options: list[str], default: str | None, key: str, col=st)
 
 st.title("Scaling breakpoints")
 st.caption("Is there really a knee in this scaling curve, and where? Exact global least-squares fit of "
-           "a two-segment power law in log-log space, bootstrap intervals, a test that accounts for "
-           "the searched breakpoint, and other scaling forms on the same points. Same numbers from a "
-           "shell: `python -m engine fit --help`.")
+           "a two-segment power law in log-log space (repeated sizes welcome: every row is fitted), "
+           "intervals checked for coverage across designs, a test that accounts for the searched "
+           "breakpoint, and other scaling forms on the same points. Same numbers from a shell: "
+           "`python -m engine fit --help`.")
 
 # ---------------------------------------------------------------- data
 c = st.columns([3, 1])
 # No format_func on bound radios: the URL carries the displayed label, so options stay short.
 source = c[0].radio("Data", list(SOURCES), captions=list(SOURCES.values()), horizontal=True, key="src",
                      on_change=_reset_columns, **Q)
-seed = c[1].number_input("Seed", 0, 2**31 - 1, 0, key="seed", **Q, help="noise, resamples, simulations")
+seed = c[1].number_input("Seed", 0, MAX_SEED, 0, key="seed", **Q, help="noise, resamples, simulations")
 csv_bytes, syn = None, None
+source_name = SOURCES[source]
+no_file = False
 if source == "upload":
     up = st.file_uploader(f"CSV with a header row (at most {MAX_UPLOAD_BYTES // 2**20} MiB)", type="csv",
                           key="csv")
-    if up is None:
+    # Replacing a file passes through a run without one: an earlier upload's results stay on
+    # screen (marked as such) rather than the page going blank for a moment.
+    no_file = up is None
+    if no_file:
         st.info("Upload a CSV with a size column and a loss column, or pick a bundled table.")
-        st.stop()
-    csv_bytes = up.getvalue()
+        if not str(st.session_state.get("_scaling_source", "")).startswith("upload"):
+            st.stop()
+    else:
+        csv_bytes = up.getvalue()
+        source_name = f"upload {up.name!r}"
 elif source == "synthetic":
     c = st.columns(5)
     syn = asdict(SyntheticSpec(
@@ -86,7 +107,8 @@ elif source == "synthetic":
         noise=c[4].select_slider("Noise (std of ln loss)", (0.0,) + NOISE_LEVELS, 0.01, key="noise", **Q),
         seed=int(seed)))
 
-table = guarded("scaling_table", lambda: _table(source, csv_bytes, syn))
+table = last_good("scaling_table") if no_file else \
+    guarded("scaling_table", lambda: _table(source, csv_bytes, syn))
 if table is None:
     st.stop()
 ds = DATASETS.get(source)
@@ -106,6 +128,16 @@ with st.expander("Fit settings", expanded=False):
     n_boot = c[2].select_slider("Bootstrap resamples", (200, 500, 1000, 2000), 1000, key="boot", **Q)
     level = c[3].select_slider("Interval level", (0.8, 0.9, 0.95, 0.99), 0.95, key="lvl", **Q)
     c = st.columns(4)
+    method = c[0].selectbox("Interval method", METHODS, METHODS.index(DEFAULT_METHOD), key="ci", **Q,
+                            help="; ".join(f"{k}: {v}" for k, v in METHOD_NAMES.items())
+                            + f". Default {DEFAULT_METHOD}: the best coverage of the 95 % interval "
+                            "across small, weak and end-of-range knees at reasonable width "
+                            "(benchmarks/bench_breakpoint_ci.py).")
+    compare = c[1].checkbox("Compare interval methods", False, key="cmp", **Q)
+    loss = c[2].radio("Loss on ln(loss)", LOSSES, key="loss", **Q, horizontal=True,
+                      help="huber: down-weights outliers (heavy-tailed noise); intervals then "
+                      "treat the final weights as known")
+    c = st.columns(4)
     holdout = c[0].radio("Fit on", ("none", "split", "first_k"), key="hold", **Q,
                          index=1 if ds and ds.split else 0,
                          captions=("all rows", "the split column's 'train' rows", "the k smallest sizes"))
@@ -124,23 +156,40 @@ if f_col != NONE:
     flt = (f_col, lo, hi)
 fit = asdict(FitSettings(min_segment=int(min_seg), continuous=bool(continuous), n_boot=int(n_boot),
                          level=float(level), seed=int(seed), holdout=holdout, first_k=int(first_k),
-                         target=float(target) if target else None, forms=tuple(forms)))
+                         target=float(target) if target else None, forms=tuple(forms), method=method,
+                         compare=bool(compare), loss=loss))
 nd = (n_col, d_col) if NONE not in (n_col, d_col) else None
 split = split_col if holdout == "split" and split_col != NONE else None
-# After a refused upload, keep showing the last fit rather than parsing (and refusing) it again.
-res: LabResult | None = last_good("scaling_lab") if refused("scaling_table") else \
+# After a refused upload, keep showing the last fit rather than parsing (and refusing) it again,
+# marked as the earlier table's: the uploader already shows the new file's name.
+stale = no_file or refused("scaling_table")
+res: LabResult | None = last_good("scaling_lab") if stale else \
     guarded("scaling_lab", lambda: _lab(source, csv_bytes, syn, x_col, y_col, flt, nd, split, fit))
 if res is None:
     st.stop()
+stale = stale or refused("scaling_lab")
+if not stale:
+    st.session_state["_scaling_source"] = source_name
+shown = st.session_state.get("_scaling_source", "an earlier table")
+if stale and shown != source_name:
+    st.warning(f"The results below are those of the earlier table ({shown})"
+               + ("." if no_file else f", not of {source_name}, which was refused."),
+               icon=":material/history:")
+
+form_keys = ("min_segment", "holdout", "first_k", "target", "forms")
+forms_res = last_good("scaling_forms") if stale else guarded("scaling_forms", lambda: _forms(
+    source, csv_bytes, syn, x_col, y_col, flt, nd, split, {k: fit[k] for k in form_keys}))
+form_table, form_curves = forms_res if forms_res is not None else (pd.DataFrame(), pd.DataFrame())
 
 # ---------------------------------------------------------------- headline
 m, t = res.model, res.test
-lo, hi = res.boot.breakpoint_ci
+iv = res.intervals
+lo, hi = iv.breakpoint
 k = st.columns(5)
-k[0].metric("Breakpoint", f"{m.breakpoint:.4g}", help=f"{res.boot.level:.0%} bootstrap interval")
-k[0].caption(f"{res.boot.level:.0%} CI {lo:.4g} - {hi:.4g}")
-for col, name, value, (a, b) in ((k[1], "Slope before", m.slope_before, res.boot.slope_before_ci),
-                                 (k[2], "Slope after", m.slope_after, res.boot.slope_after_ci)):
+k[0].metric("Breakpoint", f"{m.breakpoint:.3g}".replace("e+0", "e").replace("e+", "e"), help=f"{iv.level:.0%} interval: {METHOD_NAMES[iv.method]}")
+k[0].caption(f"{iv.level:.0%} CI {lo:.4g} to {hi:.4g} ({iv.method})")
+for col, name, value, (a, b) in ((k[1], "Slope before", m.slope_before, iv.slope_before),
+                                 (k[2], "Slope after", m.slope_after, iv.slope_after)):
     col.metric(name, f"{value:.3f}", help="d ln(loss) / d ln(size)")
     col.caption(f"CI {a:.3f} to {b:.3f}")
 k[3].metric("sup-F p-value", f"{t.supf_pvalue:.3g}", help="Monte Carlo p-value of 'no break' that "
@@ -148,25 +197,28 @@ k[3].metric("sup-F p-value", f"{t.supf_pvalue:.3g}", help="Monte Carlo p-value o
             f"{t.f_pvalue:.2g}")
 k[4].metric("BIC(broken) - BIC(single)", f"{t.delta_bic:.1f}", help="negative favours a break")
 verdict = t.supported(0.05)
-(st.success if verdict else st.warning)(
-    "A break is supported: sup-F rejects a single power law at 5 % and BIC prefers the break."
-    if verdict else "No convincing break: a single power law is not rejected, or BIC prefers it.")
+earlier = f"Last valid result ({shown}): " if stale else ""
+(st.info if stale else st.success if verdict else st.warning)(
+    earlier + ("A break is supported: sup-F rejects a single power law at 5 % and BIC prefers the break."
+               if verdict else "No convincing break: a single power law is not rejected, or BIC prefers it."))
+if iv.note:
+    st.caption(f"The breakpoint interval {iv.note}.")
 
 # ---------------------------------------------------------------- figures
 pts, cur = res.points, res.curve
 fig = go.Figure()
 fig.add_vrect(x0=lo, x1=hi, fillcolor="orange", opacity=0.15, line_width=0,
-              annotation_text="breakpoint CI", annotation_position="top left")
+              annotation_text=f"breakpoint CI ({iv.method})", annotation_position="top left")
 fig.add_trace(go.Scatter(x=cur["x"], y=cur["pi_high"], line_width=0, showlegend=False, hoverinfo="skip"))
 fig.add_trace(go.Scatter(x=cur["x"], y=cur["pi_low"], line_width=0, fill="tonexty",
-                         fillcolor="rgba(31,119,180,0.12)", name=f"{res.boot.level:.0%} prediction band"))
+                         fillcolor="rgba(31,119,180,0.12)", name=f"{iv.level:.0%} prediction band"))
 fig.add_trace(go.Scatter(x=cur["x"], y=cur["ci_high"], line_width=0, showlegend=False, hoverinfo="skip"))
 fig.add_trace(go.Scatter(x=cur["x"], y=cur["ci_low"], line_width=0, fill="tonexty",
-                         fillcolor="rgba(31,119,180,0.3)", name=f"{res.boot.level:.0%} confidence band"))
+                         fillcolor="rgba(31,119,180,0.3)", name=f"{iv.level:.0%} confidence band"))
 fig.add_trace(go.Scatter(x=cur["x"], y=cur["broken_fit"], name="two-segment fit", line_color="#1f77b4"))
 for name, color in COLORS.items():
-    if name in cur:
-        fig.add_trace(go.Scatter(x=cur["x"], y=cur[name], name=name, line=dict(color=color, dash="dot"),
+    if name in form_curves:
+        fig.add_trace(go.Scatter(x=form_curves["x"], y=form_curves[name], name=name, line=dict(color=color, dash="dot"),
                                  visible="legendonly"))
 for train, label, sym in ((True, "fitted points", "circle"), (False, "held-out points", "x")):
     p = pts[pts["train"] == train]
@@ -206,13 +258,17 @@ right.plotly_chart(hist, key="scaling_boot")
 
 # ---------------------------------------------------------------- tables
 st.subheader("Two-segment fit")
+st.caption(f"Intervals: {METHOD_NAMES[iv.method]}" + (" (default)" if iv.method == DEFAULT_METHOD else "")
+           + ". Other methods: Fit settings, Interval method.")
 st.dataframe(res.summary, hide_index=True, key="scaling_summary")
+if compare:
+    st.dataframe(res.methods, hide_index=True, key="scaling_methods")
 download_buttons("scaling_fit_summary", res.summary, {"model": m.summary, "settings": fit, "x": x_col,
                                                       "y": y_col})
 st.subheader("Other forms on the same points")
 st.caption("RMSLE is the root mean squared error of natural-log loss; hold-out rows are extrapolated.")
-st.dataframe(res.forms, hide_index=True, key="scaling_forms")
-download_buttons("scaling_forms", res.forms)
+st.dataframe(form_table, hide_index=True, key="scaling_forms")
+download_buttons("scaling_forms", form_table)
 if not res.extrapolation.empty:
     st.subheader("Extrapolation")
     st.dataframe(res.extrapolation, hide_index=True, key="scaling_extrap")

@@ -2,6 +2,12 @@
 
     python benchmarks/bench_routing.py                       # CPU, one thread (the issue's setting)
     python benchmarks/bench_routing.py --device cuda --out benchmarks/results
+    python benchmarks/bench_routing.py --page [--baseline DIR]   # the /routing page in Chromium
+
+--page drives the routing page in headless Chromium on a fresh server per round: a cold link at
+T = 1,048,576, the first render at the defaults, and Zipf s changes (widget change to settled
+page). With --baseline DIR (another checkout, e.g. `git archive main | tar -x -C DIR`) the same
+rounds run against it, alternating, and the ratios are printed.
 
 Targets (issue #2): id hash with counts >= 70M tokens/s on one CPU core and >= 1G tokens/s on a
 GPU; hidden-state (LSH) hash <= 3x one read of x (x.sum()); learned top-k <= 1.2x its floor
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import sys
@@ -92,6 +99,40 @@ def run(device: str, tokens: int, hidden_tokens: int, experts: int, k: int, d_mo
     return rows
 
 
+def page_round(root: Path, changes: int) -> dict[str, object]:
+    """One fresh server on `root`'s app: cold T = 1,048,576 link, first render at the defaults,
+    then `changes` Zipf s steps timed from the change to the settled page (ms, in the page)."""
+    from tests import browser_support as bs
+
+    bs.ROOT = root  # streamlit_server runs `streamlit run app.py` in bs.ROOT
+    with bs.streamlit_server(log_path=Path("/dev/null")) as base, bs.launch_browser() as browser:
+        page = bs.new_app_page(browser)
+        cold = bs.open_page(page, base, "routing", {"T": 1_048_576}, figures=3, timeout_s=300)
+        page.context.close()
+        page = bs.new_app_page(browser)
+        first = bs.open_page(page, base, "routing", figures=3, timeout_s=120)
+        redraws = [bs.timed_rerun(page, lambda v=1.0 + 0.05 * (i + 1): bs.set_widget(page, "s", v),
+                                  figures=3) / 1e3 for i in range(changes)]
+        page.context.close()
+    return {"cold_T1M_s": cold, "first_render_s": first, "redraw_s": redraws}
+
+
+def run_pages(roots: dict[str, Path], rounds: int, changes: int) -> dict[str, dict[str, float]]:
+    """Alternate page_round over the checkouts; per checkout the medians (and redraw p95)."""
+    seen: dict[str, list[dict[str, object]]] = {name: [] for name in roots}
+    for _ in range(rounds):
+        for name, root in roots.items():
+            seen[name].append(page_round(root, changes))
+    out = {}
+    for name, rows in seen.items():
+        redraws = sorted(r for row in rows for r in row["redraw_s"])
+        out[name] = {"cold_T1M_s": statistics.median(r["cold_T1M_s"] for r in rows),
+                     "first_render_s": statistics.median(r["first_render_s"] for r in rows),
+                     "redraw_median_s": statistics.median(redraws),
+                     "redraw_p95_s": redraws[min(len(redraws) - 1, int(0.95 * len(redraws)))]}
+    return out
+
+
 def environment(device: str, threads: int) -> dict[str, object]:
     """Device, date and library versions for the result file."""
     env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -116,7 +157,27 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=21, help="alternating timed pairs per case")
     p.add_argument("--repeat", type=int, default=3, help="whole runs; the table shows each")
     p.add_argument("--out", type=Path, default=None, help="directory for the .json and .md result")
+    p.add_argument("--page", action="store_true", help="time the /routing page in Chromium")
+    p.add_argument("--baseline", type=Path, default=None, help="--page: also time this checkout")
+    p.add_argument("--changes", type=int, default=5, help="--page: Zipf s changes per round")
     a = p.parse_args()
+    if a.page:
+        roots = {"this checkout": Path(__file__).resolve().parents[1]}
+        if a.baseline is not None:
+            roots = {"baseline": a.baseline.resolve(), **roots}
+        res = run_pages(roots, a.repeat, a.changes)
+        print(f"# /routing in headless Chromium, {platform.node()}, load {os.getloadavg()}")
+        print("| checkout | cold T=1,048,576 s | first render s | redraw median s | redraw p95 s |")
+        print("|---|---|---|---|---|")
+        for name, r in res.items():
+            print(f"| {name} | {r['cold_T1M_s']:.2f} | {r['first_render_s']:.2f} | "
+                  f"{r['redraw_median_s']:.3f} | {r['redraw_p95_s']:.3f} |")
+        if a.baseline is not None:
+            base, this = res["baseline"], res["this checkout"]
+            print("ratios this / baseline: " + ", ".join(
+                f"{k} {this[k] / base[k]:.2f}" for k in this))
+        print(json.dumps(res))
+        return
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device visible")
     torch.set_num_threads(a.threads)

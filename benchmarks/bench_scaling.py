@@ -24,7 +24,8 @@ import scipy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.scaling_breakpoint import bootstrap, fit_breakpoint, profile_sse  # noqa: E402
+from engine.scaling_breakpoint import fit_breakpoint, profile_sse  # noqa: E402
+from engine.scaling_intervals import bootstrap  # noqa: E402
 from engine.scaling_data import SyntheticSpec, generate_synthetic, load_dataset  # noqa: E402
 from engine.scaling_forms import compare_forms, holdout_mask  # noqa: E402
 from engine.timing import time_fn  # noqa: E402

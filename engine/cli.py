@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 # Sub-command name -> module under engine.commands. Imported lazily: `--help` stays fast.
-COMMANDS = ("route", "attention", "fit", "cost", "dispatch")
+COMMANDS = ("route", "attention", "fit", "cost", "dispatch", "train")
 
 
 @dataclass

@@ -31,9 +31,6 @@ import json
 import math
 import os
 import platform
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,14 +41,15 @@ import torch
 import torch.distributed as dist
 
 from engine.cuda_graphs import GRAPH_LIMIT, release_all
-from engine.ep_layer import GRAPH_MAX_BYTES, SLACK, Dispatched, ExpertParallelLayer, Splits
+from engine.ep_layer import GRAPH_MAX_BYTES, ExpertParallelLayer
+from engine.ep_sections import SLACK, Dispatched, Splits
+from engine.ep_launch import (MAX_CPU_PROCESSES, add_job_arguments, committed, init_group,
+                              torchrun)
 from engine.expert_parallel import (DTYPES, EPSettings, Placement, make_placement,
                                     parse_placement, rank_batch, token_features)
 from engine.timing import gpu_work, time_fn
 from engine.validation import MAX_BYTES, check_bytes, check_float, check_int
 
-ROOT = Path(__file__).resolve().parents[1]
-MAX_CPU_PROCESSES = 8
 
 
 def expert_gains(num_experts: int, seed: int) -> torch.Tensor:
@@ -297,7 +295,8 @@ def median_round(rounds: list[dict]) -> dict:
             "dispatch_ratio_rounds": [r["dispatch_ratio"] for r in rounds]}
 
 
-def _print_table(rows: list[dict], keys: list[str]) -> str:
+def format_table(rows: list[dict], keys: list[str]) -> str:
+    """Rows as a right-aligned text table of `keys` (floats to 4 significant digits)."""
     def fmt(v: object) -> str:
         if isinstance(v, list):
             return " ".join(map(fmt, v))
@@ -356,11 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every configuration this many times afresh; report the round "
                         "with the median dispatch ratio")
-    p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
-    p.add_argument("--timeout", type=float, default=120.0, help="process-group timeout, seconds")
-    p.add_argument("--out", type=Path, help="directory for ep_<backend>_<N>ranks.json and .md")
+    add_job_arguments(p, 120.0, "directory for ep_<backend>_<N>ranks.json and .md")
     p.add_argument("--dump", type=Path, help="directory for each rank's tensors (tests)")
-    p.add_argument("--fail-rank", type=int, default=-1, help="fault injection: this rank exits at once")
     return p
 
 
@@ -394,24 +390,9 @@ def checked_map(text: str, settings: EPSettings) -> Placement | None:
 def worker(argv: list[str] | None = None) -> None:
     """Entry point of every torchrun process: measure each (tokens, chunks), rank 0 reports."""
     args = build_parser().parse_args(argv)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    backend = args.backend if args.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
-    timeout = datetime.timedelta(seconds=args.timeout)
-    if backend == "nccl":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        # High-priority NCCL streams: exchanges get SMs ahead of the placing of own rows.
-        options = dist.ProcessGroupNCCL.Options()
-        options.is_high_priority_stream = True
-        dist.init_process_group("nccl", timeout=timeout, device_id=device, pg_options=options)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=timeout)
-    if rank == args.fail_rank:
-        os._exit(3)  # fault injection: die without a word, as a crashed rank would
-    if backend == "gloo":  # names the missing rank instead of hanging in the first collective
-        dist.monitored_barrier(timeout=timeout)
+    # High-priority NCCL streams: exchanges get SMs ahead of the placing of own rows.
+    rank, world, device = init_group(args.backend, args.timeout, args.fail_rank, high_priority=True)
+    backend = dist.get_backend()
     try:
         check_int("rounds", args.rounds, 1, 100)
         check_int("batches", args.batches, 1, 16)
@@ -464,10 +445,10 @@ def _report(args: argparse.Namespace, backend: str, world: int, device: torch.de
             f"of the rows that cross ranks (one way for dispatch and combine, both ways for the "
             f"layer):"
             f"\n{phases}\n\nper rank (GB/s = off-rank bytes sent per second):\n\n"
-            f"{_print_table(per_rank, keys)}\n\nslowest rank (max over ranks of each median) in the "
+            f"{format_table(per_rank, keys)}\n\nslowest rank (max over ranks of each median) in the "
             f"round with the median dispatch ratio of {args.rounds} (every round's ratio last); "
             f"ratio = plain time / phase time (target: dispatch_ratio >= 0.7):\n\n"
-            f"{_print_table(summaries, summary_keys)}\n")
+            f"{format_table(summaries, summary_keys)}\n")
     print(text, flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -476,14 +457,10 @@ def _report(args: argparse.Namespace, backend: str, world: int, device: torch.de
         stem.with_suffix(".md").write_text(f"```text\n{text}```\n")
 
 
-def committed_results(directory: Path = ROOT / "benchmarks" / "results") -> list[dict]:
+def committed_results(directory: Path | None = None) -> list[dict]:
     """Every committed dispatch result (ep_*.json written by the worker), newest first."""
-    docs = [json.loads(p.read_text()) for p in sorted(directory.glob("ep_*.json"))]
-    return sorted(docs, key=lambda d: d.get("date", ""), reverse=True)
-
-
-class LaunchError(RuntimeError):
-    """torchrun failed or exceeded its wall time; the message carries the workers' last output."""
+    # The sweep's and the training's results (ep_sweep_*, ep_train_*) have no summary table.
+    return [d for d in committed("ep_*.json", directory) if "summary" in d]
 
 
 def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,
@@ -505,27 +482,14 @@ def launch(settings: EPSettings, processes: int, warmup: int = 2, reps: int = 5,
     check_bytes("dispatch working set (all processes)",
                 processes * working_set_bytes(s, batches, slack, chunks))
     with tempfile.TemporaryDirectory(prefix="ep_dispatch_") as tmp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               str(processes), "--max-restarts", "0", "-m", "engine.ep_dispatch",
-               "--experts", str(s.experts), "--top-k", str(s.top_k), "--tokens", str(s.tokens),
+        args = ["--experts", str(s.experts), "--top-k", str(s.top_k), "--tokens", str(s.tokens),
                "--d-model", str(s.d_model), "--dtype", s.dtype, "--placement", s.placement,
                "--replicas", str(s.replicas), "--router", s.router, "--zipf", str(s.zipf),
                "--hot-share", str(s.hot_share), "--seed", str(s.seed), "--warmup", str(warmup),
                "--reps", str(reps), "--warmup-s", "0", "--chunks", str(chunks), "--batches", str(batches),
                "--slack", str(slack), "--backend", "gloo", "--timeout", str(max(5.0, timeout_s / 2)),
                "--map", placement_map, "--out", tmp, "--fail-rank", str(fail_rank)] + (["--dump", str(dump)] if dump else [])
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        # Own session: on timeout the whole tree (torchrun and its workers) is killed at once.
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            output, _ = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-            raise LaunchError(f"dispatch did not finish within {timeout_s:.0f} s:\n{output[-2000:]}")
-        if proc.returncode != 0:
-            raise LaunchError(f"dispatch failed (torchrun exit {proc.returncode}):\n{output[-2000:]}")
+        torchrun("engine.ep_dispatch", args, processes, timeout_s, "dispatch")
         return json.loads((Path(tmp) / f"ep_gloo_{processes}ranks.json").read_text())
 
 

@@ -43,6 +43,8 @@ _K_RANGE = {"hash": (1, 2), "switch": (1, 1), "gshard": (2, 2)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VOCAB = 32768
 GATE_DIM = 64  # width of the token feature the gated routers read (the what-if never builds d_model)
+# Limits of EPSettings, which the page's inputs share.
+MAX_EXPERTS, MAX_RANKS, MAX_TOP_K, MAX_TOKENS = 4096, 1024, 8, 1 << 20
 MAX_WHATIF_TOKENS = 1 << 21  # all ranks together; ~100 MB of routing tensors at the limit
 SWEEP_TOKENS = 16384  # all ranks together, for the hot-expert sweep (11 shares x 3 placements)
 
@@ -66,22 +68,21 @@ class EPSettings:
 
     def validated(self) -> "EPSettings":
         """Return self after checking every field; raises ValueError naming the bad one."""
-        check_int("experts", self.experts, 1, 4096)
-        check_int("ranks", self.ranks, 1, 1024)
-        if self.ranks > self.experts:
-            raise ValueError(f"ranks must be <= experts ({self.experts}) so every rank hosts an "
-                             f"expert, got {self.ranks}")
-        check_choice("router", self.router, ROUTERS)
-        lo, hi = _K_RANGE.get(self.router, (1, 8))
-        check_int(f"top_k ({self.router} router)", self.top_k, lo, min(self.experts, hi))
-        check_int("tokens", self.tokens, 1, 1 << 20)
+        check_int("Experts E", self.experts, 1, MAX_EXPERTS)
+        check_int("Ranks R", self.ranks, 1, MAX_RANKS)
+        _check_er(self.experts, self.ranks)
+        check_choice("Router", self.router, ROUTERS)
+        lo, hi = _K_RANGE.get(self.router, (1, MAX_TOP_K))
+        check_int(f"Experts per token k ({self.router} router)", self.top_k, lo,
+                  min(self.experts, hi))
+        check_int("Tokens per rank", self.tokens, 1, MAX_TOKENS)
         check_int("d_model", self.d_model, 1, 65536)
-        check_choice("dtype", self.dtype, tuple(DTYPES))
-        check_choice("placement", self.placement, PLACEMENTS)
-        check_int("replicas", self.replicas, 0, self.experts * (self.ranks - 1))
-        check_float("zipf", self.zipf, 0.0, 3.0)
-        check_float("hot_share", self.hot_share, 0.0, 1.0)
-        check_int("seed", self.seed, 0, 2**31 - 1)
+        check_choice("Payload dtype", self.dtype, tuple(DTYPES))
+        check_choice("Placement", self.placement, PLACEMENTS)
+        check_int("Replicas of hot experts", self.replicas, 0, self.experts * (self.ranks - 1))
+        check_float("Token skew (Zipf exponent)", self.zipf, 0.0, 3.0)
+        check_float("Hot expert share", self.hot_share, 0.0, 1.0)
+        check_int("Seed", self.seed, 0, 2**31 - 1)
         return self
 
     @property
@@ -204,10 +205,11 @@ def greedy_placement(loads: Sequence[float], ranks: int, replicas: int = 0) -> P
 
 
 def _check_er(num_experts: int, ranks: int) -> None:
-    check_int("experts", num_experts, 1)
-    check_int("ranks", ranks, 1)
+    check_int("Experts E", num_experts, 1)
+    check_int("Ranks R", ranks, 1)
     if ranks > num_experts:
-        raise ValueError(f"ranks must be <= experts ({num_experts}), got {ranks}")
+        raise ValueError(f"Ranks R must be <= Experts E ({num_experts}) so every rank hosts an "
+                         f"expert, got {ranks}")
 
 
 def token_features(ids: torch.Tensor, width: int, seed: int, dtype: torch.dtype = torch.float32
@@ -337,7 +339,7 @@ class EPStats:
 def all_experts(settings: EPSettings) -> torch.Tensor:
     """Every rank's routing stacked rank by rank, shape (R * T, m) int64, -1 padded (m: widest)."""
     s = settings.validated()
-    check_int("ranks * tokens", s.ranks * s.tokens, 1, MAX_WHATIF_TOKENS)
+    check_int("Ranks R x Tokens per rank", s.ranks * s.tokens, 1, MAX_WHATIF_TOKENS)
     check_bytes("what-if routing", s.ranks * s.tokens * (8 + 4 * GATE_DIM + 24 * s.top_k))
     batches = [rank_batch(s, r)[1] for r in range(s.ranks)]
     width = max(b.shape[1] for b in batches)  # Expert Choice: ranks differ; pad with empty slots

@@ -95,21 +95,33 @@ class MoEFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, D) -> (T, D)."""
         routing = self.route(x)
-        flat_expert = routing.experts.reshape(-1)
-        flat_weight = routing.weights.reshape(-1).to(x.dtype)
-        flat_token = torch.arange(x.shape[0], device=x.device).repeat_interleave(routing.experts.shape[1])
-        if self.router_kind == "hash":  # drop empty slots (hash collisions)
-            keep = flat_expert >= 0
-            flat_expert, flat_weight, flat_token = flat_expert[keep], flat_weight[keep], flat_token[keep]
-        order = torch.argsort(flat_expert, stable=True)
-        token = flat_token[order]
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()  # one host sync
-        slab = x.index_select(0, token)
-        outs = [ffn_forward(chunk, self.w_in[e], self.w_out[e], self.ffn)
-                for e, chunk in enumerate(slab.split(counts)) if counts[e]]
-        y = torch.cat(outs) * flat_weight[order, None]
-        out = torch.zeros_like(x).index_add_(0, token, y)
+        out = grouped_ffn(x, routing.experts, routing.weights, self.w_in, self.w_out, self.ffn,
+                          drop_empty=self.router_kind == "hash")
         return out + self.shared(x) if self.shared is not None else out
+
+
+def grouped_ffn(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w_in: torch.Tensor,
+                w_out: torch.Tensor, ffn: str, drop_empty: bool = True) -> torch.Tensor:
+    """Grouped dispatch: x (T, D), experts/weights (T, k) (-1 = empty slot, skipped when
+    drop_empty), w_in (E, D, F or 2F), w_out (E, F, D) -> weighted sum of expert outputs (T, D)."""
+    flat_expert = experts.reshape(-1)
+    flat_weight = weights.reshape(-1)
+    flat_token = torch.arange(x.shape[0], device=x.device).repeat_interleave(experts.shape[1])
+    if drop_empty:  # hash collisions, capacity drops, Expert Choice padding
+        keep = flat_expert >= 0
+        flat_expert, flat_weight, flat_token = flat_expert[keep], flat_weight[keep], flat_token[keep]
+    order = torch.argsort(flat_expert, stable=True)
+    token = flat_token[order]
+    counts = torch.bincount(flat_expert, minlength=w_in.shape[0]).tolist()  # one host sync
+    slab = x.index_select(0, token)
+    outs = [ffn_forward(chunk, w_in[e], w_out[e], ffn)
+            for e, chunk in enumerate(slab.split(counts)) if counts[e]]
+    if not outs:  # every slot dropped
+        return torch.zeros_like(x)
+    y = torch.cat(outs)
+    y = y * flat_weight[order, None].to(y.dtype)
+    # y may be bf16 under autocast while x is float32: accumulate in x's dtype.
+    return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
 
 class Attention(nn.Module):

@@ -6,11 +6,16 @@ Definitions (counts c_i, i = 1..E, total N = sum c_i, mean m = N / E):
     drop rate at C      sum max(c_i - cap, 0) / N with cap = ceil(C * k * T / E).
     normalised entropy  -sum p_i log p_i / log E with p = c / N; 1 is perfect balance.
     Gini                sum_i sum_j |c_i - c_j| / (2 E N); 0 is perfect, (E - 1) / E is one expert.
-    Switch aux loss     E * sum f_i P_i, f = c / N, P = mean router probability (Fedus et al. 2021).
-    (The drop rate and the aux loss count the choices before a router's own capacity drops.)
+    aux loss            each router's own: Switch (Fedus et al. 2021, eq. 4) and GShard (DeepSpeed's
+                        top2gating l_aux): E * sum_i f_i P_i, f_i the share of tokens whose first
+                        choice is i; Mixtral (HF load_balancing_loss_func): E * sum_i (c_i / T) P_i
+                        over all k choices (k at perfect balance). P = mean router probability.
+    (The drop rate and the aux losses count the choices before a router's own capacity drops.)
     per-rank load       tokens on each of R ranks for an expert -> rank placement; balancedness
                         mean / max of the per-rank loads (1 is perfect).
-    null CV             sqrt((E - 1) / (k T)): k T slots thrown uniformly at random into E experts.
+    null CV             the CV of uniform random routing with the router's k: sqrt((E - 1) / (k T))
+                        for k independent slots (hash), sqrt((E - k) / (k T)) for k distinct picks.
+Over zero routed tokens (every token dropped) the balance metrics are undefined: NaN, not 0.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import math
 
 import torch
 
-from engine.moe_router import Routing, expert_capacity, expert_utilization, relative_std
+from engine.routing_core import Routing, expert_capacity, expert_utilization, relative_std
 from engine.validation import check_int
 
 
@@ -36,15 +41,17 @@ def _counts(counts: torch.Tensor) -> torch.Tensor:
 
 
 def cv(counts: torch.Tensor) -> float:
-    """Relative standard deviation std / mean (population std) of tokens per expert; 0 if empty."""
+    """Relative standard deviation std / mean (population std) of tokens per expert; NaN if all
+    counts are 0 (nothing routed)."""
     return relative_std(_counts(counts))
 
 
 def max_over_mean(counts: torch.Tensor) -> float:
-    """max / mean tokens per expert (1 is perfect balance; E if one expert takes all)."""
+    """max / mean tokens per expert (1 is perfect balance; E if one expert takes all; NaN if
+    nothing was routed)."""
     c = _counts(counts)
     m = c.mean()
-    return float(c.max() / m) if m > 0 else 1.0
+    return float(c.max() / m) if m > 0 else math.nan
 
 
 def max_vio(counts: torch.Tensor) -> float:
@@ -57,46 +64,77 @@ def drop_rate(counts: torch.Tensor, cap: int) -> float:
     c = _counts(counts)
     cap = check_int("cap", cap, 0)
     total = c.sum()
-    return float((c - cap).clamp(min=0).sum() / total) if total > 0 else 0.0
+    return float((c - cap).clamp(min=0).sum() / total) if total > 0 else math.nan
 
 
 def normalized_entropy(counts: torch.Tensor) -> float:
-    """Entropy of the load distribution over log E, in [0, 1]; 1 is perfect balance (E = 1: 1)."""
+    """Entropy of the load distribution over log E, in [0, 1]; 1 is perfect balance (E = 1: 1);
+    NaN if nothing was routed."""
     c = _counts(counts)
     total = c.sum()
-    if c.numel() == 1 or total == 0:
+    if total == 0:
+        return math.nan
+    if c.numel() == 1:
         return 1.0
     p = c[c > 0] / total
     return float(-(p * p.log()).sum() / math.log(c.numel()))
 
 
 def gini(counts: torch.Tensor) -> float:
-    """Gini coefficient of tokens per expert: 0 is perfect balance, (E - 1) / E one expert."""
+    """Gini coefficient of tokens per expert: 0 is perfect balance, (E - 1) / E one expert; NaN
+    if nothing was routed."""
     c = _counts(counts).sort().values
     n, total = c.numel(), c.sum()
     if total == 0:
-        return 0.0
+        return math.nan
     # Sorted ascending, sum_ij |c_i - c_j| / 2 = sum_i (2i - n - 1) c_i (i from 1).
     i = torch.arange(1, n + 1, dtype=torch.float64)
     return float(((2 * i - n - 1) * c).sum() / (n * total))
 
 
-def switch_aux_loss(routing: Routing) -> float | None:
-    """Switch Transformer auxiliary loss E * sum_i f_i P_i; None if the router has no probs.
+def choice_counts(routing: Routing) -> torch.Tensor:
+    """(k, E) int64: tokens whose j-th choice is expert i, before the router's own drops."""
+    if routing.slot_demand is not None:
+        return routing.slot_demand
+    e = routing.num_experts
+    k = routing.experts.shape[1]
+    offsets = torch.arange(k, device=routing.experts.device) * (e + 1)
+    keys = torch.where(routing.experts >= 0, routing.experts, e) + offsets
+    return torch.bincount(keys.reshape(-1), minlength=k * (e + 1)).view(k, e + 1)[:, :e]
 
-    f_i = the share of slots that chose expert i, before the router's own capacity drops as in
-    the paper, P_i = the mean router probability of expert i over tokens. 1 at perfect balance
-    with uniform probabilities.
-    """
-    if routing.probs is None:
-        return None
-    c = _counts(demand(routing))
-    total = c.sum()
-    if total == 0:
-        return None
+
+def _mean_probs(routing: Routing) -> torch.Tensor:
     # A float32 mean (pairwise sums, within 3e-9 of float64 at 64k x 64) is 20x faster on CPU.
-    p_mean = routing.probs.detach().mean(dim=0).double().cpu()
-    return float(routing.num_experts * ((c / total) * p_mean).sum())
+    return routing.probs.detach().mean(dim=0).double().cpu()
+
+
+def switch_aux_loss(routing: Routing) -> float | None:
+    """Switch Transformer auxiliary loss E * sum_i f_i P_i (Fedus et al. 2021, eq. 4); None if
+    the router has no probabilities or no token.
+
+    f_i = the share of tokens whose first (top-1) choice is expert i, before the router's own
+    capacity drops, P_i = the mean router probability of expert i. 1 at perfect balance with
+    uniform probabilities. The same quantity is DeepSpeed's GShard top2gating `l_aux`
+    (mean(me * ce) * E^2, ce over first choices), so it is GShard's column too.
+    """
+    if routing.probs is None or routing.num_tokens == 0:
+        return None
+    first = choice_counts(routing)[0].double().cpu()
+    return float(routing.num_experts * (first / routing.num_tokens * _mean_probs(routing)).sum())
+
+
+def mixtral_aux_loss(routing: Routing) -> float | None:
+    """HF transformers' Mixtral `load_balancing_loss_func` (no attention mask): E * sum_i
+    (c_i / T) P_i, c_i the tokens with expert i among their k choices, P_i the mean router
+    probability; k at perfect balance. None without probabilities."""
+    if routing.probs is None or routing.num_tokens == 0:
+        return None
+    c = choice_counts(routing).sum(0).double().cpu()
+    return float(routing.num_experts * (c / routing.num_tokens * _mean_probs(routing)).sum())
+
+
+# Auxiliary loss by the name of the paper / reference code that defines it.
+AUX_LOSSES = {"switch": switch_aux_loss, "gshard": switch_aux_loss, "mixtral": mixtral_aux_loss}
 
 
 def contiguous_placement(num_experts: int, num_ranks: int) -> torch.Tensor:
@@ -125,18 +163,21 @@ def per_rank_load(counts: torch.Tensor, num_ranks: int,
 
 
 def balancedness(loads: torch.Tensor) -> float:
-    """mean / max of per-rank (or per-expert) loads: 1 is perfect; 1 / R if one rank takes all."""
+    """mean / max of per-rank (or per-expert) loads: 1 is perfect; 1 / R if one rank takes all;
+    NaN if every load is 0."""
     c = _counts(loads)
     top = c.max()
-    return float(c.mean() / top) if top > 0 else 1.0
+    return float(c.mean() / top) if top > 0 else math.nan
 
 
-def null_cv(num_experts: int, top_k: int, num_tokens: int) -> float:
-    """Expected CV of uniform random routing: sqrt((E - 1) / (k T)) (multinomial, k T slots)."""
+def null_cv(num_experts: int, top_k: int, num_tokens: int, distinct: bool = False) -> float:
+    """Expected CV of uniform random routing, as sqrt(E[CV^2]): k T slots thrown independently
+    (hash routing; multinomial) give sqrt((E - 1) / (k T)); k distinct experts per token
+    (top-k routers) give sqrt((E - k) / (k T)), 0 at k = E."""
     e = check_int("num_experts", num_experts, 1)
-    k = check_int("top_k", top_k, 1)
+    k = check_int("top_k", top_k, 1, e if distinct else None)
     t = check_int("num_tokens", num_tokens, 1)
-    return math.sqrt((e - 1) / (k * t))
+    return math.sqrt(((e - k) if distinct else (e - 1)) / (k * t))
 
 
 def demand(routing: Routing) -> torch.Tensor:
@@ -151,24 +192,32 @@ def unrouted_fraction(routing: Routing) -> float:
 
 
 def summarize(routing: Routing, top_k: int, capacity_factor: float, num_ranks: int,
-              placement: torch.Tensor | None = None) -> dict[str, float | int]:
-    """Every metric of one routing as a flat dict (top_k: the router's nominal k, used for the
-    capacity; NaN where not applicable). Balance metrics count tokens per expert after the
-    router's own drops, if any; the drop rate and the aux loss count the choices before them."""
+              placement: torch.Tensor | None = None, aux_loss: str | None = None,
+              null_model: str | None = None) -> dict[str, float | int]:
+    """Every metric of one routing as a flat dict (NaN where not applicable or undefined).
+
+    top_k: the router's nominal k, used for the capacity and the null; aux_loss: a key of
+    AUX_LOSSES, the router's own definition; null_model: "independent" (k independent slots) or
+    "distinct" (k distinct experts), None for no null (Expert Choice). Balance metrics count
+    tokens per expert after the router's own drops, if any; the drop rate and the aux loss count
+    the choices before them.
+    """
     counts = expert_utilization(routing)
     t, e = routing.num_tokens, routing.num_experts
     ranks = per_rank_load(counts, num_ranks, placement)
-    aux = switch_aux_loss(routing)
+    aux = None if aux_loss is None else AUX_LOSSES[aux_loss](routing)
+    null = math.nan if null_model is None else null_cv(e, top_k, t, null_model == "distinct")
     return {
         "k": top_k,
         "slots routed": int(counts.sum()),
         "CV": cv(counts),
+        "null CV": null,
         "max/mean": max_over_mean(counts),
         "MaxVio": max_vio(counts),
         "drop rate at C": drop_rate(demand(routing), expert_capacity(capacity_factor, top_k, t, e)),
         "tokens unrouted": unrouted_fraction(routing),
         "norm. entropy": normalized_entropy(counts),
         "Gini": gini(counts),
-        "Switch aux loss": math.nan if aux is None else aux,
+        "aux loss": math.nan if aux is None else aux,
         "rank balancedness": balancedness(ranks),
     }

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from engine.scaling_breakpoint import detection_rate, validate_xy
+from engine.scaling_breakpoint import validate_xy
+from engine.scaling_breaktest import detection_rate
 from engine.validation import check_float, check_int
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -190,7 +191,8 @@ def numeric_column(df: pd.DataFrame, name: str) -> pd.Series:
 
 def select_xy(df: pd.DataFrame, x: str, y: str, filters: tuple[Filter, ...] = (),
               nd: tuple[str, str] | None = None, split: str | None = None) -> Selection:
-    """Map columns and filter rows of a table into validated fit inputs (positive, finite, distinct x)."""
+    """Map columns and filter rows of a table into validated fit inputs (positive, finite, >= 4
+    distinct x; repeated x are kept: least squares fits every row)."""
     lines = np.arange(len(df)) + 2
     keep = np.ones(len(df), bool)
     for f in filters:
@@ -208,9 +210,8 @@ def select_xy(df: pd.DataFrame, x: str, y: str, filters: tuple[Filter, ...] = ()
     nd_arrays = None
     if nd is not None:
         n_col, d_col = (numeric_column(df, c).to_numpy()[keep] for c in nd)
-        # Repeated N is expected here (one model, several token counts): only x must be distinct.
         n_col, d_col = validate_xy(n_col, d_col, f"column {nd[0]!r}", f"column {nd[1]!r}", rows,
-                                   distinct=False)
+                                   min_distinct=1)
         nd_arrays = (n_col, d_col)
     sp = _column(df, split).astype(str).to_numpy()[keep] if split is not None else None
     return Selection(xs, ys, nd_arrays, sp, lines[keep])

@@ -14,18 +14,13 @@ best few starts, so the result does not hinge on one initial guess.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from engine.scaling_breakpoint import (BootstrapResult, BreakpointModel, BreakTest, bootstrap,
-                                       break_test, fit_breakpoint, prediction_band, validate_xy)
-from engine.validation import check_choice, check_float, check_int
-
-if TYPE_CHECKING:
-    from engine.scaling_data import Selection
+from engine.scaling_breakpoint import fit_breakpoint, validate_xy
+from engine.validation import check_choice, check_int
 
 FORMS = ("power", "saturating", "broken", "bnsl", "chinchilla")
 
@@ -244,7 +239,7 @@ def compare_forms(x: object, y: object, train: object = None,
     n_tr = int(mask.sum())
     check_int("training rows", n_tr, 4)
     if nd is not None:
-        nd = validate_xy(nd[0], nd[1], "params N", "tokens D", distinct=False)
+        nd = validate_xy(nd[0], nd[1], "params N", "tokens D", min_distinct=1)
         if nd[0].shape != xa.shape:
             raise ValueError(f"params N and tokens D must have {xa.size} rows, got {nd[0].size}")
     rows, fits = [], {}
@@ -282,88 +277,3 @@ def holdout_mask(n: int, first_k: int | None = None, split: object = None,
         return np.ones(n, bool)
     k = check_int("first_k", first_k, 4, n)
     return np.arange(n) < k
-
-
-
-
-# ---------------------------------------------------------------- the lab's one call
-
-
-@dataclass(frozen=True)
-class FitSettings:
-    """How to fit: segments, uncertainty, hold-out and the extrapolation target (params units)."""
-
-    min_segment: int = 2
-    continuous: bool = True
-    n_boot: int = 1000
-    level: float = 0.95
-    n_sim: int = 999
-    seed: int = 0
-    holdout: str = "none"  # none | split | first_k
-    first_k: int = 10
-    target: float | None = None
-    forms: tuple[str, ...] = ("power", "saturating", "broken", "bnsl", "chinchilla")
-
-
-@dataclass(frozen=True)
-class LabResult:
-    """Everything the scaling page and `python -m engine fit` show, as plain tables."""
-
-    model: BreakpointModel
-    boot: BootstrapResult
-    test: BreakTest
-    summary: pd.DataFrame  # quantity, estimate, low, high
-    forms: pd.DataFrame  # compare_forms table
-    points: pd.DataFrame  # line, x, y, fitted, residual, train (sorted by x)
-    curve: pd.DataFrame  # x grid with the broken fit, its bands and every form's prediction
-    extrapolation: pd.DataFrame  # target row (empty if no target)
-
-
-def analyse(sel: "Selection", settings: FitSettings = FitSettings()) -> LabResult:
-    """Fit the two-segment law with CIs and tests on the training rows of `sel`; compare forms."""
-    check_choice("holdout", settings.holdout, ("none", "split", "first_k"))
-    order = np.argsort(sel.x, kind="stable")
-    x, y, lines = sel.x[order], sel.y[order], sel.lines[order]
-    nd = (sel.nd[0][order], sel.nd[1][order]) if sel.nd is not None else None
-    if settings.holdout == "split":
-        if sel.split is None:
-            raise ValueError("holdout 'split' needs a split column")
-        train = holdout_mask(x.size, split=sel.split[order])
-    else:
-        train = holdout_mask(x.size, settings.first_k if settings.holdout == "first_k" else None)
-    xt, yt = x[train], y[train]
-    kw = dict(min_segment=settings.min_segment, continuous=settings.continuous)
-    model = fit_breakpoint(xt, yt, **kw)
-    boot = bootstrap(xt, yt, settings.n_boot, settings.level, settings.seed, **kw)
-    test = break_test(xt, yt, settings.n_sim, settings.seed, **kw)
-    summary = pd.DataFrame([
-        {"quantity": "breakpoint", "estimate": model.breakpoint,
-         "low": boot.breakpoint_ci[0], "high": boot.breakpoint_ci[1]},
-        {"quantity": "slope_before", "estimate": model.slope_before,
-         "low": boot.slope_before_ci[0], "high": boot.slope_before_ci[1]},
-        {"quantity": "slope_after", "estimate": model.slope_after,
-         "low": boot.slope_after_ci[0], "high": boot.slope_after_ci[1]},
-        *({"quantity": q, "estimate": v, "low": np.nan, "high": np.nan} for q, v in (
-            ("intercept", model.intercept), ("jump", model.jump), ("sse", model.sse), ("r2", model.r2),
-            ("rmsle", model.rmsle), ("F", test.f_stat), ("F p-value (naive)", test.f_pvalue),
-            ("sup-F p-value (Davies-type)", test.supf_pvalue), ("BIC single", test.bic_single),
-            ("BIC broken", test.bic_broken), ("n train", model.n))),
-    ])
-    forms, fits = compare_forms(x, y, train, nd, tuple(settings.forms), settings.min_segment)
-    fitted = model.predict(x)
-    points = pd.DataFrame({"line": lines, "x": x, "y": y, "fitted": fitted,
-                           "residual": np.log(y) - np.log(fitted), "train": train})
-    hi = max(x.max(), settings.target or 0.0)
-    grid = np.geomspace(x.min(), hi, 200)
-    band = prediction_band(boot, grid, settings.seed)
-    curve = pd.DataFrame({"x": grid, "broken_fit": model.predict(grid), **band})
-    for name, fit in fits.items():
-        if name != "chinchilla":  # needs N and D per grid point; shown in the table only
-            curve[name] = fit.predict(grid)
-    extrap = pd.DataFrame()
-    if settings.target is not None:
-        t = check_float("target", settings.target, 0.0, lo_open=True)
-        b = prediction_band(boot, np.array([t]), settings.seed)
-        extrap = pd.DataFrame([{"target": t, "predicted_loss": float(model.predict(t)),
-                                **{k: float(v[0]) for k, v in b.items()}}])
-    return LabResult(model, boot, test, summary, forms, points, curve, extrap)

@@ -82,10 +82,10 @@ def test_routing_absurd_numbers(page, server):
     bs.open_page(page, server, "routing", spec.query, spec.figures)
     good = bs.figures(page)
 
-    # Inside the widget's range but over the engine's token budget: refused with the range.
-    bs.rerun(page, lambda: bs.set_widget(page, "T", 8_388_608), spec.figures)
+    # Inside the widget's range but refused by the engine (R <= E): the field named as on the page.
+    bs.rerun(page, lambda: bs.set_widget(page, "R", 64), spec.figures)
     errors = bs.errors(page)
-    assert len(errors) == 1 and "num_tokens" in errors[0] and "4194304" in errors[0]
+    assert len(errors) == 1 and "Ranks R must be" in errors[0] and "32, got 64" in errors[0]
     assert bs.exceptions(page) == [] and bs.figures(page) == good
 
     # Outside the widget's range: the browser refuses it and nothing runs.
@@ -93,13 +93,13 @@ def test_routing_absurd_numbers(page, server):
     bs.widget(page, "E").get_by_text("outside the allowed range").wait_for(timeout=10_000)
     assert bs.exceptions(page) == [] and bs.figures(page) == good
 
-    # The next action works: a valid token count and a new expert count redraw.
-    bs.rerun(page, lambda: bs.set_widget(page, "T", spec.query["T"]), spec.figures)
+    # The next action works: a valid rank count and a new expert count redraw.
+    bs.rerun(page, lambda: bs.set_widget(page, "R", spec.query["R"]), spec.figures)
     assert bs.errors(page) == [] and bs.figures(page) == good
     bs.rerun(page, lambda: bs.set_widget(page, "E", 16), spec.figures)
     assert bs.errors(page) == [] and bs.exceptions(page) == []
     assert bs.figures(page) != good
-    assert "input refused by routing: num_tokens" in server.log.read_text()
+    assert "input refused by routing: Ranks R" in server.log.read_text()
 
 
 def test_expert_parallel_absurd_cold_link(page, server):
@@ -107,7 +107,7 @@ def test_expert_parallel_absurd_cold_link(page, server):
     bs.open_page(page, server, "expert-parallel",
                  {"experts": 64, "ranks": 64, "tokens": 65536, "router": "hash"})
     errors = bs.errors(page)
-    assert len(errors) == 1 and "ranks * tokens" in errors[0]
+    assert len(errors) == 1 and "Ranks R x Tokens per rank" in errors[0]
     # Only the hot-expert sweep draws: it caps its own token count by design.
     assert bs.exceptions(page) == [] and len(bs.figures(page)) == 1
     bs.rerun(page, lambda: bs.set_widget(page, "ranks", 4), figures=3)

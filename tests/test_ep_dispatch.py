@@ -17,10 +17,13 @@ import torch.distributed as dist
 from hypothesis import given, settings, strategies as st
 
 import engine.ep_dispatch as ep
+import engine.ep_launch as ep_launch
 from engine.cli import main
 from engine.ep_combine import weighted_rows_sum
-from engine.ep_dispatch import LaunchError, expert_gains, launch, median_round, summarize
-from engine.ep_layer import ExpertParallelLayer, headroom, next_section
+from engine.ep_dispatch import expert_gains, launch, median_round, summarize
+from engine.ep_launch import LaunchError
+from engine.ep_layer import ExpertParallelLayer
+from engine.ep_sections import headroom, next_section
 from engine.expert_parallel import (EPSettings, contiguous_placement, ep_stats, parse_placement,
                                     rank_batch, token_features)
 
@@ -159,7 +162,7 @@ def test_a_rank_that_dies_fails_the_launch_instead_of_hanging():
 @pytest.mark.parametrize("kwargs,message", [
     ({"processes": 9}, "processes must be >= 1 and <= 8"),
     ({"processes": 0}, "processes must be >= 1"),
-    ({"processes": 4, "settings": EPSettings(experts=2)}, "ranks must be <= experts"),
+    ({"processes": 4, "settings": EPSettings(experts=2)}, "Ranks R must be <= Experts E"),
     ({"processes": 2, "placement_map": "0-3;4-6"}, "misses experts"),
     ({"processes": 3, "placement_map": "0-3;4-7"}, "2 rank groups; the job has 3"),
 ])
@@ -167,7 +170,7 @@ def test_bad_launches_are_refused_before_anything_starts(monkeypatch, kwargs, me
     def no_popen(*a, **k):
         raise AssertionError("launched despite bad input")
 
-    monkeypatch.setattr(ep.subprocess, "Popen", no_popen)
+    monkeypatch.setattr(ep_launch.subprocess, "Popen", no_popen)
     settings = kwargs.pop("settings", EPSettings(experts=8))
     with pytest.raises(ValueError, match=message):
         launch(settings, **kwargs)
@@ -287,9 +290,12 @@ def test_reference_layer_matches_the_loop_in_bf16():
 
 
 def test_committed_results_newest_first(tmp_path):
+    # Only the dispatch's own results (with a summary table): not the sweep's nor the training's.
     for name, date in [("ep_nccl_2ranks.json", "2026-01-02"), ("ep_nccl_4ranks.json", "2026-03-01"),
-                       ("other.json", "2027-01-01")]:
-        (tmp_path / name).write_text(json.dumps({"date": date}))
+                       ("other.json", "2027-01-01"), ("ep_sweep_nccl_2ranks.json", "2027-01-02"),
+                       ("ep_train_bench_2ranks.json", "2027-01-03")]:
+        doc = {"date": date} if "sweep" in name or "train" in name else {"date": date, "summary": []}
+        (tmp_path / name).write_text(json.dumps(doc))
     assert [d["date"] for d in ep.committed_results(tmp_path)] == ["2026-03-01", "2026-01-02"]
 
 

@@ -6,6 +6,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import engine.ep_dispatch as ep
+from engine.ep_launch import LaunchError
 from engine.expert_parallel import EPSettings, rank_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def test_more_ranks_than_experts_shows_the_error_and_keeps_the_last_result(at):
     at.number_input(key="ranks").set_value(8)
     at.run()
     assert not at.exception
-    assert any("ranks must be <= experts" in e.value for e in at.error)
+    assert any("Ranks R must be <= Experts E" in e.value for e in at.error)
     assert len(at.dataframe[0].value) == 2  # the last good table (2 ranks) is still shown
 
 
@@ -97,7 +98,7 @@ def test_dispatch_button_shows_the_measured_tables(at, monkeypatch):
 
 def test_a_failed_launch_shows_the_workers_output(at, monkeypatch):
     def failing(settings, processes, timeout_s):
-        raise ep.LaunchError("dispatch failed (torchrun exit 1):\nrank 1 exited with code 3")
+        raise LaunchError("dispatch failed (torchrun exit 1):\nrank 1 exited with code 3")
 
     monkeypatch.setattr(ep, "launch", failing)
     at.button(key="run_dispatch").click().run()
@@ -122,3 +123,92 @@ def test_committed_results_show_the_phase_ratios(at, monkeypatch):
     # replayed from graphs), then the rounds' dispatch ratios beside the reported one.
     assert list(table.columns[:6]) == ["tokens", "chunks", "lead_ms", "graph_share",
                                        "dispatch_ratio", "dispatch_ratio_rounds"]
+
+
+def test_a_bad_field_is_one_error_naming_it(at):
+    at.number_input(key="experts").set_value(4)
+    at.number_input(key="ranks").set_value(8)
+    at.run()
+    assert not at.exception
+    # The what-if and the hot-expert sweep take the same settings, checked once.
+    assert [e.value for e in at.error] == [
+        "Ranks R must be <= Experts E (4) so every rank hosts an expert, got 8"]
+
+
+def test_page_inputs_take_the_engine_limits(at):
+    from engine.expert_parallel import MAX_EXPERTS, MAX_RANKS, MAX_TOP_K
+    assert at.number_input(key="experts").max == MAX_EXPERTS
+    assert at.number_input(key="ranks").max == MAX_RANKS
+    assert at.number_input(key="k").max == MAX_TOP_K
+
+
+def test_heatmap_holds_exactly_the_off_rank_megabytes_of_the_metric(at):
+    import json
+    at.number_input(key="ranks").set_value(3)
+    at.run()
+    heat = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                if json.loads(c.proto.spec)["data"][0]["type"] == "heatmap")
+    z = heat["data"][0]["z"]
+    assert all(z[i][i] is None for i in range(3))  # same-rank rows never cross the network
+    total = sum(v for row in z for v in row if v is not None)
+    metric = next(m for m in at.metric if m.label == "Off-rank MB per layer, each way")
+    assert f"{total:,.1f}" == metric.value
+    assert heat["layout"]["title"]["text"].startswith("Off-rank dispatch MB")
+
+
+def test_no_committed_sweep_or_training_run_says_so_with_the_command(at):
+    infos = [i.value for i in at.info]
+    assert any(v.startswith("No bandwidth sweep is committed yet") and "bench_ep_sweep.py" in v
+               for v in infos)
+    assert any(v.startswith("No multi-GPU training run is committed yet") and
+               "bench_ep_train.py" in v for v in infos)
+
+
+def _sweep_doc() -> dict:
+    from engine.ep_sweep import PUBLISHED
+    row = {"tokens": 9, "payload_MB": 1.03, "max_abs_err": 0.0, "dispatch_ratio": 0.9,
+           "combine_ratio": 0.95, "dispatch_ms": 0.05, "combine_ms": 0.06}
+    for name in ("even", "plain_dispatch", "dispatch", "plain_combine", "combine"):
+        row.update({f"{name}_busbw_GBps": 100.0, f"{name}_algbw_GBps": 200.0, f"{name}_ms": 0.05})
+    return {"kind": "ep_sweep", "device": "NVIDIA Test", "world": 2, "backend": "nccl",
+            "date": "2026-12-03", "torch": "t", "cuda": "c", "nccl": "n", "nvlink_GBps": 450.0,
+            "sweep": [{**row, "case": "sweep"}, {**row, "case": "decode", "tokens": 128,
+                                                 "dispatch_ms": 0.2, "combine_ms": 0.3}],
+            "published": PUBLISHED}
+
+
+def test_committed_sweep_and_training_run_are_drawn_with_device_and_date(monkeypatch, tmp_path):
+    import json
+    import engine.ep_launch as ep_launch
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "ep_sweep_nccl_2ranks.json").write_text(json.dumps(_sweep_doc()))
+    train = {"device": "NVIDIA Test", "world": 2, "backend": "nccl", "date": "2026-12-03",
+             "dtype": "bf16", "batch_per_rank": 8, "model": {"seq_len": 1024}, "torch": "t",
+             "ep_tokens_per_s": 90000.0, "one_device_tokens_per_s": 50000.0,
+             "speedup_vs_one_device": 1.8,
+             "slowest_rank_phases_ms": {"one_device_step_ms": 160.0, "ep_step_ms": 182.0,
+                                        "attention_ms": 20.0, "dispatch_ms": 5.0}}
+    (results / "ep_train_bench_2ranks.json").write_text(json.dumps(train))
+    monkeypatch.setattr(ep_launch, "ROOT", tmp_path)
+    at = _page(monkeypatch.chdir)
+    assert not at.exception
+    assert any("NVIDIA Test" in m.value and "2026-12-03" in m.value for m in at.markdown)
+    decode = _table_with(at, "source", "dispatch_us")
+    # This layer's 0.2 ms and 0.3 ms first, then DeepEP's and pplx-kernels' published figures.
+    assert decode["dispatch_us"].tolist() == pytest.approx([200.0, 77.0, 83.6])
+    assert decode["combine_us"].tolist() == pytest.approx([300.0, 114.0, 102.3])
+    assert {m.label: m.value for m in at.metric}["Speed-up over one device"] == "1.80x"
+
+
+def test_training_check_button_shows_every_step(at, monkeypatch):
+    import engine.ep_training as ep_training
+    rows = [{"rank": r, "step": s, "loss": 5.0, "ref_loss": 5.0, "grad_max_abs_err": 1e-8,
+             "grad_max_abs": 0.1} for r in range(2) for s in range(3)]
+    doc = {"world": 2, "backend": "gloo", "device": "CPU (test)", "date": "d",
+           "per_rank": [{"rows": rows[:3]}, {"rows": rows[3:]}], "max_loss_abs_err": 0.0,
+           "max_grad_abs_err": 1e-8, "max_grad_abs": 0.1}
+    monkeypatch.setattr(ep_training, "launch_check", lambda *a, **k: doc)
+    at.button(key="run_train_check").click().run()
+    assert not at.exception
+    assert len(_table_with(at, "ref_loss", "grad_max_abs_err")) == 6

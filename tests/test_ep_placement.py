@@ -57,9 +57,9 @@ def test_parse_placement_ranges_and_lists():
 
 
 def test_more_ranks_than_experts_is_refused():
-    with pytest.raises(ValueError, match="ranks must be <= experts"):
+    with pytest.raises(ValueError, match="Ranks R must be <= Experts E"):
         EPSettings(experts=4, ranks=8).validated()
-    with pytest.raises(ValueError, match="ranks must be <= experts"):
+    with pytest.raises(ValueError, match="Ranks R must be <= Experts E"):
         round_robin_placement(4, 8)
 
 

@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 from engine import workloads as wl
 from engine.cli import main
 from engine.moe_router import HashRouter, SwitchRouter, load_balance_std
-from engine.routing_lab import NULL_LABEL, LabSettings, run_lab
+from engine.routing_lab import LIMITS, PRESETS, LabSettings, run_lab
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"T": "4096", "E": "16", "routers": ["hash", "topk", "deepseek"], "steps": "5"}
@@ -37,23 +37,26 @@ def test_cold_link_reproduces_the_engine_tables():
     shown = _metrics(at)
     want = run_lab(LabSettings(num_tokens=4096, num_experts=16, routers=("hash", "topk", "deepseek"),
                                deepseek_steps=5)).metrics.set_index("router")
-    assert list(shown.index) == ["Hash", "Top-k softmax", "DeepSeek-V3 bias", NULL_LABEL]
+    assert list(shown.index) == ["Hash", "Top-k softmax", "DeepSeek-V3 bias"]
     pd.testing.assert_frame_equal(shown, want)
-    # The hash row is the seed API on the same Zipf ids; the null row is sqrt((E-1)/(kT)).
+    # The hash row is the seed API on the same Zipf ids; each row carries its own null: k = 2
+    # independent hash slots sqrt((E-1)/(kT)), k = 2 distinct experts sqrt((E-k)/(kT)).
     ids = wl.token_ids("zipf", 4096, 32_000, 1.0, seed=0)
     assert shown.loc["Hash", "CV"] == pytest.approx(load_balance_std(HashRouter(16, 2, 0)(ids)))
-    assert shown.loc[NULL_LABEL, "CV"] == pytest.approx(math.sqrt(15 / (2 * 4096)))
+    assert shown.loc["Hash", "null CV"] == pytest.approx(math.sqrt(15 / (2 * 4096)))
+    assert shown.loc["Top-k softmax", "null CV"] == pytest.approx(math.sqrt(14 / (2 * 4096)))
     assert len(at.get("plotly_chart")) == 3  # histogram, per-rank load, DeepSeek balance
 
 
 def test_bad_input_shows_the_error_and_keeps_the_last_result():
     at = _page(SMALL)
     before = _metrics(at)
-    at.number_input(key="C").set_value(0.0).run()
+    # Inside every widget's range, refused by the engine with the field named as on the page.
+    at.number_input(key="R").set_value(32).run()
     assert not at.exception
-    assert "capacity_factor must be > 0" in at.error[0].value
+    assert at.error[0].value == "Ranks R must be >= 1 and <= 16, got 32"
     pd.testing.assert_frame_equal(_metrics(at), before)
-    at.number_input(key="C").set_value(1.25)
+    at.number_input(key="R").set_value(8)
     at.number_input(key="T").set_value(1 << 22)
     at.number_input(key="E").set_value(1024).run()
     assert "these settings would need about" in at.error[0].value
@@ -71,7 +74,8 @@ def test_cli_json_matches_an_independent_recomputation(capsys):
     switch = SwitchRouter(8, 1, 64, 0, capacity_factor=1.0)(wl.embed(ids, 500, 64, seed=0))
     assert rows["Switch top-1"]["tokens unrouted"] == pytest.approx(
         float((switch.experts[:, 0] < 0).double().mean()))
-    assert rows[NULL_LABEL]["CV"] == pytest.approx(math.sqrt(7 / 6000))
+    assert rows["Hash"]["null CV"] == pytest.approx(math.sqrt(7 / 6000))
+    assert rows["Switch top-1"]["null CV"] == pytest.approx(math.sqrt(7 / 3000))
     assert doc["settings"]["capacity_slots"] == math.ceil(2 * 3000 / 8)
     counts = [r["tokens"] for r in doc["tokens per expert"] if r["router"] == "Hash"]
     assert sum(counts) == rows["Hash"]["slots routed"]
@@ -79,7 +83,39 @@ def test_cli_json_matches_an_independent_recomputation(capsys):
 
 def test_cli_bad_input_exits_2_with_the_argument_named(capsys):
     assert main(["route", "--k", "0"]) == 2
-    assert "top_k must be >= 1" in capsys.readouterr().err
+    assert "error: --k must be >= 1" in capsys.readouterr().err
+    assert main(["route", "--experts", "1"]) == 2
+    assert "error: --experts must be >= 2 and <= 1024, got 1" in capsys.readouterr().err
     assert main(["route", "--routers", "hash,magic"]) == 2
-    assert "routers must be one of" in capsys.readouterr().err
+    assert "--routers must be one of" in capsys.readouterr().err
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_page_inputs_allow_exactly_what_the_engine_accepts():
+    at = _page(SMALL)
+    for key, name in {"T": "num_tokens", "E": "num_experts", "k": "top_k", "R": "num_ranks",
+                      "V": "vocab_size", "C": "capacity_factor", "seed": "seed",
+                      "groups": "n_groups", "tgroups": "topk_groups",
+                      "scale": "route_scale"}.items():
+        widget = at.number_input(key=key)
+        assert (widget.min, widget.max) == LIMITS[name], key
+    for name in ("capacity_factor", "seed", "num_tokens"):  # both bounds pass the engine's check
+        for bound in LIMITS[name]:
+            LabSettings(**{name: bound}, routers=("hash",)).validate()
+    # A hash-only run at the page's largest T allocates no router scores and is accepted.
+    LabSettings(num_tokens=LIMITS["num_tokens"][1], routers=("hash", "hash_balanced")).validate()
+    LabSettings(num_tokens=4_000_000, routers=("hash",)).validate()
+
+
+def test_deepseek_v3_preset_button_sets_v3_settings():
+    at = _page({**SMALL, "routers": ["topk", "deepseek"], "T": "2048"})
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    v3 = PRESETS["DeepSeek-V3"]
+    assert at.number_input(key="E").value == v3["num_experts"] == 256
+    assert at.number_input(key="k").value == v3["top_k"] == 8
+    assert (at.number_input(key="groups").value, at.number_input(key="tgroups").value,
+            at.number_input(key="scale").value) == (8, 4, 2.5)
+    shown = _metrics(at)
+    assert shown.loc["DeepSeek-V3 bias", "k"] == 8
+    assert shown.loc["DeepSeek-V3 bias", "slots routed"] == 8 * 2048

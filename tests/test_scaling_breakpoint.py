@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from engine.scaling_breakpoint import (_profile, bootstrap, break_test, detection_rate, fit_breakpoint,
-                                       prediction_band, profile_sse)
+from engine.scaling_breakpoint import _profile, fit_breakpoint, profile_sse
+from engine.scaling_breaktest import break_test, detection_rate
+from engine.scaling_intervals import bootstrap, prediction_band
 
 
 def broken_line(u, c, a, s1, s2, jump=0.0):

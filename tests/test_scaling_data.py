@@ -26,9 +26,10 @@ def _select(text: str, **kw):
     (GOOD.replace("2.0", "0"), r"column 'loss' must be > 0 .*line 5"),
     (GOOD.replace("2.2", "abc"), r"column 'loss', line 4: 'abc' is not a number"),
     (GOOD.replace("1.7", ""), r"column 'loss', line 6: '' is not a number"),
-    ("n,loss\n10,3\n20,2\n30,1\n", r"at least 4 points, got 3"),
-    ("n,loss\n10,3\n10,2\n10,1\n10,1\n", r"column 'n' must not be all equal"),
-    (GOOD.replace("80,", "20,"), r"column 'n' has duplicate values: line 3 and line 5"),
+    ("n,loss\n10,3\n20,2\n30,1\n", r"^need at least 4 distinct values of column 'n' for two segments, "
+                                     r"got 3 \(10, 20, 30\) in 3 rows$"),
+    ("n,loss\n10,3\n10,2\n10,1\n10,1\n", r"at least 4 distinct values of column 'n' .*got 1 \(10\) in 4"),
+    (GOOD.replace("80,", "20,").replace("160,", "40,"), r"at least 4 distinct .*got 3 \(10, 20, 40\) in 5"),
 ])
 def test_bad_values_name_the_column_and_line(text, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -53,7 +54,7 @@ def test_upload_limits_and_unreadable_files():
 
 def test_too_few_points_for_the_segments():
     sel = _select(GOOD)
-    with pytest.raises(ValueError, match=r"2 \* min_segment = 6 points"):
+    with pytest.raises(ValueError, match=r"2 \* min_segment = 6 distinct sizes for two segments, got 5"):
         fit_breakpoint(sel.x, sel.y, min_segment=3)
 
 
@@ -119,8 +120,9 @@ def test_cli_reports_bad_csv_with_exit_code_2(tmp_path, capsys):
     assert main(["fit", str(path), "--x", "n", "--y", "loss"]) == 2
     assert "column 'loss', line 4: 'oops' is not a number" in capsys.readouterr().err
     assert main(["fit", str(tmp_path / "missing.csv"), "--x", "n", "--y", "loss"]) == 2
-    assert main(["fit", "--dataset", "chinchilla", "--x", "Model Size"]) == 2
-    assert "duplicate values" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["fit", str(path), "--x", "n", "--y", "tag"]) == 2
+    assert "column 'tag', line 2: 'a' is not a number" in capsys.readouterr().err
 
 
 def test_cli_csv_with_filter_and_first_k_holdout(tmp_path, capsys):
@@ -136,3 +138,22 @@ def test_cli_csv_with_filter_and_first_k_holdout(tmp_path, capsys):
     assert doc["model"]["breakpoint"] == pytest.approx(1e9, rel=1e-9)
     forms = pd.DataFrame(doc["forms (RMSLE in natural-log units)"])
     assert forms["form"].tolist() == ["power"]
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", "-1"), ("--n-boot", "5"), ("--level", "1.5"),
+                                         ("--n-sim", "-3"), ("--min-segment", "1")])
+def test_cli_names_the_flag_of_a_bad_number(flag, value, capsys):
+    assert main(["fit", "--dataset", "bnsl_4digit", flag, value]) == 2
+    assert f"{flag} must be" in capsys.readouterr().err
+
+
+def test_minimum_sizes_are_stated_the_same_way():
+    """One phrasing: the fit needs 4 distinct sizes, the test and intervals 5 rows ('at least')."""
+    from engine.scaling_breaktest import break_test
+    from engine.scaling_intervals import profile_interval
+
+    x, y = np.array([10.0, 20, 40, 80]), np.array([3.0, 2.5, 2.2, 2.0])
+    assert fit_breakpoint(x, y).n == 4
+    for fn in (break_test, profile_interval):
+        with pytest.raises(ValueError, match=r"^need at least 5 points .*got 4$"):
+            fn(x, y)

@@ -100,3 +100,43 @@ def test_column_names_from_the_data_are_not_rendered_as_html_in_the_charts(monke
         assert titles and all("<a" not in t and "&lt;a href" in t for t in titles[:2])
     finally:
         st.cache_data.clear()
+
+
+def test_chinchilla_by_model_size_fits_every_row(monkeypatch):
+    """Model sizes repeat across compute budgets: offered as x and fitted on all 245 rows."""
+    at = _page(monkeypatch, src="chinchilla", x="Model Size")
+    assert not at.exception and not at.error
+    assert at.selectbox(key="x").value == "Model Size"
+    assert _estimate(at, "n train") == 245
+
+
+def test_the_readme_fit_command_reproduces_the_page_defaults(monkeypatch, capsys):
+    """README's `python -m engine fit ...` line: same rows, knee and interval as the default page."""
+    import json
+    import shlex
+
+    from engine.cli import main
+
+    line = next(s for s in (ROOT / "README.md").read_text().splitlines() if " -m engine fit " in s)
+    args = shlex.split(line.split(" -m engine ", 1)[1])
+    monkeypatch.chdir(ROOT)
+    assert main([*args, "--json", "--n-sim", "19", "--n-boot", "50", "--forms", "power"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    cli = {r["quantity"]: r for r in next(v for k, v in doc.items() if k.startswith("two-segment fit"))}
+    at = _page(monkeypatch)
+    page = _table(at, "quantity", "estimate").set_index("quantity")
+    assert doc["model"]["n"] == page.loc["n train", "estimate"] == 14
+    for col in ("estimate", "low", "high"):
+        assert cli["breakpoint"][col] == pytest.approx(page.loc["breakpoint", col], rel=1e-12)
+
+
+def test_interval_method_is_named_and_switchable(monkeypatch):
+    at = _page(monkeypatch)
+    assert any("(calibrated)" in c.value for c in at.caption)
+    default = _table(at, "quantity", "low").set_index("quantity").loc["breakpoint"]
+    at = _page(monkeypatch, ci="bootstrap", cmp="true")
+    assert not at.exception and not at.error
+    assert any("CI" in c.value and " to " in c.value and "(bootstrap)" in c.value for c in at.caption)
+    methods = _table(at, "method", "breakpoint_low").set_index("method")
+    assert set(methods.index) == {"calibrated", "profile", "bootstrap", "residual"}
+    assert methods.loc["calibrated", "breakpoint_low"] == pytest.approx(default["low"], rel=1e-12)

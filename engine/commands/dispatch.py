@@ -1,4 +1,5 @@
-"""`python -m engine dispatch`: expert placement what-if, or `--launch N` for a real gloo dispatch."""
+"""`python -m engine dispatch`: expert placement what-if, `--launch N` for a real gloo dispatch,
+or `--train-check` for training with the experts on 2 processes against one process."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pandas as pd
 
 from engine.cli import CommandResult
 from engine.ep_dispatch import launch
+from engine.ep_training import launch_check
 from engine.expert_parallel import (DTYPES, PLACEMENTS, ROUTERS, EPSettings, ep_stats,
                                     parse_placement, rank_table)
 
@@ -35,7 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the real dispatch on N local processes (torchrun, gloo) instead")
     p.add_argument("--chunks", type=int, default=1, help="micro-batches pipelined in --launch")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--timeout", type=float, default=120.0, help="wall-time limit of --launch, s")
+    p.add_argument("--train-check", action="store_true",
+                   help="train a small MoE model with its experts on 2 local processes (gloo) "
+                        "beside the single-process model: losses and gradients per step")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="wall-time limit of --launch or --train-check, s")
 
 
 def _settings(args: argparse.Namespace, ranks: int) -> EPSettings:
@@ -46,7 +52,15 @@ def _settings(args: argparse.Namespace, ranks: int) -> EPSettings:
 
 
 def run(args: argparse.Namespace) -> CommandResult:
-    """The what-if tables, or the measured per-rank and summary tables of a launch."""
+    """The what-if tables, the measured per-rank and summary tables of a launch, or the
+    training check's steps."""
+    if args.train_check:
+        doc = launch_check(2, steps=3, timeout_s=args.timeout)
+        steps = pd.DataFrame([r for rank in doc["per_rank"] for r in rank["rows"]])
+        keys = ("backend", "world", "device", "date", "torch", "max_loss_abs_err",
+                "max_grad_abs_err", "max_grad_abs")
+        return CommandResult({"expert-parallel training against one process, per step": steps},
+                             {k: doc[k] for k in keys})
     if args.launch is not None:
         doc = launch(_settings(args, args.launch), args.launch, reps=args.reps,
                      timeout_s=args.timeout, placement_map=args.map, chunks=args.chunks)

@@ -6,8 +6,12 @@ import argparse
 from pathlib import Path
 
 from engine.cli import CommandResult
+from engine.scaling_breakpoint import MAX_SEED
 from engine.scaling_data import DATASETS, MAX_UPLOAD_BYTES, Filter, load_dataset, parse_csv, select_xy
-from engine.scaling_forms import FORMS, FitSettings, analyse
+from engine.scaling_forms import FORMS
+from engine.scaling_intervals import DEFAULT_METHOD, METHOD_NAMES, METHODS
+from engine.scaling_lab import LOSSES, FitSettings, analyse
+from engine.validation import check_float, check_int
 
 HELP = "exact two-segment power-law fit of a CSV or bundled table, with CIs, tests and other forms"
 
@@ -30,7 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
     p.add_argument("--n-sim", type=int, default=999, help="null simulations of the sup-F test")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise draws of resamples and simulations (>= 0)")
+    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                   help="interval in the fit table: " + "; ".join(f"{k}: {v}" for k, v in METHOD_NAMES.items()))
+    p.add_argument("--loss", choices=LOSSES, default="squared", help="huber: robust to heavy-tailed noise")
     p.add_argument("--target", type=float, help="extrapolate the loss to this size")
     p.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated subset of {','.join(FORMS)}")
 
@@ -65,15 +72,24 @@ def run(args: argparse.Namespace) -> CommandResult:
         nd = tuple(args.nd.split(",")) if args.nd else None
     if nd is not None and len(nd) != 2:
         raise ValueError(f"--nd must be NCOL,DCOL, got {args.nd!r}")
+    # Flags checked under the names typed (the engine would name its own arguments).
+    check_int("--seed", args.seed, 0, MAX_SEED)
+    check_int("--n-boot", args.n_boot, 10, 100_000)
+    check_int("--n-sim", args.n_sim, 0, 100_000)
+    check_int("--min-segment", args.min_segment, 2, 500_000)
+    check_int("--first-k", args.first_k, 4)
+    check_float("--level", args.level, 0.5, 0.999)
     holdout = args.holdout or ("split" if split else "none")
     sel = select_xy(df, x, y, tuple(_filter(f) for f in args.filter), nd,
                     split if holdout == "split" else None)
     settings = FitSettings(min_segment=args.min_segment, continuous=not args.discontinuous,
                            n_boot=args.n_boot, level=args.level, n_sim=args.n_sim, seed=args.seed,
                            holdout=holdout, first_k=args.first_k, target=args.target,
-                           forms=tuple(f.strip() for f in args.forms.split(",") if f.strip()))
+                           forms=tuple(f.strip() for f in args.forms.split(",") if f.strip()),
+                           method=args.method, loss=args.loss, compare=True)
     res = analyse(sel, settings)
-    tables = {"two-segment fit (intervals: bootstrap percentile)": res.summary,
+    tables = {f"two-segment fit (intervals: {METHOD_NAMES[args.method]})": res.summary,
+              "breakpoint and slope intervals by method": res.methods,
               "forms (RMSLE in natural-log units)": res.forms}
     if not res.extrapolation.empty:
         tables["extrapolation"] = res.extrapolation

@@ -1,0 +1,243 @@
+"""MoE training lab: train a small MoE language model once per router and compare the curves.
+Thin: widgets (bound to the URL) -> TrainSettings -> engine.train_loop.train -> figures/tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from app_pages._ui import download_buttons, guarded
+from engine.train_data import TEXTS, TOKENIZERS, builtin_text, decode_upload, tokenize
+from engine.train_loop import TrainSettings, train
+from engine.train_metrics import history_table
+from engine.train_model import ROUTERS
+
+QP = "query-params"
+D = TrainSettings()
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+BALANCE = {"cv": "CV of tokens per expert (mean over layers)",
+           "max_vio": "MaxVio (max over layers)", "drop_rate": "drop rate (capacity)",
+           "unrouted": "tokens reaching no expert", "aux_loss": "aux loss (sum over layers)",
+           "bias_spread": "DeepSeek bias spread (max - min)", "tokens_per_s": "training tokens/s"}
+
+
+@st.cache_resource
+def _store() -> dict:
+    """Finished runs of this server, keyed by (settings, text hash): rerunning shows them at once."""
+    return {}
+
+
+def _settings() -> tuple[TrainSettings, str]:
+    """Read the widgets into TrainSettings and the data choice ("pydoc", "stdlib", "upload")."""
+    routers = st.multiselect("Routers", list(ROUTERS), default=list(D.routers), key="routers",
+                             bind=QP, help="hash: token ids (Hash Layers); balanced_hash: a table "
+                             "from token frequencies; topk: softmax top-k + load-balancing loss "
+                             "(alpha); switch: top-1 with capacity + aux loss; expert_choice: each "
+                             "expert picks its tokens from the whole batch (so it sees later "
+                             "tokens: not causal, its loss is optimistic); deepseek: bias balancing, no aux loss; "
+                             "dense: FFN of k x expert width (same active parameters); "
+                             "dense_total: FFN of E x expert width (same total).")
+    c = st.columns(6)
+    experts = c[0].number_input("Experts E", 1, 100_000, D.experts, key="E", bind=QP)
+    k = c[1].number_input("Experts per token k", 1, 100_000, D.k, key="k", bind=QP,
+                          help="hash routers: 1 or 2; Switch is always top-1")
+    layers = c[2].number_input("Layers", 1, 100_000, D.layers, key="layers", bind=QP)
+    d_model = c[3].number_input("d_model", 8, 100_000, D.d_model, step=16, key="d", bind=QP)
+    steps = c[4].number_input("Steps", 1, 10**9, D.steps, step=20, key="steps", bind=QP)
+    batch = c[5].number_input("Batch (sequences)", 1, 100_000, D.batch, key="batch", bind=QP)
+    c = st.columns(6)
+    seq_len = c[0].number_input("Sequence length", 2, 100_000, D.seq_len, step=16, key="seq",
+                                bind=QP)
+    alpha = c[1].number_input("Aux loss weight alpha", 0.0, 10.0, D.alpha, step=0.005,
+                              format="%.3f", key="alpha", bind=QP)
+    capacity = c[2].number_input("Capacity factor C", 0.05, 64.0, D.capacity, step=0.25,
+                                 key="C", bind=QP)
+    gamma = c[3].number_input("DeepSeek gamma", 0.0, 1.0, D.gamma, step=0.005, format="%.3f",
+                              key="gamma", bind=QP, help="bias update speed per step")
+    lr = c[4].number_input("Learning rate", 1e-6, 1e4, D.lr, step=1e-3, format="%.4f", key="lr",
+                           bind=QP)
+    seeds = c[5].text_input("Seeds", "0", key="seeds", bind=QP, help="comma-separated, e.g. 0,1,2")
+    with st.expander("Data and model details"):
+        c = st.columns(6)
+        data = c[0].selectbox("Data", TEXTS + ("upload",), key="data", bind=QP,
+                              help="pydoc: the Python reference manual (ships with Python); "
+                                   "stdlib: the standard library's sources (5 MB); upload: your "
+                                   "UTF-8 .txt")
+        tok = c[1].selectbox("Tokenizer", TOKENIZERS, key="tok", bind=QP)
+        vocab = c[2].number_input("BPE vocabulary", 300, 32768, D.vocab, step=256, key="V",
+                                  bind=QP)
+        d_expert = c[3].number_input("Expert width", 1, 100_000, D.d_expert, step=32, key="dff",
+                                     bind=QP)
+        every = c[4].number_input("MoE every n-th layer", 1, 100_000, D.moe_every, key="every",
+                                  bind=QP)
+        pos = c[5].selectbox("Positions", ("rope", "learned"), key="pos", bind=QP)
+    try:
+        seed_list = tuple(int(v) for v in seeds.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"Seeds must be comma-separated integers, got {seeds!r}") from None
+    s = TrainSettings(routers=tuple(routers), data=data, tokenizer=tok, vocab=int(vocab),
+                      d_model=int(d_model), layers=int(layers), experts=int(experts), k=int(k),
+                      d_expert=int(d_expert), moe_every=int(every), positions=pos,
+                      steps=int(steps), batch=int(batch), seq_len=int(seq_len), lr=float(lr),
+                      eval_every=max(1, int(steps) // 6), alpha=float(alpha),
+                      capacity=float(capacity), gamma=float(gamma), seeds=seed_list)
+    return s, data
+
+
+def _curves(runs: list[dict], metric: str, height: int = 340):
+    """metric against step per router; over several seeds the mean with +- 1 std bars."""
+    hist = history_table(runs).dropna(subset=[metric])
+    label = BALANCE.get(metric, metric.replace("_", " "))
+    if hist["seed"].nunique() > 1:
+        hist = (hist.groupby(["router", "step"], sort=False)[metric].agg(["mean", "std"])
+                .reset_index().rename(columns={"mean": metric}))
+        fig = px.line(hist, x="step", y=metric, color="router", error_y="std", markers=True,
+                      labels={metric: f"{label}, mean +- std over seeds"})
+    else:
+        fig = px.line(hist, x="step", y=metric, color="router", markers=True,
+                      labels={metric: label})
+    steps = sorted(hist["step"].unique())
+    if metric.endswith("loss") and len(steps) > 2:  # the step-0 loss would flatten the rest
+        top = hist.loc[hist["step"] == steps[1], metric].max()
+        fig.update_yaxes(range=[hist[metric].min() * 0.97, top * 1.03])
+    fig.update_layout(height=height, margin=dict(t=10, b=10), legend_title_text="")
+    return fig
+
+
+def _show(doc: dict, name: str) -> None:
+    """Curves, summary, loads and specialisation of one result document (live or committed)."""
+    runs = doc["runs"]
+    st.info(doc["summary_text"])
+    c1, c2 = st.columns(2)
+    c1.markdown("**Validation loss (nats)**")
+    c1.plotly_chart(_curves(runs, "val_loss"), width="stretch", key=f"{name}_val")
+    metric = c2.selectbox("Balance metric", list(BALANCE), format_func=BALANCE.get,
+                          key=f"{name}_metric")
+    if history_table(runs)[metric].notna().any():
+        c2.plotly_chart(_curves(runs, metric), width="stretch", key=f"{name}_bal")
+    else:
+        c2.caption("No run has this metric (dense runs have no experts).")
+    table = pd.DataFrame(doc["summary"])
+    st.subheader("Summary")
+    fmt = {c: st.column_config.NumberColumn(format="%.4f")
+           for c in ("val loss", "val loss std", "train loss", "CV", "MaxVio", "drop rate",
+                     "unrouted", "perplexity")}
+    fmt["tokens/s"] = st.column_config.NumberColumn(format="%.0f")
+    st.dataframe(table, hide_index=True, width="stretch", column_config=fmt)
+    if doc.get("throughput"):
+        st.caption("tokens/s above: during the sweep, with every run sharing the device. "
+                   "Each model alone, side by side:")
+        st.dataframe(pd.DataFrame(doc["throughput"]), hide_index=True,
+                     column_config={"tokens_per_s": st.column_config.NumberColumn(format="%.0f"),
+                                    "vs_dense": st.column_config.NumberColumn(format="%.2fx")})
+    extra = {k: doc[k] for k in ("settings", "corpus", "environment", "date") if k in doc}
+    download_buttons(f"{name}_summary", table, extra)
+    download_buttons(f"{name}_history", history_table(runs), extra)
+    st.download_button("full result (JSON)", json.dumps(doc, default=str).encode(),
+                       f"{name}.json", "application/json", key=f"{name}_doc", on_click="ignore")
+    moe = [r for r in runs if r.get("final")]
+    if not moe:
+        return
+    st.subheader("Where the tokens went (validation split, end of training)")
+    c1, c2 = st.columns(2)
+    labels = [f"{r['router']} (seed {r['seed']})" for r in moe]
+    pick = moe[labels.index(c1.selectbox("Run", labels, key=f"{name}_run"))]
+    final = pick["final"]
+    layer = c2.selectbox("MoE layer", range(len(final["loads"])), key=f"{name}_layer")
+    loads = pd.DataFrame([{"layer": i, "expert": e, "tokens": v}
+                          for i, row in enumerate(final["loads"]) for e, v in enumerate(row)])
+    fig = px.bar(loads, x="expert", y="tokens", facet_col="layer", facet_col_wrap=4)
+    fig.update_layout(height=300, margin=dict(t=30, b=10))
+    st.plotly_chart(fig, width="stretch", key=f"{name}_loads")
+    c1, c2 = st.columns(2)
+    heat = px.imshow(final["class_expert"][layer], y=final["classes"], aspect="auto",
+                     labels={"x": "expert", "y": "token class", "color": "share"},
+                     color_continuous_scale="Blues", zmin=0)
+    heat.update_layout(height=320, margin=dict(t=10, b=10))
+    c1.markdown("**Token class x expert** (each class's routed slots; rows sum to 1)")
+    c1.plotly_chart(heat, width="stretch", key=f"{name}_heat")
+    c2.markdown("**Most routed tokens per expert**")
+    c2.dataframe(pd.DataFrame({"expert": range(len(final["top_tokens"][layer])),
+                               "tokens": [", ".join(repr(t) for t in toks)
+                                          for toks in final["top_tokens"][layer]]}),
+                 hide_index=True, height=320)
+
+
+def _text(data: str) -> str:
+    if data != "upload":
+        return builtin_text(data)
+    up = st.session_state.get("upload")
+    if up is None:
+        raise ValueError("Data is set to upload: choose a UTF-8 .txt file above")
+    return decode_upload(up.getvalue(), f"upload {up.name}")
+
+
+st.title("MoE training lab")
+st.caption("A small decoder-only language model trained once per router, from the same "
+           "initialisation, on the same batches, with the same AdamW schedule: the curves differ "
+           "only by the routing rule. Same run from a shell: `python -m engine train --routers "
+           "hash,topk,deepseek,dense --steps 120`.")
+here, gpu = st.tabs(["Train here", "Committed GPU results"])
+with here:
+    parsed = guarded("training_settings", _settings)
+    if st.session_state.get("data") == "upload":
+        st.file_uploader("UTF-8 text (.txt, up to 5 MB)", type=["txt"], key="upload")
+    run = st.button("Run", type="primary", disabled=parsed is None)
+    store = _store()
+    if parsed is not None:
+        settings, data = parsed
+        corpus = guarded("training_data",
+                         lambda: tokenize(_text(data), settings.tokenizer, settings.vocab))
+        key = (settings, corpus.text_sha if corpus is not None else None)
+        if run and corpus is not None and key not in store:
+            bar = st.progress(0.0, "starting")
+            live = st.columns(2)
+            slots = [live[0].empty(), live[1].empty()]
+
+            updates = iter(range(10**9))  # each redraw of a slot is a new element: fresh keys
+
+            def progress(frac: float, msg: str, runs: list) -> None:
+                bar.progress(frac, msg)
+                dicts, n = [r.as_dict() for r in runs], next(updates)
+                slots[0].plotly_chart(_curves(dicts, "val_loss", 300), width="stretch",
+                                      key=f"live_val_{n}")
+                if any(r["router"] not in ("dense", "dense_total") for r in dicts):
+                    slots[1].plotly_chart(_curves(dicts, "cv", 300), width="stretch",
+                                          key=f"live_cv_{n}")
+
+            doc = guarded("training", lambda: train(settings, corpus, progress).as_dict())
+            bar.empty()
+            for slot in slots:
+                slot.empty()
+            if doc is not None:
+                store[key] = doc
+        if key in store:
+            _show(store[key], "training")
+        elif corpus is not None:
+            st.caption(f"{corpus.train.numel():,} training and {corpus.val.numel():,} validation "
+                       f"tokens. Press Run: the defaults (7 runs) take about two minutes on a "
+                       "2-core CPU.")
+with gpu:
+    files = sorted(RESULTS.glob("train_*.json"))
+    if not files:
+        st.caption("No committed GPU results.")
+    else:
+        names = [p.stem for p in files]
+        name = st.selectbox("Result", names, key="gpu_file", bind=QP)
+        doc = json.loads((RESULTS / f"{name}.json").read_text())
+        env, s = doc["environment"], doc["settings"]
+        st.markdown(f"Measured on **{env['device']}**, {doc['date']} (torch {env['torch']}, "
+                    f"{s['dtype']}). Model: d_model {s['d_model']}, {s['layers']} layers, "
+                    f"E = {s['experts']}, k = {s['k']}, expert width {s['d_expert']}, MoE every "
+                    f"{s['moe_every']} layer(s); {s['batch']} x {s['seq_len']} tokens per step; "
+                    f"seeds {', '.join(map(str, s['seeds']))}; data {doc['corpus']['data']} "
+                    f"({doc['corpus']['train_tokens']:,} training tokens, BPE "
+                    f"{doc['corpus']['vocab']}). Compared at step {doc['compared_at_step']} of "
+                    f"{s['steps']}.")
+        if doc.get("note"):
+            st.caption(doc["note"])
+        _show(doc, "gpu")

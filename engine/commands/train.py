@@ -1,0 +1,73 @@
+"""`python -m engine train`: train a small MoE language model once per router and compare them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine.cli import CommandResult
+
+HELP = "train a small MoE language model per router (same init, batches, optimiser) and compare"
+
+# flag -> (TrainSettings field, type); defaults come from TrainSettings.
+FIELDS = {"steps": ("steps", int), "experts": ("experts", int), "k": ("k", int),
+          "layers": ("layers", int), "d-model": ("d_model", int), "heads": ("heads", int),
+          "d-expert": ("d_expert", int), "moe-every": ("moe_every", int),
+          "batch": ("batch", int), "seq-len": ("seq_len", int), "lr": ("lr", float),
+          "warmup": ("warmup", int), "eval-every": ("eval_every", int),
+          "eval-batches": ("eval_batches", int), "alpha": ("alpha", float),
+          "capacity": ("capacity", float), "gamma": ("gamma", float), "vocab": ("vocab", int),
+          "tokenizer": ("tokenizer", str), "positions": ("positions", str),
+          "device": ("device", str), "dtype": ("dtype", str)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Routers, seeds, data and every TrainSettings field."""
+    parser.add_argument("--routers", default=None,
+                        help="comma-separated: hash, balanced_hash, topk, switch, expert_choice, "
+                             "deepseek, dense, dense_total (default: all but dense_total)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    parser.add_argument("--data", default="pydoc",
+                        help="pydoc (default), stdlib, or the path of a UTF-8 .txt file (<= 5 MB)")
+    for flag, (field, typ) in FIELDS.items():
+        parser.add_argument(f"--{flag}", type=typ, default=None, help=f"TrainSettings.{field}")
+
+
+def _ints(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> CommandResult:
+    """Train every router (progress on stderr); the summary and per-evaluation histories."""
+    from engine.train_data import TEXTS, builtin_text, decode_upload, tokenize
+    from engine.train_loop import TrainSettings, train
+    from engine.train_metrics import history_table, summary_table
+
+    kw = {field: getattr(args, flag.replace("-", "_")) for flag, (field, _) in FIELDS.items()}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if args.routers is not None:
+        kw["routers"] = tuple(r.strip() for r in args.routers.split(",") if r.strip())
+    kw["seeds"] = _ints("seeds", args.seeds)
+    if args.data in TEXTS:
+        kw["data"], text = args.data, None
+    else:
+        path = Path(args.data)
+        if not path.is_file():
+            raise ValueError(f"--data must be pydoc, stdlib or an existing .txt file, got {args.data!r}")
+        if path.stat().st_size > 5 * 2**20:
+            raise ValueError(f"--data {args.data} is over the 5 MB limit")
+        kw["data"], text = path.name, decode_upload(path.read_bytes(), f"--data {args.data}")
+    s = TrainSettings(**kw)
+    corpus = tokenize(builtin_text(s.data) if text is None else text, s.tokenizer, s.vocab)
+
+    def progress(frac: float, msg: str, _runs: list) -> None:
+        print(f"[{100 * frac:5.1f}%] {msg}", file=sys.stderr, flush=True)
+
+    doc = train(s, corpus, progress).as_dict()
+    return CommandResult({"summary": summary_table(doc["runs"]), "history": history_table(doc["runs"])},
+                         {k: doc[k] for k in ("runs", "summary_text", "settings", "corpus",
+                                              "environment", "date")})

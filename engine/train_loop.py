@@ -1,0 +1,229 @@
+"""The training lab's loop: every router trained from the same init on the same batches.
+
+Same seed -> same attention/expert/embedding init (engine.train_model seeds per component), same
+batches in the same order (engine.train_data.train_batches), same optimiser: AdamW (betas 0.9,
+0.95, weight decay 0.1), linear warm-up then cosine decay to 10% of the peak learning rate,
+gradients clipped at norm 1. So curves differ only by the routing rule. Every `eval_every` steps
+the validation split is scored and the routers' loads measured on it (engine.train_metrics).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import torch
+
+from engine.train_data import Corpus, check_fits, train_batches, val_batches
+from engine.env_info import environment
+from engine.train_metrics import (RunHistory, eval_metrics, specialisation, summary_table,
+                                  summary_text)
+from engine.train_model import MOE_ROUTERS, ROUTERS, ModelConfig, MoELM, lm_loss
+from engine.validation import MAX_BYTES, check_bytes, check_choice, check_float, check_int
+
+DEFAULT_ROUTERS = ("hash", "balanced_hash", "topk", "switch", "expert_choice", "deepseek", "dense")
+DTYPES = ("float32", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """One experiment: data, model shape, optimiser and the routers to compare (plain values)."""
+
+    routers: tuple[str, ...] = DEFAULT_ROUTERS
+    data: str = "pydoc"
+    tokenizer: str = "bpe"
+    vocab: int = 1024
+    d_model: int = 64
+    layers: int = 2
+    heads: int = 4
+    experts: int = 8
+    k: int = 2
+    d_expert: int = 96
+    moe_every: int = 1
+    positions: str = "rope"
+    steps: int = 120
+    batch: int = 16
+    seq_len: int = 64
+    lr: float = 1e-2
+    warmup: int = 12
+    eval_every: int = 20
+    eval_batches: int = 4
+    alpha: float = 0.01
+    capacity: float = 1.25
+    gamma: float = 0.01
+    seeds: tuple[int, ...] = (0,)
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not self.routers:
+            raise ValueError("routers must name at least one of " + ", ".join(ROUTERS))
+        for r in self.routers:
+            check_choice("routers", r, ROUTERS)
+        check_int("steps", self.steps, 1, 100_000)
+        check_int("batch", self.batch, 1, 4096)
+        check_float("learning rate", self.lr, 0.0, 1e4, lo_open=True)
+        check_int("warm-up steps", self.warmup, 0, 100_000)  # capped at steps when used
+        check_int("evaluate every", self.eval_every, 1, 100_000)
+        check_int("evaluation batches", self.eval_batches, 1, 1000)
+        if not self.seeds or len(self.seeds) > 16:
+            raise ValueError("seeds must list 1 to 16 seeds")
+        check_choice("dtype", self.dtype, DTYPES)
+        for r in self.routers:  # every field checked before anything is allocated
+            self.model_config(r, self.seeds[0], self.vocab if self.tokenizer == "bpe" else 256)
+
+    def model_config(self, router: str, seed: int, vocab: int) -> ModelConfig:
+        """The ModelConfig of one run."""
+        return ModelConfig(vocab, self.d_model, self.layers, self.heads, self.seq_len,
+                           self.d_expert, self.experts, self.k, self.moe_every, router,
+                           self.alpha, self.capacity, self.gamma, self.positions, "gelu", seed)
+
+    def memory_bytes(self, vocab: int) -> float:
+        """Rough peak bytes of the largest run: weights, grads, AdamW state, activations."""
+        widest = max(self.routers, key=lambda r: self.model_config(r, 0, vocab).param_bytes())
+        tokens = self.batch * self.seq_len
+        act = tokens * (self.layers * (16 * self.d_model + 6 * self.k * self.d_expert) + 3 * vocab)
+        return self.model_config(widest, 0, vocab).param_bytes() + 4.0 * act
+
+
+def _lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from 1 to 0.1 at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * t))
+
+
+def resolve_device(name: str) -> torch.device:
+    """torch.device for "cpu" / "cuda[:N]"; ValueError naming the field if it is not here."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be cpu or cuda[:N], got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda is not available on this machine; use cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda[:N], got {name!r}")
+    return dev
+
+
+def train_run(s: TrainSettings, corpus: Corpus, router: str, seed: int,
+              on_eval: Callable[[RunHistory], None] | None = None,
+              final_stats: bool = True, deadline: float | None = None) -> RunHistory:
+    """Train one router from seed `seed`; histories per evaluation, final loads and specialisation.
+
+    A non-finite training loss stops the run: `stopped` says so and the curves so far are kept.
+    deadline (time.monotonic() seconds): stop at the first evaluation past it, saying so.
+    """
+    dev = resolve_device(s.device)
+    cfg = s.model_config(router, seed, corpus.vocab)
+    freq = torch.bincount(corpus.train, minlength=corpus.vocab).double()
+    torch.manual_seed(seed)
+    model = MoELM(cfg, freq if router == "balanced_hash" else None).to(dev)
+    total, active = model.param_counts()
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = min(s.warmup, s.steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, warmup, s.steps))
+    batches = train_batches(corpus, s.batch, s.seq_len, s.steps, seed)
+    val = val_batches(corpus, s.batch, s.seq_len, s.eval_batches).to(dev)
+    autocast = torch.autocast(dev.type, torch.bfloat16, enabled=s.dtype == "bf16")
+    hist = RunHistory(router, seed, total, active)
+    with torch.no_grad(), autocast:  # step 0: the starting point of every curve
+        first = float(lm_loss(model(batches[0].to(dev))[0], batches[0].to(dev)))
+        hist.record(0, first, math.nan, math.nan, eval_metrics(model, val))
+    ce_sum = aux_sum = 0.0
+    n_since, t_train, diverged = 0, 0.0, False
+    t0 = time.perf_counter()
+    for step in range(1, s.steps + 1):
+        ids = batches[step - 1].to(dev, non_blocking=True)
+        with autocast:
+            logits, aux = model(ids)
+            ce = lm_loss(logits, ids)
+        ce_val = float(ce.detach())
+        if not math.isfinite(ce_val):
+            diverged = True
+            hist.stopped = (f"training loss became {ce_val} at step {step}: the run stopped there "
+                            f"(learning rate {s.lr:g} too high?)")
+            break
+        opt.zero_grad(set_to_none=True)
+        (ce + cfg.alpha * aux).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        for r in model.routers():
+            r.update_bias()
+        ce_sum, aux_sum, n_since = ce_sum + ce_val, aux_sum + float(aux.detach()), n_since + 1
+        if step % s.eval_every == 0 or step == s.steps:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t_train += time.perf_counter() - t0
+            tps = n_since * s.batch * s.seq_len / (time.perf_counter() - t0)
+            with torch.no_grad(), autocast:
+                m = eval_metrics(model, val)
+            hist.record(step, ce_sum / n_since, aux_sum / n_since, tps, m)
+            ce_sum = aux_sum = 0.0
+            n_since = 0
+            if on_eval:
+                on_eval(hist)
+            if deadline is not None and time.monotonic() > deadline and step < s.steps:
+                hist.stopped = f"time limit: stopped at step {step} of {s.steps}"
+                break
+            t0 = time.perf_counter()
+    hist.train_seconds = t_train
+    if final_stats and not diverged and router in MOE_ROUTERS:
+        with torch.no_grad(), autocast:
+            hist.final = specialisation(model, val, corpus.strings)
+    return hist
+
+
+@dataclass
+class TrainResult:
+    """Every run of an experiment (router x seed) and what it ran on."""
+
+    settings: TrainSettings
+    runs: list[RunHistory] = field(default_factory=list)
+    corpus: dict[str, object] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON document the page, the CLI's --json and committed results share."""
+        runs = [r.as_dict() for r in self.runs]
+        table = summary_table(runs)
+        return {"settings": asdict(self.settings), "corpus": self.corpus,
+                "environment": environment(),
+                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "runs": runs, "summary": table.to_dict(orient="records"),
+                "summary_text": summary_text(table, self.settings.steps,
+                                             int(self.corpus.get("train_tokens", 0)))}
+
+
+def train(s: TrainSettings, corpus: Corpus,
+          progress: Callable[[float, str, list[RunHistory]], None] | None = None) -> TrainResult:
+    """Train every router of `s` for every seed, in order; `progress(fraction, message, runs)`
+    is called after every evaluation with the runs so far (the current one last)."""
+    check_fits(corpus, s.batch, s.seq_len)
+    dev = resolve_device(s.device)
+    if s.dtype == "bf16" and dev.type != "cuda":
+        raise ValueError("dtype bf16 needs a CUDA device here; use float32 on cpu")
+    limit = int(0.8 * torch.cuda.get_device_properties(dev).total_memory) if dev.type == "cuda" \
+        else MAX_BYTES
+    check_bytes("this training run", s.memory_bytes(corpus.vocab), limit)
+    result = TrainResult(s, corpus={"tokenizer": corpus.tokenizer, "vocab": corpus.vocab,
+                                    "train_tokens": corpus.train.numel(),
+                                    "val_tokens": corpus.val.numel(), "chars": corpus.chars,
+                                    "text_sha256": corpus.text_sha})
+    jobs = [(r, seed) for seed in s.seeds for r in s.routers]
+    evals = math.ceil(s.steps / s.eval_every) + 1
+    for i, (router, seed) in enumerate(jobs):
+        def on_eval(h: RunHistory, i: int = i) -> None:
+            if progress:
+                frac = (i + len(h.step) / evals) / len(jobs)
+                progress(min(frac, 1.0), f"{h.router} (seed {h.seed}): step {h.step[-1]}/{s.steps}, "
+                         f"val loss {h.val_loss[-1]:.3f}", result.runs + [h])
+        result.runs.append(train_run(s, corpus, router, seed, on_eval))
+    if progress:
+        progress(1.0, "done", result.runs)
+    return result
+

@@ -1,0 +1,124 @@
+"""Training with the experts over ranks (engine.ep_training, 2 gloo processes under torchrun):
+the same losses and gradients as the single-process model, and bad jobs end in a clear error.
+
+Every launch is bounded by torchrun()'s wall time, which kills the whole process tree.
+"""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import engine.commands.dispatch as dispatch_command
+from engine.cli import main
+from engine.ep_autograd import ExpertParallelExperts, PhaseClock
+from engine.ep_launch import LaunchError, init_group, torchrun
+from engine.ep_training import launch_check
+from engine.train_model import Experts
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-process gloo group in this process: the autograd path without torchrun."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_one_rank_experts_match_the_grouped_experts_forward_and_backward(one_rank_group):
+    # Every row stays on its rank here (no exchange; the 2-rank job below has them): the
+    # buffers' bookkeeping, the combine's weights and both backward passes against the training
+    # lab's own Experts, over two calls of one layer.
+    gen = torch.Generator().manual_seed(0)
+    ref = Experts(8, 12, 5, "swiglu", gen)
+    ep = ExpertParallelExperts(copy.deepcopy(ref), 0, 1, torch.device("cpu"))
+    ep.clock = PhaseClock(torch.device("cpu"))
+    for call in range(2):
+        x = torch.randn(30, 8, generator=gen)
+        experts = torch.randint(5, (30, 2), generator=gen)
+        experts[::7, 1] = -1  # empty slots, as hash collisions leave
+        weights = torch.rand(30, 2, generator=gen).masked_fill(experts < 0, 0.0)
+        grad = torch.randn(30, 8, generator=gen)
+        got, want = [], []
+        for module, out in ((ep, got), (ref, want)):
+            xx, ww = x.clone().requires_grad_(), weights.clone().requires_grad_()
+            module.zero_grad()
+            y = module(xx, experts, ww)
+            y.backward(grad)
+            out += [y, xx.grad, ww.grad, module.w_in.grad, module.w_out.grad]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    phases = ep.clock.totals()
+    assert set(phases) == {p + s for p in ("dispatch", "experts", "combine")
+                           for s in ("", "_backward")}
+    assert all(v >= 0 for v in phases.values())
+
+
+def test_more_ranks_than_experts_is_refused_before_building():
+    ref = Experts(8, 12, 2, "gelu", torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"Ranks R must be between 1 and the experts E \(2\)"):
+        ExpertParallelExperts(ref, 0, 3, torch.device("cpu"))
+
+
+def test_cli_train_check_prints_every_step(monkeypatch, capsys):
+    rows = [{"router": "topk", "rank": r, "step": s, "loss": 5.0, "ref_loss": 5.0,
+             "grad_max_abs_err": 1e-8, "grad_max_abs": 0.1} for r in range(2) for s in range(3)]
+    doc = {"backend": "gloo", "world": 2, "device": "CPU", "date": "d", "torch": "t",
+           "per_rank": [{"rows": rows[:3]}, {"rows": rows[3:]}], "max_loss_abs_err": 0.0,
+           "max_grad_abs_err": 1e-8, "max_grad_abs": 0.1}
+    monkeypatch.setattr(dispatch_command, "launch_check", lambda *a, **k: doc)
+    assert main(["dispatch", "--train-check", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["expert-parallel training against one process, per step"]) == 6
+    assert out["max_grad_abs_err"] == 1e-8
+
+
+@pytest.mark.slow
+def test_two_ranks_train_like_one_process():
+    # Each rank also trains the single-process model on the global batch and compares every
+    # gradient (its block of the expert weights) and the loss, step by step, after SGD steps.
+    # topk: gradients reach the gate through the combine's weights; hash: empty slots (-1).
+    doc = launch_check(2, steps=3, timeout_s=240, extra=["--router", "topk,hash"])
+    assert doc["world"] == 2 and len(doc["per_rank"]) == 2
+    for rank_rows in doc["per_rank"]:
+        assert [(r["router"], r["step"]) for r in rank_rows["rows"]] == \
+            [(router, step) for router in ("topk", "hash") for step in range(3)]
+        for r in rank_rows["rows"]:
+            assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"])
+            # Gradients of order 0.1: float32 sums in another order differ by ~1e-8.
+            assert r["grad_max_abs"] > 1e-3
+            assert r["grad_max_abs_err"] <= 1e-5 * r["grad_max_abs"]
+
+
+@pytest.mark.slow
+def test_more_ranks_than_experts_is_refused_by_every_rank():
+    with pytest.raises(LaunchError) as err:
+        launch_check(2, steps=1, timeout_s=90, extra=["--experts", "1", "--top-k", "1"])
+    assert "Ranks R (2) must be <= the experts E (1)" in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_job_with_an_error_not_a_hang():
+    with pytest.raises(LaunchError) as err:
+        launch_check(2, steps=1, timeout_s=120, extra=["--fail-rank", "1", "--timeout", "10"])
+    # Rank 0 names the missing rank after the process group's timeout (10 s), and the job ends
+    # on its own within the wall time (no "did not finish").
+    assert "Rank 1 failed to pass monitoredBarrier" in str(err.value)
+
+
+def test_more_local_ranks_than_gpus_is_refused_before_joining(monkeypatch):
+    # This machine has no GPU: NCCL's first local rank already has none.
+    monkeypatch.setitem(os.environ, "RANK", "0")
+    monkeypatch.setitem(os.environ, "WORLD_SIZE", "2")
+    monkeypatch.setitem(os.environ, "LOCAL_RANK", "0")
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    with pytest.raises(ValueError, match="--nproc-per-node must be <= the 0 GPUs"):
+        init_group("nccl", 5.0)
+
+
+def test_more_processes_than_the_launcher_allows_is_refused():
+    with pytest.raises(ValueError, match="processes must be >= 1 and <= 8"):
+        torchrun("engine.ep_training", [], 9, 10.0, "check")

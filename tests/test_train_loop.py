@@ -1,0 +1,106 @@
+"""The training loop on a tiny corpus: loss falls for every router, E = 1 curves equal dense,
+same seed same curves, a NaN loss stops the run with its curves, bad input is refused."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from engine.cli import main
+from engine.train_data import tokenize
+from engine.train_loop import TrainSettings, train, train_run
+from engine.train_metrics import summary_table
+from engine.train_model import ROUTERS
+
+TEXT = "the cat sat on the mat. the dog sat on the log. " * 60
+TINY = dict(tokenizer="byte", d_model=32, layers=1, heads=2, experts=4, k=2, d_expert=32,
+            steps=40, batch=8, seq_len=16, lr=1e-2, warmup=4, eval_every=20, eval_batches=2)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return tokenize(TEXT, "byte")
+
+
+@pytest.mark.slow
+def test_loss_falls_for_every_router(corpus) -> None:
+    torch.set_num_threads(1)
+    res = train(TrainSettings(routers=ROUTERS, **TINY), corpus)
+    for run in res.runs:
+        # Step 0 starts near ln(256) = 5.5 nats (uniform over bytes); this text has ~12 symbols,
+        # so a model that learned anything is far below ln(12) = 2.5.
+        assert run.step == [0, 20, 40]
+        assert run.val_loss[0] > 4.5
+        assert run.val_loss[-1] < 2.5, run.router
+        assert run.stopped is None
+    table = summary_table([r.as_dict() for r in res.runs])
+    assert list(table["router"]) == list(ROUTERS)
+    ec = table.set_index("router").loc["expert_choice"]
+    assert ec["CV"] == pytest.approx(0.0)  # every expert takes exactly its capacity
+
+
+def test_one_expert_curves_equal_dense(corpus) -> None:
+    s = TrainSettings(routers=("topk", "dense"), **{**TINY, "experts": 1, "k": 1, "steps": 10,
+                                                    "eval_every": 5, "alpha": 0.0})
+    moe, dense = (train_run(s, corpus, r, 0, final_stats=False) for r in ("topk", "dense"))
+    assert moe.val_loss == pytest.approx(dense.val_loss, rel=1e-4)
+
+
+def test_same_seed_same_curves(corpus) -> None:
+    s = TrainSettings(**{**TINY, "steps": 10, "eval_every": 5})
+    a, b, c = (train_run(s, corpus, "deepseek", seed, final_stats=False) for seed in (3, 3, 4))
+    assert a.val_loss == b.val_loss and a.cv == b.cv and a.bias_spread == b.bias_spread
+    assert a.val_loss != c.val_loss
+
+
+def test_nan_loss_stops_and_keeps_curves(corpus) -> None:
+    s = TrainSettings(**{**TINY, "lr": 1e3, "warmup": 0, "eval_every": 1})
+    run = train_run(s, corpus, "topk", 0)
+    assert run.stopped and "nan" in run.stopped and "learning rate" in run.stopped
+    assert 1 <= len(run.val_loss) < 41 and math.isfinite(run.val_loss[0])
+
+
+@pytest.mark.parametrize("kw, field", [({"steps": 0}, "steps"), ({"steps": 10**6}, "steps"),
+                                       ({"layers": 500}, "layers"), ({"lr": -1}, "learning rate"),
+                                       ({"routers": ("nope",)}, "routers"),
+                                       ({"seeds": ()}, "seeds")])
+def test_bad_settings_name_the_field(kw: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        TrainSettings(**{**TINY, **kw})
+
+
+def test_memory_budget_refused_before_allocating(corpus, monkeypatch) -> None:
+    s = TrainSettings(**{**TINY, "d_model": 4096, "heads": 32, "layers": 48, "experts": 256,
+                         "d_expert": 8192})
+    monkeypatch.setattr("engine.train_loop.MoELM", None)  # any model construction would fail
+    with pytest.raises(ValueError, match="GiB"):
+        train(s, corpus)
+
+
+def test_text_shorter_than_one_batch_is_refused() -> None:
+    with pytest.raises(ValueError, match="too short"):
+        train(TrainSettings(**TINY), tokenize("short text " * 5, "byte"))
+
+
+@pytest.mark.slow
+def test_cli_json_shape(capsys) -> None:
+    rc = main(["train", "--routers", "hash,dense", "--steps", "4", "--eval-every", "2",
+               "--tokenizer", "byte", "--d-model", "16", "--layers", "1", "--heads", "2",
+               "--experts", "2", "--d-expert", "8", "--batch", "2", "--seq-len", "8",
+               "--eval-batches", "1", "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["router"] for r in doc["runs"]] == ["hash", "dense"]
+    for r in doc["runs"]:
+        assert r["step"] == [0, 2, 4]
+        assert all(len(r[k]) == 3 for k in ("train_loss", "val_loss", "cv"))
+    assert doc["runs"][1]["cv"] == [None, None, None]  # dense: no experts to balance
+    assert {row["router"] for row in doc["summary"]} == {"hash", "dense"}
+
+
+def test_cli_bad_flag_exits_2(capsys) -> None:
+    assert main(["train", "--experts", "0", "--steps", "2"]) == 2
+    assert "experts E" in capsys.readouterr().err

@@ -1,0 +1,51 @@
+"""The training page in AppTest: a tiny run from URL settings, cached by settings, bad input shown
+beside a working page, committed GPU results readable without a GPU."""
+
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+TINY = {"routers": ["hash", "dense"], "E": "2", "layers": "1", "d": "16", "steps": "6",
+        "batch": "2", "seq": "8", "tok": "byte", "dff": "8"}
+
+
+def _page(**query):
+    at = AppTest.from_file(APP, default_timeout=120)
+    for k, v in query.items():
+        at.query_params[k] = v
+    return at.switch_page("app_pages/training.py").run()
+
+
+def test_tiny_run_from_url_settings_then_cached():
+    at = _page(**TINY)
+    assert not at.exception
+    assert at.number_input(key="steps").value == 6
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    summary = at.dataframe[0].value
+    assert list(summary["router"]) == ["hash", "dense"]
+    assert (summary["val loss"] < 5.6).all()  # below ln(256) after 6 steps of bytes
+    info = [i.value for i in at.info]
+    assert any("Lowest final validation loss" in v and "Caveat" in v for v in info)
+    again = _page(**TINY)  # a new session, same settings: the result shows without Run
+    assert not again.exception and list(again.dataframe[0].value["router"]) == ["hash", "dense"]
+
+
+def test_bad_input_is_named_and_page_keeps_working():
+    at = _page(**{**TINY, "layers": "500"})
+    assert not at.exception
+    assert any("layers" in e.value for e in at.error)
+    at = _page(**{**TINY, "seeds": "0,x"})
+    assert any("Seeds" in e.value for e in at.error)
+    at = _page(**{**TINY, "data": "upload"})
+    assert any("upload" in e.value for e in at.error)
+
+
+def test_committed_gpu_results_show_device_and_date():
+    files = sorted((Path(APP).parent / "benchmarks" / "results").glob("train_*.json"))
+    at = _page(**TINY)
+    assert not at.exception
+    text = " ".join(m.value for m in at.markdown)
+    if files:
+        assert "Measured on" in text and "Compared at step" in text
