@@ -21,10 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.cost_measure import compare_runs, measure_step  # noqa: E402
+from engine.cost_measure import block_key, compare_runs, extra_ms, measure_step  # noqa: E402
 from engine.cost_memory import TrainLayout  # noqa: E402
 from engine.cost_model import TransformerConfig  # noqa: E402
 from engine.env_info import environment  # noqa: E402
+from engine.moe_block import BlockBenchSettings, time_blocks  # noqa: E402
 
 # name -> (config changes, layout changes, sequences per step), over the base sizes below.
 RUNS = {
@@ -54,6 +55,27 @@ def build(size: str) -> list[tuple[str, TransformerConfig, TrainLayout]]:
     return out
 
 
+def moe_block_extra(configs: list[tuple[str, TransformerConfig, TrainLayout]], device: str
+                    ) -> dict[str, dict[str, float]]:
+    """Per MoE shape: the MoE FFN block's (forward, forward+backward) ms and its dense
+    counterpart's FFN block (width d_ff, as in the calibration model), timed side by side."""
+    out: dict[str, dict[str, float]] = {}
+    for _, cfg, layout in configs:
+        key = block_key(cfg, layout)
+        if not cfg.is_moe or key in out:
+            continue
+        common = dict(d_model=cfg.d_model, d_ff=cfg.d_ff, num_experts=cfg.num_experts, ffn=cfg.ffn,
+                      tokens=layout.micro_batch * cfg.seq_len, routers=(cfg.router,),
+                      dtype=layout.precision.replace("fp32", "float32"), device=device,
+                      warmup=5, reps=20)
+        _, moe = time_blocks(BlockBenchSettings(top_k=cfg.top_k, **common))
+        dense, _ = time_blocks(BlockBenchSettings(top_k=1, **common))  # dense width 1 x d_ff
+        out[key] = {"moe_forward_ms": moe.forward_ms, "moe_fwd_bwd_ms": moe.fwd_bwd_ms,
+                    "dense_forward_ms": dense.forward_ms, "dense_fwd_bwd_ms": dense.fwd_bwd_ms}
+        print(f"MoE block {key}: {out[key]}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=tuple(SIZES), default="tiny")
@@ -78,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {time.perf_counter() - t0:.1f} s {run.get('measured', run.get('error'))}",
               flush=True)
         runs.append(run)
-    rows = compare_runs(runs, runs[0]["name"])
+    blocks = moe_block_extra(build(args.size), args.device)
+    rows = compare_runs(runs, runs[0]["name"], extra_ms(blocks))
     doc = {"environment": env, "size": args.size, "calibration": runs[0]["name"], "runs": runs,
+           "moe_blocks": blocks,
            "settings": {"warmup_s": args.warmup_s, "time_s": args.time_s, "optimizer": "AdamW",
                         "loss": "fp32 cross-entropy", "gradients": "persistent (zeroed in place)"}}
     if args.out:

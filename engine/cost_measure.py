@@ -24,9 +24,10 @@ from engine.validation import MAX_BYTES, check_bytes, check_float
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # What one step may cost on a CPU before it is refused, and the rates (FLOP/s) used to estimate
-# it: seen on the 2-core reference machine under load, fp32 3-5 GFLOP/s, bf16 about 4x slower.
+# it: seen on the 2-core reference machine under load, fp32 3 GFLOP/s (small layers) to 18
+# (large matmuls), bf16 about 4x slower.
 CPU_STEP_LIMIT_S = 60.0
-CPU_FLOPS = {"fp32": 5e9, "bf16": 1.5e9}
+CPU_FLOPS = {"fp32": 1e10, "bf16": 2.5e9}
 
 
 def estimated_step_s(cfg: TransformerConfig, layout: TrainLayout, device: str = "cpu") -> float | None:
@@ -49,6 +50,18 @@ class StepMeasurement:
     step_p90_ms: float
     steps: int               # timed steps
     memory_method: str
+
+
+def scaled_copy(cfg: TransformerConfig) -> TransformerConfig:
+    """`cfg` at a size a CPU trains in seconds: d_model 256, 4 heads, 2 layers, sequence 256,
+    vocabulary at most 8000; the d_ff / d_model ratio, GQA ratio, experts and top-k kept."""
+    heads = 4
+    kv = max(1, heads * cfg.n_kv_heads // cfg.n_heads)
+    while heads % kv:
+        kv -= 1
+    return cfg.replace(d_model=256, n_heads=heads, n_kv_heads=kv, n_layers=2, seq_len=256,
+                       d_ff=max(1, round(cfg.d_ff * 256 / cfg.d_model)), vocab=min(cfg.vocab, 8000),
+                       moe_every=min(cfg.moe_every, 2))
 
 
 def _check(cfg: TransformerConfig, layout: TrainLayout, device: torch.device) -> None:
@@ -195,13 +208,23 @@ def run_from_dict(run: dict) -> tuple[TransformerConfig, TrainLayout]:
     return TransformerConfig(**run["config"]), TrainLayout(**run["layout"])
 
 
-def compare_runs(runs: list[dict], calibration: str, mem_target: float = 10.0,
-                 time_target: float = 15.0) -> list[dict]:
+def block_key(cfg: TransformerConfig, layout: TrainLayout) -> str:
+    """The MoE FFN shape a block-ratio measurement stands for (d_model, d_ff, E, k, FFN, tokens)."""
+    return (f"d{cfg.d_model} f{cfg.d_ff} E{cfg.num_experts} k{cfg.top_k} {cfg.ffn} "
+            f"T{layout.micro_batch * cfg.seq_len} {layout.precision}")
+
+
+def compare_runs(runs: list[dict], calibration: str,
+                 moe_extra: dict[str, tuple[float, float]] | None = None,
+                 mem_target: float = 10.0, time_target: float = 15.0) -> list[dict]:
     """Predicted against measured for measured runs (dicts of name, config, layout, measured).
 
     Memory: the model's peak per GPU. Step time: scaled from the `calibration` run's measured
-    step by hardware FLOPs (its MFU carried over); runs in another precision get no prediction.
+    step by hardware FLOPs (its MFU carried over); MoE runs add the MoE block's measured extra
+    (forward, forward+backward) ms per layer at their shapes (`moe_extra`, keyed by block_key).
+    Runs in another precision, or MoE runs without that measurement, get no prediction.
     """
+    extras = moe_extra or {}
     ref = next((r for r in runs if r["name"] == calibration and "measured" in r), None)
     rows = []
     for run in runs:
@@ -214,19 +237,31 @@ def compare_runs(runs: list[dict], calibration: str, mem_target: float = 10.0,
             rows.append({**row, "verdict": f"not measured: {run.get('error', '?')}"})
             continue
         m = StepMeasurement(**run["measured"])
-        pred_ms = None
+        pred_ms, why = None, ""
+        extra = extras.get(block_key(cfg, layout)) if cfg.is_moe else None
         if ref is not None and run is not ref:
             ref_cfg, ref_layout = run_from_dict(ref)
-            if ref_layout.precision == layout.precision:
-                pred_ms = predict_step_ms(cfg, layout, ref_cfg, ref_layout, ref["measured"]["step_ms"])
+            if ref_layout.precision != layout.precision:
+                why = "time not predicted: calibrated in another precision"
+            elif cfg.is_moe and extra is None:
+                why = "time not predicted: no MoE block time measured at these shapes"
+            else:
+                pred_ms = predict_step_ms(cfg, layout, ref_cfg, ref_layout,
+                                          ref["measured"]["step_ms"], extra)
         row.update(predicted_vs_measured(cfg, layout, m, pred_ms))
         mem_ok = abs(row["memory error %"]) <= mem_target
         if run is ref:
             verdict = "calibration (MFU measured here)"
         elif pred_ms is None:
-            verdict = "time not predicted: calibrated in another precision"
+            verdict = why
         else:
             verdict = "within" if abs(row["time error %"]) <= time_target else "time miss"
         row["verdict"] = verdict if mem_ok else f"memory miss; {verdict}"
         rows.append(row)
     return rows
+
+
+def extra_ms(blocks: dict[str, dict[str, float]]) -> dict[str, tuple[float, float]]:
+    """MoE block minus dense FFN block, (forward, forward+backward) ms, per shape key."""
+    return {k: (b["moe_forward_ms"] - b["dense_forward_ms"], b["moe_fwd_bwd_ms"] - b["dense_fwd_bwd_ms"])
+            for k, b in blocks.items()}

@@ -77,8 +77,7 @@ class TrainLayout:
         if not isinstance(self.checkpointing, bool):
             raise ValueError("checkpointing must be True or False")
         if self.gpus % self.ep:
-            raise ValueError(f"gpus must be a multiple of ep (expert-parallel ranks, {self.ep}), "
-                             f"got {self.gpus}")
+            raise ValueError(f"gpus must be a multiple of ep ({self.ep}), got {self.gpus}")
 
     @property
     def act_bytes(self) -> int:

@@ -5,7 +5,12 @@ FLOPs (3 x forward, causal attention halved) whatever the run recomputes. A step
 what the hardware executes: the model FLOPs plus one more forward under full checkpointing, and the
 masked half of the S x S products on the math attention path. Predicting one config's step time
 from another's measured step therefore scales by hardware FLOPs (the hardware FLOPs utilisation of
-the measured step carries over).
+the measured step carries over). An MoE layer costs more than FLOPs say (the gather, the
+scatter, smaller matmuls, a host sync for the split sizes): an MoE config's step is predicted as
+its dense counterpart's (the same model with one expert's FFN in each MoE layer) plus, per MoE
+layer, the extra time of the MoE block over that dense FFN block, both timed by
+engine.moe_block.time_blocks at the config's shapes on the same device (forward and backward; one
+more forward under checkpointing).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.cost_memory import TrainLayout
-from engine.cost_model import TransformerConfig, estimate
+from engine.cost_model import TransformerConfig, dense_counterpart, estimate
 from engine.validation import check_float, check_int
 
 
@@ -55,10 +60,23 @@ def mfu_of_step(cfg: TransformerConfig, layout: TrainLayout, step_ms: float, pea
 
 
 def predict_step_ms(cfg: TransformerConfig, layout: TrainLayout, ref_cfg: TransformerConfig,
-                    ref_layout: TrainLayout, ref_ms: float) -> float:
-    """Step time of `cfg` predicted from a measured step of `ref_cfg` on the same device (ms)."""
+                    ref_layout: TrainLayout, ref_ms: float,
+                    moe_extra_ms: tuple[float, float] | None = None) -> float:
+    """Step time of `cfg` predicted from a measured step of a dense `ref_cfg` on the same device (ms).
+
+    MoE configs need `moe_extra_ms`: the MoE block's extra (forward, forward+backward) time over
+    its dense counterpart's FFN block at these shapes, in ms per layer.
+    """
     ref_ms = check_float("ref_ms", ref_ms, 0.0, lo_open=True)
-    return ref_ms * step_flops(cfg, layout).hardware / step_flops(ref_cfg, ref_layout).hardware
+    ref_hw = step_flops(ref_cfg, ref_layout).hardware
+    if not cfg.is_moe:
+        return ref_ms * step_flops(cfg, layout).hardware / ref_hw
+    if moe_extra_ms is None:
+        raise ValueError("an MoE config's step time needs the MoE block's extra time (moe_extra_ms)")
+    fwd, fwd_bwd = moe_extra_ms
+    dense = dense_counterpart(cfg, "same_ff")
+    per_layer = fwd_bwd + (fwd if layout.checkpointing else 0.0)
+    return ref_ms * step_flops(dense, layout).hardware / ref_hw + cfg.n_moe_layers * per_layer
 
 
 @dataclass(frozen=True)
