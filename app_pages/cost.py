@@ -142,7 +142,11 @@ lay: dict[str, object] = {}
 lc = st.columns(5)
 for i, (field, key, label, kind, default) in enumerate(LAYOUT_FIELDS):
     with lc[i % 5]:
-        if kind == "int":
+        if field == "ep" and not values["num_experts"]:  # a dense model has no experts to place
+            lay[field] = 1
+            st.number_input(label, value=default, step=1, key=key, bind="query-params", disabled=True,
+                            help="used by MoE configs only")
+        elif kind == "int":
             lay[field] = st.number_input(label, value=default, step=1, key=key, bind="query-params")
         elif kind == "float":
             lay[field] = st.number_input(label, value=default, step=0.25, key=key, bind="query-params")
@@ -271,7 +275,7 @@ scaled = mc[0].checkbox("scale to this machine", value=True, key="mscale",
                         help="d_model 256, 4 heads, 2 layers, sequence 256, vocabulary at most 8000; "
                              "d_ff, experts and top-k ratios kept")
 m_prec = mc[1].selectbox("measured precision", ("fp32", "bf16"), key="mprec")
-if mc[2].button("Measure", icon=":material/speed:"):
+if mc[2].button("Measure", icon=":material/speed:", key="measure"):
     from engine.cost_measure import estimated_step_s, measure_step, predicted_vs_measured, scaled_copy
 
     def _measure() -> dict:
@@ -320,7 +324,7 @@ bench_d = b[0].number_input("block d_model", value=512, min_value=16, max_value=
 bench_tokens = b[1].number_input("tokens", value=4096, min_value=64, max_value=65536, step=1024,
                                  key="bt", bind="query-params")
 reps = b[2].number_input("rounds", value=3, min_value=1, max_value=20, key="reps", bind="query-params")
-if st.button("Run timing", icon=":material/timer:"):
+if st.button("Run timing", icon=":material/timer:", key="runtiming"):
     from engine.moe_block import BlockBenchSettings, time_blocks
 
     bar = st.progress(0.0, "starting")

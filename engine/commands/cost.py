@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mem.add_argument("--optimizer", choices=OPTIMIZERS, default=layout.optimizer)
     mem.add_argument("--zero", type=int, default=layout.zero, help="ZeRO stage 0-3")
     mem.add_argument("--gpus", type=int, default=d["gpus"], help="data-parallel GPUs")
-    mem.add_argument("--ep", type=int, default=d["ep"], help="expert-parallel ranks (divides --gpus)")
+    mem.add_argument("--ep", type=int, default=None,
+                     help=f"expert-parallel ranks, divides --gpus (default {d['ep']} for MoE, 1 dense)")
     mem.add_argument("--micro-batch", type=int, default=layout.micro_batch, help="sequences per GPU")
     mem.add_argument("--checkpointing", action="store_true", help="full activation checkpointing")
     mem.add_argument("--attention", choices=ATTENTION_KINDS, default=layout.attention)
@@ -82,8 +83,10 @@ def _run(args: argparse.Namespace) -> CommandResult:
     if args.tied is not None:
         overrides["tied_embeddings"] = args.tied == "yes"
     cfg = preset_config(args.preset, **overrides)
-    layout = TrainLayout(**{field: getattr(args, flag.replace("-", "_")) for flag, field in LAYOUT.items()},
-                         checkpointing=args.checkpointing)
+    fields = {field: getattr(args, flag.replace("-", "_")) for flag, field in LAYOUT.items()}
+    if fields["ep"] is None:  # the page's default for MoE; a dense model has no experts to place
+        fields["ep"] = DEFAULTS["ep"] if cfg.is_moe else 1
+    layout = TrainLayout(**fields, checkpointing=args.checkpointing)
     rep = report(cfg, layout, tokens, GPUS[args.gpu], args.mfu, args.price,
                  causal=not args.full_attention_flops, kv_tokens=args.kv_tokens)
     tables = {k: v for k, v in rep.items() if isinstance(v, pd.DataFrame)}
