@@ -37,7 +37,7 @@ LAYOUT_FIELDS = [  # (layout field, URL key, label, kind, default)
     ("zero", "zero", "ZeRO stage", "int", _L.zero), ("gpus", "gpus", "GPUs N", "int", DEFAULTS["gpus"]),
     ("ep", "ep", "expert-parallel ranks", "int", DEFAULTS["ep"]),
     ("micro_batch", "mb", "micro-batch (sequences)", "int", _L.micro_batch),
-    ("checkpointing", "ckpt", "activation checkpointing", "bool", _L.checkpointing),
+    ("checkpointing", "ckpt", "full checkpointing", "bool", _L.checkpointing),
     ("attention", "attn", "attention kernel", ATTENTION_KINDS, _L.attention),
     ("capacity_factor", "cf", "capacity factor", "float", _L.capacity_factor),
 ]
@@ -69,15 +69,22 @@ def _committed() -> dict | None:
     """The committed H200 measurements, compared with the current model, and their MFU."""
     if not RESULTS.exists():
         return None
-    from engine.cost_measure import compare_runs, run_from_dict
+    from engine.cost_measure import compare_runs, extra_ms, run_from_dict
     from engine.cost_time import mfu_of_step
 
     doc = json.loads(RESULTS.read_text())
     calib = next(r for r in doc["runs"] if r["name"] == doc["calibration"])
     cfg, layout = run_from_dict(calib)
-    return {"rows": pd.DataFrame(compare_runs(doc["runs"], doc["calibration"])), "env": doc["environment"],
+    rows = pd.DataFrame(compare_runs(doc["runs"], doc["calibration"], extra_ms(doc.get("moe_blocks", {}))))
+    for col in ("predicted peak bytes", "measured peak bytes"):
+        rows[col.replace("bytes", "GB")] = rows.pop(col) / 1e9
+    notes = RESULTS.with_suffix(".notes.json")
+    return {"rows": rows[["run", "experts", "seq_len", "micro_batch", "checkpointing", "attention",
+                          "precision", "predicted peak GB", "measured peak GB", "memory error %",
+                          "predicted step ms", "measured step ms", "time error %", "verdict"]],
+            "env": doc["environment"], "calibration": doc["calibration"],
             "mfu": mfu_of_step(cfg, layout, calib["measured"]["step_ms"], GPUS["H200 141 GB"].peak_flops),
-            "calibration": doc["calibration"], "notes": doc.get("notes", {})}
+            "notes": json.loads(notes.read_text()) if notes.exists() else {}}
 
 
 def _cuda() -> bool:
@@ -127,7 +134,7 @@ full_attn = st.checkbox("Count the full S² attention terms (default: halved, as
                         bind="query-params")
 
 st.markdown("**Training layout (per GPU)**")
-lc = st.columns(5)
+lc = st.columns(4)
 gpu_name = lc[0].selectbox("GPU", (*GPUS, "user-defined"), index=list(GPUS).index(DEFAULTS["gpu"]),
                            key="gpu", bind="query-params")
 if gpu_name == "user-defined":
@@ -139,9 +146,9 @@ if gpu_name == "user-defined":
 else:
     gpu = GPUS[gpu_name]
 lay: dict[str, object] = {}
-lc = st.columns(5)
+lc = st.columns(4)
 for i, (field, key, label, kind, default) in enumerate(LAYOUT_FIELDS):
-    with lc[i % 5]:
+    with lc[i % 4]:
         if field == "ep" and not values["num_experts"]:  # a dense model has no experts to place
             lay[field] = 1
             st.number_input(label, value=default, step=1, key=key, bind="query-params", disabled=True,
@@ -218,7 +225,7 @@ if result is not None:
                 if mfu_src != "typed" else f"MFU {ttt['mfu']:.0%} (typed)")
     st.markdown(f"**Time to train** {tokens:.3g} tokens on {ttt['gpus']} x {gpu_name} at {mfu_text}: "
                 f"**{ttt['days']:,.1f} days**, {ttt['gpu_hours']:,.0f} GPU-hours, "
-                f"**${ttt['cost']:,.0f}** at ${price:g} per GPU-hour "
+                f"**${ttt['cost']:,.0f}** at ${price:,.2f} per GPU-hour "
                 f"({ttt['training_flops']:.3e} training FLOPs, attention {ttt['attention_flops']}).")
     with st.expander("Memory by component and activation parts (bytes per GPU)"):
         c1, c2 = st.columns(2)
@@ -265,7 +272,10 @@ if committed:
                f"the memory model. Step time: predicted from the '{committed['calibration']}' run "
                f"(its MFU, {committed['mfu']:.1%}, carried over by hardware FLOPs). Targets: memory "
                "within 10%, time within 15%.")
-    st.dataframe(committed["rows"], hide_index=True)
+    st.dataframe(committed["rows"], hide_index=True,
+                 column_config={c: st.column_config.NumberColumn(format="%.2f") for c in
+                                ("predicted peak GB", "measured peak GB", "memory error %",
+                                 "predicted step ms", "measured step ms", "time error %")})
     for run, note in committed["notes"].items():
         st.caption(f"**{run}**: {note}")
 st.markdown("**Measure on this machine**: real training steps of the configuration above "

@@ -40,5 +40,5 @@ def report(cfg: TransformerConfig, layout: TrainLayout, tokens: float, gpu: GpuS
     out["time_to_train"] = {"training_flops": train.flops, "gpus": layout.gpus,
                             "peak_flops_per_gpu": gpu.peak_flops, "mfu": mfu, "seconds": train.seconds,
                             "days": train.days, "gpu_hours": train.gpu_hours, "cost": train.cost,
-                            "attention_flops": "causal (S^2 terms halved)" if causal else "full S^2"}
+                            "attention_flops": "causal (S² terms halved)" if causal else "full S²"}
     return out
