@@ -78,10 +78,13 @@ def _committed() -> dict | None:
     rows = pd.DataFrame(compare_runs(doc["runs"], doc["calibration"], extra_ms(doc.get("moe_blocks", {}))))
     for col in ("predicted peak bytes", "measured peak bytes"):
         rows[col.replace("bytes", "GB")] = rows.pop(col) / 1e9
+    for col in ("predicted step ms", "time error %"):  # text: no "None" where nothing is predicted
+        rows[col] = rows[col].map(lambda v: "n/a" if v is None or v != v else f"{v:.2f}")
     notes = RESULTS.with_suffix(".notes.json")
-    return {"rows": rows[["run", "experts", "seq_len", "micro_batch", "checkpointing", "attention",
-                          "precision", "predicted peak GB", "measured peak GB", "memory error %",
-                          "predicted step ms", "measured step ms", "time error %", "verdict"]],
+    return {"rows": rows[["run", "measured peak GB", "predicted peak GB", "memory error %",
+                          "measured step ms", "predicted step ms", "time error %", "verdict",
+                          "experts", "seq_len", "micro_batch", "checkpointing", "attention",
+                          "precision"]],
             "env": doc["environment"], "calibration": doc["calibration"],
             "mfu": mfu_of_step(cfg, layout, calib["measured"]["step_ms"], GPUS["H200 141 GB"].peak_flops),
             "notes": json.loads(notes.read_text()) if notes.exists() else {}}
@@ -210,7 +213,7 @@ if result is not None:
                   annotation_text=f"{gpu_name}: {fit['gpu_bytes'] / 1e9:.0f} GB",
                   annotation_position="top")
     fig.update_layout(barmode="stack", height=220, margin=dict(t=30, b=10), xaxis_title="GB per GPU",
-                      legend=dict(orientation="h", y=-0.5))
+                      legend=dict(orientation="h", y=-0.5, traceorder="normal"))
     st.plotly_chart(fig, width="stretch")
     total_gb = fit["total_bytes"] / 1e9
     if fit["fits"]:
@@ -275,7 +278,7 @@ if committed:
     st.dataframe(committed["rows"], hide_index=True,
                  column_config={c: st.column_config.NumberColumn(format="%.2f") for c in
                                 ("predicted peak GB", "measured peak GB", "memory error %",
-                                 "predicted step ms", "measured step ms", "time error %")})
+                                 "measured step ms")})
     for run, note in committed["notes"].items():
         st.caption(f"**{run}**: {note}")
 st.markdown("**Measure on this machine**: real training steps of the configuration above "
@@ -312,13 +315,13 @@ if mc[2].button("Measure", icon=":material/speed:", key="measure"):
 measured = st.session_state.get("cost_measured")
 if measured is not None:
     row, mm = measured["row"], measured["m"]
-    c = st.columns(3)
-    c[0].metric("Peak memory, measured", f"{mm.peak_bytes / 1e6:,.1f} MB",
-                f"model {row['memory error %']:+.1f}%", delta_color="off")
-    c[1].metric("Step time, measured", f"{mm.step_ms:,.1f} ms",
-                "no prediction yet" if row["time error %"] is None
-                else f"predicted from your previous run: {row['time error %']:+.1f}%", delta_color="off")
-    c[2].metric("Predicted peak", f"{row['predicted peak bytes'] / 1e6:,.1f} MB")
+    c = st.columns(5)
+    c[0].metric("Peak memory, measured", f"{mm.peak_bytes / 1e6:,.1f} MB")
+    c[1].metric("Peak memory, predicted", f"{row['predicted peak bytes'] / 1e6:,.1f} MB")
+    c[2].metric("Memory error", f"{row['memory error %']:+.1f}%")
+    c[3].metric("Step time, measured", f"{mm.step_ms:,.1f} ms")
+    c[4].metric("Step time error", "n/a" if row["time error %"] is None else f"{row['time error %']:+.1f}%",
+                help="Predicted from your previous measured run on this machine; measure twice.")
     st.caption(f"Measured with {mm.memory_method}, {mm.steps} timed steps; config d_model "
                f"{measured['cfg'].d_model}, {measured['cfg'].n_layers} layers, sequence "
                f"{measured['cfg'].seq_len}, {measured['layout'].precision}. The step time is predicted "

@@ -15,6 +15,7 @@ RESULTS = ROOT / "benchmarks/results/cost_memory_h200_2026-12-03.json"
 CFG = TransformerConfig(32, 2, 2, 2, 64, 300, 32, "swiglu")
 
 
+@pytest.mark.slow
 def test_cpu_step_state_bytes_by_hand_and_peak_near_the_model():
     # Parameters by hand: 2 x (4 x 32^2 + 3 x 32 x 64) + 2 x 300 x 32 + 5 x 32 = 40,672.
     params = 2 * (4 * 32**2 + 3 * 32 * 64) + 2 * 300 * 32 + 5 * 32

@@ -123,3 +123,12 @@ def test_measure_button_runs_a_scaled_step_on_this_cpu():
     assert not at.exception and not at.error
     labels = [m.label for m in at.metric]
     assert "Peak memory, measured" in labels and "Step time, measured" in labels
+    assert next(m.value for m in at.metric if m.label == "Step time error") == "n/a"  # first run
+
+
+def test_committed_h200_comparison_is_shown_without_none():
+    at = _page()
+    table = _table(at, "verdict")
+    assert len(table) == 7 and (table["verdict"] == "within").sum() >= 4
+    assert "None" not in table.astype(str).to_numpy().ravel().tolist()
+    assert any("MFU" in c.value and "H200" in c.value for c in at.caption)
