@@ -3,8 +3,10 @@
 Conventions (what an expert needs to know to trust the figures):
 - FLOPs count matmuls only, 2 per multiply-add. Norms, softmax, activations, the embedding lookup
   and the MoE gather/scatter are not matmuls and are left out (a few percent at most).
-- Attention scores (Q K^T) and values (A V) use the full context `seq_len` for every token (no
-  causal halving), as in Hoffmann et al. 2022 (Chinchilla), Appendix F.
+- Attention scores (Q K^T) and values (A V) of a causal decoder are halved by default: a token
+  attends to seq_len / 2 positions on average, as causal kernels (FlashAttention) compute and as
+  the attention lab counts. causal=False counts the full seq_len for every token, as Hoffmann et
+  al. 2022 (Chinchilla), Appendix F, and as a math path that masks a full S x S product computes.
 - Training FLOPs are 3x forward (backward = 2x forward). The 6ND estimate (Kaplan et al. 2020)
   uses N = active parameters: it omits the attention score terms and counts the embedding lookup
   as if it were a matmul, so the two differ by those terms.
@@ -190,14 +192,15 @@ def param_counts(cfg: TransformerConfig) -> dict[str, tuple[int, int]]:
             "router": (router, router), "norms": (norms, norms)}
 
 
-def forward_flops(cfg: TransformerConfig) -> dict[str, int]:
-    """Forward matmul FLOPs per token by component (2 per multiply-add)."""
+def forward_flops(cfg: TransformerConfig, causal: bool = True) -> dict[str, int]:
+    """Forward matmul FLOPs per token by component (2 per multiply-add); causal halves S^2 terms."""
     d, L, S = cfg.d_model, cfg.n_layers, cfg.seq_len
     d_q, d_kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     out = dict.fromkeys(FLOP_COMPONENTS, 0)
     out["attention projections"] = L * 2 * (2 * d * d_q + 2 * d * d_kv)
-    out["attention scores (QK^T)"] = L * 2 * S * d_q
-    out["attention values (AV)"] = L * 2 * S * d_q
+    # Per token 2 * S * d_q each (full), or S * d_q (causal: half the S x S products on average).
+    out["attention scores (QK^T)"] = L * 2 * S * d_q // (2 if causal else 1)
+    out["attention values (AV)"] = L * 2 * S * d_q // (2 if causal else 1)
     out["dense FFN"] = (L - cfg.n_moe_layers) * 2 * ffn_params(d, cfg.d_ff, cfg.ffn)
     if cfg.is_moe:
         block = moe_block_flops(d, cfg.d_ff, cfg.ffn, cfg.num_experts, cfg.top_k, cfg.router,
@@ -242,9 +245,9 @@ class CostEstimate:
         return 6 * self.active_params
 
 
-def estimate(cfg: TransformerConfig) -> CostEstimate:
-    """Parameters and FLOPs per token of `cfg`."""
-    return CostEstimate(cfg, param_counts(cfg), forward_flops(cfg))
+def estimate(cfg: TransformerConfig, causal: bool = True) -> CostEstimate:
+    """Parameters and FLOPs per token of `cfg` (causal: attention S^2 terms halved)."""
+    return CostEstimate(cfg, param_counts(cfg), forward_flops(cfg, causal))
 
 
 def dense_counterpart(cfg: TransformerConfig, match: str) -> TransformerConfig:
@@ -267,15 +270,15 @@ def dense_counterpart(cfg: TransformerConfig, match: str) -> TransformerConfig:
     return base.replace(d_ff=max(1, d_ff))
 
 
-def compare(cfg: TransformerConfig, tokens: float = 1.0) -> "pd.DataFrame":
+def compare(cfg: TransformerConfig, tokens: float = 1.0, causal: bool = True) -> "pd.DataFrame":
     """MoE/dense ratios against the three dense counterparts; training FLOPs for `tokens` tokens."""
     import pandas as pd
 
-    moe = estimate(cfg)
+    moe = estimate(cfg, causal)
     rows = []
     for match, label in (("same_ff", "same d_ff"), ("active", "equal active params"),
                          ("total", "equal total params")):
-        dense = estimate(dense_counterpart(cfg, match))
+        dense = estimate(dense_counterpart(cfg, match), causal)
         rows.append({"dense baseline": label, "dense d_ff": dense.config.d_ff,
                      "dense params": dense.total_params,
                      "total params ratio": moe.total_params / dense.total_params,
@@ -325,3 +328,15 @@ def preset_config(preset: str, **overrides: object) -> TransformerConfig:
     """PRESETS[preset] with the fields in `overrides` replaced (None values ignored), validated."""
     check_choice("preset", preset, tuple(PRESETS))
     return PRESETS[preset].replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def relabel(message: str, names: dict[str, str]) -> str:
+    """`message` with each field name (a whole word) replaced by what the user typed it as."""
+    import re
+
+    if not names:
+        return message
+    # Not after a dash or word character: "--tokens" stays as typed when "tokens" is relabelled.
+    words = "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
+    pattern = re.compile(rf"(?<![-\w])({words})\b")
+    return pattern.sub(lambda m: names[m.group(1)], message)

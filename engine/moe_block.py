@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from engine.cost_model import TransformerConfig, estimate, ffn_params, moe_block_flops
 from engine.moe_router import HashRouter, Routing, topk_softmax_route
@@ -127,11 +128,14 @@ def grouped_ffn(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w
 class Attention(nn.Module):
     """Causal multi-head attention with grouped KV heads, explicit matmuls; x (B, S, D) -> (B, S, D).
 
-    Scores and values are full S x S matmuls with a causal mask, the cost model's convention.
+    Math path (default): scores and values are full S x S matmuls with a causal mask (the cost
+    model's causal=False count). flash=True calls scaled_dot_product_attention(is_causal=True)
+    instead, which keeps no S x S tensor (a flash kernel where the device has one).
     """
 
-    def __init__(self, cfg: TransformerConfig, gen: torch.Generator) -> None:
+    def __init__(self, cfg: TransformerConfig, gen: torch.Generator, flash: bool = False) -> None:
         super().__init__()
+        self.flash = flash
         self.h, self.hkv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         d = cfg.d_model
         self.wq = _init(gen, d, d, self.h * self.hd)
@@ -147,6 +151,9 @@ class Attention(nn.Module):
         v = (x @ self.wv).view(b, s, self.hkv, self.hd).transpose(1, 2)
         k = k.repeat_interleave(self.h // self.hkv, dim=1)
         v = v.repeat_interleave(self.h // self.hkv, dim=1)
+        if self.flash:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return out.transpose(1, 2).reshape(b, s, -1) @ self.wo
         scores = (q @ k.transpose(-1, -2)) / self.hd ** 0.5
         mask = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
         attn = scores.masked_fill(mask, float("-inf")).softmax(dim=-1)
@@ -156,17 +163,22 @@ class Attention(nn.Module):
 class TinyTransformer(nn.Module):
     """The whole decoder-only model of a config: ids (B, S) int64 -> logits (B, S, V).
 
-    Meant for small configs (the FLOP and parameter cross-checks); refuses over 4 GiB of weights.
+    Meant for small configs (the FLOP and parameter cross-checks, measured training steps);
+    refuses over 4 GiB of weights. attention "flash" uses scaled_dot_product_attention;
+    checkpointing recomputes each layer in backward (torch.utils.checkpoint, non-reentrant).
     """
 
-    def __init__(self, cfg: TransformerConfig, seed: int = 0) -> None:
+    def __init__(self, cfg: TransformerConfig, seed: int = 0, attention: str = "math",
+                 checkpointing: bool = False) -> None:
         super().__init__()
         check_bytes("model weights", 4 * estimate(cfg).total_params)
+        check_choice("attention", attention, ("math", "flash"))
         self.cfg = cfg
+        self.checkpointing = bool(checkpointing)
         gen = torch.Generator().manual_seed(check_int("seed", seed, 0))
         self.embed = nn.Embedding(cfg.vocab, cfg.d_model)
         self.embed.weight = _init(gen, 1, cfg.vocab, cfg.d_model)
-        self.attn = nn.ModuleList(Attention(cfg, gen) for _ in range(cfg.n_layers))
+        self.attn = nn.ModuleList(Attention(cfg, gen, attention == "flash") for _ in range(cfg.n_layers))
         self.ffn = nn.ModuleList(make_ffn(cfg, i, seed + 10 + i) for i in range(cfg.n_layers))
         self.norms = nn.ModuleList(nn.RMSNorm(cfg.d_model) for _ in range(2 * cfg.n_layers + 1))
         self.unembed = None if cfg.tied_embeddings else _init(gen, cfg.d_model, cfg.d_model, cfg.vocab)
@@ -174,12 +186,18 @@ class TinyTransformer(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, S) int64 -> logits (B, S, V)."""
         x = self.embed(ids)
-        b, s, d = x.shape
-        for i, (attn, ffn) in enumerate(zip(self.attn, self.ffn)):
-            x = x + attn(self.norms[2 * i](x))
-            x = x + ffn(self.norms[2 * i + 1](x).reshape(-1, d)).view(b, s, d)
+        for i in range(self.cfg.n_layers):
+            x = (checkpoint(self.layer, i, x, use_reentrant=False) if self.checkpointing
+                 else self.layer(i, x))
         x = self.norms[-1](x)
         return x @ (self.embed.weight.T if self.unembed is None else self.unembed)
+
+
+    def layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Decoder layer i (0-based): x (B, S, D) -> (B, S, D)."""
+        b, s, d = x.shape
+        x = x + self.attn[i](self.norms[2 * i](x))
+        return x + self.ffn[i](self.norms[2 * i + 1](x).reshape(-1, d)).view(b, s, d)
 
 
 def make_ffn(cfg: TransformerConfig, layer: int, seed: int = 0) -> nn.Module:

@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.cost_model import PRESETS, dense_counterpart, estimate, human, preset_config  # noqa: E402
+from engine.validation import check_float  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=float, default=1e12, help="D, training tokens (default 1e12)")
     args = p.parse_args(argv)
     try:
+        check_float("--tokens", args.tokens, 0.0, lo_open=True)
         moe_cfg = preset_config(args.preset, d_model=args.d_model, n_layers=args.layers,
                                 n_heads=args.heads, n_kv_heads=args.kv_heads, d_ff=args.d_ff,
                                 num_experts=args.experts, top_k=args.k, router=args.router)

@@ -43,15 +43,18 @@ def test_tiny_config_params_by_hand():
 
 def test_tiny_config_flops_by_hand():
     # 2 FLOPs per weight for projections/FFNs; scores and values 2*S*d_q = 2*4*8 = 64 per layer.
-    f = estimate(TINY).flops
+    # Full context (causal=False): 2 layers x 64; causal (the default): half, 2 layers x 32.
+    f = estimate(TINY, causal=False).flops
     assert f == {"attention projections": 2 * 384, "attention scores (QK^T)": 128,
                  "attention values (AV)": 128, "dense FFN": 768, "experts": 2 * 768,
                  "shared experts": 768, "router": 2 * 8 * 4, "logits": 2 * 8 * 10}
+    causal = estimate(TINY).flops
+    assert causal["attention scores (QK^T)"] == causal["attention values (AV)"] == 64
     table = flops_table(estimate(TINY), tokens=1000).set_index("row")
-    assert table.loc["forward total", "FLOPs per token"] == 4320
-    assert table.loc["training (3 x forward)", "FLOPs per token"] == 3 * 4320
+    assert table.loc["forward total", "FLOPs per token"] == 4320 - 128
+    assert table.loc["training (3 x forward)", "FLOPs per token"] == 3 * (4320 - 128)
     assert table.loc["6N (N = active params)", "FLOPs per token"] == 6 * 2152
-    assert table.loc["forward total", "FLOPs for D tokens"] == 4320 * 1000
+    assert table.loc["forward total", "FLOPs for D tokens"] == (4320 - 128) * 1000
 
 
 @pytest.mark.parametrize("k", [1, 2])

@@ -17,8 +17,12 @@ def _page(**query):
     return at.switch_page("app_pages/cost.py").run()
 
 
+def _table(at, column):
+    return next(d.value for d in at.dataframe if column in d.value.columns)
+
+
 def _params_total(at):
-    table = at.dataframe[0].value
+    table = _table(at, "active")
     return int(table["total"].sum()), int(table["active"].sum())
 
 
@@ -28,7 +32,7 @@ def test_default_page_shows_mixtral_parameters():
     total, active = _params_total(at)
     assert total == pytest.approx(PUBLISHED["Mixtral 8x7B"][0], rel=0.01)
     assert active == pytest.approx(PUBLISHED["Mixtral 8x7B"][1], rel=0.01)
-    flops = at.dataframe[1].value.set_index("row")["FLOPs per token"]
+    flops = _table(at, "FLOPs per token").set_index("row")["FLOPs per token"]
     assert flops["training (3 x forward)"] == 3 * flops["forward total"]
     assert flops["6N (N = active params)"] == 6 * active
 
@@ -46,7 +50,8 @@ def test_bad_field_error_beside_field_keeps_last_result():
     before = _params_total(at)
     at.number_input(key="heads").set_value(7).run()
     assert not at.exception
-    assert any("n_heads must divide d_model (4096)" in e.value for e in at.error)
+    # Once, in the words on the page (labels, not engine names).
+    assert [e.value for e in at.error] == ['"heads" must divide "d_model" (4096), got 7']
     assert _params_total(at) == before  # last good result stays
 
 
@@ -62,7 +67,7 @@ def test_timing_button_runs_blocks_at_small_size():
     at.number_input(key="bd").set_value(16)
     at.number_input(key="bt").set_value(64)
     at.number_input(key="reps").set_value(1)
-    at.button[0].click().run()
+    at.button(key="runtiming").click().run()
     assert not at.exception
     timing = at.dataframe[-1].value.set_index("block")
     assert list(timing.index) == ["dense", "moe-hash", "moe-learned"]
@@ -77,3 +82,53 @@ def test_cold_link_with_only_a_preset_loads_that_preset():
     assert not at.exception
     assert at.number_input(key="experts").value == 128 and at.checkbox(key="tied").value
     assert _params_total(at)[0] == pytest.approx(7.4e9, rel=0.01)
+
+
+def test_will_it_fit_defaults_advice_and_time_to_train():
+    from engine.cost_memory import TrainLayout, memory_per_gpu
+    from engine.cost_time import time_to_train
+
+    at = _page()
+    cfg = PRESETS["Mixtral 8x7B"]
+    need = sum(memory_per_gpu(cfg, TrainLayout(gpus=64, ep=8)).values())
+    warning = at.warning[0].value
+    assert warning.startswith(f"Does not fit: {need / 1e9:.1f} GB needed, 141 GB per GPU")
+    assert "activation checkpointing" in warning
+    line = next(m.value for m in at.markdown if m.value.startswith("**Time to train**"))
+    t = time_to_train(3 * estimate(cfg).forward_flops * 1e12, 64, 989e12, 0.4, 2.5)
+    assert f"**{t.days:,.1f} days**" in line and f"${t.cost:,.0f}" in line
+    at.checkbox(key="ckpt").check().run()
+    assert not at.exception and at.success[0].value.startswith("Fits:")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("gpus", 6, '"GPUs N" must be a multiple of "expert-parallel ranks" (8), got 6'),
+    ("mfu", 1.5, '"MFU" must be <= 1.0, got 1.5'),
+    ("zero", 5, '"ZeRO stage" must be >= 0 and <= 3, got 5'),
+    ("mb", 0, '"micro-batch (sequences)" must be >= 1'),
+])
+def test_bad_layout_input_shows_one_message_naming_the_field(key, value, message):
+    at = _page()
+    at.number_input(key=key).set_value(value).run()
+    assert not at.exception
+    assert len(at.error) == 1 and at.error[0].value.startswith(message)
+    at.number_input(key=key).set_value({"gpus": 64, "mfu": 0.4, "zero": 0, "mb": 1}[key]).run()
+    assert not at.error
+
+
+@pytest.mark.slow
+def test_measure_button_runs_a_scaled_step_on_this_cpu():
+    at = _page(layers="2")
+    at.button(key="measure").click().run(timeout=180)
+    assert not at.exception and not at.error
+    labels = [m.label for m in at.metric]
+    assert "Peak memory, measured" in labels and "Step time, measured" in labels
+    assert next(m.value for m in at.metric if m.label == "Step time error") == "n/a"  # first run
+
+
+def test_committed_h200_comparison_is_shown_without_none():
+    at = _page()
+    table = _table(at, "verdict")
+    assert len(table) == 7 and (table["verdict"] == "within").sum() >= 4
+    assert "None" not in table.astype(str).to_numpy().ravel().tolist()
+    assert any("MFU" in c.value and "H200" in c.value for c in at.caption)

@@ -94,3 +94,55 @@ def test_moe_vs_dense_zero_d_ff_exits_2_naming_it(tmp_path):
                           "--d-ff", "0", "--tokens", "64", "--reps", "1"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "d_ff must be >= 1" in out.stderr
+
+
+def _cli(capsys, *args):
+    from engine.cli import main
+
+    code = main(["cost", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_engine_cost_json_memory_table_and_page_defaults(capsys):
+    code, text, _ = _cli(capsys, "--json", "--preset", "Llama-2-7B", "--precision", "bf16",
+                         "--kv-tokens", "4096")
+    doc = json.loads(text)
+    mem = {r["component"]: r["bytes"] for r in doc["memory"]}
+    assert code == 0
+    assert list(mem) == ["weights", "gradients", "optimizer states", "activations", "KV cache"]
+    assert round(mem["weights"] / 1e9, 2) == 13.48                  # 2 bytes x 6.738B
+    assert mem["KV cache"] == 32 * 2 * 32 * 128 * 2 * 4096         # 2 GiB
+    # The page's defaults: 1e12 training tokens (total FLOPs = per-token x 1e12), 64 GPUs.
+    flops = {r["row"]: r for r in doc["FLOPs"]}["training (3 x forward)"]
+    assert flops["FLOPs for D tokens"] == pytest.approx(flops["FLOPs per token"] * 1e12)
+    assert doc["time_to_train"]["gpus"] == 64 and doc["layout"]["ep"] == 1
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "0"])
+def test_engine_cost_refuses_bad_tokens_naming_the_flag(capsys, value):
+    code, _, err = _cli(capsys, "--tokens", value)
+    assert code == 2 and "--tokens must be" in err
+
+
+def test_engine_cost_names_flags_in_errors(capsys):
+    assert _cli(capsys, "--heads", "7")[1:] == ("", "error: --heads must divide --d-model (4096), got 7\n")
+    code, _, err = _cli(capsys, "--gpus", "6")
+    assert code == 2 and err == "error: --gpus must be a multiple of --ep (8), got 6\n"
+    code, _, err = _cli(capsys, "--price", "nan")
+    assert code == 2 and err == "error: --price must be finite, got nan\n"
+
+
+def test_benchmark_moe_refuses_negative_tokens(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/benchmark_moe.py"), "--tokens", "-5"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--tokens must be > 0" in out.stderr
+
+
+def test_moe_vs_dense_says_how_long_first_then_progress(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/moe_vs_dense.py"), "--d-model", "16",
+                          "--d-ff", "24", "--tokens", "64", "--reps", "1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    lines = out.stderr.splitlines()
+    assert out.returncode == 0 and lines[0].startswith("timing 2 blocks over 2 rounds")
+    assert "about" in lines[0] and lines[-1].strip().endswith("done")

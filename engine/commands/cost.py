@@ -1,4 +1,5 @@
-"""`python -m engine cost`: parameters, FLOPs and MoE/dense ratios of a preset; --time runs the blocks."""
+"""`python -m engine cost`: parameters, FLOPs, memory per GPU and time to train of a preset;
+--time runs the FFN blocks. Defaults are the cost page's."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import dataclasses
 import pandas as pd
 
 from engine.cli import CommandResult
-from engine.cost_model import (PRESETS, compare, estimate, flops_table, params_table, preset_config,
-                               summary)
+from engine.cost_memory import ATTENTION_KINDS, OPTIMIZERS, PRECISIONS, TrainLayout
+from engine.cost_model import PRESETS, preset_config, relabel
+from engine.cost_report import DEFAULTS, report
+from engine.cost_time import GPUS
+from engine.validation import check_float
 
-HELP = "MoE against dense: parameters by component, FLOPs per token with 6ND, measured block time"
+HELP = ("MoE against dense: parameters, FLOPs per token with 6ND, memory per GPU, time to train, "
+        "measured block time")
 
 # Config fields settable from the command line (flag -> TransformerConfig field).
 FIELDS = {"d-model": ("d_model", int), "layers": ("n_layers", int), "heads": ("n_heads", int),
@@ -19,15 +24,44 @@ FIELDS = {"d-model": ("d_model", int), "layers": ("n_layers", int), "heads": ("n
           "seq-len": ("seq_len", int), "ffn": ("ffn", str), "experts": ("num_experts", int),
           "k": ("top_k", int), "shared": ("shared_experts", int), "moe-every": ("moe_every", int),
           "router": ("router", str)}
+# Layout fields (flag -> TrainLayout field); the engine's messages are relabelled with the flags.
+LAYOUT = {"precision": "precision", "optimizer": "optimizer", "zero": "zero", "gpus": "gpus",
+          "ep": "ep", "micro-batch": "micro_batch", "attention": "attention",
+          "capacity-factor": "capacity_factor"}
+NAMES = {**{field: f"--{flag}" for flag, (field, _) in FIELDS.items()},
+         **{field: f"--{flag}" for flag, field in LAYOUT.items()},
+         "tied_embeddings": "--tied", "checkpointing": "--checkpointing", "MFU": "--mfu",
+         "price per GPU-hour": "--price", "GPUs": "--gpus", "tokens": "--kv-tokens"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Preset, field overrides, training tokens and the optional block timing."""
+    """Preset, field overrides, training tokens, layout, GPU, and the optional block timing."""
+    d = DEFAULTS
     parser.add_argument("--preset", default="Mixtral 8x7B", choices=tuple(PRESETS))
     for flag, (field, typ) in FIELDS.items():
         parser.add_argument(f"--{flag}", type=typ, default=None, help=f"override {field}")
     parser.add_argument("--tied", choices=("yes", "no"), default=None, help="tied embeddings")
-    parser.add_argument("--tokens", type=float, default=1.0, help="D, training tokens (default 1)")
+    parser.add_argument("--tokens", type=float, default=d["tokens"],
+                        help=f"D, training tokens (default {d['tokens']:.0e}, as on the page)")
+    parser.add_argument("--full-attention-flops", action="store_true",
+                        help="count the full S^2 attention terms (default: halved, causal)")
+    mem = parser.add_argument_group("memory per GPU and time to train")
+    layout = TrainLayout()
+    mem.add_argument("--precision", choices=PRECISIONS, default=layout.precision)
+    mem.add_argument("--optimizer", choices=OPTIMIZERS, default=layout.optimizer)
+    mem.add_argument("--zero", type=int, default=layout.zero, help="ZeRO stage 0-3")
+    mem.add_argument("--gpus", type=int, default=d["gpus"], help="data-parallel GPUs")
+    mem.add_argument("--ep", type=int, default=None,
+                     help=f"expert-parallel ranks, divides --gpus (default {d['ep']} for MoE, 1 dense)")
+    mem.add_argument("--micro-batch", type=int, default=layout.micro_batch, help="sequences per GPU")
+    mem.add_argument("--checkpointing", action="store_true", help="full activation checkpointing")
+    mem.add_argument("--attention", choices=ATTENTION_KINDS, default=layout.attention)
+    mem.add_argument("--capacity-factor", type=float, default=layout.capacity_factor)
+    mem.add_argument("--kv-tokens", type=int, default=None,
+                     help="add the inference KV cache of --micro-batch sequences of this length")
+    mem.add_argument("--gpu", choices=tuple(GPUS), default=d["gpu"])
+    mem.add_argument("--mfu", type=float, default=d["mfu"], help="model FLOPs utilisation, (0, 1]")
+    mem.add_argument("--price", type=float, default=d["price"], help="price per GPU-hour")
     parser.add_argument("--time", action="store_true",
                         help="also time the dense and MoE FFN blocks at --bench-d-model (CPU)")
     parser.add_argument("--bench-tokens", type=int, default=4096, help="tokens for --time")
@@ -37,17 +71,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> CommandResult:
     """The cost page's tables for the chosen config."""
+    try:
+        return _run(args)
+    except ValueError as exc:
+        raise ValueError(relabel(str(exc), NAMES)) from None
+
+
+def _run(args: argparse.Namespace) -> CommandResult:
+    tokens = check_float("--tokens", args.tokens, 0.0, lo_open=True)
     overrides = {field: getattr(args, flag.replace("-", "_")) for flag, (field, _) in FIELDS.items()}
     if args.tied is not None:
         overrides["tied_embeddings"] = args.tied == "yes"
     cfg = preset_config(args.preset, **overrides)
-    est = estimate(cfg)
-    tables = {"parameters": params_table(est), "FLOPs": flops_table(est, args.tokens)}
-    if cfg.is_moe:
-        tables["MoE / dense"] = compare(cfg, args.tokens)
+    fields = {field: getattr(args, flag.replace("-", "_")) for flag, field in LAYOUT.items()}
+    if fields["ep"] is None:  # the page's default for MoE; a dense model has no experts to place
+        fields["ep"] = DEFAULTS["ep"] if cfg.is_moe else 1
+    layout = TrainLayout(**fields, checkpointing=args.checkpointing)
+    rep = report(cfg, layout, tokens, GPUS[args.gpu], args.mfu, args.price,
+                 causal=not args.full_attention_flops, kv_tokens=args.kv_tokens)
+    tables = {k: v for k, v in rep.items() if isinstance(v, pd.DataFrame)}
     if args.time:
         from engine.moe_block import BlockBenchSettings, time_blocks
 
         s = BlockBenchSettings.from_config(cfg, args.bench_d_model, args.bench_tokens, args.reps)
         tables["block timing"] = pd.DataFrame([dataclasses.asdict(r) for r in time_blocks(s)])
-    return CommandResult(tables, {"config": dataclasses.asdict(cfg), "summary": summary(est)})
+    data = {k: v for k, v in rep.items() if not isinstance(v, pd.DataFrame)}
+    return CommandResult(tables, {"config": dataclasses.asdict(cfg), "layout": dataclasses.asdict(layout),
+                                  "gpu": args.gpu, **data})

@@ -1,0 +1,44 @@
+"""Every table the cost page and `python -m engine cost` show, from one call (so both agree)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from engine.cost_memory import TrainLayout, activation_bytes, advice, kv_cache_bytes, memory_per_gpu
+from engine.cost_model import TransformerConfig, compare, estimate, flops_table, params_table, summary
+from engine.cost_time import GpuSpec, time_to_train
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# The page's defaults, which the CLI shares: training tokens, GPUs, price per GPU-hour (USD).
+DEFAULTS: dict[str, Any] = {"tokens": 1e12, "gpus": 64, "ep": 8, "gpu": "H200 141 GB", "mfu": 0.4,
+                            "price": 2.5}
+
+
+def report(cfg: TransformerConfig, layout: TrainLayout, tokens: float, gpu: GpuSpec, mfu: float,
+           price: float, causal: bool = True, kv_tokens: int | None = None) -> dict[str, Any]:
+    """Parameters, FLOPs (for `tokens` training tokens), MoE/dense ratios, memory per GPU (bytes),
+    activation parts, whether it fits `gpu`, what to change, and the time to train."""
+    import pandas as pd
+
+    est = estimate(cfg, causal)
+    out: dict[str, Any] = {"parameters": params_table(est), "FLOPs": flops_table(est, tokens)}
+    if cfg.is_moe:
+        out["MoE / dense"] = compare(cfg, tokens, causal)
+    memory = memory_per_gpu(cfg, layout)
+    if kv_tokens is not None:
+        memory["KV cache"] = kv_cache_bytes(cfg, kv_tokens, layout.micro_batch, layout.act_bytes)
+    out["memory"] = pd.DataFrame({"component": list(memory), "bytes": list(memory.values())})
+    acts = activation_bytes(cfg, layout)
+    out["activations"] = pd.DataFrame({"part": list(acts), "bytes": list(acts.values())})
+    total = sum(memory.values())
+    train = time_to_train(est.train_flops * tokens, layout.gpus, gpu.peak_flops, mfu, price)
+    out["summary"] = summary(est)
+    out["memory_per_gpu"] = {"total_bytes": total, "gpu_bytes": gpu.memory, "fits": total <= gpu.memory,
+                             "advice": advice(cfg, layout, gpu.memory)}
+    out["time_to_train"] = {"training_flops": train.flops, "gpus": layout.gpus,
+                            "peak_flops_per_gpu": gpu.peak_flops, "mfu": mfu, "seconds": train.seconds,
+                            "days": train.days, "gpu_hours": train.gpu_hours, "cost": train.cost,
+                            "attention_flops": "causal (S² terms halved)" if causal else "full S²"}
+    return out
