@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
-from engine.cli import CommandResult
-from engine.cost_model import (PRESETS, compare, estimate, flops_table, params_table, preset_config,
-                               summary)
+if TYPE_CHECKING:
+    from engine.cli import CommandResult
 
 HELP = "MoE against dense: parameters by component, FLOPs per token with 6ND, measured block time"
 
@@ -23,7 +21,9 @@ FIELDS = {"d-model": ("d_model", int), "layers": ("n_layers", int), "heads": ("n
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Preset, field overrides, training tokens and the optional block timing."""
-    parser.add_argument("--preset", default="Mixtral 8x7B", choices=tuple(PRESETS))
+    parser.add_argument("--preset", default="Mixtral 8x7B",
+                        help='a model preset, e.g. "Mixtral 8x7B" (default), "Llama-2-7B" '
+                             "(a wrong name lists all)")
     for flag, (field, typ) in FIELDS.items():
         parser.add_argument(f"--{flag}", type=typ, default=None, help=f"override {field}")
     parser.add_argument("--tied", choices=("yes", "no"), default=None, help="tied embeddings")
@@ -37,6 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> CommandResult:
     """The cost page's tables for the chosen config."""
+    import pandas as pd
+
+    from engine.cli import CommandResult
+    from engine.cost_model import (PRESETS, compare, estimate, flops_table, params_table,
+                                   preset_config, summary)
+    from engine.validation import check_choice
+
+    check_choice("--preset", args.preset, tuple(PRESETS))
     overrides = {field: getattr(args, flag.replace("-", "_")) for flag, (field, _) in FIELDS.items()}
     if args.tied is not None:
         overrides["tied_embeddings"] = args.tied == "yes"

@@ -3,49 +3,64 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from engine.cli import CommandResult
-from engine.routing_lab import ROUTERS, LabSettings, run_lab, settings_dict
-from engine.workloads import KINDS
+if TYPE_CHECKING:
+    from engine.cli import CommandResult
+    from engine.routing_lab import LabSettings
 
 HELP = "route generated tokens through MoE routers and print load-balance metrics"
-_D = LabSettings()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The lab's settings as flags; defaults are the page's defaults."""
+    """The lab's settings as flags; unset flags take the page's defaults (LabSettings)."""
     a = parser.add_argument
-    a("--workload", choices=KINDS, default=_D.workload, help="token ids or hidden states")
-    a("--tokens", type=int, default=_D.num_tokens, help="number of tokens T (1000..4194304)")
-    a("--vocab", type=int, default=_D.vocab_size, help="vocabulary size V (id workloads)")
-    a("--zipf-s", type=float, default=_D.zipf_s, help="Zipf exponent s")
-    a("--d-model", type=int, default=_D.d_model, help="hidden size D")
-    a("--clusters", type=int, default=_D.clusters, help="clusters (clustered workload)")
-    a("--experts", type=int, default=_D.num_experts, help="number of experts E")
-    a("--k", type=int, default=_D.top_k, help="experts per token (hash routers: at most 2)")
-    a("--capacity-factor", type=float, default=_D.capacity_factor, help="capacity factor C")
-    a("--ranks", type=int, default=_D.num_ranks, help="expert-parallel ranks R")
-    a("--routers", default=",".join(_D.routers),
-      help=f"comma-separated, from: {', '.join(ROUTERS)}")
-    a("--ds-steps", type=int, default=_D.deepseek_steps, help="DeepSeek-V3 bias update steps")
-    a("--ds-speed", type=float, default=_D.bias_update_speed, help="DeepSeek-V3 bias update speed")
-    a("--seed", type=int, default=_D.seed)
+    a("--workload", help="token ids or hidden states, e.g. zipf, uniform (a wrong name lists all)")
+    a("--tokens", type=int, help="number of tokens T (1000..4194304)")
+    a("--vocab", type=int, help="vocabulary size V (id workloads)")
+    a("--zipf-s", type=float, help="Zipf exponent s")
+    a("--d-model", type=int, help="hidden size D")
+    a("--clusters", type=int, help="clusters (clustered workload)")
+    a("--experts", type=int, help="number of experts E")
+    a("--k", type=int, help="experts per token (hash routers: at most 2)")
+    a("--capacity-factor", type=float, help="capacity factor C")
+    a("--ranks", type=int, help="expert-parallel ranks R")
+    a("--routers",
+      help="comma-separated router names, e.g. hash,topk (a wrong name lists all)")
+    a("--ds-steps", type=int, help="DeepSeek-V3 bias update steps")
+    a("--ds-speed", type=float, help="DeepSeek-V3 bias update speed")
+    a("--seed", type=int)
     a("--counts", action="store_true", help="also print tokens per expert for every router")
 
 
 def settings_from_args(args: argparse.Namespace) -> LabSettings:
-    """LabSettings from parsed flags (validated by run_lab)."""
-    return LabSettings(
+    """LabSettings from parsed flags; flags left out keep LabSettings' defaults (run_lab validates)."""
+    from engine.routing_lab import ROUTERS, LabSettings
+    from engine.validation import check_choice
+    from engine.workloads import KINDS
+
+    if args.workload is not None:
+        check_choice("--workload", args.workload, KINDS)
+    routers = None
+    if args.routers is not None:
+        routers = tuple(r.strip() for r in args.routers.split(",") if r.strip())
+        for r in routers:
+            check_choice("--routers", r, tuple(ROUTERS))
+    given = dict(
         workload=args.workload, num_tokens=args.tokens, vocab_size=args.vocab,
         zipf_s=args.zipf_s, d_model=args.d_model, clusters=args.clusters,
         num_experts=args.experts, top_k=args.k, capacity_factor=args.capacity_factor,
-        num_ranks=args.ranks, routers=tuple(r.strip() for r in args.routers.split(",") if r.strip()),
+        num_ranks=args.ranks, routers=routers,
         deepseek_steps=args.ds_steps, bias_update_speed=args.ds_speed, seed=args.seed,
     )
+    return LabSettings(**{k: v for k, v in given.items() if v is not None})
 
 
 def run(args: argparse.Namespace) -> CommandResult:
     """Run the lab and return its metrics (and optionally counts) as tables."""
+    from engine.cli import CommandResult
+    from engine.routing_lab import run_lab, settings_dict
+
     settings = settings_from_args(args)
     result = run_lab(settings)
     tables = {"metrics": result.metrics, "per-rank load": result.ranks}
