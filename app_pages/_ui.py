@@ -1,13 +1,16 @@
-"""Small helpers every page uses: error handling that keeps the last result, downloads, badge.
+"""Small helpers every page uses: error handling that keeps the last result, downloads, badge,
+and the notice for settings of a link that a page could not use.
 
 Not a page: app.py lists the pages explicitly, so this module is never routed to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from typing import Any, Callable, TypeVar
+import math
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import pandas as pd
 import streamlit as st
@@ -36,12 +39,100 @@ def configure_torch() -> None:
 
 
 def environment_badge() -> None:
-    """Sidebar caption with device, torch and FA3 provider."""
+    """Sidebar caption with device, the machine's cores and the app's threads, torch and FA3."""
     env = _environment()
     st.sidebar.caption(
-        f"**Device** {env['device']}  \n**torch** {env['torch']} (CUDA {env['cuda']})  \n"
-        f"**FA3** {env['fa3']}"
+        f"**Device** {env['device']}  \n**CPU** {env['cores']} cores; the app computes with "
+        f"{env['threads']} thread{'s' if env['threads'] != '1' else ''} per session  \n"
+        f"**torch** {env['torch']} (CUDA {env['cuda']})  \n**FA3** {env['fa3']}"
     )
+
+
+# Streamlit's own query parameters, never a page setting.
+_STREAMLIT_PARAMS = ("embed", "embed_options")
+_SHOWN_CHARS = 40
+
+
+def unused_link_settings(requested: Mapping[str, list[str]],
+                         values: Mapping[str, Any]) -> list[tuple[str, str, str | None]]:
+    """Settings of a link the page did not use: (key, value in the link, value used or None).
+
+    `requested` holds the link's query parameters (all values per key), `values` the widgets'
+    values after the page ran (session state, keyed like the parameters). A parameter is used when
+    the widget holds the value it names; None as the value used means no widget of this page (with
+    these settings) has that key.
+    """
+    out = []
+    for key, raw in requested.items():
+        if key.lower() in _STREAMLIT_PARAMS:
+            continue
+        if key not in values:
+            out.append((key, ", ".join(raw), None))
+        elif not _link_value_matches(raw, values[key]):
+            out.append((key, ", ".join(raw), _shown(values[key])))
+    return out
+
+
+def _link_value_matches(raw: list[str], value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return len(raw) == len(value) and all(map(_text_matches, raw, value))
+    return bool(raw) and _text_matches(raw[-1], value)  # a single-value widget takes the last
+
+
+def _text_matches(text: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return text.lower() == str(value).lower()
+    if isinstance(value, (int, float)):
+        try:
+            return math.isclose(float(text), value, rel_tol=1e-12)
+        except ValueError:
+            return False
+    if value is None:
+        return text == ""
+    return text == str(value)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(_shown, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _code(text: str) -> str:
+    """Text from a URL as an inline code span: Markdown inside it (links, images) stays text."""
+    text = text.replace("`", "'")
+    return f"`{text[:_SHOWN_CHARS]}{'...' if len(text) > _SHOWN_CHARS else ''}`"
+
+
+@contextlib.contextmanager
+def link_notice(page_path: str) -> Iterator[None]:
+    """Around a page's run (app.py): the first time a session runs a page, say at its top which
+    settings of the link it could not use, instead of Streamlit silently dropping them from the URL.
+
+    Widgets bound to the URL (bind="query-params") fall back to their default on a value they
+    cannot hold (`E=-5`, `T=abc`, `preset=Nope`) or clamp it; later runs carry the widgets' own
+    values, so only a page's first run in a session is checked.
+    """
+    if st.session_state.get("_link_checked") == page_path:
+        yield
+        return
+    st.session_state["_link_checked"] = page_path
+    requested = {k: st.query_params.get_all(k) for k in st.query_params}
+    slot = st.empty()
+    try:
+        yield
+    finally:
+        unused = unused_link_settings(requested, st.session_state)
+        if unused:
+            parts = [f"{_code(f'{k}={raw}')} (" + ("not a setting of this page" if used is None
+                                                   else f"using {_code(used)}") + ")"
+                     for k, raw, used in unused]
+            slot.warning("Some settings in the link could not be used: " + "; ".join(parts) + ".",
+                         icon=":material/link_off:")
 
 
 def guarded(key: str, compute: Callable[[], T]) -> T | None:
