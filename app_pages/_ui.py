@@ -224,8 +224,9 @@ def _hover(x: str, y: str, hover: tuple[str, ...], labels: dict[str, str]) -> st
 
 
 def _layout(x: str, y: str, labels: dict[str, str], legend: str | None, **layout: Any) -> dict:
+    # Plotly Express's top margin (60 px) unless the page sets its own.
     return {"xaxis": {"title": {"text": labels.get(x, x)}}, "yaxis": {"title": {"text": labels.get(y, y)}},
-            "legend": {"title": {"text": legend or ""}, "tracegroupgap": 0}, **layout}
+            "legend": {"title": {"text": legend or ""}, "tracegroupgap": 0}, "margin": {"t": 60}, **layout}
 
 
 def line_figure(df: pd.DataFrame, x: str, y: str | list[str], color: str | None = None, *,
