@@ -3,10 +3,9 @@ each routing is. Thin: widgets -> LabSettings -> engine.routing_lab.run_lab -> f
 
 from __future__ import annotations
 
-import plotly.express as px
 import streamlit as st
 
-from app_pages._ui import download_buttons, guarded
+from app_pages._ui import bar_figure, download_buttons, guarded, line_figure
 from engine.routing_lab import (NULL_LABEL, ROUTERS, LabResult, LabSettings, route_one, run_lab,
                                 settings_dict)
 from engine.workloads import KINDS
@@ -76,12 +75,11 @@ def _show(result: LabResult, settings: LabSettings) -> None:
     st.subheader("Tokens per expert")
     order = st.radio("Order", ("sorted", "by id"), horizontal=True, key="order", bind=QP)
     x = "load rank" if order == "sorted" else "expert"
-    # px.line joins points in row order: order rows along the chosen x axis (display only).
-    fig = px.line(result.counts.sort_values(["router", x], kind="stable"), x=x, y="load/mean",
-                  color="router", line_shape="hv", hover_data=["expert", "tokens"],
-                  category_orders={"router": list(result.metrics["router"])},
-                  labels={"load rank": "experts, busiest first", "expert": "expert id",
-                          "load/mean": "tokens / mean tokens per expert"})
+    # A line joins points in row order: order rows along the chosen x axis (display only).
+    fig = line_figure(result.counts.sort_values(["router", x], kind="stable"), x, "load/mean", "router",
+                      line_shape="hv", hover=("expert", "tokens"), order=list(result.metrics["router"]),
+                      labels={"load rank": "experts, busiest first", "expert": "expert id",
+                              "load/mean": "tokens / mean tokens per expert"})
     fig.add_hline(y=1.0, line_dash="dot", annotation_text="perfect balance")
     fig.add_hline(y=settings.capacity_factor, line_dash="dash", line_color="firebrick",
                   annotation_text=f"capacity C = {settings.capacity_factor:g}")
@@ -105,7 +103,7 @@ def _show(result: LabResult, settings: LabSettings) -> None:
     c1, c2 = st.columns(2)
     with c1:
         st.subheader(f"Per-rank load (R = {settings.num_ranks})")
-        fig = px.bar(result.ranks, x="rank", y="tokens", color="router", barmode="group")
+        fig = bar_figure(result.ranks, "rank", "tokens", "router", barmode="group")
         fig.update_layout(height=360, legend_title_text="")
         st.plotly_chart(fig, width="stretch")
     with c2:
@@ -113,8 +111,8 @@ def _show(result: LabResult, settings: LabSettings) -> None:
         if result.balance.empty:
             st.caption("Add the DeepSeek-V3 router to see its bias balancing the load.")
         else:
-            fig = px.line(result.balance, x="step", y=["CV", "MaxVio"], markers=True,
-                          labels={"value": "load imbalance (per step's batch)", "variable": ""})
+            fig = line_figure(result.balance, "step", ["CV", "MaxVio"], markers=True,
+                              labels={"value": "load imbalance (per step's batch)", "variable": ""})
             fig.update_layout(height=360)
             st.plotly_chart(fig, width="stretch")
             st.caption(f"Each step routes the next batch of up to 4,096 tokens and nudges every "
