@@ -3,11 +3,10 @@
 from dataclasses import asdict
 
 import pandas as pd
-import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages._ui import download_buttons, guarded
+from app_pages._ui import bar_figure, download_buttons, guarded, line_figure
 from engine.ep_dispatch import LaunchError, committed_results, launch
 from engine.expert_parallel import (DTYPES, PLACEMENTS, ROUTERS, SWEEP_TOKENS, EPSettings, EPStats,
                                     ep_stats, hot_expert_sweep, rank_table, traffic_table)
@@ -76,9 +75,9 @@ if stats is not None:
 
     left, right = st.columns(2)
     table = rank_table(stats)
-    fig = px.bar(table, x="rank", y="load_pairs", hover_data=["experts"],
-                 labels={"load_pairs": "token-expert pairs computed", "rank": "rank"},
-                 title=f"Load per rank ({stats.placement.name})")
+    fig = bar_figure(table, "rank", "load_pairs", hover=("experts",),
+                     labels={"load_pairs": "token-expert pairs computed", "rank": "rank"},
+                     title=f"Load per rank ({stats.placement.name})")
     fig.add_hline(y=stats.mean_load, line_dash="dot", annotation_text="mean")
     left.plotly_chart(fig, key="ep_load")
     mb = [[b / 1e6 for b in row] for row in stats.dispatch_bytes()]
@@ -105,9 +104,9 @@ st.caption(f"Expert 0 gets a growing share of all tokens; every placement sees t
 sweep = guarded("ep_sweep", lambda: _sweep(**asdict(settings)))
 if sweep is not None:
     sweep_df = pd.DataFrame(sweep)
-    fig = px.line(sweep_df, x="hot_share", y="slowest_vs_mean", color="placement", markers=True,
-                  labels={"hot_share": "share of tokens on expert 0",
-                          "slowest_vs_mean": "slowest rank load / mean load"})
+    fig = line_figure(sweep_df, "hot_share", "slowest_vs_mean", "placement", markers=True,
+                      labels={"hot_share": "share of tokens on expert 0",
+                              "slowest_vs_mean": "slowest rank load / mean load"})
     st.plotly_chart(fig, key="ep_sweep_fig")
     st.dataframe(sweep_df, hide_index=True)
     download_buttons("ep_hot_sweep", sweep_df, {"settings": asdict(settings)})
