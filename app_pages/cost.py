@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pandas as pd
-import plotly.express as px
 import streamlit as st
 
-from app_pages._ui import download_buttons, guarded
+from app_pages._ui import bar_figure, download_buttons, guarded
 from engine.cost_model import (FFN_TYPES, PRESETS, ROUTERS, ConfigError, TransformerConfig, compare,
                                estimate, flops_table, params_table, summary)
 
@@ -91,8 +90,8 @@ if result is not None:
 
     st.subheader("Parameters by component")
     long = result["params"].melt(id_vars="component", var_name="count", value_name="parameters")
-    fig = px.bar(long, x="count", y="parameters", color="component", barmode="stack",
-                 labels={"count": "", "parameters": "parameters"})
+    fig = bar_figure(long, "count", "parameters", "component", barmode="stack",
+                     labels={"count": "", "parameters": "parameters"})
     fig.update_layout(height=380, margin=dict(t=10, b=10))
     st.plotly_chart(fig, width="stretch")
     st.dataframe(result["params"], hide_index=True,
@@ -140,7 +139,7 @@ timing = st.session_state.get("cost_timing")
 if timing is not None:
     long = timing.melt(id_vars="block", value_vars=["forward_ms", "fwd_bwd_ms"], var_name="pass",
                        value_name="ms")
-    fig = px.bar(long, x="block", y="ms", color="pass", barmode="group", text_auto=".1f")
+    fig = bar_figure(long, "block", "ms", "pass", barmode="group", text_format=".1f")
     fig.update_layout(height=340, margin=dict(t=10, b=10))
     st.plotly_chart(fig, width="stretch")
     st.dataframe(timing, hide_index=True)
