@@ -59,3 +59,20 @@ def test_sidebar_names_cores_and_threads():
     text = at.sidebar.caption[0].value
     assert f"{len(os.sched_getaffinity(0))} cores" in text
     assert f"{torch.get_num_threads()} thread" in text
+
+
+def test_table_shows_a_dash_for_missing_values():
+    def page():
+        import numpy as np
+        import pandas as pd
+
+        from app_pages._ui import table
+
+        table(pd.DataFrame({"router": ["a", "b"], "k": [2, 1], "CV": [0.123456, np.nan],
+                            "note": ["x", None]}), formats={"CV": "%.4f", "k": "%d"}, hide_index=True)
+
+    at = AppTest.from_function(page).run()
+    assert not at.exception
+    shown = at.dataframe[0].value
+    assert list(shown["CV"]) == ["0.1235", "–"] and list(shown["note"]) == ["x", "–"]
+    assert list(shown["k"]) == [2, 1]  # no gap: still numbers
