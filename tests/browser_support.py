@@ -158,7 +158,30 @@ def new_app_page(browser: Any) -> Any:
     context.route(_FOREIGN, refuse)
     page = context.new_page()
     page.add_init_script(_RUN_COUNTER_JS)
+    # The server's own count of finished runs, from the websocket: tells a run that never happened
+    # from one the page did not show.
+    context.server_runs = 0
+
+    def frame(payload: Any) -> None:
+        if isinstance(payload, bytes) and len(payload) < 64 and _is_script_finished(payload):
+            context.server_runs += 1
+
+    page.on("websocket", lambda ws: ws.on("framereceived", frame))
     return page
+
+
+def _is_script_finished(payload: bytes) -> bool:
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+    try:
+        return ForwardMsg.FromString(payload).WhichOneof("type") == "script_finished"
+    except Exception:  # noqa: BLE001 - a frame of another kind
+        return False
+
+
+def server_runs(page: Any) -> int:
+    """Script runs the server reported finished to this page's session (script_finished messages)."""
+    return page.context.server_runs
 
 
 def foreign_requests(page: Any) -> list[str]:
