@@ -11,7 +11,9 @@ Starts `streamlit run app.py` on a free port and drives each page in headless Ch
   before (no cache hit), from the user's key press or click to the last change of the page's DOM;
   median and p95 (nearest rank);
 - payload: bytes of each plotly figure's spec as sent over the websocket, and all bytes the browser
-  received per change.
+  received per change;
+- figure build: the routing page's main figure built with Plotly Express and with
+  app_pages._ui.line_figure, alternating in one run (median ms and their ratio).
 Targets (issue 18): median <= 1.0 s, p95 <= 2 s, first render <= 2.5 s. The machine's load
 (`uptime`) is printed with the figures: other work on the machine slows every number here.
 """
@@ -137,6 +139,38 @@ def measure_page(browser, base: str, path: str, changes: int) -> PageResult:
         page.context.close()
 
 
+def figure_build_ms(rounds: int = 15) -> dict[str, float]:
+    """Median ms to build the routing page's tokens-per-expert figure (7 routers x 64 experts) with
+    Plotly Express and with _ui.line_figure, alternating in one run; and their ratio."""
+    import numpy as np
+    import pandas as pd
+    import plotly.express as px
+
+    from app_pages._ui import line_figure
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"router": np.repeat([f"router {i}" for i in range(7)], 64),
+                       "load rank": np.tile(np.arange(64), 7), "expert": rng.permutation(448),
+                       "tokens": rng.integers(0, 4000, 448), "load/mean": rng.random(448) * 3})
+
+    def with_px() -> None:
+        px.line(df, x="load rank", y="load/mean", color="router", line_shape="hv",
+                hover_data=["expert", "tokens"]).update_layout(height=420)
+
+    def with_ui() -> None:
+        line_figure(df, "load rank", "load/mean", "router", line_shape="hv", hover=("expert", "tokens"),
+                    height=420)
+
+    times: dict[str, list[float]] = {"px": [], "ui": []}
+    for i in range(rounds):
+        for name, fn in (("px", with_px), ("ui", with_ui))[:: 1 if i % 2 else -1]:
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    px_ms, ui_ms = statistics.median(times["px"]), statistics.median(times["ui"])
+    return {"px_ms": px_ms, "ui_ms": ui_ms, "px_over_ui": px_ms / ui_ms}
+
+
 def main() -> None:
     """Run every page of app.py and print (or --json) the figures."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -156,7 +190,9 @@ def main() -> None:
         finally:
             cold.context.close()
         results = [measure_page(browser, base, p, args.changes) for p in paths]
+    build = figure_build_ms()
     doc = {"pages": [asdict(r) for r in results], "cold_server_first_render_s": cold_s,
+           "figure_build": build,
            "cold_server_page": paths[0] or "home",
            "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
            "loadavg_before": load_before, "cpus": os.cpu_count(),
@@ -166,6 +202,8 @@ def main() -> None:
         return
     print(f"{doc['date']} · {doc['cpus']} CPUs · {doc['uptime']}")
     print(f"cold server, first page ({doc['cold_server_page']}): {cold_s:.2f} s")
+    print(f"figure build (routing counts, 448 points), median of alternating rounds: Plotly Express "
+          f"{build['px_ms']:.0f} ms, _ui.line_figure {build['ui_ms']:.0f} ms, ratio {build['px_over_ui']:.1f}x")
     print(f"{'page':16} {'first render':>12} {'redraw median':>14} {'p95':>6}  {'widget':8} "
           f"{'figure bytes':>28} {'bytes/change':>12}")
     for r in results:
