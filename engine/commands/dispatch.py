@@ -15,9 +15,9 @@ HELP = "expert parallelism: per-rank load and all-to-all bytes of a placement, o
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Settings of EPSettings (unset flags keep its defaults), a custom --map, and --launch N."""
-    p.add_argument("--experts", type=int)
-    p.add_argument("--ranks", type=int, help="ranks of the what-if")
-    p.add_argument("--top-k", type=int)
+    p.add_argument("--experts", type=int, help="experts E")
+    p.add_argument("--ranks", type=int, help="ranks R of the what-if")
+    p.add_argument("--top-k", type=int, help="experts per token k")
     p.add_argument("--tokens", type=int, help="tokens per rank")
     p.add_argument("--d-model", type=int)
     p.add_argument("--dtype", help="fp32, bf16 or fp16")

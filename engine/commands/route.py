@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--zipf-s", type=float, help="Zipf exponent s")
     a("--d-model", type=int, help="hidden size D")
     a("--clusters", type=int, help="clusters (clustered workload)")
-    a("--experts", type=int, help="number of experts E")
-    a("--k", type=int, help="experts per token (hash routers: at most 2)")
+    a("--experts", type=int, help="experts E")
+    a("--k", type=int, help="experts per token k (hash routers: at most 2)")
     a("--capacity-factor", type=float, help="capacity factor C")
     a("--ranks", type=int, help="expert-parallel ranks R")
     a("--routers",
