@@ -38,3 +38,14 @@ def test_usable_link_shows_no_notice(page, server):
     bs.open_page(page, server, "routing", {"E": 16, "k": D.top_k})
     assert _notice(page) == ""
     assert bs.widget_value(page, "E") == "16"
+
+
+def test_navigating_between_pages_shows_no_notice(page, server):
+    """Moving to other pages and back (the settings come back with the URL) is not a link to
+    complain about."""
+    bs.open_page(page, server, "routing", {"E": 16, "R": 4})
+    for target in ("cost", "routing", ""):
+        link = page.get_by_test_id("stSidebarNav").locator(f'a[href$="/{target}"]').first
+        bs.rerun(page, link.click)
+        assert _notice(page) == "", target
+    assert bs.exceptions(page) == []
