@@ -120,12 +120,14 @@ def link_notice(page_path: str) -> Iterator[None]:
     cannot hold (`E=-5`, `T=abc`, `preset=Nope`) or clamp it; later runs carry the widgets' own
     values, so only a page's first run in a session is checked.
     """
+    # The slot exists on every run: elements keep their places in the page, so the browser does
+    # not rebuild every widget below it when the notice goes away.
+    slot = st.empty()
     if st.session_state.get("_link_checked") == page_path:
         yield
         return
     st.session_state["_link_checked"] = page_path
     requested = {k: st.query_params.get_all(k) for k in st.query_params}
-    slot = st.empty()
     try:
         yield
     finally:
