@@ -21,7 +21,7 @@ from tests import browser_support as bs
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 DURATION_S = 60.0
-STALL_S = 30.0  # a change with no finished run after this long counts as a stall
+STALL_S = 30.0  # a change with no finished run after this long counts as a stall (none allowed)
 
 
 @dataclasses.dataclass
@@ -136,8 +136,9 @@ def test_eight_users_for_a_minute(browser, server):
                                    "stalls": stalls, "setup_s": setup_s, "loop_s": loop_s, "reload_check_s": verify_s,
                                    "latencies_ms": latencies})
     assert rounds >= 2
-    # An occasional stall is reported; more than one in twenty interactions is a failure.
-    assert len(stalls) * 20 <= len(latencies) + len(stalls), stalls
+    # No stall tolerated. Each says whether the server finished a run after the change (the page
+    # did not show it) or not (the change never started one).
+    assert stalls == []
 
 
 def test_routing_redraw_time_at_defaults(page, server):
