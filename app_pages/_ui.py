@@ -1,16 +1,22 @@
-"""Small helpers every page uses: error handling that keeps the last result, downloads, badge.
+"""Small helpers every page uses: error handling that keeps the last result, downloads, badge,
+and the notice for settings of a link that a page could not use.
 
 Not a page: app.py lists the pages explicitly, so this module is never routed to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from typing import Any, Callable, TypeVar
+import math
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 import pandas as pd
 import streamlit as st
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 log = logging.getLogger("scalelab")
 T = TypeVar("T")
@@ -36,12 +42,102 @@ def configure_torch() -> None:
 
 
 def environment_badge() -> None:
-    """Sidebar caption with device, torch and FA3 provider."""
+    """Sidebar caption with device, the machine's cores and the app's threads, torch and FA3."""
     env = _environment()
     st.sidebar.caption(
-        f"**Device** {env['device']}  \n**torch** {env['torch']} (CUDA {env['cuda']})  \n"
-        f"**FA3** {env['fa3']}"
+        f"**Device** {env['device']}  \n**CPU** {env['cores']} cores; the app computes with "
+        f"{env['threads']} thread{'s' if env['threads'] != '1' else ''} per session  \n"
+        f"**torch** {env['torch']} (CUDA {env['cuda']})  \n**FA3** {env['fa3']}"
     )
+
+
+# Streamlit's own query parameters, never a page setting.
+_STREAMLIT_PARAMS = ("embed", "embed_options")
+_SHOWN_CHARS = 40
+
+
+def unused_link_settings(requested: Mapping[str, list[str]],
+                         values: Mapping[str, Any]) -> list[tuple[str, str, str | None]]:
+    """Settings of a link the page did not use: (key, value in the link, value used or None).
+
+    `requested` holds the link's query parameters (all values per key), `values` the widgets'
+    values after the page ran (session state, keyed like the parameters). A parameter is used when
+    the widget holds the value it names; None as the value used means no widget of this page (with
+    these settings) has that key.
+    """
+    out = []
+    for key, raw in requested.items():
+        if key.lower() in _STREAMLIT_PARAMS:
+            continue
+        if key not in values:
+            out.append((key, ", ".join(raw), None))
+        elif not _link_value_matches(raw, values[key]):
+            out.append((key, ", ".join(raw), _shown(values[key])))
+    return out
+
+
+def _link_value_matches(raw: list[str], value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return len(raw) == len(value) and all(map(_text_matches, raw, value))
+    return bool(raw) and _text_matches(raw[-1], value)  # a single-value widget takes the last
+
+
+def _text_matches(text: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return text.lower() == str(value).lower()
+    if isinstance(value, (int, float)):
+        try:
+            return math.isclose(float(text), value, rel_tol=1e-12)
+        except ValueError:
+            return False
+    if value is None:
+        return text == ""
+    return text == str(value)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(_shown, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _code(text: str) -> str:
+    """Text from a URL as an inline code span: Markdown inside it (links, images) stays text."""
+    text = text.replace("`", "'")
+    return f"`{text[:_SHOWN_CHARS]}{'...' if len(text) > _SHOWN_CHARS else ''}`"
+
+
+@contextlib.contextmanager
+def link_notice(page_path: str) -> Iterator[None]:
+    """Around a page's run (app.py): the first time a session runs a page, say at its top which
+    settings of the link it could not use, instead of Streamlit silently dropping them from the URL.
+
+    Widgets bound to the URL (bind="query-params") fall back to their default on a value they
+    cannot hold (`E=-5`, `T=abc`, `preset=Nope`) or clamp it; later runs carry the widgets' own
+    values, so only a page's first run in a session is checked.
+    """
+    # The slot exists on every run: elements keep their places in the page, so the browser does
+    # not rebuild every widget below it when the notice goes away.
+    slot = st.empty()
+    if st.session_state.get("_link_checked") == page_path:
+        yield
+        return
+    st.session_state["_link_checked"] = page_path
+    requested = {k: st.query_params.get_all(k) for k in st.query_params}
+    try:
+        yield
+    finally:
+        unused = unused_link_settings(requested, st.session_state)
+        if unused:
+            parts = [f"{_code(f'{k}={raw}')} (" + ("not a setting of this page" if used is None
+                                                   else f"using {_code(used)}") + ")"
+                     for k, raw, used in unused]
+            slot.warning("Some settings in the link could not be used: " + "; ".join(parts) + ".",
+                         icon=":material/link_off:")
 
 
 def guarded(key: str, compute: Callable[[], T]) -> T | None:
@@ -96,6 +192,33 @@ def _slot(key: str) -> str:
     return f"_last_good_{key}"
 
 
+MISSING = "–"  # what a table shows for a missing value (Streamlit's grid would write "None")
+
+
+def table(df: pd.DataFrame, formats: dict[str, str] | None = None, **kwargs: Any) -> None:
+    """st.dataframe in which a missing value reads "–", never "None".
+
+    `formats` maps columns to printf formats ("%.4f"). A column with gaps is shown as right-aligned
+    text in its format (default "%g"); other columns stay numbers with `formats` as their format.
+    Downloads keep the numbers (download_buttons takes the frame itself).
+    """
+    formats = formats or {}
+    config = dict(kwargs.pop("column_config", None) or {})
+    shown = df.copy()
+    for col in df.columns:
+        gaps = df[col].isna()
+        fmt = formats.get(col)
+        if gaps.any():
+            if pd.api.types.is_numeric_dtype(df[col]):
+                shown[col] = [MISSING if m else (fmt or "%g") % v for v, m in zip(df[col], gaps)]
+                config.setdefault(col, st.column_config.TextColumn(alignment="right"))
+            else:
+                shown[col] = df[col].astype(object).where(~gaps, MISSING)
+        elif fmt:
+            config.setdefault(col, st.column_config.NumberColumn(format=fmt))
+    st.dataframe(shown, column_config=config, **kwargs)
+
+
 def download_buttons(name: str, table: pd.DataFrame, extra: dict[str, Any] | None = None) -> None:
     """CSV and JSON download buttons for one table (`extra` is merged into the JSON document)."""
     c1, c2 = st.columns(2)
@@ -105,3 +228,74 @@ def download_buttons(name: str, table: pd.DataFrame, extra: dict[str, Any] | Non
     c2.download_button(f"{name}.json", json.dumps(doc, indent=2, default=str).encode(), f"{name}.json",
                        "application/json", key=f"dl_json_{name}", icon=":material/download:",
                        on_click="ignore")
+
+
+# ---------------------------------------------------------------- figures
+# Plotly Express builds a figure through thousands of validated property updates: 0.1-0.5 s per
+# chart on the 2-core reference machine, more than a page's own computation. These build the same
+# traces as plain dicts and validate them once (go.Figure(dict)): about 10x faster. Above
+# WEBGL_POINTS points a chart draws with WebGL (scattergl), which stays smooth with many points.
+WEBGL_POINTS = 2000
+
+
+def _groups(df: pd.DataFrame, color: str | None, order: list | None) -> list[tuple[Any, pd.DataFrame]]:
+    if color is None:
+        return [(None, df)]
+    names = list(order) if order is not None else list(dict.fromkeys(df[color]))
+    names += [n for n in dict.fromkeys(df[color]) if n not in names]
+    return [(n, df[df[color] == n]) for n in names if (df[color] == n).any()]
+
+
+def _hover(x: str, y: str, hover: tuple[str, ...], labels: dict[str, str]) -> str:
+    rows = [f"{labels.get(x, x)}=%{{x}}", f"{labels.get(y, y)}=%{{y}}"]
+    rows += [f"{labels.get(h, h)}=%{{customdata[{i}]}}" for i, h in enumerate(hover)]
+    return "<br>".join(rows)
+
+
+def _layout(x: str, y: str, labels: dict[str, str], legend: str | None, **layout: Any) -> dict:
+    # Plotly Express's top margin (60 px) unless the page sets its own.
+    return {"xaxis": {"title": {"text": labels.get(x, x)}}, "yaxis": {"title": {"text": labels.get(y, y)}},
+            "legend": {"title": {"text": legend or ""}, "tracegroupgap": 0}, "margin": {"t": 60}, **layout}
+
+
+def line_figure(df: pd.DataFrame, x: str, y: str | list[str], color: str | None = None, *,
+                markers: bool = False, line_shape: str | None = None, hover: tuple[str, ...] = (),
+                labels: dict[str, str] | None = None, order: list | None = None,
+                **layout: Any) -> go.Figure:
+    """Lines of `y` against `x`, one per `color` group (or per column when `y` is a list), like
+    px.line; `layout` goes to the figure's layout (height, title, ...)."""
+    import plotly.graph_objects as go
+
+    labels = labels or {}
+    if isinstance(y, list):  # wide form: one line per column
+        df = df.melt(id_vars=[x, *hover], value_vars=y, var_name="variable", value_name="value")
+        y, color = "value", "variable"
+    groups = _groups(df, color, order)
+    gl = sum(len(g) for _, g in groups) > WEBGL_POINTS
+    mode = "lines+markers" if markers else "lines"
+    traces = [{"type": "scattergl" if gl else "scatter", "mode": mode, "name": str(name) if name is not None else "",
+               "legendgroup": str(name), "showlegend": name is not None, "x": g[x].to_numpy(),
+               "y": g[y].to_numpy(), "line": {"shape": line_shape} if line_shape else {},
+               "customdata": g[list(hover)].to_numpy() if hover else None,
+               "hovertemplate": _hover(x, y, hover, labels) + "<extra>%{fullData.name}</extra>"}
+              for name, g in groups]
+    return go.Figure({"data": [{k: v for k, v in t.items() if v is not None} for t in traces],
+                      "layout": _layout(x, y, labels, labels.get(color, color), **layout)})
+
+
+def bar_figure(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, barmode: str = "relative",
+               hover: tuple[str, ...] = (), labels: dict[str, str] | None = None, order: list | None = None,
+               text_format: str | None = None, **layout: Any) -> go.Figure:
+    """Bars of `y` at each `x`, one trace per `color` group, like px.bar (`text_format`, e.g. '.1f',
+    writes each value on its bar); `layout` goes to the figure's layout."""
+    import plotly.graph_objects as go
+
+    labels = labels or {}
+    traces = [{"type": "bar", "name": str(name) if name is not None else "", "showlegend": name is not None,
+               "x": g[x].to_numpy(), "y": g[y].to_numpy(),
+               "customdata": g[list(hover)].to_numpy() if hover else None,
+               "texttemplate": f"%{{y:{text_format}}}" if text_format else None,
+               "hovertemplate": _hover(x, y, hover, labels) + "<extra>%{fullData.name}</extra>"}
+              for name, g in _groups(df, color, order)]
+    return go.Figure({"data": [{k: v for k, v in t.items() if v is not None} for t in traces],
+                      "layout": _layout(x, y, labels, labels.get(color, color), barmode=barmode, **layout)})

@@ -8,11 +8,10 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages._ui import download_buttons, guarded, last_good
+from app_pages._ui import bar_figure, download_buttons, guarded, last_good
 from engine.cost_memory import ATTENTION_KINDS, OPTIMIZERS, PRECISIONS, TrainLayout
 from engine.cost_model import FFN_TYPES, PRESETS, ROUTERS, ConfigError, TransformerConfig, relabel
 from engine.cost_report import DEFAULTS, report
@@ -244,8 +243,8 @@ if result is not None:
 
     st.subheader("Parameters by component")
     long = result["parameters"].melt(id_vars="component", var_name="count", value_name="parameters")
-    fig = px.bar(long, x="count", y="parameters", color="component", barmode="stack",
-                 labels={"count": "", "parameters": "parameters"})
+    fig = bar_figure(long, "count", "parameters", "component", barmode="stack",
+                     labels={"count": "", "parameters": "parameters"})
     fig.update_layout(height=380, margin=dict(t=10, b=10))
     st.plotly_chart(fig, width="stretch")
     st.dataframe(result["parameters"], hide_index=True,
@@ -354,7 +353,7 @@ timing = st.session_state.get("cost_timing")
 if timing is not None:
     long = timing.melt(id_vars="block", value_vars=["forward_ms", "fwd_bwd_ms"], var_name="pass",
                        value_name="ms")
-    fig = px.bar(long, x="block", y="ms", color="pass", barmode="group", text_auto=".1f")
+    fig = bar_figure(long, "block", "ms", "pass", barmode="group", text_format=".1f")
     fig.update_layout(height=340, margin=dict(t=10, b=10))
     st.plotly_chart(fig, width="stretch")
     st.dataframe(timing, hide_index=True)

@@ -4,11 +4,10 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 import pandas as pd
-import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages._ui import download_buttons, guarded
+from app_pages._ui import bar_figure, download_buttons, guarded, line_figure
 from engine.ep_dispatch import committed_results, launch
 from engine.ep_launch import LaunchError
 from engine.ep_sweep import NVLINK_GBPS, committed_sweeps
@@ -97,9 +96,9 @@ if stats is not None:
 
     left, right = st.columns(2)
     table = rank_table(stats)
-    fig = px.bar(table, x="rank", y="load_pairs", hover_data=["experts"],
-                 labels={"load_pairs": "token-expert pairs computed", "rank": "rank"},
-                 title=f"Load per rank ({stats.placement.name})")
+    fig = bar_figure(table, "rank", "load_pairs", hover=("experts",),
+                     labels={"load_pairs": "token-expert pairs computed", "rank": "rank"},
+                     title=f"Load per rank ({stats.placement.name})")
     fig.add_hline(y=stats.mean_load, line_dash="dot", annotation_text="mean")
     left.plotly_chart(fig, key="ep_load")
     # Off-rank pairs only, as in the metric above (their cells add up to it): a rank's rows for its
@@ -131,9 +130,9 @@ st.caption(f"Expert 0 gets a growing share of all tokens; every placement sees t
 sweep = guarded("ep_sweep", lambda: _sweep(**asdict(checked))) if checked else None
 if sweep is not None:
     sweep_df = pd.DataFrame(sweep)
-    fig = px.line(sweep_df, x="hot_share", y="slowest_vs_mean", color="placement", markers=True,
-                  labels={"hot_share": "share of tokens on expert 0",
-                          "slowest_vs_mean": "slowest rank load / mean load"})
+    fig = line_figure(sweep_df, "hot_share", "slowest_vs_mean", "placement", markers=True,
+                      labels={"hot_share": "share of tokens on expert 0",
+                              "slowest_vs_mean": "slowest rank load / mean load"})
     st.plotly_chart(fig, key="ep_sweep_fig")
     st.dataframe(sweep_df, hide_index=True)
     download_buttons("ep_hot_sweep", sweep_df, {"settings": asdict(settings)})
@@ -203,8 +202,8 @@ for i, doc in enumerate(sweeps):
     long = sweep_rows.melt(id_vars=["payload_MB"], value_vars=[f"{n}_busbw_GBps" for n in names],
                            var_name="exchange", value_name="bus_GBps")
     long["exchange"] = long["exchange"].str.removesuffix("_busbw_GBps").map(names)
-    fig = px.line(long, x="payload_MB", y="bus_GBps", color="exchange", markers=True, log_x=True,
-                  labels={"payload_MB": "MB sent per rank", "bus_GBps": "bus bandwidth, GB/s"})
+    fig = line_figure(long, "payload_MB", "bus_GBps", "exchange", markers=True, xaxis_type="log",
+                      labels={"payload_MB": "MB sent per rank", "bus_GBps": "bus bandwidth, GB/s"})
     fig.add_hline(y=doc["nvlink_GBps"], line_dash="dot", annotation_text="NVLink per direction")
     st.plotly_chart(fig, key=f"ep_wire_{i}")
     first = ["payload_MB", "tokens"] + [f"{n}_busbw_GBps" for n in names] + \
@@ -242,9 +241,9 @@ for i, doc in enumerate(runs):
     m[2].metric("Speed-up over one device", f"{doc['speedup_vs_one_device']:.2f}x")
     phases = {k.removesuffix("_ms"): v for k, v in doc["slowest_rank_phases_ms"].items()
               if k not in ("one_device_step_ms", "ep_step_ms")}
-    fig = px.bar(x=list(phases), y=list(phases.values()),
-                 labels={"x": "phase", "y": "ms per step (slowest rank)"},
-                 title=f"Where a step of {doc['slowest_rank_phases_ms']['ep_step_ms']:.1f} ms goes")
+    fig = bar_figure(pd.DataFrame({"phase": list(phases), "ms": list(phases.values())}), "phase", "ms",
+                     labels={"ms": "ms per step (slowest rank)"},
+                     title=f"Where a step of {doc['slowest_rank_phases_ms']['ep_step_ms']:.1f} ms goes")
     st.plotly_chart(fig, key=f"ep_train_{i}")
 
 st.markdown("Check on this machine: 2 CPU processes (gloo) train a small model for 3 steps, each "

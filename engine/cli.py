@@ -5,6 +5,10 @@ Each command lives in engine/commands/<name>.py and defines
     add_arguments(parser: argparse.ArgumentParser) -> None
     run(args: argparse.Namespace) -> CommandResult
 so the CLI reproduces exactly what a page shows, through the same engine calls.
+
+`--help` must answer at once: a command module imports only the standard library at its top and
+imports the engine (torch, scipy, pandas) inside run(). Flags whose allowed values or defaults come
+from the engine default to None; run() checks them (engine.validation) and fills in the engine's.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ import argparse
 import importlib
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
-# Sub-command name -> module under engine.commands. Imported lazily: `--help` stays fast.
+# Sub-command name -> module engine.commands.<name>; a missing module is skipped.
 COMMANDS = ("route", "attention", "fit", "cost", "dispatch", "train")
 
 
@@ -32,7 +38,7 @@ class CommandResult:
 
 
 def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, pd.DataFrame):
+    if hasattr(obj, "to_dict") and hasattr(obj, "columns"):  # a DataFrame (pandas imported lazily)
         return [_jsonable(r) for r in obj.to_dict(orient="records")]
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -63,22 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print(result: CommandResult, as_json: bool) -> None:
+    if as_json:
+        doc = {**{k: _jsonable(v) for k, v in result.tables.items()}, **_jsonable(result.data)}
+        print(json.dumps(doc, indent=2))
+        return
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 50, "display.max_rows", 500):
+        for title, table in result.tables.items():
+            print(f"== {title}")
+            print(table.to_string(index=False))
+            print()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv`, run the command, print its result; bad input exits 2 with the message."""
     args = build_parser().parse_args(argv)
     try:
-        result: CommandResult = args._run(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        doc = {**{k: _jsonable(v) for k, v in result.tables.items()}, **_jsonable(result.data)}
-        print(json.dumps(doc, indent=2))
-    else:
-        with pd.option_context("display.width", 200, "display.max_columns", 50,
-                               "display.max_rows", 500):
-            for title, table in result.tables.items():
-                print(f"== {title}")
-                print(table.to_string(index=False))
-                print()
+        try:
+            result: CommandResult = args._run(args)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        _print(result, args.json)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `python -m engine ... | head` closed the pipe: the reader has what it wanted. Point
+        # stdout at devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -136,14 +137,56 @@ def streamlit_server(timeout_s: float = 60.0, log_path: Path | None = None) -> I
             log.close()
 
 
+# Any URL not served by this machine's own app (ws:// to the app is not routed at all).
+_FOREIGN = re.compile(r"^(?!https?://(127\.0\.0\.1|localhost)(:\d+)?/)(?!data:|blob:)")
+
+
 def new_app_page(browser: Any) -> Any:
     """A page at 1280x1600 in a fresh context (own Streamlit session) that counts script runs.
 
-    Close it with `page.context.close()`.
+    Requests to any host but the app's own are refused and recorded (foreign_requests): the app
+    runs on closed networks and must not make a viewer's browser call out. Close it with
+    `page.context.close()`.
     """
-    page = browser.new_context(viewport=VIEWPORT).new_page()
+    context = browser.new_context(viewport=VIEWPORT)
+    context.foreign_requests = []
+
+    def refuse(route: Any) -> None:
+        context.foreign_requests.append(route.request.url)
+        route.abort()
+
+    context.route(_FOREIGN, refuse)
+    page = context.new_page()
     page.add_init_script(_RUN_COUNTER_JS)
+    # The server's own count of finished runs, from the websocket: tells a run that never happened
+    # from one the page did not show.
+    context.server_runs = 0
+
+    def frame(payload: Any) -> None:
+        if isinstance(payload, bytes) and len(payload) < 64 and _is_script_finished(payload):
+            context.server_runs += 1
+
+    page.on("websocket", lambda ws: ws.on("framereceived", frame))
     return page
+
+
+def _is_script_finished(payload: bytes) -> bool:
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+    try:
+        return ForwardMsg.FromString(payload).WhichOneof("type") == "script_finished"
+    except Exception:  # noqa: BLE001 - a frame of another kind
+        return False
+
+
+def server_runs(page: Any) -> int:
+    """Script runs the server reported finished to this page's session (script_finished messages)."""
+    return page.context.server_runs
+
+
+def foreign_requests(page: Any) -> list[str]:
+    """URLs this page's context asked for from any host but the app's own (refused)."""
+    return list(page.context.foreign_requests)
 
 
 def query_of(page) -> dict[str, str]:

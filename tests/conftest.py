@@ -49,7 +49,10 @@ def browser() -> Iterator[object]:
 
 @pytest.fixture
 def page(browser):
-    """A fresh context (own cookies, own Streamlit session) with one app page."""
+    """A fresh context (own cookies, own Streamlit session) with one app page; the test fails if
+    the page asked any host but the app's own for anything."""
     p = bs.new_app_page(browser)
     yield p
+    foreign = bs.foreign_requests(p)
     p.context.close()
+    assert foreign == [], f"requests to other hosts: {foreign}"

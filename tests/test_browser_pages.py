@@ -67,8 +67,11 @@ def test_page_end_to_end(browser, page, server, path):
         try:
             bs.open_page(fresh, server, path, bs.query_of(page), spec.figures)
             assert bs.figures(fresh) == after
+            assert bs.foreign_requests(fresh) == []
         finally:
             fresh.context.close()
+    # Nothing but the app's own host: no icon font, no CDN, no tracker (closed networks).
+    assert bs.foreign_requests(page) == []
 
 
 def test_navigation_and_home_links(page, server):

@@ -30,3 +30,49 @@ def test_guarded_shows_engine_errors_without_markdown_links():
     assert not at.exception
     body = at.error[0].value
     assert "![](" not in body and "!\\[\\](http://example.invalid/x.png)" in body
+
+
+def test_unused_link_settings_by_hand():
+    """Which link parameters a page did not use, checked against values worked out by hand."""
+    from app_pages._ui import unused_link_settings
+
+    values = {"E": 64, "T": 65536, "s": 1.2, "routers": ["hash", "topk"], "tied": False,
+              "preset": "Mixtral 8x7B", "target": None}
+    link = {"E": ["-5"],                # refused: the widget kept its default
+            "T": ["65536"],             # used
+            "s": ["1.20"],              # used: the same number written differently
+            "routers": ["hash", "magic"],  # one name dropped
+            "tied": ["false"],          # used (Streamlit writes booleans in lower case)
+            "preset": ["Nope"],         # not an option
+            "target": [""],             # an empty number input: used
+            "embed": ["true"],          # Streamlit's own parameter
+            "zz": ["1"]}                # no such widget on the page
+    assert unused_link_settings(link, values) == [
+        ("E", "-5", "64"), ("routers", "hash, magic", "hash, topk"),
+        ("preset", "Nope", "Mixtral 8x7B"), ("zz", "1", None)]
+
+
+def test_sidebar_names_cores_and_threads():
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    import os
+
+    text = at.sidebar.caption[0].value
+    assert f"{len(os.sched_getaffinity(0))} cores" in text
+    assert f"{torch.get_num_threads()} thread" in text
+
+
+def test_table_shows_a_dash_for_missing_values():
+    def page():
+        import numpy as np
+        import pandas as pd
+
+        from app_pages._ui import table
+
+        table(pd.DataFrame({"router": ["a", "b"], "k": [2, 1], "CV": [0.123456, np.nan],
+                            "note": ["x", None]}), formats={"CV": "%.4f", "k": "%d"}, hide_index=True)
+
+    at = AppTest.from_function(page).run()
+    assert not at.exception
+    shown = at.dataframe[0].value
+    assert list(shown["CV"]) == ["0.1235", "–"] and list(shown["note"]) == ["x", "–"]
+    assert list(shown["k"]) == [2, 1]  # no gap: still numbers

@@ -1,6 +1,7 @@
 """The CLI dispatcher and the timing helper, checked against hand-computed values."""
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,43 @@ def test_cli_help_lists_every_installed_command():
     present = [p.stem for p in (ROOT / "engine" / "commands").glob("*.py") if p.stem != "__init__"]
     for name in present:
         assert name in out.stdout
+
+
+HEAVY = ("torch", "scipy", "pandas", "numpy")
+_HELP_PROBE = """
+import runpy, sys
+sys.argv = ["engine", *sys.argv[1:]]
+try:
+    runpy.run_module("engine", run_name="__main__")
+except SystemExit:
+    pass
+print("HEAVY", *sorted(m for m in {heavy} if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("command", ["", *(p.stem for p in sorted((ROOT / "engine" / "commands").glob("*.py"))
+                                          if p.stem != "__init__")])
+def test_help_imports_no_heavy_library(command):
+    """`--help` of the CLI and of every command loads neither torch, scipy, pandas nor numpy: a
+    command module imports the engine inside run(), so help answers at once."""
+    argv = [command, "--help"] if command else ["--help"]
+    out = subprocess.run([sys.executable, "-c", _HELP_PROBE.format(heavy=HEAVY), *argv], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "usage: python -m engine" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY", out.stdout[-300:]
+
+
+def test_closed_pipe_ends_quietly():
+    """`python -m engine ... | head`: the reader goes away before the output is written; the
+    command exits 0 with nothing on stderr (no BrokenPipeError traceback)."""
+    read, write = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "cost", "--preset", "Mixtral 8x7B"],
+                            cwd=ROOT, stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    os.close(read)  # no reader left: the first write to stdout fails with EPIPE
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and err == "", err
 
 
 def test_jsonable_turns_tables_and_nonfinite_into_json_values():

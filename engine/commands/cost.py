@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
-from engine.cli import CommandResult
-from engine.cost_memory import ATTENTION_KINDS, OPTIMIZERS, PRECISIONS, TrainLayout
-from engine.cost_model import PRESETS, preset_config, relabel
-from engine.cost_report import DEFAULTS, report
-from engine.cost_time import GPUS
-from engine.validation import check_float
+if TYPE_CHECKING:
+    from engine.cli import CommandResult
 
 HELP = ("MoE against dense: parameters, FLOPs per token with 6ND, memory per GPU, time to train, "
         "measured block time")
@@ -35,33 +30,34 @@ NAMES = {**{field: f"--{flag}" for flag, (field, _) in FIELDS.items()},
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Preset, field overrides, training tokens, layout, GPU, and the optional block timing."""
-    d = DEFAULTS
-    parser.add_argument("--preset", default="Mixtral 8x7B", choices=tuple(PRESETS))
+    """Preset, field overrides, training tokens, layout, GPU, and the optional block timing.
+
+    Nothing here imports the engine (`--help` stays fast): flags left out take the page's
+    defaults in _run, where names and ranges are checked (a wrong name lists the choices)."""
+    parser.add_argument("--preset", default="Mixtral 8x7B",
+                        help='a model preset, e.g. "Mixtral 8x7B" (default), "Llama-2-7B"')
     for flag, (field, typ) in FIELDS.items():
         parser.add_argument(f"--{flag}", type=typ, default=None, help=f"override {field}")
     parser.add_argument("--tied", choices=("yes", "no"), default=None, help="tied embeddings")
-    parser.add_argument("--tokens", type=float, default=d["tokens"],
-                        help=f"D, training tokens (default {d['tokens']:.0e}, as on the page)")
+    parser.add_argument("--tokens", type=float, help="D, training tokens (default: the page's, 1e12)")
     parser.add_argument("--full-attention-flops", action="store_true",
                         help="count the full S^2 attention terms (default: halved, causal)")
     mem = parser.add_argument_group("memory per GPU and time to train")
-    layout = TrainLayout()
-    mem.add_argument("--precision", choices=PRECISIONS, default=layout.precision)
-    mem.add_argument("--optimizer", choices=OPTIMIZERS, default=layout.optimizer)
-    mem.add_argument("--zero", type=int, default=layout.zero, help="ZeRO stage 0-3")
-    mem.add_argument("--gpus", type=int, default=d["gpus"], help="data-parallel GPUs")
-    mem.add_argument("--ep", type=int, default=None,
-                     help=f"expert-parallel ranks, divides --gpus (default {d['ep']} for MoE, 1 dense)")
-    mem.add_argument("--micro-batch", type=int, default=layout.micro_batch, help="sequences per GPU")
+    mem.add_argument("--precision", help="e.g. mixed (bf16 with fp32 master weights), bf16, fp32")
+    mem.add_argument("--optimizer", help="adam or sgd")
+    mem.add_argument("--zero", type=int, help="ZeRO stage 0-3")
+    mem.add_argument("--gpus", type=int, help="data-parallel GPUs")
+    mem.add_argument("--ep", type=int, help="expert-parallel ranks, divides --gpus (default: the "
+                                           "page's for MoE, 1 for dense)")
+    mem.add_argument("--micro-batch", type=int, help="sequences per GPU")
     mem.add_argument("--checkpointing", action="store_true", help="full activation checkpointing")
-    mem.add_argument("--attention", choices=ATTENTION_KINDS, default=layout.attention)
-    mem.add_argument("--capacity-factor", type=float, default=layout.capacity_factor)
+    mem.add_argument("--attention", help="flash (no S^2 scores) or math")
+    mem.add_argument("--capacity-factor", type=float)
     mem.add_argument("--kv-tokens", type=int, default=None,
                      help="add the inference KV cache of --micro-batch sequences of this length")
-    mem.add_argument("--gpu", choices=tuple(GPUS), default=d["gpu"])
-    mem.add_argument("--mfu", type=float, default=d["mfu"], help="model FLOPs utilisation, (0, 1]")
-    mem.add_argument("--price", type=float, default=d["price"], help="price per GPU-hour")
+    mem.add_argument("--gpu", help='GPU preset, e.g. "H200 141 GB" (default), "H100 80 GB"')
+    mem.add_argument("--mfu", type=float, help="model FLOPs utilisation, (0, 1]")
+    mem.add_argument("--price", type=float, help="price per GPU-hour")
     parser.add_argument("--time", action="store_true",
                         help="also time the dense and MoE FFN blocks at --bench-d-model (CPU)")
     parser.add_argument("--bench-tokens", type=int, default=4096, help="tokens for --time")
@@ -71,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> CommandResult:
     """The cost page's tables for the chosen config."""
+    from engine.cost_model import relabel
+
     try:
         return _run(args)
     except ValueError as exc:
@@ -78,16 +76,32 @@ def run(args: argparse.Namespace) -> CommandResult:
 
 
 def _run(args: argparse.Namespace) -> CommandResult:
-    tokens = check_float("--tokens", args.tokens, 0.0, lo_open=True)
+    import pandas as pd
+
+    from engine.cli import CommandResult
+    from engine.cost_memory import TrainLayout
+    from engine.cost_model import PRESETS, preset_config
+    from engine.cost_report import DEFAULTS, report
+    from engine.cost_time import GPUS
+    from engine.validation import check_choice, check_float
+
+    check_choice("--preset", args.preset, tuple(PRESETS))
+    gpu = check_choice("--gpu", DEFAULTS["gpu"] if args.gpu is None else args.gpu, tuple(GPUS))
+    tokens = check_float("--tokens", DEFAULTS["tokens"] if args.tokens is None else args.tokens,
+                         0.0, lo_open=True)
+    mfu = DEFAULTS["mfu"] if args.mfu is None else args.mfu
+    price = DEFAULTS["price"] if args.price is None else args.price
     overrides = {field: getattr(args, flag.replace("-", "_")) for flag, (field, _) in FIELDS.items()}
     if args.tied is not None:
         overrides["tied_embeddings"] = args.tied == "yes"
     cfg = preset_config(args.preset, **overrides)
-    fields = {field: getattr(args, flag.replace("-", "_")) for flag, field in LAYOUT.items()}
-    if fields["ep"] is None:  # the page's default for MoE; a dense model has no experts to place
+    given = {field: getattr(args, flag.replace("-", "_")) for flag, field in LAYOUT.items()}
+    fields = {k: v for k, v in given.items() if v is not None}
+    fields.setdefault("gpus", DEFAULTS["gpus"])
+    if "ep" not in fields:  # the page's default for MoE; a dense model has no experts to place
         fields["ep"] = DEFAULTS["ep"] if cfg.is_moe else 1
     layout = TrainLayout(**fields, checkpointing=args.checkpointing)
-    rep = report(cfg, layout, tokens, GPUS[args.gpu], args.mfu, args.price,
+    rep = report(cfg, layout, tokens, GPUS[gpu], mfu, price,
                  causal=not args.full_attention_flops, kv_tokens=args.kv_tokens)
     tables = {k: v for k, v in rep.items() if isinstance(v, pd.DataFrame)}
     if args.time:
@@ -97,4 +111,4 @@ def _run(args: argparse.Namespace) -> CommandResult:
         tables["block timing"] = pd.DataFrame([dataclasses.asdict(r) for r in time_blocks(s)])
     data = {k: v for k, v in rep.items() if not isinstance(v, pd.DataFrame)}
     return CommandResult(tables, {"config": dataclasses.asdict(cfg), "layout": dataclasses.asdict(layout),
-                                  "gpu": args.gpu, **data})
+                                  "gpu": gpu, **data})

@@ -4,33 +4,30 @@ or `--train-check` for training with the experts on 2 processes against one proc
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
-from engine.cli import CommandResult
-from engine.ep_dispatch import launch
-from engine.ep_training import launch_check
-from engine.expert_parallel import (DTYPES, PLACEMENTS, ROUTERS, EPSettings, ep_stats,
-                                    parse_placement, rank_table)
+if TYPE_CHECKING:
+    from engine.cli import CommandResult
+    from engine.expert_parallel import EPSettings
 
 HELP = "expert parallelism: per-rank load and all-to-all bytes of a placement, or a measured dispatch"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Settings of EPSettings, a custom --map, and --launch N for the measured run."""
-    d = EPSettings()
-    p.add_argument("--experts", type=int, default=d.experts)
-    p.add_argument("--ranks", type=int, default=d.ranks, help="ranks of the what-if")
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--tokens", type=int, default=d.tokens, help="tokens per rank")
-    p.add_argument("--d-model", type=int, default=d.d_model)
-    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES))
-    p.add_argument("--placement", default=d.placement, choices=list(PLACEMENTS))
-    p.add_argument("--replicas", type=int, default=d.replicas, help="extra slots (greedy only)")
-    p.add_argument("--router", default=d.router, choices=list(ROUTERS))
-    p.add_argument("--zipf", type=float, default=d.zipf)
-    p.add_argument("--hot-share", type=float, default=d.hot_share)
-    p.add_argument("--seed", type=int, default=d.seed)
+    """Settings of EPSettings (unset flags keep its defaults), a custom --map, and --launch N."""
+    p.add_argument("--experts", type=int, help="experts E")
+    p.add_argument("--ranks", type=int, help="ranks R of the what-if")
+    p.add_argument("--top-k", type=int, help="experts per token k")
+    p.add_argument("--tokens", type=int, help="tokens per rank")
+    p.add_argument("--d-model", type=int)
+    p.add_argument("--dtype", help="fp32, bf16 or fp16")
+    p.add_argument("--placement", help="contiguous, round_robin or greedy")
+    p.add_argument("--replicas", type=int, help="extra slots (greedy only)")
+    p.add_argument("--router", help="e.g. hash, topk (a wrong name lists all)")
+    p.add_argument("--zipf", type=float)
+    p.add_argument("--hot-share", type=float)
+    p.add_argument("--seed", type=int)
     p.add_argument("--map", default="",
                    help="custom placement 'ids;ids;...' (one group per rank, e.g. '0-3;4-7')")
     p.add_argument("--launch", type=int, metavar="N",
@@ -44,17 +41,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="wall-time limit of --launch or --train-check, s")
 
 
-def _settings(args: argparse.Namespace, ranks: int) -> EPSettings:
-    return EPSettings(experts=args.experts, ranks=ranks, top_k=args.top_k, tokens=args.tokens,
-                      d_model=args.d_model, dtype=args.dtype, placement=args.placement,
-                      replicas=args.replicas, router=args.router, zipf=args.zipf,
-                      hot_share=args.hot_share, seed=args.seed)
+def _settings(args: argparse.Namespace, ranks: int | None) -> EPSettings:
+    from engine.expert_parallel import DTYPES, PLACEMENTS, ROUTERS, EPSettings
+    from engine.validation import check_choice
+
+    for flag, value, allowed in (("--dtype", args.dtype, tuple(DTYPES)),
+                                 ("--placement", args.placement, PLACEMENTS),
+                                 ("--router", args.router, ROUTERS)):
+        if value is not None:
+            check_choice(flag, value, allowed)
+    given = dict(experts=args.experts, ranks=ranks, top_k=args.top_k, tokens=args.tokens,
+                 d_model=args.d_model, dtype=args.dtype, placement=args.placement,
+                 replicas=args.replicas, router=args.router, zipf=args.zipf,
+                 hot_share=args.hot_share, seed=args.seed)
+    return EPSettings(**{k: v for k, v in given.items() if v is not None})
 
 
 def run(args: argparse.Namespace) -> CommandResult:
     """The what-if tables, the measured per-rank and summary tables of a launch, or the
     training check's steps."""
+    import pandas as pd
+
+    from engine.cli import CommandResult
+    from engine.ep_dispatch import launch
+    from engine.expert_parallel import ep_stats, parse_placement, rank_table
+
     if args.train_check:
+        from engine.ep_training import launch_check
+
         doc = launch_check(2, steps=3, timeout_s=args.timeout)
         steps = pd.DataFrame([r for rank in doc["per_rank"] for r in rank["rows"]])
         keys = ("backend", "world", "device", "date", "torch", "max_loss_abs_err",
@@ -69,9 +83,12 @@ def run(args: argparse.Namespace) -> CommandResult:
         return CommandResult({"measured per rank": per_rank,
                               "slowest rank (ratio = plain all_to_all time / phase time)":
                                   pd.DataFrame(doc["summary"])}, {"environment": env})
-    placement = parse_placement(args.map, args.experts) if args.map else None
-    ranks = placement.num_ranks if placement else args.ranks
-    stats = ep_stats(_settings(args, ranks), placement)
+    settings = _settings(args, args.ranks)
+    placement = parse_placement(args.map, settings.experts) if args.map else None
+    if placement is not None:
+        settings = dataclasses.replace(settings, ranks=placement.num_ranks)
+    ranks = settings.ranks
+    stats = ep_stats(settings, placement)
     traffic = pd.DataFrame(stats.dispatch_bytes()).map(lambda b: b / 1e6)
     traffic.insert(0, "src \\ dst", range(ranks))
     summary = pd.DataFrame([{"placement": stats.placement.name, "balancedness": stats.balancedness,

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine.cli import CommandResult
-from engine.scaling_breakpoint import MAX_SEED
-from engine.scaling_data import DATASETS, MAX_UPLOAD_BYTES, Filter, load_dataset, parse_csv, select_xy
-from engine.scaling_forms import FORMS
-from engine.scaling_intervals import DEFAULT_METHOD, METHOD_NAMES, METHODS
-from engine.scaling_lab import LOSSES, FitSettings, analyse
-from engine.validation import check_float, check_int
+if TYPE_CHECKING:
+    from engine.cli import CommandResult
+    from engine.scaling_data import Filter
 
 HELP = "exact two-segment power-law fit of a CSV or bundled table, with CIs, tests and other forms"
 
@@ -19,7 +16,7 @@ HELP = "exact two-segment power-law fit of a CSV or bundled table, with CIs, tes
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments: a CSV path or --dataset, column mapping, filters, fit and hold-out settings."""
     p.add_argument("csv", nargs="?", help="CSV file with a header row (or use --dataset)")
-    p.add_argument("--dataset", choices=sorted(DATASETS), help="a bundled table instead of a CSV")
+    p.add_argument("--dataset", help="a bundled table instead of a CSV, e.g. bnsl_4digit, chinchilla")
     p.add_argument("--x", help="size column (params, data or compute); default: the dataset's")
     p.add_argument("--y", help="loss column; default: the dataset's")
     p.add_argument("--filter", action="append", default=[], metavar="COL:LO:HI",
@@ -35,14 +32,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
     p.add_argument("--n-sim", type=int, default=999, help="null simulations of the sup-F test")
     p.add_argument("--seed", type=int, default=0, help="noise draws of resamples and simulations (>= 0)")
-    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
-                   help="interval in the fit table: " + "; ".join(f"{k}: {v}" for k, v in METHOD_NAMES.items()))
-    p.add_argument("--loss", choices=LOSSES, default="squared", help="huber: robust to heavy-tailed noise")
+    p.add_argument("--method", help="interval in the fit table (default: the page's; a wrong name "
+                                    "lists them with what each is)")
+    p.add_argument("--loss", help="squared (default) or huber: robust to heavy-tailed noise")
     p.add_argument("--target", type=float, help="extrapolate the loss to this size")
-    p.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated subset of {','.join(FORMS)}")
+    p.add_argument("--forms", help="comma-separated forms, e.g. power,broken (default: all; a wrong "
+                                   "name lists them)")
 
 
 def _filter(text: str) -> Filter:
+    from engine.scaling_data import Filter
+
     parts = text.rsplit(":", 2)  # column names may contain ':'; bounds may not
     if len(parts) != 3 or not parts[0]:
         raise ValueError(f"--filter must be COL:LO:HI, got {text!r}")
@@ -51,9 +51,18 @@ def _filter(text: str) -> Filter:
 
 def run(args: argparse.Namespace) -> CommandResult:
     """Load, select, fit and tabulate exactly as the scaling page does."""
+    from engine.cli import CommandResult
+    from engine.scaling_data import DATASETS, MAX_UPLOAD_BYTES, load_dataset, parse_csv, select_xy
+    from engine.scaling_breakpoint import MAX_SEED
+    from engine.scaling_forms import FORMS
+    from engine.scaling_intervals import DEFAULT_METHOD, METHOD_NAMES, METHODS
+    from engine.scaling_lab import LOSSES, FitSettings, analyse
+    from engine.validation import check_choice, check_float, check_int
+
     if (args.csv is None) == (args.dataset is None):
         raise ValueError("give either a CSV path or --dataset NAME")
     if args.dataset:
+        check_choice("--dataset", args.dataset, tuple(sorted(DATASETS)))
         ds = DATASETS[args.dataset]
         df = load_dataset(args.dataset)
         x, y = args.x or ds.x, args.y or ds.y
@@ -79,16 +88,22 @@ def run(args: argparse.Namespace) -> CommandResult:
     check_int("--min-segment", args.min_segment, 2, 500_000)
     check_int("--first-k", args.first_k, 4)
     check_float("--level", args.level, 0.5, 0.999)
+    method = DEFAULT_METHOD if args.method is None else args.method
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of: "
+                         + "; ".join(f"{k} ({v})" for k, v in METHOD_NAMES.items()) + f"; got {method!r}")
+    loss = check_choice("--loss", "squared" if args.loss is None else args.loss, LOSSES)
     holdout = args.holdout or ("split" if split else "none")
     sel = select_xy(df, x, y, tuple(_filter(f) for f in args.filter), nd,
                     split if holdout == "split" else None)
     settings = FitSettings(min_segment=args.min_segment, continuous=not args.discontinuous,
                            n_boot=args.n_boot, level=args.level, n_sim=args.n_sim, seed=args.seed,
                            holdout=holdout, first_k=args.first_k, target=args.target,
-                           forms=tuple(f.strip() for f in args.forms.split(",") if f.strip()),
-                           method=args.method, loss=args.loss, compare=True)
+                           forms=FORMS if args.forms is None else
+                           tuple(f.strip() for f in args.forms.split(",") if f.strip()),
+                           method=method, loss=loss, compare=True)
     res = analyse(sel, settings)
-    tables = {f"two-segment fit (intervals: {METHOD_NAMES[args.method]})": res.summary,
+    tables = {f"two-segment fit (intervals: {METHOD_NAMES[method]})": res.summary,
               "breakpoint and slope intervals by method": res.methods,
               "forms (RMSLE in natural-log units)": res.forms}
     if not res.extrapolation.empty:

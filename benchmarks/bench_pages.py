@@ -1,0 +1,220 @@
+"""How fast every page answers in a real browser, on this machine.
+
+    .venv/bin/python benchmarks/bench_pages.py [--changes 8] [--json]
+
+Starts `streamlit run app.py` on a free port and drives each page in headless Chromium
+(tests/browser_support.py). Per page it prints:
+- first render: a new browser context (empty cache, new session) opening the page at its defaults,
+  until the run has finished and every chart is drawn and settled; the very first page after the
+  server starts is shown apart (`cold server`), as it also imports the engine;
+- widget to settled: one widget changed `--changes` times at the defaults, each to a value not seen
+  before (no cache hit), from the user's key press or click to the last change of the page's DOM;
+  median and p95 (nearest rank);
+- payload: bytes of each plotly figure's spec as sent over the websocket, and all bytes the browser
+  received per change;
+- figure build: the routing page's main figure built with Plotly Express and with
+  app_pages._ui.line_figure, alternating in one run (median ms and their ratio).
+Targets (issue 18): median <= 1.0 s, p95 <= 2 s, first render <= 2.5 s. The machine's load
+(`uptime`) is printed with the figures: other work on the machine slows every number here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests import browser_support as bs  # noqa: E402
+
+# Page path -> (widget key, values it takes in turn). Each value is new to the session, so every
+# change recomputes; the first page ('' = Home) has no widget.
+CHANGES: dict[str, tuple[str, tuple] | None] = {
+    "": None,
+    "routing": ("s", (1.05, 1.1, 1.15, 1.2, 1.25, 1.3, 1.35, 1.4, 1.45, 1.5)),
+    "expert-parallel": ("seed", tuple(range(1, 11))),
+    "attention": ("src", ("Committed GPU results", "Run here") * 5),
+    "scaling": ("seed", tuple(range(1, 11))),
+    "cost": ("k", (1, 3, 4, 5, 6, 7, 8, 2, 1, 3)),
+}
+
+# In-page: the time of the user's last key press or click, and of the DOM's last change.
+_INPUT_JS = """
+(() => {
+  window.__bench = {input: 0, mutation: 0};
+  const mark = () => { window.__bench.input = performance.now(); };
+  addEventListener('keydown', mark, true);
+  addEventListener('mousedown', mark, true);
+  new MutationObserver(() => { window.__bench.mutation = performance.now(); })
+    .observe(document, {subtree: true, childList: true, attributes: true, characterData: true});
+})();
+"""
+
+
+@dataclass
+class PageResult:
+    """One page's figures (seconds, bytes)."""
+
+    page: str
+    first_render_s: float
+    redraw_median_s: float | None = None
+    redraw_p95_s: float | None = None
+    redraws_s: list[float] = field(default_factory=list)
+    widget: str | None = None
+    figure_bytes: list[int] = field(default_factory=list)
+    figure_bytes_changes: list[int] = field(default_factory=list)
+    received_bytes_per_change: int | None = None
+
+
+class Wire:
+    """Counts what the server sends one page: all websocket bytes, and plotly specs by size."""
+
+    def __init__(self, page) -> None:
+        self.received = 0
+        self.figures: list[int] = []
+        page.on("websocket", lambda ws: ws.on("framereceived", self._frame))
+
+    def _frame(self, payload) -> None:
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+        data = payload if isinstance(payload, bytes) else payload.encode()
+        self.received += len(data)
+        try:
+            msg = ForwardMsg.FromString(data)
+        except Exception:  # noqa: BLE001 - not every frame is a ForwardMsg we can read
+            return
+        if msg.WhichOneof("type") == "delta" and msg.delta.WhichOneof("type") == "new_element":
+            el = msg.delta.new_element
+            if el.WhichOneof("type") == "plotly_chart":
+                self.figures.append(len(el.plotly_chart.spec.encode()))
+
+    def reset(self) -> None:
+        self.received, self.figures = 0, []
+
+
+def _p95(xs: list[float]) -> float:
+    return sorted(xs)[max(0, math.ceil(0.95 * len(xs)) - 1)]
+
+
+def _settled_change(page, key: str, value) -> float:
+    """Change widget `key` to `value`; seconds from the input event to the DOM's last change."""
+    before = page.evaluate("window.__st.done")
+    bs.set_widget(page, key, value)
+    bs.wait_for_run(page, before)
+    bs.wait_for_render(page)
+    t = page.evaluate("[window.__bench.input, window.__bench.mutation, window.__st.t]")
+    return (max(t[1], t[2]) - t[0]) / 1000
+
+
+def measure_page(browser, base: str, path: str, changes: int) -> PageResult:
+    """First render in a fresh context, then `changes` widget changes with their payloads."""
+    page = bs.new_app_page(browser)
+    page.add_init_script(_INPUT_JS)
+    wire = Wire(page)
+    try:
+        first = bs.open_page(page, base, path)
+        res = PageResult(path or "home", first, figure_bytes=list(wire.figures))
+        spec = CHANGES.get(path)
+        if spec is None:
+            return res
+        key, values = spec
+        wire.reset()
+        res.widget = key
+        res.redraws_s = [_settled_change(page, key, v) for v in values[:changes]]
+        res.redraw_median_s = statistics.median(res.redraws_s)
+        res.redraw_p95_s = _p95(res.redraws_s)
+        res.received_bytes_per_change = wire.received // len(res.redraws_s)
+        res.figure_bytes_changes = list(wire.figures)
+        assert not bs.exceptions(page), (path, bs.exceptions(page))
+        return res
+    finally:
+        page.context.close()
+
+
+def figure_build_ms(rounds: int = 15) -> dict[str, float]:
+    """Median ms to build the routing page's tokens-per-expert figure (7 routers x 64 experts) with
+    Plotly Express and with _ui.line_figure, alternating in one run; and their ratio."""
+    import numpy as np
+    import pandas as pd
+    import plotly.express as px
+
+    from app_pages._ui import line_figure
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"router": np.repeat([f"router {i}" for i in range(7)], 64),
+                       "load rank": np.tile(np.arange(64), 7), "expert": rng.permutation(448),
+                       "tokens": rng.integers(0, 4000, 448), "load/mean": rng.random(448) * 3})
+
+    def with_px() -> None:
+        px.line(df, x="load rank", y="load/mean", color="router", line_shape="hv",
+                hover_data=["expert", "tokens"]).update_layout(height=420)
+
+    def with_ui() -> None:
+        line_figure(df, "load rank", "load/mean", "router", line_shape="hv", hover=("expert", "tokens"),
+                    height=420)
+
+    times: dict[str, list[float]] = {"px": [], "ui": []}
+    for i in range(rounds):
+        for name, fn in (("px", with_px), ("ui", with_ui))[:: 1 if i % 2 else -1]:
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    px_ms, ui_ms = statistics.median(times["px"]), statistics.median(times["ui"])
+    return {"px_ms": px_ms, "ui_ms": ui_ms, "px_over_ui": px_ms / ui_ms}
+
+
+def main() -> None:
+    """Run every page of app.py and print (or --json) the figures."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--changes", type=int, default=8, help="widget changes per page (>= 5)")
+    ap.add_argument("--pages", default=",".join(p or "home" for p in CHANGES),
+                    help="comma-separated url paths (home for the default page)")
+    ap.add_argument("--json", action="store_true", help="print one JSON document")
+    args = ap.parse_args()
+    if not 5 <= args.changes <= 10:
+        ap.error("--changes must be 5..10")
+    paths = ["" if p == "home" else p for p in args.pages.split(",")]
+    load_before = os.getloadavg()
+    with bs.streamlit_server() as base, bs.launch_browser() as browser:
+        cold = bs.new_app_page(browser)
+        try:
+            cold_s = bs.open_page(cold, base, paths[0])
+        finally:
+            cold.context.close()
+        results = [measure_page(browser, base, p, args.changes) for p in paths]
+    build = figure_build_ms()
+    doc = {"pages": [asdict(r) for r in results], "cold_server_first_render_s": cold_s,
+           "figure_build": build,
+           "cold_server_page": paths[0] or "home",
+           "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+           "loadavg_before": load_before, "cpus": os.cpu_count(),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return
+    print(f"{doc['date']} · {doc['cpus']} CPUs · {doc['uptime']}")
+    print(f"cold server, first page ({doc['cold_server_page']}): {cold_s:.2f} s")
+    print(f"figure build (routing counts, 448 points), median of alternating rounds: Plotly Express "
+          f"{build['px_ms']:.0f} ms, _ui.line_figure {build['ui_ms']:.0f} ms, ratio {build['px_over_ui']:.1f}x")
+    print(f"{'page':16} {'first render':>12} {'redraw median':>14} {'p95':>6}  {'widget':8} "
+          f"{'figure bytes':>28} {'bytes/change':>12}")
+    for r in results:
+        med = f"{r.redraw_median_s:.2f}" if r.redraw_median_s is not None else "-"
+        p95 = f"{r.redraw_p95_s:.2f}" if r.redraw_p95_s is not None else "-"
+        # The figures of the first render; pages that draw none at first, those of the changes.
+        figs = ",".join(f"{b / 1024:.0f}k" for b in r.figure_bytes or r.figure_bytes_changes[:4]) or "-"
+        per = f"{r.received_bytes_per_change / 1024:.0f}k" if r.received_bytes_per_change else "-"
+        print(f"{r.page:16} {r.first_render_s:12.2f} {med:>14} {p95:>6}  {r.widget or '-':8} "
+              f"{figs:>28} {per:>12}")
+
+
+if __name__ == "__main__":
+    main()
