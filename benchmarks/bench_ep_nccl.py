@@ -23,5 +23,5 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.ep_dispatch import worker  # noqa: E402
 
 if __name__ == "__main__":
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on the lent boxes
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast (NVLS) stays off, as on every run committed here
     worker()

@@ -286,7 +286,7 @@ def median_round(rounds: list[dict]) -> dict:
     """The summary of the round with the median dispatch ratio (the lower middle one for an even
     count), with every round's dispatch ratio in `dispatch_ratio_rounds`.
 
-    A round measures a configuration afresh. On the lent machines the host of one rank at times
+    A round measures a configuration afresh. On the H100 machines measured the host of one rank at times
     ran about 1.8x slower for a whole round (every host step slower, the other ranks waiting in
     the host sync), which at 8k-16k tokens halved the round's dispatch ratio.
     """

@@ -15,7 +15,7 @@ positions (the inclusive prefix sum of the pairs per key), each pair takes the h
 of its key's range by an atomic decrement, maps it as above, records it in position[p] and copies
 its token's row x[p // k] there. This replaces a stable sort, an index division and a gather, a
 dozen launches: the dispatch is bound by the host at small token counts, where one launch costs
-about 10 us on the lent machines. Within one key the pairs land in no fixed order; each row is
+about 10 us on the H100s measured. Within one key the pairs land in no fixed order; each row is
 then handled on its own, so the layer's output does not depend on it. Elsewhere: a stable sort,
 the same mapping in torch (buffer_position) and a scatter.
 """

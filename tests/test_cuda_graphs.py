@@ -1,5 +1,5 @@
 """engine.cuda_graphs: a call runs as is the first time, from a captured graph after; CUDA only
-(skipped elsewhere; run on the lent GPUs with `python -m pytest tests/test_cuda_graphs.py`)."""
+(skipped elsewhere; run on a GPU machine with `python -m pytest tests/test_cuda_graphs.py`)."""
 
 import pytest
 import torch

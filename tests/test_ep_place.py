@@ -1,5 +1,5 @@
 """engine.ep_place's kernel against the layer's torch path (a stable sort and
-ep_place.buffer_position): CUDA with Triton only (skipped elsewhere; run on the lent GPUs with
+ep_place.buffer_position): CUDA with Triton only (skipped elsewhere; run on a GPU machine with
 `python -m pytest tests/test_ep_place.py`). The torch path itself is checked against the
 single-process reference on CPU (tests/test_ep_dispatch.py)."""
 
