@@ -17,12 +17,17 @@ LABS = [
     ("app_pages/expert_parallel.py", "Expert parallelism",
      "Place experts on ranks: per-rank load, all-to-all traffic, and a real dispatch on torch.distributed."),
     ("app_pages/attention.py", "Attention kernels",
-     "FlashAttention-3 against every SDPA backend, in TFLOP/s, at your shapes."),
+     "FlashAttention-4 and -3 against every SDPA backend and FlexAttention, forward and "
+     "forward + backward, with training masks and a training-step view, in TFLOP/s."),
     ("app_pages/scaling.py", "Scaling breakpoints",
      "Is there really a knee in this scaling curve, and where? Exact broken power-law fits with "
      "confidence intervals, on bundled public data or your CSV."),
     ("app_pages/cost.py", "MoE vs dense cost",
-     "Parameters and training FLOPs with and without MoE, and measured step time."),
+     "Parameters and training FLOPs with and without MoE, will it fit (memory per GPU), time "
+     "to train, checked against measured training steps."),
+    ("app_pages/training.py", "MoE training lab",
+     "Train a small MoE language model once per router on the same text and batches: validation "
+     "loss, expert balance and what each expert learned."),
 ]
 for path, title, blurb in LABS:
     with st.container(border=True):

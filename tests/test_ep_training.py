@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import engine.commands.dispatch as dispatch_command
+import engine.ep_training as ep_training
 from engine.cli import main
 from engine.ep_autograd import ExpertParallelExperts, PhaseClock
 from engine.ep_launch import LaunchError, init_group, torchrun
@@ -69,7 +69,7 @@ def test_cli_train_check_prints_every_step(monkeypatch, capsys):
     doc = {"backend": "gloo", "world": 2, "device": "CPU", "date": "d", "torch": "t",
            "per_rank": [{"rows": rows[:3]}, {"rows": rows[3:]}], "max_loss_abs_err": 0.0,
            "max_grad_abs_err": 1e-8, "max_grad_abs": 0.1}
-    monkeypatch.setattr(dispatch_command, "launch_check", lambda *a, **k: doc)
+    monkeypatch.setattr(ep_training, "launch_check", lambda *a, **k: doc)
     assert main(["dispatch", "--train-check", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["expert-parallel training against one process, per step"]) == 6
