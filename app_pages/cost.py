@@ -11,7 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages._ui import bar_figure, download_buttons, guarded, last_good
+from app_pages._ui import _environment, bar_figure, download_buttons, guarded, last_good
 from engine.cost_memory import ATTENTION_KINDS, OPTIMIZERS, PRECISIONS, TrainLayout
 from engine.cost_model import FFN_TYPES, PRESETS, ROUTERS, ConfigError, TransformerConfig, relabel
 from engine.cost_report import DEFAULTS, report
@@ -87,12 +87,6 @@ def _committed() -> dict | None:
             "env": doc["environment"], "calibration": doc["calibration"],
             "mfu": mfu_of_step(cfg, layout, calib["measured"]["step_ms"], GPUS["H200 141 GB"].peak_flops),
             "notes": json.loads(notes.read_text()) if notes.exists() else {}}
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _sci(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -297,7 +291,7 @@ if mc[2].button("Measure", icon=":material/speed:", key="measure"):
                                 "capacity_factor": 1.0})
         est = estimated_step_s(cfg, layout)
         bar = st.progress(0.0, f"about {est:.0f} s per step here" if est else "measuring")
-        m = measure_step(cfg, layout, "cuda" if _cuda() else "cpu", 0.5, 1.0,
+        m = measure_step(cfg, layout, "cpu" if _environment()["cuda"] == "none" else "cuda", 0.5, 1.0,
                          progress=lambda f, msg: bar.progress(f, msg))
         bar.empty()
         prev = st.session_state.get("cost_measured")

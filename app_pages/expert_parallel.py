@@ -116,12 +116,12 @@ if stats is not None:
                        yaxis_autorange="reversed")
     right.plotly_chart(heat, key="ep_heat")
     st.dataframe(table, hide_index=True)
-    download_buttons("ep_ranks", table, {"settings": asdict(settings),
+    download_buttons("ep_ranks", table, {"settings": asdict(checked),
                                          "placement": [list(s) for s in stats.placement.slots]})
     with st.expander("Rank-to-rank traffic table"):
         traffic = traffic_table(stats)
         st.dataframe(traffic, hide_index=True)
-        download_buttons("ep_traffic", traffic, {"settings": asdict(settings)})
+        download_buttons("ep_traffic", traffic, {"settings": asdict(checked)})
 
 st.subheader("What a hot expert does to the slowest rank")
 st.caption(f"Expert 0 gets a growing share of all tokens; every placement sees the same tokens "
@@ -135,7 +135,7 @@ if sweep is not None:
                               "slowest_vs_mean": "slowest rank load / mean load"})
     st.plotly_chart(fig, key="ep_sweep_fig")
     st.dataframe(sweep_df, hide_index=True)
-    download_buttons("ep_hot_sweep", sweep_df, {"settings": asdict(settings)})
+    download_buttons("ep_hot_sweep", sweep_df, {"settings": asdict(checked)})
 
 st.subheader("Measured: a real dispatch on this machine")
 st.caption("torchrun starts N CPU processes (gloo); each routes its tokens, exchanges counts and "

@@ -88,9 +88,10 @@ def _settings() -> tuple[TrainSettings, str]:
     return s, data
 
 
-def _curves(runs: list[dict], metric: str, height: int = 340):
-    """metric against step per router; over several seeds the mean with +- 1 std bars."""
-    hist = history_table(runs).dropna(subset=[metric])
+def _curves(history: pd.DataFrame, metric: str, height: int = 340):
+    """metric against step per router (history_table's rows); over several seeds the mean with
+    +- 1 std bars."""
+    hist = history.dropna(subset=[metric])
     label = BALANCE.get(metric, metric.replace("_", " "))
     if hist["seed"].nunique() > 1:
         hist = (hist.groupby(["router", "step"], sort=False)[metric].agg(["mean", "std"])
@@ -111,14 +112,15 @@ def _curves(runs: list[dict], metric: str, height: int = 340):
 def _show(doc: dict, name: str) -> None:
     """Curves, summary, loads and specialisation of one result document (live or committed)."""
     runs = doc["runs"]
+    history = history_table(runs)
     st.info(doc["summary_text"])
     c1, c2 = st.columns(2)
     c1.markdown("**Validation loss (nats)**")
-    c1.plotly_chart(_curves(runs, "val_loss"), width="stretch", key=f"{name}_val")
+    c1.plotly_chart(_curves(history, "val_loss"), width="stretch", key=f"{name}_val")
     metric = c2.selectbox("Balance metric", list(BALANCE), format_func=BALANCE.get,
                           key=f"{name}_metric")
-    if history_table(runs)[metric].notna().any():
-        c2.plotly_chart(_curves(runs, metric), width="stretch", key=f"{name}_bal")
+    if history[metric].notna().any():
+        c2.plotly_chart(_curves(history, metric), width="stretch", key=f"{name}_bal")
     else:
         c2.caption("No run has this metric (dense runs have no experts).")
     table = pd.DataFrame(doc["summary"])
@@ -136,7 +138,7 @@ def _show(doc: dict, name: str) -> None:
                                     "vs_dense": st.column_config.NumberColumn(format="%.2fx")})
     extra = {k: doc[k] for k in ("settings", "corpus", "environment", "date") if k in doc}
     download_buttons(f"{name}_summary", table, extra)
-    download_buttons(f"{name}_history", history_table(runs), extra)
+    download_buttons(f"{name}_history", history, extra)
     st.download_button("full result (JSON)", json.dumps(doc, default=str).encode(),
                        f"{name}.json", "application/json", key=f"{name}_doc", on_click="ignore")
     moe = [r for r in runs if r.get("final")]
@@ -203,10 +205,11 @@ with here:
             def progress(frac: float, msg: str, runs: list) -> None:
                 bar.progress(frac, msg)
                 dicts, n = [r.as_dict() for r in runs], next(updates)
-                slots[0].plotly_chart(_curves(dicts, "val_loss", 300), width="stretch",
+                history = history_table(dicts)
+                slots[0].plotly_chart(_curves(history, "val_loss", 300), width="stretch",
                                       key=f"live_val_{n}")
                 if any(r["router"] not in ("dense", "dense_total") for r in dicts):
-                    slots[1].plotly_chart(_curves(dicts, "cv", 300), width="stretch",
+                    slots[1].plotly_chart(_curves(history, "cv", 300), width="stretch",
                                           key=f"live_cv_{n}")
 
             doc = guarded("training", lambda: train(settings, corpus, progress).as_dict())

@@ -146,7 +146,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _time_row(shape: Shape, backend: str, t: dict[str, torch.Tensor], s: SweepSettings,
-              device: torch.device, ceiling: dict[str, float], crosscheck: CrossCheck | None) -> dict[str, Any]:
+              device: torch.device, ceiling: dict[str, float], crosscheck: CrossCheck | None,
+              refs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One backend's row; `refs` keeps the shape's fp32 forward reference across its backends."""
     fn, bhsd = runner(backend, t, shape)
     grad = s.mode == "fwd+bwd"
     with torch.set_grad_enabled(grad):
@@ -159,7 +161,12 @@ def _time_row(shape: Shape, backend: str, t: dict[str, torch.Tensor], s: SweepSe
         _sync(device)
         first = time.perf_counter() - start
         note = "attention(): " + fa.choose_path(t["q"], t["k"], t["v"]).reason if backend == "wrapper" else ""
-        ref, dq_ref = reference(t, shape, output_slice(dout, shape, bhsd) if grad else None)
+        if grad:  # dq's reference depends on this row's dout
+            ref, dq_ref = reference(t, shape, output_slice(dout, shape, bhsd))
+        else:
+            if "out" not in refs:
+                refs["out"] = reference(t, shape)[0]
+            ref = refs["out"]
         err = _rel_err(output_slice(out, shape, bhsd), ref)
         dq_err = _rel_err(output_slice(dq, shape, bhsd), dq_ref) if grad else math.nan
         if grad:
@@ -190,12 +197,13 @@ def _time_shape(shape: Shape, backends: list[str], s: SweepSettings, device: tor
     except torch.OutOfMemoryError as exc:
         rows.update({b: _row(shape, b, "OOM", "inputs: " + str(exc).splitlines()[0][:200]) for b in backends})
         return
+    refs: dict[str, torch.Tensor] = {}
     for i, b in enumerate(backends):
         if progress:  # may raise to stop the sweep (a closed page, Ctrl-C): nothing below catches that
             progress(done + i, total, f"{b}: S={shape.seqlen} D={shape.head_dim} "
                                       f"{shape.mask if shape.mask != 'none' else 'causal' if shape.causal else ''}")
         try:
-            rows[b] = _time_row(shape, b, t, s, device, ceiling, crosscheck)
+            rows[b] = _time_row(shape, b, t, s, device, ceiling, crosscheck, refs)
         except torch.OutOfMemoryError as exc:
             rows[b] = _row(shape, b, "OOM", str(exc).splitlines()[0][:200])
         except Exception as exc:  # noqa: BLE001 - no kernel for this shape, a compile failure: one row only

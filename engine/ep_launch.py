@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import re
@@ -30,8 +31,14 @@ def committed(pattern: str, directory: Path | None = None) -> list[dict]:
     """Every committed result matching `pattern` under benchmarks/results (or `directory`),
     newest first."""
     directory = directory or ROOT / "benchmarks" / "results"
-    docs = [json.loads(p.read_text()) for p in sorted(directory.glob(pattern))]
+    docs = [_read_json(str(p), p.stat().st_mtime_ns) for p in sorted(directory.glob(pattern))]
     return sorted(docs, key=lambda d: d.get("date", ""), reverse=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_json(path: str, mtime_ns: int) -> dict:
+    """A result file's document, parsed once per version of the file (pages ask on every rerun)."""
+    return json.loads(Path(path).read_text())
 
 
 class LaunchError(RuntimeError):

@@ -120,9 +120,10 @@ def train_run(s: TrainSettings, corpus: Corpus, router: str, seed: int,
     """
     dev = resolve_device(s.device)
     cfg = s.model_config(router, seed, corpus.vocab)
-    freq = torch.bincount(corpus.train, minlength=corpus.vocab).double()
+    # Token frequencies build the balanced hash router's table; no other router reads them.
+    freq = torch.bincount(corpus.train, minlength=corpus.vocab).double() if router == "balanced_hash" else None
     torch.manual_seed(seed)
-    model = MoELM(cfg, freq if router == "balanced_hash" else None).to(dev)
+    model = MoELM(cfg, freq).to(dev)
     total, active = model.param_counts()
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = min(s.warmup, s.steps)

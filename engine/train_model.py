@@ -26,7 +26,8 @@ from torch import nn
 from engine.flash_attention3 import attention
 from engine.moe_block import DenseFFN, _init, grouped_ffn
 from engine.moe_router import (BalancedHashRouter, DeepSeekV3Router, ExpertChoiceRouter,
-                               HashRouter, Routing, SwitchRouter, TopKRouter)
+                               HashRouter, Routing, SwitchRouter, TopKRouter, expert_utilization)
+from engine.routing_metrics import demand as routing_demand
 from engine.validation import check_choice, check_float, check_int
 
 # Routers the lab trains; "dense" has the MoE's active FFN width (k x expert width), "dense_total"
@@ -159,9 +160,8 @@ class Router(nn.Module):
             if self.kind == "deepseek":
                 self.rule.bias = self.bias
             routing = self.rule(x)
-        counts = torch.bincount(routing.experts.reshape(-1) + 1,
-                                minlength=routing.num_experts + 1)[1:]
-        demand = counts if routing.demand is None else routing.demand
+        counts = expert_utilization(routing)  # the routers' own tally where they keep one
+        demand = routing_demand(routing)
         self.last = {"counts": counts.detach(), "demand": demand.detach(),
                      "unrouted": (routing.experts < 0).all(dim=1).float().mean().detach(),
                      "experts": routing.experts.detach()}

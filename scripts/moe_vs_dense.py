@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.cost_measure import CPU_FLOPS  # noqa: E402
+from engine.cost_model import ffn_params  # noqa: E402
 from engine.moe_block import BlockBenchSettings, time_blocks  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.ffn, args.tokens, ("hash",), reps=args.reps, seed=args.seed)
         # Per round and block: a forward and a forward+backward, 4 forwards' FLOPs; the dense
         # block's FLOPs stand for the MoE's (matched by construction).
-        flops = 4 * 2 * (3 if s.ffn == "swiglu" else 2) * s.d_model * s.top_k * s.d_ff * s.tokens
+        flops = 4 * 2 * ffn_params(s.d_model, s.top_k * s.d_ff, s.ffn) * s.tokens
         rounds = s.warmup + s.reps
         print(f"timing 2 blocks over {rounds} rounds ({s.warmup} warm-up) on the CPU: about "
               f"{2 * rounds * flops / CPU_FLOPS['fp32']:.0f} s at {CPU_FLOPS['fp32'] / 1e9:.0f} "

@@ -45,20 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> LabSettings:
     """LabSettings from parsed flags: the preset (if any), then the flags given (run_lab validates)."""
-    from engine.routing_lab import PRESETS, ROUTERS, LabSettings
+    from engine.routing_lab import PRESETS, LabSettings
     from engine.validation import check_choice
-    from engine.workloads import KINDS
 
-    if args.workload is not None:
-        check_choice("--workload", args.workload, KINDS)
     base: dict[str, object] = {}
     if args.preset is not None:
         base = dict(PRESETS[check_choice("--preset", args.preset, tuple(PRESETS))])
     routers = None
-    if args.routers is not None:
+    if args.routers is not None:  # names are checked by run_lab, under the flags' names
         routers = tuple(r.strip() for r in args.routers.split(",") if r.strip())
-        for r in routers:
-            check_choice("--routers", r, tuple(ROUTERS))
     given = dict(
         workload=args.workload, num_tokens=args.tokens, vocab_size=args.vocab,
         zipf_s=args.zipf_s, d_model=args.d_model, clusters=args.clusters,

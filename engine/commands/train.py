@@ -43,9 +43,11 @@ def _ints(flag: str, text: str) -> tuple[int, ...]:
 
 def run(args: argparse.Namespace) -> CommandResult:
     """Train every router (progress on stderr); the summary and per-evaluation histories."""
+    import pandas as pd
+
     from engine.train_data import TEXTS, builtin_text, decode_upload, tokenize
     from engine.train_loop import TrainSettings, train
-    from engine.train_metrics import history_table, summary_table
+    from engine.train_metrics import history_table
 
     kw = {field: getattr(args, flag.replace("-", "_")) for flag, (field, _) in FIELDS.items()}
     kw = {k: v for k, v in kw.items() if v is not None}
@@ -68,6 +70,6 @@ def run(args: argparse.Namespace) -> CommandResult:
         print(f"[{100 * frac:5.1f}%] {msg}", file=sys.stderr, flush=True)
 
     doc = train(s, corpus, progress).as_dict()
-    return CommandResult({"summary": summary_table(doc["runs"]), "history": history_table(doc["runs"])},
+    return CommandResult({"summary": pd.DataFrame(doc["summary"]), "history": history_table(doc["runs"])},
                          {k: doc[k] for k in ("runs", "summary_text", "settings", "corpus",
                                               "environment", "date")})
