@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app_pages._ui import download_buttons, guarded
+from app_pages._ui import download_buttons, guarded, table as show_table
 from engine.train_data import TEXTS, TOKENIZERS, builtin_text, decode_upload, tokenize
 from engine.train_loop import TrainSettings, train
 from engine.train_metrics import history_table
@@ -125,11 +125,9 @@ def _show(doc: dict, name: str) -> None:
         c2.caption("No run has this metric (dense runs have no experts).")
     table = pd.DataFrame(doc["summary"])
     st.subheader("Summary")
-    fmt = {c: st.column_config.NumberColumn(format="%.4f")
-           for c in ("val loss", "val loss std", "train loss", "CV", "MaxVio", "drop rate",
-                     "unrouted", "perplexity")}
-    fmt["tokens/s"] = st.column_config.NumberColumn(format="%.0f")
-    st.dataframe(table, hide_index=True, width="stretch", column_config=fmt)
+    fmt = {c: "%.4f" for c in ("val loss", "val loss std", "train loss", "CV", "MaxVio",
+                               "drop rate", "unrouted", "perplexity")}
+    show_table(table, {**fmt, "tokens/s": "%.0f"}, hide_index=True, width="stretch")
     if doc.get("throughput"):
         st.caption("tokens/s above: during the sweep, with every run sharing the device. "
                    "Each model alone, side by side:")
