@@ -2,16 +2,22 @@
 
     python benchmarks/bench_train.py                       # CPU: the page's default run, 1 thread
     python benchmarks/bench_train.py --save-corpus /tmp/c.pt --data stdlib --vocab 4096
-    python benchmarks/bench_train.py --sweep --corpus c.pt --device cuda --dtype bf16 \
-        --seeds 0,1,2 --parallel 18 --time-limit 300 --out benchmarks/results/train_h200
+    python benchmarks/bench_train.py --sweep --corpus c.pt --device cuda --dtype bf16 --graphs on \
+        --seeds 0,1,2 --parallel 6 --time-limit 400 --throughput dense,topk,hash \
+        --out benchmarks/results/train_h200
+    python benchmarks/bench_train.py --corpus c.pt --device cuda --dtype bf16 \
+        --throughput dense,topk --graphs off,on --throughput-batches 8,32   # ratios only
+    python benchmarks/bench_train.py --corpus c.pt --device cuda --dtype bf16 --profile dense,topk
 
 CPU mode prints seconds (wall and process CPU) and tokens/s per router, the total, and `uptime`
 (the machine may be shared: wall times then stretch, CPU seconds much less).
 --sweep runs every (router, seed) as its own process, `--parallel` at once on one device, each
 stopping at the first evaluation after --time-limit; all runs are then compared at the last
-evaluation step every run reached. --throughput then times dense against MoE models one at a time
-(nothing else running), interleaved rounds of >= 0.5 s after warm-up, and prints tokens/s side by
-side with the ratio. --out writes <out>.json (the page can show it) and <out>.md.
+evaluation step every run reached. --throughput (after the sweep, if any: nothing else runs) times
+the training loop's own step (engine.train_step) for dense and MoE models one at a time in this
+process, interleaved rounds of >= 0.5 s after a 2 s warm-up, and prints ms/step, tokens/s and the
+ratio to dense side by side, per --graphs mode and batch. --profile prints torch.profiler's
+busiest kernels and host against GPU time per step. --out writes <out>.json (the page reads it).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -35,7 +42,8 @@ from engine.train_data import Corpus, builtin_text, tokenize  # noqa: E402
 from engine.env_info import environment  # noqa: E402
 from engine.train_loop import TrainSettings, resolve_device, train_run  # noqa: E402
 from engine.train_metrics import summary_table, summary_text  # noqa: E402
-from engine.train_model import MoELM, lm_loss  # noqa: E402
+from engine.train_model import MoELM  # noqa: E402
+from engine.train_step import TrainStep  # noqa: E402
 
 INTS = ("d_model", "layers", "heads", "experts", "k", "d_expert", "moe_every", "steps", "batch",
         "seq_len", "warmup", "eval_every", "eval_batches", "vocab")
@@ -49,7 +57,7 @@ def settings_from(args: argparse.Namespace) -> TrainSettings:
         kw["routers"] = tuple(args.routers.split(","))
     kw["seeds"] = tuple(int(v) for v in args.seeds.split(","))
     return TrainSettings(**kw, data=args.data, tokenizer=args.tokenizer, device=args.device,
-                         dtype=args.dtype)
+                         dtype=args.dtype, cuda_graphs=args.graphs == "on")
 
 
 def load_corpus(args: argparse.Namespace, s: TrainSettings) -> Corpus:
@@ -93,7 +101,7 @@ def sweep(args: argparse.Namespace, s: TrainSettings, corpus_path: str) -> dict:
     pending = list(jobs)
     t0 = time.monotonic()
     base = [sys.executable, __file__, "--corpus", corpus_path, "--seeds", args.seeds,
-            "--device", args.device, "--dtype", args.dtype]
+            "--device", args.device, "--dtype", args.dtype, "--graphs", args.graphs]
     for f in INTS + FLOATS:
         if getattr(args, f) is not None:
             base += [f"--{f.replace('_', '-')}", str(getattr(args, f))]
@@ -143,53 +151,102 @@ def job(args: argparse.Namespace) -> None:
           f"{statistics.median(h.tokens_per_s[1:] or [0]):.0f} tok/s", flush=True)
 
 
-def throughput(s: TrainSettings, corpus: Corpus, routers: tuple[str, ...], batch: int,
-               rounds: int = 3, window_s: float = 0.5) -> list[dict]:
-    """Training tokens/s of each router's model alone, interleaved rounds of >= window_s."""
+def _models(s: TrainSettings, corpus: Corpus, routers: tuple[str, ...], graphs: bool
+            ) -> dict[str, tuple[TrainStep, tuple[int, int]]]:
+    """One model and its TrainStep (the training loop's own step) per router, seed 0."""
     dev = resolve_device(s.device)
-    autocast = torch.autocast(dev.type, torch.bfloat16, enabled=s.dtype == "bf16")
-    models = {}
+    freq = torch.bincount(corpus.train, minlength=corpus.vocab).double()
+    out = {}
     for r in routers:
-        cfg = s.model_config(r, 0, corpus.vocab)
-        freq = torch.bincount(corpus.train, minlength=corpus.vocab).double()
-        m = MoELM(cfg, freq).to(dev)
-        models[r] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4), m.param_counts())
+        m = MoELM(s.model_config(r, 0, corpus.vocab), freq).to(dev)
+        out[r] = (TrainStep(m, 1e-4, 0, 10**6, s.dtype == "bf16", graphs), m.param_counts())
+    return out
+
+
+def _batch(s: TrainSettings, corpus: Corpus, batch: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     starts = torch.randint(0, corpus.train.numel() - s.seq_len, (batch,), generator=gen)
-    ids = corpus.train[starts[:, None] + torch.arange(s.seq_len)].to(dev)
+    return corpus.train[starts[:, None] + torch.arange(s.seq_len)].to(resolve_device(s.device))
 
-    def steps(r: str, seconds: float) -> float:
-        model, opt, _ = models[r]
-        n, t0 = 0, time.perf_counter()
-        while True:
-            with autocast:
-                logits, aux = model(ids)
-                loss = lm_loss(logits, ids) + 0.01 * aux
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n += 1
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            if time.perf_counter() - t0 >= seconds:
-                return n * batch * s.seq_len / (time.perf_counter() - t0)
 
-    for r in routers:  # warm-up for a time, not a count (clocks, allocator, kernels)
-        steps(r, 2.0)
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def throughput(s: TrainSettings, corpus: Corpus, routers: tuple[str, ...], batch: int,
+               graphs: bool, rounds: int = 5, window_s: float = 0.5) -> list[dict]:
+    """Training tokens/s of each router's model, one at a time in this process: warm-up for 2 s,
+    then interleaved rounds of >= window_s each, the host synced only at a window's ends."""
+    dev = resolve_device(s.device)
+    models = _models(s, corpus, routers, graphs)
+    ids = _batch(s, corpus, batch)
+    done = {r: 0 for r in routers}
+
+    def run(r: str, n: int) -> float:
+        trainer = models[r][0]
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            done[r] += 1
+            trainer.step(done[r], ids)
+        _sync(dev)
+        return time.perf_counter() - t0
+
+    per_step = {}
+    for r in routers:  # warm-up for a time, not a count (clocks, allocator, capture)
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < 2.0:
+            run(r, 5)
+            n += 5
+        per_step[r] = run(r, 10) / 10
     rates: dict[str, list[float]] = {r: [] for r in routers}
     for _ in range(rounds):
         for r in routers:
-            rates[r].append(steps(r, window_s))
+            n = max(1, math.ceil(window_s / per_step[r]))
+            rates[r].append(n * batch * s.seq_len / run(r, n))
     dense = statistics.median(rates["dense"]) if "dense" in rates else float("nan")
     out = []
     for r in routers:
         tps = statistics.median(rates[r])
-        total, active = models[r][2]
-        out.append({"router": r, "batch_tokens": batch * s.seq_len, "tokens_per_s": tps,
+        total, active = models[r][1]
+        out.append({"router": r, "batch_tokens": batch * s.seq_len, "cuda_graphs": graphs,
+                    "tokens_per_s": tps, "ms_per_step": 1e3 * batch * s.seq_len / tps,
                     "vs_dense": tps / dense, "total_params": total, "active_params": active})
-        print(f"  {r:14s} {batch * s.seq_len:6d} tokens/step {tps:10.0f} tokens/s  "
+        print(f"  {r:14s} {batch * s.seq_len:6d} tokens/step graphs {'on ' if graphs else 'off'} "
+              f"{1e3 * batch * s.seq_len / tps:7.2f} ms/step {tps:10.0f} tokens/s  "
               f"{tps / dense:5.2f}x dense  active {active:,} total {total:,}", flush=True)
     return out
+
+
+def profile(s: TrainSettings, corpus: Corpus, routers: tuple[str, ...], batch: int) -> None:
+    """torch.profiler over 5 eager steps per router (after 10 warm-up steps): the busiest kernels
+    and, per step, host time against time the GPU spent in kernels."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    dev = resolve_device(s.device)
+    models = _models(s, corpus, routers, graphs=False)
+    ids = _batch(s, corpus, batch)
+    for r in routers:
+        trainer = models[r][0]
+        for i in range(10):
+            trainer.step(i + 1, ids)
+        _sync(dev)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        t0 = time.perf_counter()
+        with torch_profile(activities=acts) as prof:
+            for i in range(5):
+                trainer.step(11 + i, ids)
+            _sync(dev)
+        wall = (time.perf_counter() - t0) / 5
+        events = prof.key_averages()
+        gpu = sum(e.self_device_time_total for e in events) / 5 / 1e3
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                            "cudaLaunchKernelExC")) / 5
+        print(f"profile {r}: {wall * 1e3:.2f} ms/step wall (profiled), GPU kernels {gpu:.2f} "
+              f"ms/step, {launches:.0f} kernel launches/step")
+        print(events.table(sort_by="self_device_time_total" if dev.type == "cuda"
+                           else "self_cpu_time_total", row_limit=12, max_name_column_width=60))
 
 
 def main() -> None:
@@ -212,6 +269,9 @@ def main() -> None:
     p.add_argument("--time-limit", type=float, default=300.0)
     p.add_argument("--throughput", default="", help="comma-separated routers to time alone")
     p.add_argument("--throughput-batches", default="", help="comma-separated batch sizes")
+    p.add_argument("--graphs", default="off", help="CUDA graphs for the sweep: on/off; for "
+                   "--throughput a comma-separated list of modes to time")
+    p.add_argument("--profile", default="", help="comma-separated routers to profile")
     p.add_argument("--job")
     p.add_argument("--job-out")
     p.add_argument("--out")
@@ -226,25 +286,34 @@ def main() -> None:
         print(f"saved {c.train.numel()} + {c.val.numel()} tokens, V {c.vocab}, to {args.save_corpus}")
         return
     corpus = load_corpus(args, s)
-    if not args.sweep:
+    if args.profile:
+        return profile(s, corpus, tuple(args.profile.split(",")),
+                       int((args.throughput_batches or str(s.batch)).split(",")[0]))
+    if not args.sweep and not args.throughput:
         return cpu_run(s, corpus)
-    doc = sweep(args, s, args.corpus)
-    table = summary_table(doc["runs"])
-    full = {"settings": dataclasses.asdict(s), "environment": environment(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    full: dict = {"settings": dataclasses.asdict(s), "environment": environment(),
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.sweep:
+        doc = sweep(args, s, args.corpus)
+        table = summary_table(doc["runs"])
+        full.update({
             "corpus": {"tokenizer": corpus.tokenizer, "vocab": corpus.vocab,
                        "train_tokens": corpus.train.numel(), "val_tokens": corpus.val.numel(),
                        "chars": corpus.chars, "text_sha256": corpus.text_sha, "data": s.data},
             "runs": doc["runs"], "summary": table.to_dict(orient="records"),
             "compared_at_step": doc["compared_at_step"],
-            "summary_text": summary_text(table, doc["compared_at_step"], corpus.train.numel())}
-    with __import__("pandas").option_context("display.width", 200, "display.max_columns", 20):
-        print(table.to_string(index=False))
-    print(full["summary_text"])
-    if args.throughput:
+            "summary_text": summary_text(table, doc["compared_at_step"], corpus.train.numel())})
+        with __import__("pandas").option_context("display.width", 200, "display.max_columns", 20):
+            print(table.to_string(index=False))
+        print(full["summary_text"])
+    if args.throughput:  # after the sweep: nothing else runs on the device now
+        print(f"throughput, one model at a time ({environment()['device']}):")
         full["throughput"] = []
-        for b in [int(v) for v in (args.throughput_batches or str(s.batch)).split(",")]:
-            full["throughput"] += throughput(s, corpus, tuple(args.throughput.split(",")), b)
+        for mode in args.graphs.split(","):
+            for b in [int(v) for v in (args.throughput_batches or str(s.batch)).split(",")]:
+                full["throughput"] += throughput(dataclasses.replace(s, cuda_graphs=mode == "on"),
+                                                 corpus, tuple(args.throughput.split(",")), b,
+                                                 mode == "on")
     if args.out:
         Path(args.out + ".json").write_text(json.dumps(full, indent=1, default=str))
         print(f"wrote {args.out}.json")

@@ -4,9 +4,8 @@ Layouts: blocks take tokens flattened to x (T, D) and return (T, D); the transfo
 ids (B, S) and returns logits (B, S, V). Parameter names and shapes follow engine.cost_model, so
 sum(p.numel()) equals its parameter count and FlopCounterMode's count equals its forward FLOPs.
 
-MoE dispatch (as in Mixtral's block): the (T, k) assignments are flattened, sorted by expert, the
-tokens gathered into one contiguous slab, each expert runs one matmul on its slice, and the
-weighted results are scattered back with index_add_. Python loops over experts, never over tokens.
+MoE dispatch: engine.moe_dispatch.grouped_ffn (sorted slab, per-expert matmuls or one grouped
+kernel); Python loops over experts at most, never over tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from engine.cost_model import TransformerConfig, estimate, ffn_params, moe_block_flops
+from engine.moe_dispatch import ffn_forward, grouped_ffn
 from engine.moe_router import HashRouter, Routing, topk_softmax_route
 from engine.timing import time_fn
 from engine.validation import MAX_BYTES, check_bytes, check_choice, check_int
@@ -29,17 +29,6 @@ from engine.validation import MAX_BYTES, check_bytes, check_choice, check_int
 def _init(gen: torch.Generator, fan_in: int, *shape: int) -> nn.Parameter:
     # Seeded, scaled by 1/sqrt(fan_in) so activations keep roughly unit variance.
     return nn.Parameter(torch.randn(*shape, generator=gen) / fan_in ** 0.5)
-
-
-def ffn_forward(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, ffn: str) -> torch.Tensor:
-    """One FFN on x (n, D): w_in (D, F) for GELU or (D, 2F) [gate | up] for SwiGLU, w_out (F, D)."""
-    h = x @ w_in
-    if ffn == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        h = F.silu(gate) * up
-    else:
-        h = F.gelu(h)
-    return h @ w_out
 
 
 class DenseFFN(nn.Module):
@@ -99,30 +88,6 @@ class MoEFFN(nn.Module):
         out = grouped_ffn(x, routing.experts, routing.weights, self.w_in, self.w_out, self.ffn,
                           drop_empty=self.router_kind == "hash")
         return out + self.shared(x) if self.shared is not None else out
-
-
-def grouped_ffn(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w_in: torch.Tensor,
-                w_out: torch.Tensor, ffn: str, drop_empty: bool = True) -> torch.Tensor:
-    """Grouped dispatch: x (T, D), experts/weights (T, k) (-1 = empty slot, skipped when
-    drop_empty), w_in (E, D, F or 2F), w_out (E, F, D) -> weighted sum of expert outputs (T, D)."""
-    flat_expert = experts.reshape(-1)
-    flat_weight = weights.reshape(-1)
-    flat_token = torch.arange(x.shape[0], device=x.device).repeat_interleave(experts.shape[1])
-    if drop_empty:  # hash collisions, capacity drops, Expert Choice padding
-        keep = flat_expert >= 0
-        flat_expert, flat_weight, flat_token = flat_expert[keep], flat_weight[keep], flat_token[keep]
-    order = torch.argsort(flat_expert, stable=True)
-    token = flat_token[order]
-    counts = torch.bincount(flat_expert, minlength=w_in.shape[0]).tolist()  # one host sync
-    slab = x.index_select(0, token)
-    outs = [ffn_forward(chunk, w_in[e], w_out[e], ffn)
-            for e, chunk in enumerate(slab.split(counts)) if counts[e]]
-    if not outs:  # every slot dropped
-        return torch.zeros_like(x)
-    y = torch.cat(outs)
-    y = y * flat_weight[order, None].to(y.dtype)
-    # y may be bf16 under autocast while x is float32: accumulate in x's dtype.
-    return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
 
 class Attention(nn.Module):

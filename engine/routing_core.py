@@ -52,13 +52,26 @@ class Routing:
         return int(self.experts.shape[0])
 
 
+def bincount(ids: torch.Tensor, length: int) -> torch.Tensor:
+    """torch.bincount(ids, minlength=length) (int64, (length,)) for ids in [0, length).
+
+    On CUDA a scatter-add instead: CUDA's bincount reads max(ids) back to the host to size its
+    result, a sync per call that keeps the host from queueing work ahead of the GPU (and breaks
+    CUDA graph capture). On CPU bincount is the faster of the two.
+    """
+    if ids.device.type == "cpu":
+        return torch.bincount(ids, minlength=length)
+    ones = torch.ones(ids.numel(), dtype=torch.int64, device=ids.device)
+    return torch.zeros(length, dtype=torch.int64, device=ids.device).index_add_(0, ids.reshape(-1), ones)
+
+
 def expert_utilization(assign: Routing) -> torch.Tensor:
     """Tokens per expert, shape (E,), zeros included (a token counts once per expert it reaches)."""
     if assign.counts is not None:
         return assign.counts
     # Shift by one so empty slots (-1) land in bin 0 and are cut off: no masked copy of experts.
     flat = assign.experts.reshape(-1) + 1
-    return torch.bincount(flat, minlength=assign.num_experts + 1)[1:]
+    return bincount(flat, assign.num_experts + 1)[1:]
 
 
 def relative_std(counts: torch.Tensor) -> float:
@@ -188,8 +201,8 @@ def apply_capacity(routing: Routing, capacity: int) -> Routing:
     order = torch.argsort(keys, stable=True)
     # Demand per (slot, expert) in one bincount; the last column counts empty slots.
     offsets = torch.arange(k, device=e.device)[:, None] * (num_experts + 1)
-    by_slot = torch.bincount((keys.view(k, num_tokens) + offsets).reshape(-1),
-                             minlength=k * (num_experts + 1)).view(k, num_experts + 1)
+    by_slot = bincount((keys.view(k, num_tokens) + offsets).reshape(-1),
+                       k * (num_experts + 1)).view(k, num_experts + 1)
     per_expert = by_slot.sum(0)
     starts = torch.cumsum(per_expert, 0) - per_expert
     rank_sorted = torch.arange(flat.numel(), device=e.device) - starts[keys[order]]

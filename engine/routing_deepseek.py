@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.routing_core import Routing, relative_std, top_k
+from engine.routing_core import Routing, bincount, relative_std, top_k
 from engine.routing_gated import _GatedRouter
 from engine.validation import check_float, check_int
 
@@ -71,9 +71,9 @@ class DeepSeekV3Router(_GatedRouter):
         groups, k = 8, scale 2.5)."""
         return cls(d_model=d_model, seed=seed, bias_update_speed=bias_update_speed, **DEEPSEEK_V3)
 
-    def _select(self, scores: torch.Tensor) -> torch.Tensor:
+    def _select(self, scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Expert ids (T, k) from scores (T, E): group limit, then top-k of s + b."""
-        biased = scores + self.bias.to(scores)
+        biased = scores + bias.to(scores)
         if self.n_groups > 1:
             grouped = biased.view(scores.shape[0], self.n_groups, -1)
             group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
@@ -82,14 +82,15 @@ class DeepSeekV3Router(_GatedRouter):
             biased = grouped.masked_fill(off.unsqueeze(-1), float("-inf")).flatten(1)
         return top_k(biased, self.top_k)[1]
 
-    def route_scores(self, scores: torch.Tensor, batch_shape: tuple[int, ...]) -> Routing:
-        """Route sigmoid scores (T, E) with the current bias."""
-        experts = self._select(scores)
+    def route_scores(self, scores: torch.Tensor, batch_shape: tuple[int, ...],
+                     bias: torch.Tensor | None = None) -> Routing:
+        """Route sigmoid scores (T, E) with the current bias (or `bias` (E,), a trainer's own)."""
+        experts = self._select(scores, self.bias if bias is None else bias)
         chosen = scores.gather(1, experts)
         weights = chosen / chosen.sum(dim=-1, keepdim=True)
         if self.route_scale != 1.0:
             weights = weights * self.route_scale
-        counts = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+        counts = bincount(experts.reshape(-1), self.num_experts)
         return Routing(experts, weights, self.num_experts, None, batch_shape, counts)
 
     def balance(self, x: torch.Tensor, steps: int, batch_tokens: int = 4096) -> list[BalanceStep]:
@@ -114,10 +115,18 @@ class DeepSeekV3Router(_GatedRouter):
             self.history.append(BalanceStep(step, relative_std(counts),
                                             float(counts.max() / mean - 1)))
             if step < steps:
-                self.bias += self.gamma * torch.sign(mean - counts).float().cpu()
+                update_bias(self.bias, counts, self.gamma)
         return self.history
 
     def route_logits(self, logits: torch.Tensor, batch_shape: tuple[int, ...],
-                     probs: torch.Tensor | None = None) -> Routing:
-        """Route gate logits (T, E) with the current bias (probs unused: scores are sigmoids)."""
-        return self.route_scores(torch.sigmoid(logits), batch_shape)
+                     probs: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> Routing:
+        """Route gate logits (T, E) with the current bias or `bias` (probs unused: scores are
+        sigmoids)."""
+        return self.route_scores(torch.sigmoid(logits), batch_shape, bias)
+
+
+def update_bias(bias: torch.Tensor, counts: torch.Tensor, gamma: float) -> None:
+    """DeepSeek-V3's balancing step, in place: b_i += gamma * sign(mean load - load_i) for tokens
+    per expert `counts` (E,) (sec. 2.1.2); on bias's device, with no host sync."""
+    c = counts.double()
+    bias += (gamma * torch.sign(c.mean() - c)).to(bias)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from engine import lsh_triton
-from engine.routing_core import Routing, RouterMetrics, check_hidden
+from engine.routing_core import Routing, RouterMetrics, bincount, check_hidden
 from engine.validation import check_int
 
 MAX_EXPERTS = 1 << 15  # the id hash reduces 16-bit hash values to an expert (see _reduce)
@@ -35,7 +35,7 @@ def _pair_result(lanes: torch.Tensor, num_experts: int, top_k: int,
     num_tokens = lanes.shape[0]
     if top_k == 1:
         experts = lanes[:, :1].long()
-        counts = torch.bincount(lanes[:, 0], minlength=num_experts)
+        counts = bincount(lanes[:, 0], num_experts)
         weights = torch.ones(num_tokens, 1, device=lanes.device)
         return Routing(experts, weights, num_experts, None, batch_shape, counts)
     collided = lanes[:, 0] == lanes[:, 1]
@@ -48,11 +48,11 @@ def _pair_result(lanes: torch.Tensor, num_experts: int, top_k: int,
     code = lanes.view(torch.int64).view(-1)
     if num_experts * (num_experts + 1) <= _MAX_PAIR_BINS:
         code.mul_(_signed64(((num_experts + 1) << 32) | 1)).add_(1 << 32).bitwise_right_shift_(32)
-        pairs = torch.bincount(code, minlength=num_experts * (num_experts + 1))
+        pairs = bincount(code, num_experts * (num_experts + 1))
         pairs = pairs.view(num_experts, num_experts + 1)
         counts = pairs.sum(1) + pairs[:, 1:].sum(0)
     else:  # E (E + 1) pair bins would take more memory than the tokens: count the slots directly
-        counts = torch.bincount(experts.reshape(-1) + 1, minlength=num_experts + 1)[1:]
+        counts = bincount(experts.reshape(-1) + 1, num_experts + 1)[1:]
     # Weights 1/(experts reached): (0.5, 0.5) or (1, 0), written as one int64 per token holding
     # the two float32 bit patterns, so one pass fills both columns, into the spent code buffer.
     half = int(torch.tensor([0.5, 0.5]).view(torch.int64))
@@ -198,7 +198,8 @@ class BalancedHashRouter(RouterMetrics):
         if self.table.device != ids.device:
             self.table = self.table.to(ids.device)
         lanes = self.table[ids.clamp(0, vocab - 1)]  # (T, 2) int32
-        if not bool(known.all()):
+        # On CUDA the fallback hash is cheaper than asking whether it is needed (a host sync).
+        if ids.is_cuda or not bool(known.all()):
             lanes = torch.where(known[:, None], lanes, self._fallback_lanes(ids))
         return _pair_result(lanes.contiguous(), self.num_experts, self.top_k, tuple(x.shape))
 

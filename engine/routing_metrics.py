@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from engine.routing_core import Routing, expert_capacity, expert_utilization, relative_std
+from engine.routing_core import Routing, bincount, expert_capacity, expert_utilization, relative_std
 from engine.validation import check_int
 
 
@@ -100,12 +100,18 @@ def choice_counts(routing: Routing) -> torch.Tensor:
     k = routing.experts.shape[1]
     offsets = torch.arange(k, device=routing.experts.device) * (e + 1)
     keys = torch.where(routing.experts >= 0, routing.experts, e) + offsets
-    return torch.bincount(keys.reshape(-1), minlength=k * (e + 1)).view(k, e + 1)[:, :e]
+    return bincount(keys.reshape(-1), k * (e + 1)).view(k, e + 1)[:, :e]
 
 
-def _mean_probs(routing: Routing) -> torch.Tensor:
-    # A float32 mean (pairwise sums, within 3e-9 of float64 at 64k x 64) is 20x faster on CPU.
-    return routing.probs.detach().mean(dim=0).double().cpu()
+def aux_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The load-balancing loss E * sum_i (c_i / T) P_i as a float32 scalar tensor, differentiable
+    through probs (T, E) (P_i = mean probability of expert i); counts (E,) the choices per expert.
+
+    Switch (Fedus et al. 2021, eq. 4) and GShard (DeepSpeed's top2gating `l_aux`) count first
+    choices: 1 at perfect balance. HF transformers' Mixtral `load_balancing_loss_func` counts all
+    k choices: k at perfect balance. Training and the routing lab's column both use this one.
+    """
+    return probs.shape[1] * (counts.float() / probs.shape[0] * probs.float().mean(dim=0)).sum()
 
 
 def switch_aux_loss(routing: Routing) -> float | None:
@@ -119,8 +125,7 @@ def switch_aux_loss(routing: Routing) -> float | None:
     """
     if routing.probs is None or routing.num_tokens == 0:
         return None
-    first = choice_counts(routing)[0].double().cpu()
-    return float(routing.num_experts * (first / routing.num_tokens * _mean_probs(routing)).sum())
+    return float(aux_loss(routing.probs.detach(), choice_counts(routing)[0]))
 
 
 def mixtral_aux_loss(routing: Routing) -> float | None:
@@ -129,8 +134,7 @@ def mixtral_aux_loss(routing: Routing) -> float | None:
     probability; k at perfect balance. None without probabilities."""
     if routing.probs is None or routing.num_tokens == 0:
         return None
-    c = choice_counts(routing).sum(0).double().cpu()
-    return float(routing.num_experts * (c / routing.num_tokens * _mean_probs(routing)).sum())
+    return float(aux_loss(routing.probs.detach(), choice_counts(routing).sum(0)))
 
 
 # Auxiliary loss by the name of the paper / reference code that defines it.

@@ -1,10 +1,10 @@
 """The training lab's loop: every router trained from the same init on the same batches.
 
 Same seed -> same attention/expert/embedding init (engine.train_model seeds per component), same
-batches in the same order (engine.train_data.train_batches), same optimiser: AdamW (betas 0.9,
-0.95, weight decay 0.1), linear warm-up then cosine decay to 10% of the peak learning rate,
-gradients clipped at norm 1. So curves differ only by the routing rule. Every `eval_every` steps
-the validation split is scored and the routers' loads measured on it (engine.train_metrics).
+batches in the same order (engine.train_data.train_batches), same step (engine.train_step: AdamW,
+warm-up then cosine decay, gradients clipped at norm 1). So curves differ only by the routing
+rule. Every `eval_every` steps the validation split is scored and the routers' loads measured on
+it (engine.train_metrics).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from engine.env_info import environment
 from engine.train_metrics import (RunHistory, eval_metrics, specialisation, summary_table,
                                   summary_text)
 from engine.train_model import MOE_ROUTERS, ROUTERS, ModelConfig, MoELM, lm_loss
+from engine.train_step import TrainStep
 from engine.validation import MAX_BYTES, check_bytes, check_choice, check_float, check_int
 
 DEFAULT_ROUTERS = ("hash", "balanced_hash", "topk", "switch", "expert_choice", "deepseek", "dense")
@@ -57,6 +58,7 @@ class TrainSettings:
     seeds: tuple[int, ...] = (0,)
     device: str = "cpu"
     dtype: str = "float32"
+    cuda_graphs: bool = False  # replay each training step from a CUDA graph (engine.train_step)
 
     def __post_init__(self) -> None:
         if not self.routers:
@@ -89,14 +91,6 @@ class TrainSettings:
         return self.model_config(widest, 0, vocab).param_bytes() + 4.0 * act
 
 
-def _lr_factor(step: int, warmup: int, steps: int) -> float:
-    """Linear warm-up over `warmup` steps, then cosine from 1 to 0.1 at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * t))
-
-
 def resolve_device(name: str) -> torch.device:
     """torch.device for "cpu" / "cuda[:N]"; ValueError naming the field if it is not here."""
     try:
@@ -115,7 +109,8 @@ def train_run(s: TrainSettings, corpus: Corpus, router: str, seed: int,
               final_stats: bool = True, deadline: float | None = None) -> RunHistory:
     """Train one router from seed `seed`; histories per evaluation, final loads and specialisation.
 
-    A non-finite training loss stops the run: `stopped` says so and the curves so far are kept.
+    A non-finite training loss stops the run at the next evaluation (losses are read only there,
+    so the host never waits for the GPU between): `stopped` says so, the curves so far are kept.
     deadline (time.monotonic() seconds): stop at the first evaluation past it, saying so.
     """
     dev = resolve_device(s.device)
@@ -125,48 +120,34 @@ def train_run(s: TrainSettings, corpus: Corpus, router: str, seed: int,
     torch.manual_seed(seed)
     model = MoELM(cfg, freq).to(dev)
     total, active = model.param_counts()
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = min(s.warmup, s.steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, warmup, s.steps))
+    trainer = TrainStep(model, s.lr, min(s.warmup, s.steps), s.steps, s.dtype == "bf16",
+                        graphs=s.cuda_graphs)
     batches = train_batches(corpus, s.batch, s.seq_len, s.steps, seed)
+    if dev.type == "cuda":
+        batches = batches.pin_memory()  # copies from pageable memory would wait for the GPU
     val = val_batches(corpus, s.batch, s.seq_len, s.eval_batches).to(dev)
     autocast = torch.autocast(dev.type, torch.bfloat16, enabled=s.dtype == "bf16")
     hist = RunHistory(router, seed, total, active)
     with torch.no_grad(), autocast:  # step 0: the starting point of every curve
         first = float(lm_loss(model(batches[0].to(dev))[0], batches[0].to(dev)))
         hist.record(0, first, math.nan, math.nan, eval_metrics(model, val))
-    ce_sum = aux_sum = 0.0
-    n_since, t_train, diverged = 0, 0.0, False
+    last_eval, t_train, diverged = 0, 0.0, False
     t0 = time.perf_counter()
     for step in range(1, s.steps + 1):
-        ids = batches[step - 1].to(dev, non_blocking=True)
-        with autocast:
-            logits, aux = model(ids)
-            ce = lm_loss(logits, ids)
-        ce_val = float(ce.detach())
-        if not math.isfinite(ce_val):
-            diverged = True
-            hist.stopped = (f"training loss became {ce_val} at step {step}: the run stopped there "
-                            f"(learning rate {s.lr:g} too high?)")
-            break
-        opt.zero_grad(set_to_none=True)
-        (ce + cfg.alpha * aux).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        for r in model.routers():
-            r.update_bias()
-        ce_sum, aux_sum, n_since = ce_sum + ce_val, aux_sum + float(aux.detach()), n_since + 1
+        trainer.step(step, batches[step - 1].to(dev, non_blocking=True))
         if step % s.eval_every == 0 or step == s.steps:
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            ce, aux = trainer.take_means()  # waits for the GPU
             t_train += time.perf_counter() - t0
-            tps = n_since * s.batch * s.seq_len / (time.perf_counter() - t0)
+            tps = (step - last_eval) * s.batch * s.seq_len / (time.perf_counter() - t0)
+            if not math.isfinite(ce):
+                diverged = True
+                hist.stopped = (f"training loss became {ce} in steps {last_eval + 1}-{step}: the run "
+                                f"stopped there (learning rate {s.lr:g} too high?)")
+                break
             with torch.no_grad(), autocast:
                 m = eval_metrics(model, val)
-            hist.record(step, ce_sum / n_since, aux_sum / n_since, tps, m)
-            ce_sum = aux_sum = 0.0
-            n_since = 0
+            hist.record(step, ce, aux, tps, m)
+            last_eval = step
             if on_eval:
                 on_eval(hist)
             if deadline is not None and time.monotonic() > deadline and step < s.steps:

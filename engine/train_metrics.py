@@ -85,9 +85,10 @@ def eval_metrics(model: MoELM, val: torch.Tensor) -> dict[str, Any]:
         logits, _ = model(ids)
         loss += float(lm_loss(logits, ids))
         for j, r in enumerate(routers):
-            counts[j] = counts[j] + r.last["counts"].cpu()
-            demand[j] = demand[j] + r.last["demand"].cpu()
-            unrouted[j] += float(r.last["unrouted"]) / len(val)
+            loads = r.loads()
+            counts[j] = counts[j] + loads["counts"].cpu()
+            demand[j] = demand[j] + loads["demand"].cpu()
+            unrouted[j] += float(loads["unrouted"]) / len(val)
     model.train()
     spread = [float(r.bias.max() - r.bias.min()) for r in routers if hasattr(r, "bias")]
     return {"val_loss": loss / len(val), "counts": counts, "demand": demand, "unrouted": unrouted,
@@ -107,7 +108,7 @@ def specialisation(model: MoELM, val: torch.Tensor, strings: tuple[str, ...],
         model(ids)
         flat = ids.reshape(-1).cpu()
         for j, r in enumerate(routers):
-            ex = r.last["experts"].cpu()
+            ex = r.last.experts.cpu()
             tok = flat.repeat_interleave(ex.shape[1])
             ex = ex.reshape(-1)
             keep = ex >= 0

@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.flash_attention3 import attention
-from engine.moe_block import DenseFFN, _init, grouped_ffn
+from engine.moe_block import DenseFFN, _init
+from engine.moe_dispatch import grouped_ffn
 from engine.moe_router import (BalancedHashRouter, DeepSeekV3Router, ExpertChoiceRouter,
                                HashRouter, Routing, SwitchRouter, TopKRouter, expert_utilization)
-from engine.routing_metrics import demand as routing_demand
+from engine.routing_deepseek import update_bias as deepseek_bias_step
+from engine.routing_metrics import aux_loss, demand as routing_demand
 from engine.validation import check_choice, check_float, check_int
 
 # Routers the lab trains; "dense" has the MoE's active FFN width (k x expert width), "dense_total"
@@ -110,28 +112,22 @@ def _gen(seed: int, *salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(_seed(seed, *salt))
 
 
-def load_balance_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Switch Transformer's auxiliary loss E * sum_i f_i P_i (Fedus et al. 2021, eq. 4), with
-    f_i the share of routed slots (all k, before capacity drops) and P_i the mean probability;
-    differentiable through probs (T, E). 1 at perfect balance."""
-    f = counts.to(probs.dtype) / counts.sum().clamp(min=1)
-    return probs.shape[1] * (f * probs.float().mean(dim=0)).sum()
-
-
 class Router(nn.Module):
     """One layer's router: forward(x (T, D), ids (T,)) -> (Routing, aux loss scalar tensor).
 
-    Hash routers route on token ids and have no parameters. The learned ones apply the engine's
-    rules (engine.moe_router) to a trainable gate (D, E); DeepSeek's bias is a buffer changed only
-    by `update_bias` (sign rule, DeepSeek-V3 sec. 2.1.2), never by gradients. `last` holds the
-    latest forward's loads (counts, demand, unrouted share, experts) for metrics and the bias update.
+    Hash routers route on token ids and have no parameters. The learned ones own a trainable gate
+    (D, E) and hand its logits to the engine's rules (engine.moe_router `route_logits`). The aux
+    loss is routing_metrics.aux_loss: Mixtral's (HF load_balancing_loss_func, all k choices, k at
+    balance) for topk, Switch's (top-1) for switch, both counted before capacity drops.
+    DeepSeek's bias is a buffer changed only by `update_bias` (sign rule, DeepSeek-V3 sec.
+    2.1.2), never by gradients. `last` is the latest forward's Routing; `loads()` reads it.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int, freq: torch.Tensor | None = None) -> None:
         super().__init__()
         self.kind, self.alpha, self.gamma = cfg.router, cfg.alpha, cfg.gamma
         e, k, d, seed = cfg.num_experts, cfg.top_k, cfg.d_model, cfg.seed + layer
-        self.last: dict[str, torch.Tensor] = {}
+        self.last: Routing | None = None
         if self.kind == "hash":
             self.rule = HashRouter(e, k, seed)
             return
@@ -153,30 +149,32 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[Routing, torch.Tensor]:
         """Route x (T, D) (token ids (T,) for hash routers)."""
-        if self.kind in HASH_ROUTERS:
-            routing = self.rule(ids)
-        else:
-            self.rule.gate = self.gate  # the rules compute x @ gate: autograd reaches the Parameter
-            if self.kind == "deepseek":
-                self.rule.bias = self.bias
-            routing = self.rule(x)
-        counts = expert_utilization(routing)  # the routers' own tally where they keep one
-        demand = routing_demand(routing)
-        self.last = {"counts": counts.detach(), "demand": demand.detach(),
-                     "unrouted": (routing.experts < 0).all(dim=1).float().mean().detach(),
-                     "experts": routing.experts.detach()}
         aux = x.new_zeros((), dtype=torch.float32)
+        if self.kind in HASH_ROUTERS:
+            self.last = self.rule(ids)
+            return self.last, aux
+        logits, shape = x @ self.gate, (x.shape[0],)
+        if self.kind == "deepseek":
+            self.last = self.rule.route_logits(logits, shape, bias=self.bias)
+        else:
+            self.last = self.rule.route_logits(logits, shape)
         if self.kind in ("topk", "switch") and self.alpha > 0:
-            aux = load_balance_loss(routing.probs, demand)
-        self.last["aux"] = aux.detach()
-        return routing, aux
+            # topk: all k choices (no drops); switch: top-1, so its choices are its first choices.
+            aux = aux_loss(self.last.probs, routing_demand(self.last))
+        return self.last, aux
+
+    def loads(self) -> dict[str, torch.Tensor]:
+        """The last forward's loads: counts (E,) after capacity drops, demand (E,) before them,
+        unrouted share of tokens (0-dim), experts (T, k); on the model's device."""
+        r = self.last
+        return {"counts": expert_utilization(r), "demand": routing_demand(r),
+                "unrouted": (r.experts < 0).all(dim=1).float().mean(), "experts": r.experts}
 
     @torch.no_grad()
     def update_bias(self) -> None:
         """DeepSeek-V3: b_i += gamma * sign(mean load - load_i) from the last forward's loads."""
-        if self.kind == "deepseek" and "counts" in self.last:
-            c = self.last["counts"].float()
-            self.bias += self.gamma * torch.sign(c.mean() - c)
+        if self.kind == "deepseek" and self.last is not None:
+            deepseek_bias_step(self.bias, expert_utilization(self.last), self.gamma)
 
 
 class Experts(nn.Module):

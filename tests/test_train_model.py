@@ -40,13 +40,13 @@ def test_hash_router_has_nothing_to_learn(router: str) -> None:
     for layer in model.moe_layers():
         assert list(layer.router.parameters()) == []
         assert float(layer.experts.w_in.grad.abs().sum()) > 0  # the experts do learn
-    before = [r.last["experts"].clone() for r in model.routers()]
+    before = [r.last.experts.clone() for r in model.routers()]
     with torch.no_grad():  # other hidden states, same ids: same experts
         for p in model.parameters():
             p.add_(torch.randn_like(p))
         model(ids)
     for r, b in zip(model.routers(), before):
-        assert torch.equal(r.last["experts"], b)
+        assert torch.equal(r.last.experts, b)
 
 
 def test_deepseek_bias_moves_only_by_its_rule() -> None:
@@ -63,7 +63,7 @@ def test_deepseek_bias_moves_only_by_its_rule() -> None:
         assert torch.equal(r.bias, b)
     for r, b in zip(model.routers(), before):
         # Loads counted here from the one-hot assignments, not from the router's counts.
-        load = torch.nn.functional.one_hot(r.last["experts"].reshape(-1), 4).sum(0).float()
+        load = torch.nn.functional.one_hot(r.last.experts.reshape(-1), 4).sum(0).float()
         want = b + 0.05 * torch.sign(load.mean() - load)
         r.update_bias()
         assert torch.allclose(r.bias, want)
@@ -111,3 +111,30 @@ def test_param_counts_by_hand() -> None:
 def test_bad_config_names_the_field(kw: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{**SMALL, **kw})
+
+
+def _hf_load_balancing_loss(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """HF transformers' Mixtral load_balancing_loss_func (one layer, no attention mask), as
+    written there: one-hot of the top-k choices, mean over tokens, times mean probabilities."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    _, chosen = torch.topk(probs, k, dim=-1)
+    mask = torch.nn.functional.one_hot(chosen, logits.shape[-1]).float()  # (T, k, E)
+    return (mask.mean(dim=0) * probs.mean(dim=0)[None]).sum() * logits.shape[-1]
+
+
+@pytest.mark.parametrize("router, k", [("topk", 2), ("topk", 3), ("switch", 1)])
+def test_router_aux_loss_is_the_reference_and_differentiable(router: str, k: int) -> None:
+    from engine.train_model import Router
+
+    cfg = ModelConfig(**{**SMALL, "router": router, "top_k": k, "num_experts": 6})
+    r = Router(cfg, 0)
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(3))
+    _, aux = r(x, torch.zeros(50, dtype=torch.int64))
+    gate = r.gate.detach().clone().requires_grad_()
+    # Switch (eq. 4) is the same sum over first choices only: HF's function at k = 1.
+    want = _hf_load_balancing_loss(x @ gate, k)
+    torch.testing.assert_close(aux, want, rtol=1e-5, atol=1e-6)
+    aux.backward()
+    want.backward()
+    torch.testing.assert_close(r.gate.grad, gate.grad, rtol=1e-4, atol=1e-7)
+    assert float(gate.grad.abs().sum()) > 0
