@@ -241,4 +241,8 @@ with gpu:
                     f"{s['steps']}.")
         if doc.get("note"):
             st.caption(doc["note"])
+        if "expert_choice" not in s["routers"]:
+            st.caption("Expert Choice is not in this run: each expert picks its tokens from the "
+                       "whole batch, so a token's routing depends on later tokens, which a causal "
+                       "language model must not see (its loss would be optimistic).")
         _show(doc, "gpu")

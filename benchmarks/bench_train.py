@@ -240,7 +240,8 @@ def profile(s: TrainSettings, corpus: Corpus, routers: tuple[str, ...], batch: i
             _sync(dev)
         wall = (time.perf_counter() - t0) / 5
         events = prof.key_averages()
-        gpu = sum(e.self_device_time_total for e in events) / 5 / 1e3
+        gpu = sum(e.self_device_time_total for e in events  # kernels, not the ops around them
+                  if e.device_type == torch.autograd.DeviceType.CUDA) / 5 / 1e3
         launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
                                                             "cudaLaunchKernelExC")) / 5
         print(f"profile {r}: {wall * 1e3:.2f} ms/step wall (profiled), GPU kernels {gpu:.2f} "

@@ -97,9 +97,10 @@ def _grouped_mm_ffn(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
     h = _act(torch._grouped_mm(slab, w_in.to(bf16), offs=ends), ffn)
     y = torch._grouped_mm(h, w_out.to(bf16), offs=ends)
     # Back to slot order with a copy (no atomics: deterministic), then each token's k outputs
-    # weighted and summed in one batched matmul (T, 1, k) @ (T, k, D).
+    # weighted and summed elementwise (a (T, 1, k) @ (T, k, D) bmm instead took 24 us a call on
+    # an H200 at T = 2048, k = 2, D = 512).
     y = torch.zeros_like(y).index_copy_(0, order, y).view(t, k, -1)
     # Masked, so an empty slot's weight gets no gradient from the last expert's output.
     w = weights.masked_fill(experts < 0, 0).to(bf16)
-    out = torch.bmm(w.view(t, 1, k), y).view(t, -1)
+    out = (y * w[..., None]).sum(dim=1)
     return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
