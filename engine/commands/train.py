@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pydoc (default), stdlib, or the path of a UTF-8 .txt file (<= 5 MB)")
     for flag, (field, typ) in FIELDS.items():
         parser.add_argument(f"--{flag}", type=typ, default=None, help=f"TrainSettings.{field}")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay each training step from a CUDA graph (CUDA devices)")
 
 
 def _ints(flag: str, text: str) -> tuple[int, ...]:
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace) -> CommandResult:
     if args.routers is not None:
         kw["routers"] = tuple(r.strip() for r in args.routers.split(",") if r.strip())
     kw["seeds"] = _ints("seeds", args.seeds)
+    kw["cuda_graphs"] = args.cuda_graphs
     if args.data in TEXTS:
         kw["data"], text = args.data, None
     else:
