@@ -131,9 +131,16 @@ def _show(doc: dict, name: str) -> None:
     if doc.get("throughput"):
         st.caption("tokens/s above: during the sweep, with every run sharing the device. "
                    "Each model alone, side by side:")
-        st.dataframe(pd.DataFrame(doc["throughput"]), hide_index=True,
-                     column_config={"tokens_per_s": st.column_config.NumberColumn(format="%.0f"),
-                                    "vs_dense": st.column_config.NumberColumn(format="%.2fx")})
+        tp = pd.DataFrame(doc["throughput"])
+        num = st.column_config.NumberColumn
+        st.dataframe(tp, hide_index=True, height=38 + 35 * len(tp),
+                     column_config={"batch_tokens": num("tokens/step"),
+                                    "cuda_graphs": st.column_config.CheckboxColumn("CUDA graphs"),
+                                    "ms_per_step": num("ms/step", format="%.2f"),
+                                    "tokens_per_s": num("tokens/s", format="%.0f"),
+                                    "vs_dense": num("x dense", format="%.2fx"),
+                                    "total_params": num("total params"),
+                                    "active_params": num("active params")})
     extra = {k: doc[k] for k in ("settings", "corpus", "environment", "date") if k in doc}
     download_buttons(f"{name}_summary", table, extra)
     download_buttons(f"{name}_history", history, extra)

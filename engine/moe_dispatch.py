@@ -84,8 +84,8 @@ def grouped_ffn(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w
 
 def _grouped_mm_ffn(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                     w_in: torch.Tensor, w_out: torch.Tensor, ffn: str) -> torch.Tensor:
-    """grouped_ffn through torch._grouped_mm in bf16; the result is bf16 under autocast (as a
-    matmul's), else x's dtype."""
+    """grouped_ffn through torch._grouped_mm in bf16; the result in x's dtype (autocast sums in
+    float32 anyway)."""
     t, k = experts.shape
     e = w_in.shape[0]
     bf16 = torch.bfloat16
@@ -103,4 +103,4 @@ def _grouped_mm_ffn(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
     # Masked, so an empty slot's weight gets no gradient from the last expert's output.
     w = weights.masked_fill(experts < 0, 0).to(bf16)
     out = (y * w[..., None]).sum(dim=1)
-    return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+    return out.to(x.dtype)
