@@ -4,6 +4,7 @@ run-time estimates, stopping, the cross-check column, CPU sweeps and the committ
 import json
 import math
 import re
+import types
 
 import pandas as pd
 import pytest
@@ -291,7 +292,7 @@ def test_crosscheck_times_each_rows_own_callable():
         return 2.0
 
     t = ab.run_sweep(ab.replace(TINY, seqlens=(32,), backends=("sdpa-math",)), crosscheck=crosscheck).table
-    assert len(seen) == 2 and (t["do_bench_ms"] == 2.0).all()
+    assert len(seen) == 2 * ab.CROSS_ROUNDS and (t["do_bench_ms"] == 2.0).all()
     pd.testing.assert_series_equal(t["vs_do_bench_pct"], 100 * (t["ms"] / 2.0 - 1), check_names=False)
 
 
@@ -349,3 +350,22 @@ def test_cli_shows_progress_and_the_training_view(capsys):
     view = {r["backend"]: r for r in doc["training step (attention, forward+backward)"]}
     assert view["sdpa-math"]["ms_per_step"] == pytest.approx(3 * rows["sdpa-math"]["ms"])
     assert view["sdpa"]["speedup_vs_default"] == 1.0
+
+
+def test_fa4_documents_runner_passes_the_longest_document_from_the_host(monkeypatch):
+    seen = {}
+
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+        seen.update(cu=cu_seqlens_q.tolist(), longest=(max_seqlen_q, max_seqlen_k), causal=causal, q=q.shape)
+        return q.clone(), None
+
+    monkeypatch.setattr(abk.fa, "_FA4_MODULE", types.SimpleNamespace(flash_attn_varlen_func=varlen))
+    shape = ab.Shape(2, 3000, 4, 4, 16, True, "fp32", "documents")
+    t = abk.make_inputs(shape, torch.device("cpu"), seed=5, backends=["fa4"], grad=False)
+    assert t["longest_doc"].device.type == "cpu"
+    fn, bhsd = abk.runner("fa4", t, shape)
+    out = fn()
+    lengths = [n for r in am.doc_lengths(3000, 2, 5) for n in r]
+    assert seen["longest"] == (max(lengths), max(lengths)) and seen["causal"] is True
+    assert seen["cu"] == [0, *torch.tensor(lengths).cumsum(0).tolist()] and seen["q"] == (6000, 4, 16)
+    assert not bhsd and out.shape == t["q"].shape
