@@ -1,9 +1,10 @@
 """Attention lab on a GPU: correctness, the FA3-paper sweeps (forward, forward+backward), masks,
-FA4 wrapper overhead and compile time, each row cross-checked against triton's do_bench.
+FA4 compile time and wrapper overhead, each sweep row cross-checked against triton's do_bench.
 
 Run from the repo root, one section per process so one failure or hang loses only itself:
     python benchmarks/bench_attention.py --section paper-train --out DIR --tag h200_2026-12-03
-Sections: correctness, paper-fwd, paper-train, masks, fa4-extras (--smoke: tiny CPU dry run).
+Sections: correctness, paper-fwd, paper-train, masks, fa4-extras, fa4-overhead (--smoke: tiny CPU
+dry run of a sweep).
 
 Sweep sections write DIR/attention_sweep_<tag>_<section>.json (loadable by the page and
 `python -m engine attention --load`); the others DIR/attention_<section>_<tag>.json. Every
@@ -148,11 +149,10 @@ def _paired(a, b, rounds: int, bench) -> dict:
 
 
 def fa4_extras(dev: torch.device) -> dict:
-    """FA4: compile time apart from kernel time, attention()'s overhead over calling
-    flash_attn.cute.interface.flash_attn_func directly, and SDPA with FA4 activated inside
+    """FA4: compile time apart from kernel time, and SDPA with FA4 activated inside
     (torch.nn.attention.activate_flash_attention_impl)."""
     bench = _do_bench()
-    res: dict = {"compile": [], "overhead": []}
+    res: dict = {"compile": []}
     for d, causal in ((128, True), (64, False)):
         q, k, v = (torch.randn(1, 16384, 2048 // d, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
@@ -174,8 +174,22 @@ def fa4_extras(dev: torch.device) -> dict:
                                "bwd_compile_s": bwd_first - (step_ms - fwd_ms) / 1e3})
         print(f"  compile D={d} causal={causal}: first fwd {fwd_first:.2f} s, first bwd {bwd_first:.2f} s; "
               f"steady fwd {fwd_ms:.3f} ms, fwd+bwd {step_ms:.3f} ms", flush=True)
+    inside = settings_for("fa3-paper-train", seqlens=(16384,), head_dims=(128,), causal=(True,),
+                          backends=("sdpa-flash", "sdpa-fa4"))
+    table = run_sweep(inside, crosscheck=bench).table  # sdpa-fa4 last: it switches SDPA's flash kernel
+    res["sdpa_fa4"] = json.loads(table.to_json(orient="records"))
+    for r in res["sdpa_fa4"]:
+        print(f"  {r['backend']}: {r['status']} {r['tflops'] or math.nan:.0f} TFLOP/s {r['note'][:150]}", flush=True)
+    return res
+
+
+def fa4_overhead(dev: torch.device) -> dict:
+    """attention(..., prefer="fa4") against flash_attn.cute.interface.flash_attn_func called directly,
+    forward and forward+backward, after compilation: median of per-round ratios of paired do_bench runs."""
     from flash_attn.cute.interface import flash_attn_func  # what a user calls without the wrapper
 
+    bench = _do_bench()
+    res: dict = {"overhead": []}
     for s in (2048, 8192, 16384):
         for grad in (False, True):
             q, k, v = (torch.randn(16384 // s, s, 16, 128, device=dev, dtype=torch.bfloat16, requires_grad=grad)
@@ -198,18 +212,12 @@ def fa4_extras(dev: torch.device) -> dict:
             print(f"  attention() vs flash_attn.cute.interface.flash_attn_func S={s} grad={grad} ({path.backend}): "
                   f"{r['a_ms']:.3f} vs {r['b_ms']:.3f} ms, {r['ratio_pct']:+.2f}% (median of 7 paired do_bench "
                   "rounds)", flush=True)
-    inside = settings_for("fa3-paper-train", seqlens=(16384,), head_dims=(128,), causal=(True,),
-                          backends=("sdpa-flash", "sdpa-fa4"))
-    table = run_sweep(inside, crosscheck=bench).table  # sdpa-fa4 last: it switches SDPA's flash kernel
-    res["sdpa_fa4"] = json.loads(table.to_json(orient="records"))
-    for r in res["sdpa_fa4"]:
-        print(f"  {r['backend']}: {r['status']} {r['tflops'] or math.nan:.0f} TFLOP/s {r['note'][:150]}", flush=True)
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--section", required=True, choices=["correctness", *SWEEPS, "fa4-extras"])
+    ap.add_argument("--section", required=True, choices=["correctness", *SWEEPS, "fa4-extras", "fa4-overhead"])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tag", default="gpu")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script runs")
@@ -226,7 +234,7 @@ def main() -> None:
         doc.update(sweep(args.section, args.out, args.tag, args.smoke))
         return
     else:
-        doc.update(fa4_extras(dev))
+        doc.update(fa4_extras(dev) if args.section == "fa4-extras" else fa4_overhead(dev))
     (args.out / f"attention_{args.section}_{args.tag}.json").write_text(json.dumps(doc, indent=1, default=str))
 
 

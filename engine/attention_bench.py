@@ -198,12 +198,18 @@ def _timed(timed: Callable[[], object], device: torch.device, s: SweepSettings, 
     gpu = device.type == "cuda"
     warm, window = (max(s.warmup_ms, 25.0), max(s.rep_ms, 100.0)) if gpu else (s.warmup_ms, s.rep_ms)
 
-    def ours() -> Timing:
-        return steady_time(timed, device, warm, window, s.min_reps)
+    def ours(settle: bool = True) -> Timing:
+        return steady_time(timed, device, warm, window, s.min_reps, settle=settle)
 
     if crosscheck is None:
         return ours(), math.nan, math.nan
-    windows, theirs = alternating(ours, lambda: crosscheck(timed), CROSS_ROUNDS)
+    done: list[Timing] = []
+
+    def ours_next() -> Timing:  # the first window settles the clock; the others follow load without a pause
+        done.append(ours(settle=not done))
+        return done[-1]
+
+    windows, theirs = alternating(ours_next, lambda: crosscheck(timed), CROSS_ROUNDS)
     mine = [w.median_ms for w in windows]
     noise = max((max(x) - min(x)) / statistics.median(x) for x in (mine, theirs))
     return combined(windows), statistics.median(theirs), 100 * noise
@@ -234,7 +240,8 @@ def _time_shape(shape: Shape, backends: list[str], s: SweepSettings, device: tor
                 torch.cuda.empty_cache()
 
 
-def _why_skip(shape: Shape, b: str, s: SweepSettings, device: torch.device, budget: int) -> str | None:
+def why_skip(shape: Shape, b: str, s: SweepSettings, device: torch.device, budget: int) -> str | None:
+    """Why backend `b` will not run on `shape` here (missing, mask unfit, over `budget` bytes), or None."""
     why = backend_unavailable(b, device, shape.dtype, shape.mask) or mask_unfit(shape.mask, shape.seqlen)
     if why is None and s.mode == "fwd+bwd" and b == "fa3" and fa.PROVIDER.module == "fa3_fwd_interface":
         why = "fa3-fwd is forward only"
@@ -267,7 +274,7 @@ def run_sweep(s: SweepSettings, progress: Progress | None = None, crosscheck: Cr
         by_backend: dict[str, dict[str, Any]] = {}
         runnable = []
         for b in s.backends:
-            why = _why_skip(shape, b, s, device, budget)
+            why = why_skip(shape, b, s, device, budget)
             if why is None:
                 runnable.append(b)
             else:

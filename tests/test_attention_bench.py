@@ -12,6 +12,7 @@ import torch
 
 from engine import attention_backends as abk
 from engine import attention_bench as ab
+from engine import attention_estimate as aest
 from engine import attention_masks as am
 from engine import attention_shapes as ash
 from engine.cli import main
@@ -321,13 +322,13 @@ def test_estimate_by_hand_and_reduced_settings_fit():
     # One shape (batch 2, 2 heads, D 16): 4*2*2*64*64*16 = 1,048,576 FLOPs at 1e-6 TFLOP/s = 1.048576 s per
     # call, x2.5 for math; cudnn does not run on a CPU. Row: max(5 ms, t) + max(10 ms, 3t) + 3t = 7t.
     t = 2.5 * 1.048576
-    assert ash.estimate_seconds(s, torch.device("cpu"), tflops=1e-6) == pytest.approx(7 * t)
+    assert aest.estimate_seconds(s, torch.device("cpu"), tflops=1e-6) == pytest.approx(7 * t)
     paper = ab.PRESETS["fa3-paper"]
-    small = ash.reduced(paper, torch.device("cpu"), 60.0, tflops=1e-3)
+    small = aest.reduced(paper, torch.device("cpu"), 60.0, tflops=1e-3)
     cpu = torch.device("cpu")
-    assert ash.estimate_seconds(small, cpu, 1e-3) <= 60.0 < ash.estimate_seconds(paper, cpu, 1e-3)
+    assert aest.estimate_seconds(small, cpu, 1e-3) <= 60.0 < aest.estimate_seconds(paper, cpu, 1e-3)
     assert small.backends == paper.backends and small.dtypes == paper.dtypes
-    assert [ash.format_seconds(x) for x in (0.2, 45, 600, 7200, 10 * 86400)] == [
+    assert [aest.format_seconds(x) for x in (0.2, 45, 600, 7200, 10 * 86400)] == [
         "1 s", "45 s", "10 min", "2.0 h", "10 days"]
 
 
@@ -369,3 +370,25 @@ def test_fa4_documents_runner_passes_the_longest_document_from_the_host(monkeypa
     assert seen["longest"] == (max(lengths), max(lengths)) and seen["causal"] is True
     assert seen["cu"] == [0, *torch.tensor(lengths).cumsum(0).tolist()] and seen["q"] == (6000, 4, 16)
     assert not bhsd and out.shape == t["q"].shape
+
+
+def test_estimate_costs_nothing_for_rows_the_sweep_would_skip():
+    cpu = torch.device("cpu")
+    # SDPA-math's scores at seqlen 16k, hidden 2048, head dim 64 (32 heads) are over the CPU budget: skipped.
+    big = ab.replace(ab.PRESETS["fa3-paper"], seqlens=(16384,), head_dims=(64,), causal=(False,),
+                     backends=("sdpa-math", "fa4", "sdpa-cudnn"), dtypes=("fp32",))
+    assert ab.why_skip(ab.shapes_of(big)[0], "sdpa-math", big, cpu, ab.memory_budget(cpu)).startswith("skipped")
+    assert aest.estimate_seconds(big, cpu, tflops=1e-3) == 0.0
+    plan = aest.plan_run(big, cpu, 1.0, tflops=1e-3)
+    assert plan == aest.RunPlan(0.0, False)
+
+
+def test_plan_run_offers_the_reduced_sweep_only_over_the_limit():
+    cpu = torch.device("cpu")
+    paper = ab.PRESETS["fa3-paper"]
+    plan = aest.plan_run(paper, cpu, 60.0, tflops=1e-3)
+    assert plan.too_long and plan.estimate_s == aest.estimate_seconds(paper, cpu, 1e-3) > 60.0
+    assert plan.reduced == aest.reduced(paper, cpu, 60.0, 1e-3)
+    assert plan.reduced_s == aest.estimate_seconds(plan.reduced, cpu, 1e-3) <= 60.0
+    quick = aest.plan_run(plan.reduced, cpu, 60.0, tflops=1e-3)
+    assert not quick.too_long and quick.reduced is None and quick.estimate_s == plan.reduced_s
