@@ -160,10 +160,12 @@ def _show(result: SweepResult, name: str, here: bool) -> None:
     if ok["vs_do_bench_pct"].notna().any():
         within = (ok["vs_do_bench_pct"].abs() <= 3).sum()
         st.caption(f"Timer cross-check: {within} of {len(ok)} rows within 3% of triton's do_bench (25 ms warm-up, "
-                   "100 ms window, median) timing the same call in the same process; column `vs_do_bench_pct`.")
+                   "100 ms window, median) timing the same call in the same process; column `vs_do_bench_pct`, "
+                   "and `window_range_pct`: how far each timer's own windows differed among themselves.")
     st.subheader("All rows")
-    st.caption("ms: median at steady clocks (warm-up for a time, then a >= 100 ms window); sm_mhz and power_w: "
-               "SM clock and board power sampled during that window; first_call_s: the first call's extra time "
+    st.caption("ms: median at steady clocks (warm-up until the SM clock stops falling, then a >= 100 ms window); "
+               "sm_mhz and power_w: SM clock and board power sampled during that window; host_ms: the host's time "
+               "per call (near ms: the host set the pace); first_call_s: the first call's extra time "
                "(kernel compilation, autotuning), never inside a timing.")
     st.dataframe(table, hide_index=True, width="stretch",
                  column_config={"rel_err": st.column_config.NumberColumn("rel err vs fp32", format="%.1e"),
