@@ -230,6 +230,8 @@ def test_the_h200_results_hold_fa4_forward_and_backward_at_steady_clocks():
     ok = train.table[train.table["status"] == "ok"]
     assert set(ok["backend"]) >= {"fa4", "sdpa", "sdpa-cudnn", "sdpa-flash"}
     assert ok["sm_mhz"].between(300, 2100).all() and ok["power_w"].between(50, 800).all()
+    # The settled rerun: every row warmed up at least do_bench's 25 ms, queued from the host, two windows each.
+    assert (ok["warmup_ms"] >= 25).all() and (ok["host_ms"] > 0).all() and (ok["window_range_pct"] >= 0).all()
     assert train.table.loc[train.table["backend"] == "fa3", "note"].eq("fa3-fwd is forward only").all()
     assert ok["dq_err"].notna().all()
     masks = ab.load_result(files["attention_sweep_h200_2026-12-03_masks"])
