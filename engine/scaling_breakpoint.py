@@ -153,15 +153,17 @@ def _side_from_sums(s0, s1, s2, t0, t1, t2) -> _Side:
     return _Side(s0, mu, mv, sxx, beta, np.maximum(syy - sxy * beta, 0.0))
 
 
-def _side_two_pass(u: np.ndarray, w: np.ndarray, v: np.ndarray) -> _Side:
-    """Line fit per row of w (P, n), v (P, n), centred on the row's own weighted means."""
+def _line_fit(u: np.ndarray, w: np.ndarray, v: np.ndarray) -> tuple[_Side, np.ndarray]:
+    """Weighted straight-line fit per row of w (B, n), v (B, n) or (n,): the fit and its residuals
+    (B, n). Two-pass, centred on each row's own weighted means: exact lines give SSE 0, not 1e-17."""
+    v = np.broadcast_to(v, w.shape)
     s0 = w.sum(1)
     mu, mv = (w * u).sum(1) / s0, (w * v).sum(1) / s0
     du, dv = u - mu[:, None], v - mv[:, None]
     sxx = (w * du * du).sum(1)
     beta = (w * du * dv).sum(1) / sxx
     r = dv - beta[:, None] * du
-    return _Side(s0, mu, mv, sxx, beta, (w * r * r).sum(1))
+    return _Side(s0, mu, mv, sxx, beta, (w * r * r).sum(1)), r
 
 
 def _gap(a: _Side, b: _Side, c: np.ndarray | float) -> np.ndarray:
@@ -230,7 +232,7 @@ def _sides_two_pass(u: np.ndarray, w: np.ndarray, v: np.ndarray, starts: np.ndar
     """Two-pass line fits for pairs (row, gap j) (P,): left = sizes up to g[j], right = the rest."""
     wl = w[rows] * (np.arange(u.size) < starts[j + 1][:, None])
     with np.errstate(divide="ignore", invalid="ignore"):
-        return _side_two_pass(u, wl, v[rows]), _side_two_pass(u, w[rows] - wl, v[rows])
+        return _line_fit(u, wl, v[rows])[0], _line_fit(u, w[rows] - wl, v[rows])[0]
 
 
 def _profile(u: np.ndarray, w: np.ndarray, v: np.ndarray, min_seg: int, continuous: bool) -> _Profile:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from engine.scaling_breakpoint import (_centred, _check_settings, _check_weights, _profile, data_rng,
-                                       validate_xy)
+from engine.scaling_breakpoint import (_centred, _check_settings, _check_weights, _line_fit, _profile,
+                                       data_rng, validate_xy)
 from engine.validation import check_bytes, check_float, check_int
 
 
@@ -36,16 +36,6 @@ class BreakTest:
     def supported(self, alpha: float = 0.05) -> bool:
         """True if sup-F rejects 'no break' at level `alpha` and BIC also prefers the break."""
         return self.supf_pvalue < alpha and self.delta_bic < 0
-
-
-def _line_sse(u: np.ndarray, w: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Weighted SSE of a straight-line fit per batch row; w (B, n), v (B, n) or (n,)."""
-    v = np.broadcast_to(v, w.shape)
-    s0 = w.sum(1)
-    mu, mv = (w * u).sum(1) / s0, (w * v).sum(1) / s0
-    du, dv = u - mu[:, None], v - mv[:, None]  # two-pass: exact lines give SSE 0, not 1e-17
-    sxx, sxy = (w * du * du).sum(1), (w * du * dv).sum(1)
-    return (w * (dv - (sxy / sxx)[:, None] * du) ** 2).sum(1)
 
 
 def _bic(sse: np.ndarray | float, n: int, p: int) -> np.ndarray | float:
@@ -82,7 +72,7 @@ def break_test(params: object, losses: object, n_sim: int = 999, seed: int = 0, 
         with np.errstate(divide="ignore", invalid="ignore"):
             return ((sse1 - sse2) / (p2 - 2)) / (sse2 / (n - p2))
 
-    sse1 = _line_sse(u, ws[None], v)
+    sse1 = _line_fit(u, ws[None], v)[0].e
     sse2 = _profile(u, ws[None], v, m, continuous).sse
     f = float(fstat(sse1, sse2)[0])
     # NaN without simulations, or when F is 0/0 (both fits exact): fsim >= nan is never true.
@@ -92,7 +82,7 @@ def break_test(params: object, losses: object, n_sim: int = 999, seed: int = 0, 
         wpos = np.where(ws > 0, ws, 1.0)
         noise = data_rng(x, y, seed).standard_normal((n_sim, n)) / np.sqrt(wpos)
         W = np.broadcast_to(ws, noise.shape)
-        fsim = fstat(_line_sse(u, W, noise), _profile(u, W, noise, m, continuous).sse)
+        fsim = fstat(_line_fit(u, W, noise)[0].e, _profile(u, W, noise, m, continuous).sse)
         pv = float((1 + np.sum(fsim >= f)) / (n_sim + 1))
     return BreakTest(f_stat=f, f_pvalue=float(stats.f.sf(f, p2 - 2, n - p2)), supf_pvalue=pv,
                      bic_single=float(_bic(sse1[0], n, 2)), bic_broken=float(_bic(sse2[0], n, p2)),
@@ -110,6 +100,6 @@ def detection_rate(params: np.ndarray, true_losses: np.ndarray, noise: float, n_
     order, u, v, _, _ = _centred(x, y)
     V = v + noise * np.random.default_rng(seed).standard_normal((n_seeds, x.size))
     W = np.ones_like(V)
-    sse1 = _line_sse(u, W, V)
+    sse1 = _line_fit(u, W, V)[0].e
     sse2 = _profile(u, W, V, m, True).sse
     return float(np.mean(_bic(sse2, x.size, 4) < _bic(sse1, x.size, 2)))

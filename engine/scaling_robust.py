@@ -14,7 +14,7 @@ import numpy as np
 from scipy import stats
 
 from engine.scaling_breakpoint import (BreakpointModel, _centred, _check_settings, _coefficients,
-                                       _curve, _model, _profile, data_rng, validate_xy)
+                                       _curve, _line_fit, _model, _profile, data_rng, validate_xy)
 from engine.scaling_breaktest import BreakTest, _bic, min_points_for_test
 from engine.validation import check_bytes, check_int
 
@@ -28,14 +28,6 @@ def _huber(r: np.ndarray) -> np.ndarray:
     a = np.abs(r)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(a > HUBER_K * s, HUBER_K * s / a, 1.0)
-
-
-def _line_fit(u: np.ndarray, W: np.ndarray, V: np.ndarray) -> np.ndarray:
-    """Residuals (B, n) of the weighted straight-line fit of each row."""
-    s0 = W.sum(1, keepdims=True)
-    mu, mv = (W * u).sum(1, keepdims=True) / s0, (W * V).sum(1, keepdims=True) / s0
-    du, dv = u - mu, V - mv
-    return dv - (W * du * dv).sum(1, keepdims=True) / (W * du * du).sum(1, keepdims=True) * du
 
 
 def _irls(V: np.ndarray, residuals) -> np.ndarray:
@@ -55,8 +47,8 @@ def _irls(V: np.ndarray, residuals) -> np.ndarray:
 
 def huber_line(u: np.ndarray, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """IRLS Huber line per row of V (B, n): final weights and residuals, both (B, n)."""
-    W = _irls(V, lambda W, rows: _line_fit(u, W, V[rows]))
-    return W, _line_fit(u, W, V)
+    W = _irls(V, lambda W, rows: _line_fit(u, W, V[rows])[1])
+    return W, _line_fit(u, W, V)[1]
 
 
 def huber_broken(u: np.ndarray, V: np.ndarray, m: int, continuous: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +97,7 @@ def break_test_huber(params: object, losses: object, n_sim: int = 999, seed: int
     def fstat(V: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         W, _ = huber_broken(u, V, m, continuous)
         sse2 = _profile(u, W, V, m, continuous).sse
-        sse1 = np.sum(W * _line_fit(u, W, V) ** 2, axis=1)
+        sse1 = _line_fit(u, W, V)[0].e
         with np.errstate(divide="ignore", invalid="ignore"):
             return ((sse1 - sse2) / (p2 - 2)) / (sse2 / (n - p2)), sse1, sse2
 
