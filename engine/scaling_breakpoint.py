@@ -68,6 +68,12 @@ class BreakpointModel:
                 "continuous": self.continuous}
 
 
+def n_params(continuous: bool) -> int:
+    """Free parameters of the two-segment model: intercept, two slopes and the breakpoint, and
+    the jump when it is not continuous."""
+    return 4 if continuous else 5
+
+
 # ---------------------------------------------------------------- validation
 
 
