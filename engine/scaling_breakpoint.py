@@ -322,6 +322,17 @@ def _check_settings(x: np.ndarray, min_segment: int) -> int:
     return m
 
 
+def _prepare(params: object, losses: object, min_segment: int, weights: object
+             ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray, np.ndarray, float, float]:
+    """Checked params, losses, min_segment and weights; the weights sorted by params (n,), centred
+    ln(params) and ln(loss) and both centres (see _centred)."""
+    x, y = validate_xy(params, losses)
+    m = _check_settings(x, min_segment)
+    w = _check_weights(weights, x.size)
+    order, u, v, u0, v0 = _centred(x, y)
+    return x, y, m, w[order], u, v, u0, v0
+
+
 def _curve(coef: np.ndarray, c: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Fitted centred ln(loss) at u (G,) for coefficient rows (B, 4) and breakpoints c (B,): (B, G)."""
     cc = np.asarray(c)[:, None]
@@ -340,11 +351,8 @@ def fit_breakpoint(params: object, losses: object, min_segment: int = 2, weights
     on every row, as least squares does). weights: (n,) non-negative weights on squared log
     residuals, or None.
     """
-    x, y = validate_xy(params, losses)
-    m = _check_settings(x, min_segment)
-    w = _check_weights(weights, x.size)
-    order, u, v, u0, v0 = _centred(x, y)
-    ws = w[order][None]
+    _, _, m, w, u, v, u0, v0 = _prepare(params, losses, min_segment, weights)
+    ws = w[None]
     if np.unique(u[ws[0] > 0]).size < 2 * m:
         raise ValueError(f"weights: need at least {2 * m} distinct sizes with weight > 0")
     prof = _profile(u, ws, v, m, continuous)

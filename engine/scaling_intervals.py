@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from engine.scaling_breakpoint import (_centred, _check_settings, _check_weights, _coefficients,
-                                       _curve, _gap, _poly, _profile, _sides, _sides_two_pass, _var,
-                                       data_rng, n_params, validate_xy)
+from engine.scaling_breakpoint import (_coefficients, _curve, _gap, _poly, _prepare, _profile, _sides,
+                                       _sides_two_pass, _var, data_rng, n_params)
 from engine.validation import check_bytes, check_choice, check_float, check_int
 
 METHODS = ("calibrated", "profile", "bootstrap", "residual")
@@ -46,14 +45,6 @@ class Intervals:
     slope_before: tuple[float, float]
     slope_after: tuple[float, float]
     note: str = ""  # e.g. the interval reaches the edge of the sizes a knee can sit between
-
-
-def _prepare(params: object, losses: object, min_segment: int, weights: object):
-    x, y = validate_xy(params, losses)
-    m = _check_settings(x, min_segment)
-    w = _check_weights(weights, x.size)
-    order, u, v, u0, v0 = _centred(x, y)
-    return x, y, m, w[order], u, v, u0, v0
 
 
 # ---------------------------------------------------------------- profile (inverted F)
