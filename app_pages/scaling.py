@@ -88,13 +88,15 @@ if source == "upload":
     up = st.file_uploader(f"CSV with a header row (at most {MAX_UPLOAD_BYTES // 2**20} MiB)", type="csv",
                           key="csv")
     # Replacing a file passes through a run without one: an earlier upload's results stay on
-    # screen (marked as such) rather than the page going blank for a moment.
+    # screen (marked as such) rather than the page going blank for a moment. The notice has its
+    # slot on every run: an element inserted only then would shift every element below it, and
+    # the browser would redraw the charts' places with other elements until the next run.
     no_file = up is None
-    if no_file:
-        st.info("Upload a CSV with a size column and a loss column, or pick a bundled table.")
-        if not str(st.session_state.get("_scaling_source", "")).startswith("upload"):
-            st.stop()
-    else:
+    notice = st.empty()
+    if no_file and not str(st.session_state.get("_scaling_source", "")).startswith("upload"):
+        notice.info("Upload a CSV with a size column and a loss column, or pick a bundled table.")
+        st.stop()
+    if not no_file:
         csv_bytes = up.getvalue()
         source_name = f"upload {up.name!r}"
 elif source == "synthetic":
@@ -171,8 +173,9 @@ stale = stale or refused("scaling_lab")
 if not stale:
     st.session_state["_scaling_source"] = source_name
 shown = st.session_state.get("_scaling_source", "an earlier table")
+earlier_slot = st.empty()  # on every run, for the reason given at the uploader
 if stale and shown != source_name:
-    st.warning(f"The results below are those of the earlier table ({shown})"
+    earlier_slot.warning(f"The results below are those of the earlier table ({shown})"
                + ("." if no_file else f", not of {source_name}, which was refused."),
                icon=":material/history:")
 
