@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages._ui import download_buttons, guarded, last_good, refused
+from app_pages._ui import table as show_table  # `table` here is the data
 from engine.scaling_breakpoint import MAX_SEED
 from engine.scaling_data import (DATASETS, MAX_UPLOAD_BYTES, Filter, SyntheticSpec, detection_curve,
                                  generate_synthetic, load_dataset, parse_csv, select_xy)
@@ -263,20 +264,20 @@ right.plotly_chart(hist, key="scaling_boot")
 st.subheader("Two-segment fit")
 st.caption(f"Intervals: {METHOD_NAMES[iv.method]}" + (" (default)" if iv.method == DEFAULT_METHOD else "")
            + ". Other methods: Fit settings, Interval method.")
-st.dataframe(res.summary, hide_index=True, key="scaling_summary")
+show_table(res.summary, hide_index=True, key="scaling_summary")
 if compare:
-    st.dataframe(res.methods, hide_index=True, key="scaling_methods")
+    show_table(res.methods, hide_index=True, key="scaling_methods")
 download_buttons("scaling_fit_summary", res.summary, {"model": m.summary, "settings": fit, "x": x_col,
                                                       "y": y_col})
 st.subheader("Other forms on the same points")
 st.caption("RMSLE is the root mean squared error of natural-log loss; hold-out rows are extrapolated.")
-st.dataframe(form_table, hide_index=True, key="scaling_forms")
+show_table(form_table, hide_index=True, key="scaling_forms")
 download_buttons("scaling_forms", form_table)
 if not res.extrapolation.empty:
     st.subheader("Extrapolation")
-    st.dataframe(res.extrapolation, hide_index=True, key="scaling_extrap")
+    show_table(res.extrapolation, hide_index=True, key="scaling_extrap")
 st.subheader("Predictions per point")
-st.dataframe(pts, hide_index=True, key="scaling_points")
+show_table(pts, hide_index=True, key="scaling_points")
 download_buttons("scaling_predictions", pts)
 
 # ---------------------------------------------------------------- what-if
@@ -290,4 +291,4 @@ if source == "synthetic":
         dfig.update_yaxes(range=[0, 1.05], title="share of 200 seeds where BIC prefers the break")
         dfig.update_layout(title="Detection rate of this knee against noise", height=360)
         st.plotly_chart(dfig, key="scaling_detect")
-        st.dataframe(det, hide_index=True, key="scaling_detect_table")
+        show_table(det, hide_index=True, key="scaling_detect_table")

@@ -111,7 +111,7 @@ def test_will_it_fit_defaults_advice_and_time_to_train():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("gpus", 6, '"GPUs N" must be a multiple of "expert-parallel ranks" (8), got 6'),
+    ("gpus", 6, '"GPUs N" must be a multiple of "Ranks R (expert-parallel)" (8), got 6'),
     ("mfu", 1.5, '"MFU" must be <= 1.0, got 1.5'),
     ("zero", 5, '"ZeRO stage" must be >= 0 and <= 3, got 5'),
     ("mb", 0, '"micro-batch (sequences)" must be >= 1'),
