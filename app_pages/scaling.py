@@ -64,6 +64,12 @@ def _reset_columns() -> None:
         st.session_state.pop(key, None)
 
 
+def _short(value: float, digits: int) -> str:
+    """`value` to `digits` significant digits, exponents written short: 9.125e7, not 9.125e+07."""
+    mantissa, e, exp = f"{value:.{digits}g}".partition("e")
+    return mantissa + (f"e{int(exp)}" if e else "")
+
+
 def _pick(label: str, options: list[str], default: str | None, key: str, col=st) -> str:
     index = options.index(default) if default in options else 0
     return col.selectbox(label, options, index=index, key=key, **Q)
@@ -190,8 +196,8 @@ m, t = res.model, res.test
 iv = res.intervals
 lo, hi = iv.breakpoint
 k = st.columns(5)
-k[0].metric("Breakpoint", f"{m.breakpoint:.3g}".replace("e+0", "e").replace("e+", "e"), help=f"{iv.level:.0%} interval: {METHOD_NAMES[iv.method]}")
-k[0].caption(f"{iv.level:.0%} CI {lo:.4g} to {hi:.4g} ({iv.method})")
+k[0].metric("Breakpoint", _short(m.breakpoint, 3), help=f"{iv.level:.0%} interval: {METHOD_NAMES[iv.method]}")
+k[0].caption(f"{iv.level:.0%} CI {_short(lo, 4)} to {_short(hi, 4)} ({iv.method})")
 for col, name, value, (a, b) in ((k[1], "Slope before", m.slope_before, iv.slope_before),
                                  (k[2], "Slope after", m.slope_after, iv.slope_after)):
     col.metric(name, f"{value:.3f}", help="d ln(loss) / d ln(size)")

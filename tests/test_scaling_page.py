@@ -56,6 +56,12 @@ def test_noise_free_synthetic_knee_is_recovered_and_the_url_reproduces_it(monkey
     assert _estimate(at, "slope_after") == pytest.approx(-0.3, abs=1e-9)
     detect = _table(at, "noise", "detection_rate")
     assert detect["detection_rate"].iloc[0] == 1.0  # the lowest noise always finds this knee
+    # Large numbers read 3.162e8, never 3.162e+08; the interval is written "a to b".
+    metric = next(m for m in at.metric if m.label == "Breakpoint")
+    assert metric.value == "3.16e8"
+    low, high = _table(at, "quantity", "low").set_index("quantity").loc["breakpoint", ["low", "high"]]
+    ci = next(c.value for c in at.caption if " CI " in c.value)
+    assert ci.startswith(f"95% CI {float(low):.4g} to {float(high):.4g}".replace("e+0", "e"))
 
 
 def test_filter_on_the_chinchilla_table_keeps_the_pandas_rows(monkeypatch):
