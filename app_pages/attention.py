@@ -11,8 +11,8 @@ from app_pages._ui import _environment, download_buttons, guarded
 from app_pages._ui import table as ui_table  # `table` here is the results
 from engine.attention_bench import SweepResult, committed_results, load_result, run_sweep
 from engine.attention_masks import MASKS
-from engine.attention_shapes import (BACKENDS, CPU_LIMIT_S, DTYPES, MODES, PRESETS, SweepSettings, device_tflops,
-                                     estimate_seconds, format_seconds, reduced, settings_for)
+from engine.attention_estimate import device_tflops, format_seconds, plan_run
+from engine.attention_shapes import BACKENDS, DTYPES, MODES, PRESETS, SweepSettings, settings_for
 from engine.attention_train import ModelShape, model_sweep_fields, training_view
 from engine.flash_attention3 import fa3_readiness, fa4_readiness
 
@@ -160,11 +160,15 @@ def _show(result: SweepResult, name: str, here: bool) -> None:
                                         "best_sdpa_tflops": st.column_config.NumberColumn(format="%.0f")})
     if ok["vs_do_bench_pct"].notna().any():
         within = (ok["vs_do_bench_pct"].abs() <= 3).sum()
+        ranges = ("; `window_range_pct`: how far each timer's own windows differed among themselves"
+                  if ok["window_range_pct"].notna().any() else "")
         st.caption(f"Timer cross-check: {within} of {len(ok)} rows within 3% of triton's do_bench (25 ms warm-up, "
-                   "100 ms window, median) timing the same call in the same process; column `vs_do_bench_pct`.")
+                   "100 ms window, median) timing the same call in the same process; column "
+                   f"`vs_do_bench_pct`{ranges}.")
     st.subheader("All rows")
-    st.caption("ms: median at steady clocks (warm-up for a time, then a >= 100 ms window); sm_mhz and power_w: "
-               "SM clock and board power sampled during that window; first_call_s: the first call's extra time "
+    st.caption("ms: median at steady clocks (warm-up until the SM clock stops falling, then a >= 100 ms window); "
+               "sm_mhz and power_w: SM clock and board power sampled during that window; host_ms: the host's time "
+               "per call (near ms: the host set the pace); first_call_s: the first call's extra time "
                "(kernel compilation, autotuning), never inside a timing.")
     # Rows that did not run have no timings: "–" there (ui_table), not "None".
     ui_table(table.rename(columns={"rel_err": "rel err vs fp32", "dq_err": "dq rel err"}),
@@ -226,16 +230,15 @@ def _run_here() -> None:
         settings = _settings_from_widgets()
     device = torch.device("cuda" if _on_gpu() else "cpu")
     rate = _rate(device.type, settings.dtypes[0])
-    estimate = guarded("attention_estimate", lambda: estimate_seconds(settings, device, rate))
-    if estimate is None:
+    plan = guarded("attention_estimate", lambda: plan_run(settings, device, tflops=rate))
+    if plan is None:
         return
-    too_long = device.type == "cpu" and estimate > CPU_LIMIT_S
+    estimate = plan.estimate_s
     c1, c2, c3 = st.columns([2, 3, 1])
-    run = c1.button("Run sweep", type="primary", icon=":material/play_arrow:", disabled=too_long)
+    run = c1.button("Run sweep", type="primary", icon=":material/play_arrow:", disabled=plan.too_long)
     c3.button("Stop", icon=":material/stop:", help="Stops a running sweep at its next row.")
-    if too_long:
-        small = reduced(settings, device, CPU_LIMIT_S, rate)
-        small_s = estimate_seconds(small, device, rate)
+    if plan.too_long:
+        small, small_s = plan.reduced, plan.reduced_s
         st.warning(f"This sweep would take about {format_seconds(estimate)} on this CPU (estimated from its shapes "
                    f"and a matmul timed here). Run it on a GPU, pick the quick preset, or run it at reduced size: "
                    f"tokens {small.tokens}, seqlens {', '.join(map(str, small.seqlens))}, hidden {small.hidden} "

@@ -1,15 +1,19 @@
 """Attention lab on a GPU: correctness, the FA3-paper sweeps (forward, forward+backward), masks,
-FA4 wrapper overhead and compile time, each row cross-checked against triton's do_bench.
+FA4 compile time and wrapper overhead, each sweep row cross-checked against triton's do_bench.
 
 Run from the repo root, one section per process so one failure or hang loses only itself:
     python benchmarks/bench_attention.py --section paper-train --out DIR --tag h200_2026-12-03
-Sections: correctness, paper-fwd, paper-train, masks, fa4-extras (--smoke: tiny CPU dry run).
+Sections: correctness, paper-fwd, paper-train, masks, fa4-extras, fa4-overhead (--smoke: tiny CPU
+dry run of a sweep).
 
 Sweep sections write DIR/attention_sweep_<tag>_<section>.json (loadable by the page and
 `python -m engine attention --load`); the others DIR/attention_<section>_<tag>.json. Every
-timed row runs at steady clocks (engine.timing.steady_time) and is timed again by `do_bench` with
-its defaults (25 ms warm-up, 100 ms of repetitions, median) on the same callable in this process:
-the `vs_do_bench_pct` column. A short table is printed last.
+timed row runs at steady clocks (engine.timing.steady_time, warmed up until the SM clock stops
+falling) and is cross-checked by `do_bench` with its defaults (25 ms warm-up, 100 ms of
+repetitions, median) on the same callable in this process, two windows of each in ABBA order
+(engine.attention_bench.CROSS_ROUNDS): `vs_do_bench_pct` compares their medians,
+`window_range_pct` is the larger of the two timers' own window-to-window ranges. A short table
+is printed last, with every row outside 3%.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import flash_attention3 as fa  # noqa: E402
 from engine.attention_bench import run_sweep, settings_for, sweep_environment  # noqa: E402
-from engine.timing import alternating  # noqa: E402
+from engine.timing import alternating, steady_time  # noqa: E402
 
 SWEEPS = {"paper-fwd": "fa3-paper", "paper-train": "fa3-paper-train", "masks": "masks"}
 
@@ -115,7 +119,9 @@ def sweep(section: str, out: Path, tag: str, smoke: bool) -> dict:
     def progress(done: int, total: int, label: str) -> None:
         print(f"  [{done}/{total}] {time.perf_counter() - t0:5.0f} s  {label}", flush=True)
 
-    result = run_sweep(s, progress=progress, crosscheck=None if smoke else _do_bench())
+    # Smoke: a CPU stand-in for do_bench, so the cross-check path runs too.
+    check = (lambda fn: steady_time(fn, "cpu", 1.0, 5.0).median_ms) if smoke else _do_bench()
+    result = run_sweep(s, progress=progress, crosscheck=check)
     (out / f"attention_sweep_{tag}_{section}.json").write_text(result.to_json())
     t = result.table
     ok = t[t["status"] == "ok"]
@@ -126,6 +132,10 @@ def sweep(section: str, out: Path, tag: str, smoke: bool) -> dict:
     cols = ["mask" if s.masks else "causal", "seqlen", "backend"]
     view = ok[ok["head_dim"] == (128 if not smoke else 16)]
     print(view.pivot_table(index=cols[:2], columns="backend", values="tflops").round(0).to_string())
+    cols = ["head_dim", "causal", "mask", "batch", "seqlen", "backend", "ms", "do_bench_ms", "vs_do_bench_pct",
+            "window_range_pct", "host_ms", "sm_mhz", "warmup_ms"]
+    if (~within & ok["vs_do_bench_pct"].notna()).any():
+        print("outside 3%:\n" + ok.loc[~within & ok["vs_do_bench_pct"].notna(), cols].round(3).to_string())
     for r in t[t["status"] != "ok"].drop_duplicates(["backend", "note"]).itertuples():
         print(f"  {r.backend} {r.status}: {r.note[:120]}")
     return {"rows": len(t), "timed": len(ok), "elapsed_s": result.elapsed_s}
@@ -139,10 +149,10 @@ def _paired(a, b, rounds: int, bench) -> dict:
 
 
 def fa4_extras(dev: torch.device) -> dict:
-    """FA4: compile time apart from kernel time, attention() overhead over a direct call, and SDPA
-    with FA4 activated inside (torch.nn.attention.activate_flash_attention_impl)."""
+    """FA4: compile time apart from kernel time, and SDPA with FA4 activated inside
+    (torch.nn.attention.activate_flash_attention_impl)."""
     bench = _do_bench()
-    res: dict = {"compile": [], "overhead": []}
+    res: dict = {"compile": []}
     for d, causal in ((128, True), (64, False)):
         q, k, v = (torch.randn(1, 16384, 2048 // d, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
@@ -164,25 +174,6 @@ def fa4_extras(dev: torch.device) -> dict:
                                "bwd_compile_s": bwd_first - (step_ms - fwd_ms) / 1e3})
         print(f"  compile D={d} causal={causal}: first fwd {fwd_first:.2f} s, first bwd {bwd_first:.2f} s; "
               f"steady fwd {fwd_ms:.3f} ms, fwd+bwd {step_ms:.3f} ms", flush=True)
-    for s in (2048, 8192, 16384):
-        for grad in (False, True):
-            q, k, v = (torch.randn(16384 // s, s, 16, 128, device=dev, dtype=torch.bfloat16, requires_grad=grad)
-                       for _ in range(3))
-            if grad:
-                dout = torch.randn_like(q)
-                wrapped = lambda: torch.autograd.grad(  # noqa: E731
-                    fa.attention(q, k, v, True, prefer="fa4"), (q, k, v), dout)
-                direct = lambda: torch.autograd.grad(fa.fa4_call(q, k, v, True), (q, k, v), dout)  # noqa: E731
-            else:
-                wrapped = lambda: fa.attention(q, k, v, True, prefer="fa4")  # noqa: E731
-                direct = lambda: fa.fa4_call(q, k, v, True)  # noqa: E731
-            with torch.set_grad_enabled(grad):
-                path = fa.choose_path(q, k, v, causal=True, prefer="fa4")
-                r = _paired(wrapped, direct, 5, bench)
-            res["overhead"].append({"S": s, "grad": grad, "path": path.backend, "wrapper_ms": r["a_ms"],
-                                    "direct_ms": r["b_ms"], "overhead_pct": r["ratio_pct"], "rounds": r["rounds"]})
-            print(f"  attention() vs fa4_call S={s} grad={grad} ({path.backend}): {r['a_ms']:.3f} vs "
-                  f"{r['b_ms']:.3f} ms, {r['ratio_pct']:+.2f}% (median of 5 paired do_bench rounds)", flush=True)
     inside = settings_for("fa3-paper-train", seqlens=(16384,), head_dims=(128,), causal=(True,),
                           backends=("sdpa-flash", "sdpa-fa4"))
     table = run_sweep(inside, crosscheck=bench).table  # sdpa-fa4 last: it switches SDPA's flash kernel
@@ -192,9 +183,41 @@ def fa4_extras(dev: torch.device) -> dict:
     return res
 
 
+def fa4_overhead(dev: torch.device) -> dict:
+    """attention(..., prefer="fa4") against flash_attn.cute.interface.flash_attn_func called directly,
+    forward and forward+backward, after compilation: median of per-round ratios of paired do_bench runs."""
+    from flash_attn.cute.interface import flash_attn_func  # what a user calls without the wrapper
+
+    bench = _do_bench()
+    res: dict = {"overhead": []}
+    for s in (2048, 8192, 16384):
+        for grad in (False, True):
+            q, k, v = (torch.randn(16384 // s, s, 16, 128, device=dev, dtype=torch.bfloat16, requires_grad=grad)
+                       for _ in range(3))
+            if grad:
+                dout = torch.randn_like(q)
+                wrapped = lambda: torch.autograd.grad(  # noqa: E731
+                    fa.attention(q, k, v, True, prefer="fa4"), (q, k, v), dout)
+                direct = lambda: torch.autograd.grad(  # noqa: E731
+                    flash_attn_func(q, k, v, causal=True)[0], (q, k, v), dout)
+            else:
+                wrapped = lambda: fa.attention(q, k, v, True, prefer="fa4")  # noqa: E731
+                direct = lambda: flash_attn_func(q, k, v, causal=True)  # noqa: E731
+            with torch.set_grad_enabled(grad):
+                path = fa.choose_path(q, k, v, causal=True, prefer="fa4")
+                r = _paired(wrapped, direct, 7, bench)
+            res["overhead"].append({"S": s, "grad": grad, "path": path.backend, "wrapper_ms": r["a_ms"],
+                                    "direct_ms": r["b_ms"], "overhead_pct": r["ratio_pct"], "rounds": r["rounds"],
+                                    "direct": "flash_attn.cute.interface.flash_attn_func"})
+            print(f"  attention() vs flash_attn.cute.interface.flash_attn_func S={s} grad={grad} ({path.backend}): "
+                  f"{r['a_ms']:.3f} vs {r['b_ms']:.3f} ms, {r['ratio_pct']:+.2f}% (median of 7 paired do_bench "
+                  "rounds)", flush=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--section", required=True, choices=["correctness", *SWEEPS, "fa4-extras"])
+    ap.add_argument("--section", required=True, choices=["correctness", *SWEEPS, "fa4-extras", "fa4-overhead"])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tag", default="gpu")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script runs")
@@ -211,7 +234,7 @@ def main() -> None:
         doc.update(sweep(args.section, args.out, args.tag, args.smoke))
         return
     else:
-        doc.update(fa4_extras(dev))
+        doc.update(fa4_extras(dev) if args.section == "fa4-extras" else fa4_overhead(dev))
     (args.out / f"attention_{args.section}_{args.tag}.json").write_text(json.dumps(doc, indent=1, default=str))
 
 

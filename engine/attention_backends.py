@@ -41,10 +41,9 @@ def backend_unavailable(backend: str, device: torch.device, dtype: str, mask: st
         if dtype == "fp32":
             return "FA4 takes fp16/bf16"
     if backend == "fa3":
-        if not fa._HAS_FLASH3:
-            return "FA3 not installed"
-        if not cuda or fa.device_capability(device) != (9, 0):
-            return "FA3 needs a Hopper (sm_90) GPU"
+        ok, why = fa.fa3_readiness(device)
+        if not ok:
+            return "FA3 " + why
         if DTYPES[dtype] not in fa.fa3_dtypes():
             return f"{fa.PROVIDER.module} has no {dtype} kernels"
     if backend == "fa2":
@@ -75,7 +74,7 @@ def backend_unavailable(backend: str, device: torch.device, dtype: str, mask: st
 def make_inputs(shape: Shape, device: torch.device, seed: int, backends: list[str], grad: bool
                 ) -> dict[str, torch.Tensor]:
     """q, k, v (B, S, H, D) from a seeded normal, their (B, H, S, D) copies if a backend needs them,
-    and the document ids of a "documents" mask."""
+    and for a "documents" mask its document ids, cumulative offsets and longest document (a CPU scalar)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     dt = DTYPES[shape.dtype]
     b, s, d = shape.batch, shape.seqlen, shape.head_dim
@@ -88,7 +87,8 @@ def make_inputs(shape: Shape, device: torch.device, seed: int, backends: list[st
             x.requires_grad_(True)
     if shape.mask == "documents":
         t["doc"] = document_ids(s, b, seed, device)
-        t["cu_seqlens"] = cu_seqlens(s, b, seed, device)[0]
+        t["cu_seqlens"], longest = cu_seqlens(s, b, seed, device)
+        t["longest_doc"] = torch.tensor(longest)  # on the host: FA4's runner reads it without a device sync
     return t
 
 
@@ -187,8 +187,7 @@ def _fa4_runner(t: dict[str, torch.Tensor], shape: Shape) -> Callable[[], torch.
     if shape.mask != "documents":
         return lambda: fa.fa4_call(q, k, v, shape.causal, window=w, softcap=softcap)
     # Packed documents: FA4's variable-length entry over the flattened (B*S) tokens.
-    cu = t["cu_seqlens"]
-    longest = int((cu[1:] - cu[:-1]).max())
+    cu, longest = t["cu_seqlens"], int(t["longest_doc"])
     flat = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v)]
     func = fa._FA4_MODULE.flash_attn_varlen_func
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace  # noqa: F401 (replace: for callers)
 from pathlib import Path
@@ -28,11 +29,14 @@ from engine.attention_shapes import (DTYPES, PRESETS, Shape, SweepSettings, atte
                                      describe, input_bytes, mask_bytes, math_bytes, settings_for, shape_flops,
                                      shapes_of)
 from engine.env_info import environment
-from engine.timing import steady_time
+from engine.timing import Timing, alternating, combined, steady_time
 from engine.validation import MAX_BYTES, check_bytes
 
 Progress = Callable[[int, int, str], None]
 CrossCheck = Callable[[Callable[[], object]], float]
+# Windows of steady_time and of the cross-check per row, in ABBA order: a drift between windows (clocks,
+# a host's pace) cancels in the comparison, and one noisy window moves each figure by half, not whole.
+CROSS_ROUNDS = 2
 
 @dataclass
 class SweepResult:
@@ -72,7 +76,8 @@ class SweepResult:
 
 KEYS = ["dtype", "head_dim", "causal", "mask", "batch", "seqlen", "heads", "kv_heads"]
 FLOAT_COLUMNS = ("ms", "p10_ms", "p90_ms", "tflops", "frac_matmul", "peak_extra_mib", "rel_err", "dq_err",
-                 "first_call_s", "sm_mhz", "power_w", "do_bench_ms", "vs_do_bench_pct")
+                 "first_call_s", "sm_mhz", "power_w", "host_ms", "warmup_ms", "do_bench_ms", "vs_do_bench_pct",
+                 "window_range_pct")
 COLUMNS = [*KEYS, "backend", "status", *FLOAT_COLUMNS, "note"]
 
 
@@ -176,16 +181,38 @@ def _time_row(shape: Shape, backend: str, t: dict[str, torch.Tensor], s: SweepSe
             timed = fn
         del out
         peak = _peak_extra_mib(timed, device)
-        # On a GPU never less than do_bench's 25 ms warm-up and 100 ms window: shorter reads the boost clocks.
-        gpu = device.type == "cuda"
-        warm, window = (max(s.warmup_ms, 25.0), max(s.rep_ms, 100.0)) if gpu else (s.warmup_ms, s.rep_ms)
-        timing = steady_time(timed, device, warm, window, s.min_reps)
-        checked = crosscheck(timed) if crosscheck is not None else math.nan
+        timing, checked, noise = _timed(timed, device, s, crosscheck)
     tflops = shape_flops(shape, s.mode, s.seed) / (timing.median_ms * 1e-3) / 1e12
     return _row(shape, backend, "ok", note, ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms,
                 tflops=tflops, frac_matmul=tflops / ceiling[shape.dtype], peak_extra_mib=peak, rel_err=err,
                 dq_err=dq_err, first_call_s=max(0.0, first - timing.median_ms / 1e3), sm_mhz=timing.sm_mhz,
-                power_w=timing.power_w, do_bench_ms=checked, vs_do_bench_pct=100 * (timing.median_ms / checked - 1))
+                power_w=timing.power_w, host_ms=timing.host_ms, warmup_ms=timing.warmup_ms, do_bench_ms=checked,
+                vs_do_bench_pct=100 * (timing.median_ms / checked - 1), window_range_pct=noise)
+
+
+def _timed(timed: Callable[[], object], device: torch.device, s: SweepSettings, crosscheck: CrossCheck | None
+           ) -> tuple[Timing, float, float]:
+    """The row's timing; with `crosscheck`: CROSS_ROUNDS windows of each timer, alternating, their
+    medians, and the larger of the two timers' own window-to-window ranges (percent)."""
+    # On a GPU never less than do_bench's 25 ms warm-up and 100 ms window: shorter reads the boost clocks.
+    gpu = device.type == "cuda"
+    warm, window = (max(s.warmup_ms, 25.0), max(s.rep_ms, 100.0)) if gpu else (s.warmup_ms, s.rep_ms)
+
+    def ours(settle: bool = True) -> Timing:
+        return steady_time(timed, device, warm, window, s.min_reps, settle=settle)
+
+    if crosscheck is None:
+        return ours(), math.nan, math.nan
+    done: list[Timing] = []
+
+    def ours_next() -> Timing:  # the first window settles the clock; the others follow load without a pause
+        done.append(ours(settle=not done))
+        return done[-1]
+
+    windows, theirs = alternating(ours_next, lambda: crosscheck(timed), CROSS_ROUNDS)
+    mine = [w.median_ms for w in windows]
+    noise = max((max(x) - min(x)) / statistics.median(x) for x in (mine, theirs))
+    return combined(windows), statistics.median(theirs), 100 * noise
 
 
 def _time_shape(shape: Shape, backends: list[str], s: SweepSettings, device: torch.device, ceiling: dict[str, float],
@@ -213,7 +240,8 @@ def _time_shape(shape: Shape, backends: list[str], s: SweepSettings, device: tor
                 torch.cuda.empty_cache()
 
 
-def _why_skip(shape: Shape, b: str, s: SweepSettings, device: torch.device, budget: int) -> str | None:
+def why_skip(shape: Shape, b: str, s: SweepSettings, device: torch.device, budget: int) -> str | None:
+    """Why backend `b` will not run on `shape` here (missing, mask unfit, over `budget` bytes), or None."""
     why = backend_unavailable(b, device, shape.dtype, shape.mask) or mask_unfit(shape.mask, shape.seqlen)
     if why is None and s.mode == "fwd+bwd" and b == "fa3" and fa.PROVIDER.module == "fa3_fwd_interface":
         why = "fa3-fwd is forward only"
@@ -246,7 +274,7 @@ def run_sweep(s: SweepSettings, progress: Progress | None = None, crosscheck: Cr
         by_backend: dict[str, dict[str, Any]] = {}
         runnable = []
         for b in s.backends:
-            why = _why_skip(shape, b, s, device, budget)
+            why = why_skip(shape, b, s, device, budget)
             if why is None:
                 runnable.append(b)
             else:

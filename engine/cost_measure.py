@@ -8,7 +8,6 @@ such counter (and whose resident size hides reused memory), torch's MemTracker s
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -20,6 +19,7 @@ from engine.cost_memory import TrainLayout, memory_per_gpu
 from engine.cost_model import TransformerConfig
 from engine.cost_time import predict_step_ms, step_flops
 from engine.moe_block import TinyTransformer, _saved_bytes
+from engine.timing import _summary
 from engine.validation import MAX_BYTES, check_bytes, check_float
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -160,9 +160,9 @@ def measure_step(cfg: TransformerConfig, layout: TrainLayout, device: str = "cpu
         static = float(sum(t.untyped_storage().nbytes() for t in _state_tensors(model, opt)))
         peak, method = _cpu_peak(step, model, opt), "live tensor bytes (torch MemTracker)"
     saved = float("nan") if layout.checkpointing else float(_saved_bytes(_Loss(model), ids))
-    s = sorted(samples)
-    out = StepMeasurement(float(peak), float(static), saved, statistics.median(s),
-                          s[int(0.1 * (len(s) - 1))], s[round(0.9 * (len(s) - 1))], len(s), method)
+    t = _summary(samples)
+    out = StepMeasurement(float(peak), float(static), saved, t.median_ms, t.p10_ms, t.p90_ms, t.reps,
+                          method)
     del model, opt, params
     if cuda:
         torch.cuda.empty_cache()

@@ -165,10 +165,17 @@ def activation_bytes(cfg: TransformerConfig, layout: TrainLayout) -> dict[str, f
     return {**parts, name: value}
 
 
+def memory_parts(cfg: TransformerConfig, layout: TrainLayout) -> tuple[dict[str, float], dict[str, float]]:
+    """Peak training memory per GPU by component (memory_per_gpu) and its activations by part
+    (activation_bytes), in bytes, from one activation count."""
+    acts = activation_bytes(cfg, layout)
+    return {**state_bytes(cfg, layout), "activations": sum(acts.values())}, acts
+
+
 def memory_per_gpu(cfg: TransformerConfig, layout: TrainLayout) -> dict[str, float]:
     """Peak training memory per GPU by component (weights, gradients, optimizer states,
     activations), in bytes."""
-    return {**state_bytes(cfg, layout), "activations": sum(activation_bytes(cfg, layout).values())}
+    return memory_parts(cfg, layout)[0]
 
 
 def kv_cache_bytes(cfg: TransformerConfig, tokens: int, batch: int = 1, bytes_per: int = 2) -> int:
@@ -179,10 +186,14 @@ def kv_cache_bytes(cfg: TransformerConfig, tokens: int, batch: int = 1, bytes_pe
     return cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * bytes_per * tokens * batch
 
 
-def advice(cfg: TransformerConfig, layout: TrainLayout, capacity: float) -> list[str]:
+def advice(cfg: TransformerConfig, layout: TrainLayout, capacity: float,
+           total: float | None = None) -> list[str]:
     """What to change so the run fits in `capacity` bytes per GPU, each with its predicted total;
-    when no single change fits, also a combination that does (or the closest one found)."""
-    total = _total(cfg, layout)
+    when no single change fits, also a combination that does (or the closest one found).
+
+    total: the layout's own sum of memory_per_gpu (bytes), when the caller has it already."""
+    if total is None:
+        total = _total(cfg, layout)
     if total <= capacity:
         return []
     out = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from engine.cost_memory import TrainLayout, activation_bytes, advice, kv_cache_bytes, memory_per_gpu
+from engine.cost_memory import TrainLayout, advice, kv_cache_bytes, memory_parts
 from engine.cost_model import TransformerConfig, compare, estimate, flops_table, params_table, summary
 from engine.cost_time import GpuSpec, time_to_train
 
@@ -29,17 +29,17 @@ def report(cfg: TransformerConfig, layout: TrainLayout, tokens: float, gpu: GpuS
     out: dict[str, Any] = {"parameters": params_table(est), "FLOPs": flops_table(est, tokens)}
     if cfg.is_moe:
         out["MoE / dense"] = compare(cfg, tokens, causal)
-    memory = memory_per_gpu(cfg, layout)
+    memory, acts = memory_parts(cfg, layout)
+    training = sum(memory.values())  # what `advice` weighs its changes against (no KV cache)
     if kv_tokens is not None:
         memory["KV cache"] = kv_cache_bytes(cfg, kv_tokens, layout.micro_batch, layout.act_bytes)
     out["memory"] = pd.DataFrame({"component": list(memory), "bytes": list(memory.values())})
-    acts = activation_bytes(cfg, layout)
     out["activations"] = pd.DataFrame({"part": list(acts), "bytes": list(acts.values())})
     total = sum(memory.values())
     train = time_to_train(est.train_flops * tokens, layout.gpus, gpu.peak_flops, mfu, price)
     out["summary"] = summary(est)
     out["memory_per_gpu"] = {"total_bytes": total, "gpu_bytes": gpu.memory, "fits": total <= gpu.memory,
-                             "advice": advice(cfg, layout, gpu.memory)}
+                             "advice": advice(cfg, layout, gpu.memory, training)}
     out["time_to_train"] = {"training_flops": train.flops, "gpus": layout.gpus,
                             "peak_flops_per_gpu": gpu.peak_flops, "mfu": mfu, "seconds": train.seconds,
                             "days": train.days, "gpu_hours": train.gpu_hours, "cost": train.cost,

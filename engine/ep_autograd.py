@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.ep_layer import ExpertParallelLayer
+from engine.ep_placement import contiguous_placement
 from engine.ep_sections import Dispatched
-from engine.expert_parallel import contiguous_placement
 from engine.moe_block import ffn_forward
 from engine.validation import check_int
 

@@ -1,6 +1,6 @@
 """The combine's weighted sum: out[t] = sum_j w[t, j] * rows[position[t, j]], per token.
 
-Rounded like engine.ep_dispatch.reference_layer: the weights first rounded to the rows' dtype,
+Rounded like engine.ep_measure.reference_layer: the weights first rounded to the rows' dtype,
 products and sum in float32, one rounding at the end. On CUDA with Triton one fused kernel reads
 each token's k rows once and writes its output once (torch's embedding_bag, the fallback, took
 4.1 ms for 64k tokens x 2 rows x d_model 4096 in bf16 on an H200, several times the bytes' time);

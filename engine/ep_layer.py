@@ -44,8 +44,9 @@ import torch.distributed as dist
 from engine import ep_place
 from engine.cuda_graphs import CapturedCalls
 from engine.ep_combine import weighted_rows_sum
+from engine.ep_layout import Layout, split_sizes
+from engine.ep_placement import Placement, destinations
 from engine.ep_sections import SLACK, Dispatched, Sections, Splits, next_section
-from engine.expert_parallel import Placement, destinations
 from engine.validation import check_float, check_int
 
 # The (4, codes) table's last row: rows received per (chunk, source rank) in the main exchange.
@@ -70,23 +71,6 @@ class _Queued:
     rows: list[torch.Tensor]
     works: list[dist.Work | None]  # None: already joined to the current stream
     copied: torch.cuda.Event | None  # after the counts' copy to the host; None: on the host
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Index tensors of one (token count, k), built once: see ExpertParallelLayer._layout."""
-
-    bounds: list[int]
-    chunk_key: torch.Tensor | None  # (T, 1) sort-key offset of every token's chunk; None: 1 chunk
-    ones: torch.Tensor  # (T * k,) int32 ones, what index_add_ adds per pair
-    tally: torch.Tensor  # (chunks * (P + 1),) int32 pairs per sort key, refilled every call
-    cursor: torch.Tensor  # (1 + chunks * (P + 1),) int32: 0, then each key's range end
-    key_cd: torch.Tensor  # (chunks * (P + 1),) int32 (chunk, destination rank) code of every key
-    first_key: torch.Tensor  # (chunks * R,) int64 first key of every code's range
-    slot_keys: torch.Tensor  # (chunks * P,) keys of the real slots, grouped by destination rank
-    meta: torch.Tensor  # (chunks * P + R * chunks * my slots,) counts sent, then counts received
-    host: torch.Tensor  # meta's copy on the host (pinned on CUDA; meta itself on CPU)
-    table: torch.Tensor  # (4, chunks * R) int64 on the host (pinned on CUDA), refilled every call
 
 
 class ExpertParallelLayer:
@@ -130,7 +114,7 @@ class ExpertParallelLayer:
         # Gains by expert id, and 0 for a main section's padding rows (id E).
         self.gains = torch.cat([gains, gains.new_zeros(1)]).to(device)
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._layouts: dict[tuple[int, int], _Layout] = {}
+        self._layouts: dict[tuple[int, int], Layout] = {}
         # Main-section rows sent to / received from every rank per chunk in the next call with
         # that many chunks (next_section). Not per (T, k): those may differ between ranks (Expert
         # Choice's k does), and both ends of a pair must size it from the same calls. The chunk
@@ -140,36 +124,12 @@ class ExpertParallelLayer:
         self.graphs = CapturedCalls[_Queued]() if graphs and device.type == "cuda" else None
         self.calls = self.overflow_calls = 0  # calls, and calls that sent or received overflow
 
-    def _layout(self, t_count: int, k: int) -> _Layout:
-        """Chunk bounds and the tensors that tally keys into counts, per (token count, k).
-
-        Sort key of a pair: chunk * (P + 1) + its slot's sort position. Every rank has `chunks`
-        chunks, empty ones where it has fewer tokens, so that the exchanges match chunk for chunk.
-        """
+    def _layout(self, t_count: int, k: int) -> Layout:
+        """The index tensors of a (token count, k), built on its first call (Layout.build)."""
         if (t_count, k) not in self._layouts:
-            m_count, p1, dev, w = self.chunks, self.num_slots + 1, self.device, self.world
-            first = self.slot_start
-            chunk_key = (torch.arange(t_count, device=dev) * m_count // t_count * p1)[:, None]
-            # Counts go rank by rank: every chunk's counts for rank r's slots, then rank r + 1's.
-            slot_keys = [m * p1 + self.sort_slot[s] for r in range(w) for m in range(m_count)
-                         for s in range(first[r], first[r + 1])]
-            key_cd = [m * w + self.sort_rank[i] for m in range(m_count) for i in range(p1)]
-            first_key = [m * p1 + self.sort_slot[first[r]] for m in range(m_count)
-                         for r in range(w)]
-            meta = torch.empty(m_count * (self.num_slots + w * self.slots_per_rank[self.rank]),
-                               dtype=torch.int32, device=dev)
-            table = torch.empty(4, m_count * w, dtype=torch.int64)
-            cursor = torch.zeros(1 + m_count * p1, dtype=torch.int32, device=dev)
-            self._layouts[t_count, k] = _Layout(
-                [-(-m * t_count // m_count) for m in range(m_count + 1)],
-                chunk_key.to(torch.int32) if m_count > 1 else None,
-                torch.ones(t_count * k, dtype=torch.int32, device=dev),
-                torch.empty(m_count * p1, dtype=torch.int32, device=dev), cursor,
-                torch.tensor(key_cd, dtype=torch.int32, device=dev),
-                torch.tensor(first_key, dtype=torch.int64, device=dev),
-                torch.tensor(slot_keys, dtype=torch.int64, device=dev),
-                meta, meta if dev.type == "cpu" else torch.empty_like(meta, device="cpu").pin_memory(),
-                table if dev.type == "cpu" else table.pin_memory())
+            self._layouts[t_count, k] = Layout.build(t_count, k, self.chunks, self.rank,
+                                                     self.slot_start, self.sort_slot,
+                                                     self.sort_rank, self.device)
         return self._layouts[t_count, k]
 
     @property
@@ -181,7 +141,7 @@ class ExpertParallelLayer:
         """Split sizes for NCCL: this rank's own entry is 0, its rows are moved locally."""
         return [0 if r == self.rank else n for r, n in enumerate(sizes)]
 
-    def _sections(self, lay: _Layout, k: int) -> Sections:
+    def _sections(self, lay: Layout, k: int) -> Sections:
         """Main sections of this call (none before a call with as many chunks)."""
         m_count = len(lay.bounds) - 1
         send, recv = self._caps.get(m_count, ([[0] * self.world] * m_count,) * 2)
@@ -190,7 +150,7 @@ class ExpertParallelLayer:
             base.append(base[m] + sum(send[m]) + (lay.bounds[m + 1] - lay.bounds[m]) * k)
         return Sections(send, recv, base)
 
-    def _fill_table(self, lay: _Layout, s: Sections, k: int) -> None:
+    def _fill_table(self, lay: Layout, s: Sections, k: int) -> None:
         """ep_place's table per code (chunk m, rank r): main section rows, its first buf row,
         the shift from exact positions to buf rows; then the rows received in the main exchange."""
         cap, main, shift, recv = [], [], [], []
@@ -209,26 +169,7 @@ class ExpertParallelLayer:
              for cap, rows in zip(caps, moved_m)]
             for caps, moved_m in zip((s.send, s.recv), moved))
 
-    def _sizes(self, counts: list[int], m_count: int) -> tuple[list[list[int]], list[list[int]]]:
-        """Rows sent to / received from each rank per chunk, [chunk][rank], from the exchanged
-        counts (sent ones grouped [rank][chunk][its slots], then received [rank][chunk][my slots])."""
-        w, mine = self.world, self.slots_per_rank[self.rank]
-        send, recv, i = [[0] * w for _ in range(m_count)], [[0] * w for _ in range(m_count)], 0
-        for sizes, per_rank in ((send, self.slots_per_rank), (recv, [mine] * w)):
-            for r, n in enumerate(per_rank):
-                for m in range(m_count):
-                    sizes[m][r] = sum(counts[i:i + n])
-                    i += n
-        return send, recv
-
-    @staticmethod
-    def _range_starts(lay: _Layout) -> torch.Tensor:
-        """Write the tally's inclusive prefix sums (each key's range end of exact positions) after
-        lay.cursor's leading 0; return every (chunk, rank) code's first exact position."""
-        torch.cumsum(lay.tally, 0, dtype=torch.int32, out=lay.cursor[1:])
-        return lay.cursor[lay.first_key]
-
-    def _place(self, x: torch.Tensor, key: torch.Tensor, lay: _Layout, table: torch.Tensor,
+    def _place(self, x: torch.Tensor, key: torch.Tensor, lay: Layout, table: torch.Tensor,
                position: torch.Tensor, buf: torch.Tensor, tallied: torch.cuda.Event | None
                ) -> list[torch.cuda.Event | None]:
         """Put every pair p's row x[p // k] in the send buffer (engine.ep_place); key (T * k,).
@@ -244,7 +185,7 @@ class ExpertParallelLayer:
             exact = torch.empty_like(position).scatter_(
                 0, torch.sort(key, stable=True).indices,
                 torch.arange(key.numel(), device=key.device))
-            starts = self._range_starts(lay)
+            starts = lay.range_starts()
             position.copy_(ep_place.buffer_position(exact, lay.key_cd[key.long()], starts, table))
             buf.index_copy_(0, position, x.repeat_interleave(k, dim=0))
             return [None] * (len(lay.bounds) - 1)
@@ -252,7 +193,7 @@ class ExpertParallelLayer:
         self.side.wait_event(tallied)
         events, cursor = [], lay.cursor[1:]
         with torch.cuda.stream(self.side):
-            starts = self._range_starts(lay)  # before the kernels count the cursor down
+            starts = lay.range_starts()  # before the kernels count the cursor down
             args = (x, key, cursor, lay.key_cd, starts, table, position, buf)
             for lo, hi in zip(lay.bounds, lay.bounds[1:]):
                 ep_place.place_rows(*args, lo * k, hi * k, p1, 0, others)
@@ -294,7 +235,7 @@ class ExpertParallelLayer:
             q = queue(False)
         if q.copied is not None:
             q.copied.synchronize()  # the host sync, while the rows travel
-        send, recv = self._sizes(lay.host.tolist(), m_count)
+        send, recv = split_sizes(lay.host.tolist(), m_count, self.slots_per_rank, self.rank)
         self._next_caps(sections, (send, recv))
         over = [x.new_empty(sum(sections.beyond(m, recv[m], self.rank, received=True)),
                             x.shape[1]) for m in range(m_count)]
@@ -308,7 +249,7 @@ class ExpertParallelLayer:
         return d
 
     def _queue(self, x: torch.Tensor, experts: torch.Tensor, token_index: torch.Tensor,
-               lay: _Layout, sections: Sections, capturing: bool) -> _Queued:
+               lay: Layout, sections: Sections, capturing: bool) -> _Queued:
         """The dispatch's work on the device up to its main exchange: counts tallied and
         exchanged, then copied to the host; rows placed and sent in the main sections.
         capturing: inside a CUDA graph's capture, which needs every stream joined at its end,

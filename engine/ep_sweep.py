@@ -1,7 +1,7 @@
 """The dispatch and combine against the wire: a sweep over the bytes each rank sends.
 
 For every payload size P (bytes of the (token, slot) rows one rank sends, its own rows included)
-the worker times, in one run and on every rank (engine.ep_dispatch.measure for the last three):
+the worker times, in one run and on every rank (engine.ep_measure.measure for the last three):
 
 - even: NCCL's own all-to-all as nccl-tests' alltoall_perf measures it, all_to_all_single of P
   bytes in R equal parts (a rank's own part included);
@@ -32,9 +32,10 @@ import torch
 import torch.distributed as dist
 
 from engine.cuda_graphs import GRAPH_LIMIT
-from engine.ep_dispatch import environment, format_table, measure, working_set_bytes
 from engine.ep_launch import add_job_arguments, committed, init_group
-from engine.expert_parallel import EPSettings
+from engine.ep_measure import measure, working_set_bytes
+from engine.ep_report import environment, format_table
+from engine.ep_settings import EPSettings
 from engine.timing import time_fn
 from engine.validation import MAX_BYTES, check_bytes, check_float, check_int
 

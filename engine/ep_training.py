@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 from engine.ep_autograd import PhaseClock, shard_experts, sync_gradients
-from engine.ep_dispatch import environment
 from engine.ep_launch import add_job_arguments, committed, init_group, torchrun
+from engine.ep_report import environment
 from engine.flash_attention3 import attention
 from engine.timing import time_fn
 from engine.train_model import ModelConfig, MoELM, lm_loss

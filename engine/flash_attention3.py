@@ -128,24 +128,40 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _readiness(device: torch.device | None, installed: bool, lib: ProviderStatus, install: str,
-               fits: Callable[[tuple[int, int]], bool], arch: str, needs: str) -> tuple[bool, str]:
+@dataclass(frozen=True)
+class _Kernel:
+    """A kernel family: its name, the compute capabilities it runs on, and how to say so."""
+
+    name: str
+    fits: Callable[[tuple[int, int]], bool]
+    arch: str  # what the GPU must be, e.g. "Hopper sm_90"
+    gpu: str  # the same as a noun, e.g. "a Hopper GPU"
+    install: str
+
+
+_FA3 = _Kernel("FA3", lambda cap: cap == (9, 0), "Hopper sm_90", "a Hopper GPU",
+               "pip install fa3-fwd, or build flash-attention's hopper/")
+_FA4 = _Kernel("FA4", lambda cap: cap[0] in (9, 10), "sm_90 or sm_100", "an sm_90 or sm_100 GPU",
+               "pip install flash-attn-4")
+
+
+def _readiness(device: torch.device | None, installed: bool, lib: ProviderStatus, kernel: _Kernel
+               ) -> tuple[bool, str]:
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not installed:
-        return False, f"not installed ({install})"
+        return False, f"not installed ({kernel.install})"
     if device.type != "cuda":
-        return False, f"{lib.description} installed, but this is a CPU run; {needs}"
+        return False, f"{lib.description} installed, but this is a CPU run; {kernel.name} needs {kernel.gpu}"
     cap = device_capability(device)
-    if not fits(cap):
-        return False, f"{lib.description} installed, but the GPU is sm_{cap[0]}{cap[1]}, not {arch}"
+    if not kernel.fits(cap):
+        return False, f"{lib.description} installed, but the GPU is sm_{cap[0]}{cap[1]}, not {kernel.arch}"
     return True, f"{lib.description} {lib.version or ''}".strip()
 
 
 def fa3_readiness(device: torch.device | None = None) -> tuple[bool, str]:
     """Whether FA3 can run on `device` (default: cuda if present, else cpu) and a one-line why."""
-    return _readiness(device, _HAS_FLASH3, PROVIDER, "pip install fa3-fwd, or build flash-attention's hopper/",
-                      lambda cap: cap == (9, 0), "Hopper sm_90", "FA3 needs a Hopper GPU")
+    return _readiness(device, _HAS_FLASH3, PROVIDER, _FA3)
 
 
 def fa4_head_dim_ok(head_dim: int, cap: tuple[int, int]) -> bool:
@@ -159,8 +175,7 @@ def fa4_head_dim_ok(head_dim: int, cap: tuple[int, int]) -> bool:
 
 def fa4_readiness(device: torch.device | None = None) -> tuple[bool, str]:
     """Whether FA4 can run on `device` (default: cuda if present, else cpu) and a one-line why."""
-    return _readiness(device, _HAS_FLASH4, FA4, "pip install flash-attn-4", lambda cap: cap[0] in (9, 10),
-                      "sm_90 or sm_100", "FA4 needs an sm_90 or sm_100 GPU")
+    return _readiness(device, _HAS_FLASH4, FA4, _FA4)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str,
@@ -197,22 +212,21 @@ def _needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
-def _device_why_not(q: torch.Tensor, name: str, installed: bool, fits: Callable[[tuple[int, int]], bool],
-                    gpu: str, arch: str) -> str | None:
-    """Why kernel `name` cannot run where q lives (not installed, not CUDA, another arch), or None."""
+def _device_why_not(q: torch.Tensor, installed: bool, kernel: _Kernel) -> str | None:
+    """Why `kernel` cannot run where q lives (not installed, not CUDA, another arch), or None."""
     if not installed:
-        return f"{name} not installed"
+        return f"{kernel.name} not installed"
     if q.device.type != "cuda":
-        return f"tensors on {q.device.type}; {name} needs {gpu}"
+        return f"tensors on {q.device.type}; {kernel.name} needs {kernel.gpu}"
     cap = device_capability(q.device)
-    if not fits(cap):
-        return f"GPU is sm_{cap[0]}{cap[1]}; {name} needs {arch}"
+    if not kernel.fits(cap):
+        return f"GPU is sm_{cap[0]}{cap[1]}; {kernel.name} needs {kernel.arch}"
     return None
 
 
 def _fa3_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why FA3 cannot take this call, or None when it can."""
-    why = _device_why_not(q, "FA3", _HAS_FLASH3, lambda cap: cap == (9, 0), "a CUDA Hopper GPU", "Hopper sm_90")
+    why = _device_why_not(q, _HAS_FLASH3, _FA3)
     if why is not None:
         return why
     if q.dtype not in fa3_dtypes():
@@ -228,8 +242,7 @@ def _fa3_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | Non
 
 def _fa4_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why FA4 cannot take this call, or None when it can."""
-    why = _device_why_not(q, "FA4", _HAS_FLASH4, lambda cap: cap[0] in (9, 10), "an sm_90 or sm_100 GPU",
-                          "sm_90 or sm_100")
+    why = _device_why_not(q, _HAS_FLASH4, _FA4)
     if why is not None:
         return why
     cap = device_capability(q.device)

@@ -172,6 +172,16 @@ def expert_capacity(capacity_factor: float, top_k: int, num_tokens: int, num_exp
     return math.ceil(c * k * t / e)
 
 
+def slot_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(k, E + 1) int64 for experts (T, k): tokens whose j-th slot holds expert i, in one
+    bincount; the last column counts empty slots (-1)."""
+    k = experts.shape[1]
+    keys = torch.where(experts >= 0, experts, num_experts)
+    offsets = torch.arange(k, device=experts.device) * (num_experts + 1)
+    return torch.bincount((keys + offsets).reshape(-1),
+                          minlength=k * (num_experts + 1)).view(k, num_experts + 1)
+
+
 def apply_capacity(routing: Routing, capacity: int) -> Routing:
     """Drop assignments beyond `capacity` tokens per expert; slot 0 of every token fills first.
 
@@ -186,10 +196,7 @@ def apply_capacity(routing: Routing, capacity: int) -> Routing:
     flat = e.t().reshape(-1)
     keys = torch.where(flat >= 0, flat, num_experts)
     order = torch.argsort(keys, stable=True)
-    # Demand per (slot, expert) in one bincount; the last column counts empty slots.
-    offsets = torch.arange(k, device=e.device)[:, None] * (num_experts + 1)
-    by_slot = torch.bincount((keys.view(k, num_tokens) + offsets).reshape(-1),
-                             minlength=k * (num_experts + 1)).view(k, num_experts + 1)
+    by_slot = slot_counts(e, num_experts)
     per_expert = by_slot.sum(0)
     starts = torch.cumsum(per_expert, 0) - per_expert
     rank_sorted = torch.arange(flat.numel(), device=e.device) - starts[keys[order]]

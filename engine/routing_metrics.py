@@ -24,7 +24,8 @@ import math
 
 import torch
 
-from engine.routing_core import Routing, expert_capacity, expert_utilization, relative_std
+from engine.routing_core import (Routing, expert_capacity, expert_utilization, relative_std,
+                                 slot_counts)
 from engine.validation import check_int
 
 
@@ -96,11 +97,7 @@ def choice_counts(routing: Routing) -> torch.Tensor:
     """(k, E) int64: tokens whose j-th choice is expert i, before the router's own drops."""
     if routing.slot_demand is not None:
         return routing.slot_demand
-    e = routing.num_experts
-    k = routing.experts.shape[1]
-    offsets = torch.arange(k, device=routing.experts.device) * (e + 1)
-    keys = torch.where(routing.experts >= 0, routing.experts, e) + offsets
-    return torch.bincount(keys.reshape(-1), minlength=k * (e + 1)).view(k, e + 1)[:, :e]
+    return slot_counts(routing.experts, routing.num_experts)[:, :routing.num_experts]
 
 
 def _mean_probs(routing: Routing) -> torch.Tensor:

@@ -68,6 +68,12 @@ class BreakpointModel:
                 "continuous": self.continuous}
 
 
+def n_params(continuous: bool) -> int:
+    """Free parameters of the two-segment model: intercept, two slopes and the breakpoint, and
+    the jump when it is not continuous."""
+    return 4 if continuous else 5
+
+
 # ---------------------------------------------------------------- validation
 
 
@@ -153,15 +159,17 @@ def _side_from_sums(s0, s1, s2, t0, t1, t2) -> _Side:
     return _Side(s0, mu, mv, sxx, beta, np.maximum(syy - sxy * beta, 0.0))
 
 
-def _side_two_pass(u: np.ndarray, w: np.ndarray, v: np.ndarray) -> _Side:
-    """Line fit per row of w (P, n), v (P, n), centred on the row's own weighted means."""
+def _line_fit(u: np.ndarray, w: np.ndarray, v: np.ndarray) -> tuple[_Side, np.ndarray]:
+    """Weighted straight-line fit per row of w (B, n), v (B, n) or (n,): the fit and its residuals
+    (B, n). Two-pass, centred on each row's own weighted means: exact lines give SSE 0, not 1e-17."""
+    v = np.broadcast_to(v, w.shape)
     s0 = w.sum(1)
     mu, mv = (w * u).sum(1) / s0, (w * v).sum(1) / s0
     du, dv = u - mu[:, None], v - mv[:, None]
     sxx = (w * du * du).sum(1)
     beta = (w * du * dv).sum(1) / sxx
     r = dv - beta[:, None] * du
-    return _Side(s0, mu, mv, sxx, beta, (w * r * r).sum(1))
+    return _Side(s0, mu, mv, sxx, beta, (w * r * r).sum(1)), r
 
 
 def _gap(a: _Side, b: _Side, c: np.ndarray | float) -> np.ndarray:
@@ -230,7 +238,7 @@ def _sides_two_pass(u: np.ndarray, w: np.ndarray, v: np.ndarray, starts: np.ndar
     """Two-pass line fits for pairs (row, gap j) (P,): left = sizes up to g[j], right = the rest."""
     wl = w[rows] * (np.arange(u.size) < starts[j + 1][:, None])
     with np.errstate(divide="ignore", invalid="ignore"):
-        return _side_two_pass(u, wl, v[rows]), _side_two_pass(u, w[rows] - wl, v[rows])
+        return _line_fit(u, wl, v[rows])[0], _line_fit(u, w[rows] - wl, v[rows])[0]
 
 
 def _profile(u: np.ndarray, w: np.ndarray, v: np.ndarray, min_seg: int, continuous: bool) -> _Profile:
@@ -314,6 +322,17 @@ def _check_settings(x: np.ndarray, min_segment: int) -> int:
     return m
 
 
+def _prepare(params: object, losses: object, min_segment: int, weights: object
+             ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray, np.ndarray, float, float]:
+    """Checked params, losses, min_segment and weights; the weights sorted by params (n,), centred
+    ln(params) and ln(loss) and both centres (see _centred)."""
+    x, y = validate_xy(params, losses)
+    m = _check_settings(x, min_segment)
+    w = _check_weights(weights, x.size)
+    order, u, v, u0, v0 = _centred(x, y)
+    return x, y, m, w[order], u, v, u0, v0
+
+
 def _curve(coef: np.ndarray, c: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Fitted centred ln(loss) at u (G,) for coefficient rows (B, 4) and breakpoints c (B,): (B, G)."""
     cc = np.asarray(c)[:, None]
@@ -332,11 +351,8 @@ def fit_breakpoint(params: object, losses: object, min_segment: int = 2, weights
     on every row, as least squares does). weights: (n,) non-negative weights on squared log
     residuals, or None.
     """
-    x, y = validate_xy(params, losses)
-    m = _check_settings(x, min_segment)
-    w = _check_weights(weights, x.size)
-    order, u, v, u0, v0 = _centred(x, y)
-    ws = w[order][None]
+    _, _, m, w, u, v, u0, v0 = _prepare(params, losses, min_segment, weights)
+    ws = w[None]
     if np.unique(u[ws[0] > 0]).size < 2 * m:
         raise ValueError(f"weights: need at least {2 * m} distinct sizes with weight > 0")
     prof = _profile(u, ws, v, m, continuous)

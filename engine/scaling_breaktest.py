@@ -8,12 +8,13 @@ p-values of different tables do not share one Monte Carlo sample.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy import stats
 
-from engine.scaling_breakpoint import (_centred, _check_settings, _check_weights, _profile, data_rng,
-                                       validate_xy)
+from engine.scaling_breakpoint import (_centred, _check_settings, _check_weights, _line_fit, _profile,
+                                       data_rng, n_params, validate_xy)
 from engine.validation import check_bytes, check_float, check_int
 
 
@@ -38,23 +39,43 @@ class BreakTest:
         return self.supf_pvalue < alpha and self.delta_bic < 0
 
 
-def _line_sse(u: np.ndarray, w: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Weighted SSE of a straight-line fit per batch row; w (B, n), v (B, n) or (n,)."""
-    v = np.broadcast_to(v, w.shape)
-    s0 = w.sum(1)
-    mu, mv = (w * u).sum(1) / s0, (w * v).sum(1) / s0
-    du, dv = u - mu[:, None], v - mv[:, None]  # two-pass: exact lines give SSE 0, not 1e-17
-    sxx, sxy = (w * du * du).sum(1), (w * du * dv).sum(1)
-    return (w * (dv - (sxy / sxx)[:, None] * du) ** 2).sum(1)
-
-
 def _bic(sse: np.ndarray | float, n: int, p: int) -> np.ndarray | float:
     return n * np.log(np.maximum(sse, 1e-300) / n) + p * np.log(n)
 
 
 def min_points_for_test(continuous: bool = True) -> int:
     """Rows the F statistic needs: the broken model's parameters plus one for the noise."""
-    return (4 if continuous else 5) + 1
+    return n_params(continuous) + 1
+
+
+def _f_stat(sse1: np.ndarray, sse2: np.ndarray, n: int, p: int) -> np.ndarray:
+    """F of the single line (2 parameters, SSE sse1) against the broken fit (p, sse2), per row."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return ((sse1 - sse2) / (p - 2)) / (sse2 / (n - p))
+
+
+def _test(v: np.ndarray, n_sim: int, continuous: bool,
+          fits: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+          null: Callable[[], np.ndarray]) -> BreakTest:
+    """The frame both break tests share: F, BIC and the sup-F p-value of centred ln(loss) v (n,).
+
+    fits(V): the line's and the broken fit's SSE per row of responses V (B, n); null(): the
+    (n_sim, n) simulated null responses, drawn only when the p-value is computed.
+    """
+    n, p = v.size, n_params(continuous)
+    if n < min_points_for_test(continuous):
+        raise ValueError(f"need at least {min_points_for_test(continuous)} points to test for a break "
+                         f"({p} parameters and the noise), got {n}")
+    sse1, sse2 = fits(v[None])
+    f = float(_f_stat(sse1, sse2, n, p)[0])
+    # NaN without simulations, or when F is 0/0 (both fits exact): fsim >= nan is never true.
+    pv = float("nan")
+    if n_sim and not np.isnan(f):
+        fsim = _f_stat(*fits(null()), n, p)
+        pv = float((1 + np.sum(fsim >= f)) / (n_sim + 1))
+    return BreakTest(f_stat=f, f_pvalue=float(stats.f.sf(f, p - 2, n - p)), supf_pvalue=pv,
+                     bic_single=float(_bic(sse1[0], n, 2)), bic_broken=float(_bic(sse2[0], n, p)),
+                     n_sim=n_sim)
 
 
 def break_test(params: object, losses: object, n_sim: int = 999, seed: int = 0, min_segment: int = 2,
@@ -73,30 +94,17 @@ def break_test(params: object, losses: object, n_sim: int = 999, seed: int = 0, 
     check_bytes("break_test", 8.0 * max(n_sim, 1) * n * 40)
     order, u, v, _, _ = _centred(x, y)
     ws = w[order]
-    p2 = 4 if continuous else 5
-    if n < min_points_for_test(continuous):
-        raise ValueError(f"need at least {min_points_for_test(continuous)} points to test for a break "
-                         f"({p2} parameters and the noise), got {n}")
 
-    def fstat(sse1: np.ndarray, sse2: np.ndarray) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return ((sse1 - sse2) / (p2 - 2)) / (sse2 / (n - p2))
+    def fits(V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        W = np.broadcast_to(ws, V.shape)
+        return _line_fit(u, W, V)[0].e, _profile(u, W, V, m, continuous).sse
 
-    sse1 = _line_sse(u, ws[None], v)
-    sse2 = _profile(u, ws[None], v, m, continuous).sse
-    f = float(fstat(sse1, sse2)[0])
-    # NaN without simulations, or when F is 0/0 (both fits exact): fsim >= nan is never true.
-    pv = float("nan")
-    if n_sim and not np.isnan(f):
-        # Null data: standard normal log-residuals scaled by 1/sqrt(w) (any line, any scale).
+    def null() -> np.ndarray:
+        # Standard normal log-residuals scaled by 1/sqrt(w) (any line, any scale).
         wpos = np.where(ws > 0, ws, 1.0)
-        noise = data_rng(x, y, seed).standard_normal((n_sim, n)) / np.sqrt(wpos)
-        W = np.broadcast_to(ws, noise.shape)
-        fsim = fstat(_line_sse(u, W, noise), _profile(u, W, noise, m, continuous).sse)
-        pv = float((1 + np.sum(fsim >= f)) / (n_sim + 1))
-    return BreakTest(f_stat=f, f_pvalue=float(stats.f.sf(f, p2 - 2, n - p2)), supf_pvalue=pv,
-                     bic_single=float(_bic(sse1[0], n, 2)), bic_broken=float(_bic(sse2[0], n, p2)),
-                     n_sim=n_sim)
+        return data_rng(x, y, seed).standard_normal((n_sim, n)) / np.sqrt(wpos)
+
+    return _test(v, n_sim, continuous, fits, null)
 
 
 def detection_rate(params: np.ndarray, true_losses: np.ndarray, noise: float, n_seeds: int = 200,
@@ -110,6 +118,6 @@ def detection_rate(params: np.ndarray, true_losses: np.ndarray, noise: float, n_
     order, u, v, _, _ = _centred(x, y)
     V = v + noise * np.random.default_rng(seed).standard_normal((n_seeds, x.size))
     W = np.ones_like(V)
-    sse1 = _line_sse(u, W, V)
+    sse1 = _line_fit(u, W, V)[0].e
     sse2 = _profile(u, W, V, m, True).sse
-    return float(np.mean(_bic(sse2, x.size, 4) < _bic(sse1, x.size, 2)))
+    return float(np.mean(_bic(sse2, x.size, n_params(True)) < _bic(sse1, x.size, 2)))

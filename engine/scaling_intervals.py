@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from engine.scaling_breakpoint import (_centred, _check_settings, _check_weights, _coefficients,
-                                       _curve, _gap, _poly, _profile, _sides, _sides_two_pass, _var,
-                                       data_rng, validate_xy)
+from engine.scaling_breakpoint import (_coefficients, _curve, _gap, _poly, _prepare, _profile, _sides,
+                                       _sides_two_pass, _var, data_rng, n_params)
 from engine.validation import check_bytes, check_choice, check_float, check_int
 
 METHODS = ("calibrated", "profile", "bootstrap", "residual")
@@ -46,18 +45,6 @@ class Intervals:
     slope_before: tuple[float, float]
     slope_after: tuple[float, float]
     note: str = ""  # e.g. the interval reaches the edge of the sizes a knee can sit between
-
-
-def _n_params(continuous: bool) -> int:
-    return 4 if continuous else 5
-
-
-def _prepare(params: object, losses: object, min_segment: int, weights: object):
-    x, y = validate_xy(params, losses)
-    m = _check_settings(x, min_segment)
-    w = _check_weights(weights, x.size)
-    order, u, v, u0, v0 = _centred(x, y)
-    return x, y, m, w[order], u, v, u0, v0
 
 
 # ---------------------------------------------------------------- profile (inverted F)
@@ -113,7 +100,7 @@ def _bounds(ub: bytes, wb: bytes, m: int, continuous: bool, cb: bytes, level: fl
     u, w, c = (np.frombuffer(b) for b in (ub, wb, cb))
     N = data_rng(u, w, seed).standard_normal((n_cal, u.size)) / np.sqrt(np.where(w > 0, w, 1.0))
     sse_min = _profile(u, np.broadcast_to(w, N.shape), N, m, continuous).sse
-    dof = u.size - _n_params(continuous)
+    dof = u.size - n_params(continuous)
     q = np.empty(c.size)
     for i, c0 in enumerate(c):
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -135,7 +122,7 @@ def profile_interval(params: object, losses: object, level: float = 0.95, min_se
     n_cal = check_int("n_cal", n_cal, 0, 100_000)
     n_anchor = check_int("n_anchor", n_anchor, 2, 1000)
     x, y, m, w, u, v, u0, v0 = _prepare(params, losses, min_segment, weights)
-    n, p = x.size, _n_params(continuous)
+    n, p = x.size, n_params(continuous)
     if n <= p:
         raise ValueError(f"need at least {p + 1} points for intervals ({p} parameters and the noise), got {n}")
     best = _profile(u, w[None], v, m, continuous)
@@ -279,12 +266,12 @@ def bootstrap(params: object, losses: object, n_boot: int = 1000, level: float =
     check_bytes("bootstrap", 8.0 * n_boot * n * 40)
     rng = data_rng(x, y, seed)
     full = _profile(u, w[None], v, m, continuous)
-    dof = max(n - _n_params(continuous), 1)
+    dof = max(n - n_params(continuous), 1)
     if scheme == "cases":
         W = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float) * w
         V = np.broadcast_to(v, W.shape)
     else:
-        V = _residual_draws(u, w, v, full.c, continuous, n_boot, rng, _n_params(continuous))
+        V = _residual_draws(u, w, v, full.c, continuous, n_boot, rng, n_params(continuous))
         W = np.broadcast_to(w, V.shape)
     prof = _profile(u, W, V, m, continuous)
     good = np.isfinite(prof.c)

@@ -11,11 +11,10 @@ the noise's own tails instead of assuming Gaussian noise.
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
 
 from engine.scaling_breakpoint import (BreakpointModel, _centred, _check_settings, _coefficients,
-                                       _curve, _model, _profile, data_rng, validate_xy)
-from engine.scaling_breaktest import BreakTest, _bic, min_points_for_test
+                                       _curve, _line_fit, _model, _profile, data_rng, validate_xy)
+from engine.scaling_breaktest import BreakTest, _test
 from engine.validation import check_bytes, check_int
 
 HUBER_K = 1.345
@@ -28,14 +27,6 @@ def _huber(r: np.ndarray) -> np.ndarray:
     a = np.abs(r)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(a > HUBER_K * s, HUBER_K * s / a, 1.0)
-
-
-def _line_fit(u: np.ndarray, W: np.ndarray, V: np.ndarray) -> np.ndarray:
-    """Residuals (B, n) of the weighted straight-line fit of each row."""
-    s0 = W.sum(1, keepdims=True)
-    mu, mv = (W * u).sum(1, keepdims=True) / s0, (W * V).sum(1, keepdims=True) / s0
-    du, dv = u - mu, V - mv
-    return dv - (W * du * dv).sum(1, keepdims=True) / (W * du * du).sum(1, keepdims=True) * du
 
 
 def _irls(V: np.ndarray, residuals) -> np.ndarray:
@@ -55,8 +46,8 @@ def _irls(V: np.ndarray, residuals) -> np.ndarray:
 
 def huber_line(u: np.ndarray, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """IRLS Huber line per row of V (B, n): final weights and residuals, both (B, n)."""
-    W = _irls(V, lambda W, rows: _line_fit(u, W, V[rows]))
-    return W, _line_fit(u, W, V)
+    W = _irls(V, lambda W, rows: _line_fit(u, W, V[rows])[1])
+    return W, _line_fit(u, W, V)[1]
 
 
 def huber_broken(u: np.ndarray, V: np.ndarray, m: int, continuous: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -96,26 +87,15 @@ def break_test_huber(params: object, losses: object, n_sim: int = 999, seed: int
     m = _check_settings(x, min_segment)
     n_sim = check_int("n_sim", n_sim, 0, 100_000)
     check_bytes("break_test_huber", 8.0 * max(n_sim, 1) * n * 60)
-    p2 = 4 if continuous else 5
-    if n < min_points_for_test(continuous):
-        raise ValueError(f"need at least {min_points_for_test(continuous)} points to test for a break "
-                         f"({p2} parameters and the noise), got {n}")
     _, u, v, _, _ = _centred(x, y)
 
-    def fstat(V: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def fits(V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         W, _ = huber_broken(u, V, m, continuous)
-        sse2 = _profile(u, W, V, m, continuous).sse
-        sse1 = np.sum(W * _line_fit(u, W, V) ** 2, axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return ((sse1 - sse2) / (p2 - 2)) / (sse2 / (n - p2)), sse1, sse2
+        return _line_fit(u, W, V)[0].e, _profile(u, W, V, m, continuous).sse
 
-    f, sse1, sse2 = (float(a[0]) for a in fstat(v[None]))
-    pv = float("nan")
-    if n_sim and not np.isnan(f):
+    def null() -> np.ndarray:
         _, r = huber_line(u, v[None])
         r = r[0] * np.sqrt(n / (n - 2))
-        noise = data_rng(x, y, seed).choice(r - np.median(r), (n_sim, n))
-        pv = float((1 + np.sum(fstat(noise)[0] >= f)) / (n_sim + 1))
-    return BreakTest(f_stat=f, f_pvalue=float(stats.f.sf(f, p2 - 2, n - p2)), supf_pvalue=pv,
-                     bic_single=float(_bic(sse1, n, 2)), bic_broken=float(_bic(sse2, n, p2)),
-                     n_sim=n_sim)
+        return data_rng(x, y, seed).choice(r - np.median(r), (n_sim, n))
+
+    return _test(v, n_sim, continuous, fits, null)

@@ -7,7 +7,9 @@ CPU: perf_counter after warm-up. Both report the median and the spread.
 `steady_time` is the one for reported GPU figures: like triton.testing.do_bench it warms up for a
 time (25 ms) and times a window of at least 100 ms, so it reads the clocks a GPU settles at under
 sustained load, not its first-milliseconds boost (7-13% faster on an H200 for compute-bound
-kernels); it also samples the SM clock and board power during the window where NVML answers.
+kernels). Where NVML answers it samples the SM clock and board power during the window and, with
+`settle=True`, goes on warming up while the SM clock still falls: a 12-17 ms call heats an H200
+for longer than 25 ms, and a window timed while its clock still fell read 4-7% fast.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, TypeVar
 
 import torch
 
 from engine.validation import check_float, check_int
 
+A = TypeVar("A")
+B = TypeVar("B")
 # Larger than the L2 of current GPUs (H100 and H200: 50 MB; B200: 126 MB).
 _L2_FLUSH_BYTES = 256 * 2**20
 MAX_STEADY_REPS = 100_000
@@ -32,7 +36,9 @@ class Timing:
     """Milliseconds per call: median, 10th and 90th percentile, over `reps` repetitions.
 
     sm_mhz / power_w: median SM clock (MHz) and board power (W) sampled during the timed window,
-    NaN where the device does not report them (CPU, no NVML).
+    NaN where the device does not report them (CPU, no NVML). host_ms: host time per call spent
+    queueing the window (CUDA); near median_ms or above it, the host, not the GPU, set the pace.
+    warmup_ms: device time spent warming up before the window (NaN where not measured).
     """
 
     median_ms: float
@@ -41,6 +47,8 @@ class Timing:
     reps: int
     sm_mhz: float = math.nan
     power_w: float = math.nan
+    host_ms: float = math.nan
+    warmup_ms: float = math.nan
 
     @property
     def spread(self) -> float:
@@ -48,10 +56,27 @@ class Timing:
         return (self.p90_ms - self.p10_ms) / self.median_ms if self.median_ms > 0 else 0.0
 
 
-def _summary(samples: list[float], sm_mhz: float = math.nan, power_w: float = math.nan) -> Timing:
+def _summary(samples: list[float], sm_mhz: float = math.nan, power_w: float = math.nan,
+             host_ms: float = math.nan) -> Timing:
     s = sorted(samples)
     n = len(s)
-    return Timing(statistics.median(s), s[int(0.1 * (n - 1))], s[int(round(0.9 * (n - 1)))], n, sm_mhz, power_w)
+    return Timing(statistics.median(s), s[int(0.1 * (n - 1))], s[int(round(0.9 * (n - 1)))], n, sm_mhz, power_w,
+                  host_ms)
+
+
+def _median_finite(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def combined(windows: list[Timing]) -> Timing:
+    """One Timing for several windows of the same call: the median of each field across them."""
+    if not windows:
+        raise ValueError("windows must not be empty")
+    return Timing(*(_median_finite([getattr(w, f) for w in windows])
+                    for f in ("median_ms", "p10_ms", "p90_ms")), sum(w.reps for w in windows),
+                  *(_median_finite([getattr(w, f) for w in windows]) for f in ("sm_mhz", "power_w", "host_ms",
+                                                                               "warmup_ms")))
 
 
 def time_fn(fn: Callable[[], object], device: str | torch.device = "cpu", warmup: int = 3,
@@ -91,6 +116,7 @@ def _time_cuda(fn: Callable[[], object], dev: torch.device, warmup: int, reps: i
     torch.cuda.synchronize(dev)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    host0 = time.perf_counter()
     for i in range(reps):
         if flush is not None:
             flush.zero_()
@@ -99,13 +125,35 @@ def _time_cuda(fn: Callable[[], object], dev: torch.device, warmup: int, reps: i
         starts[i].record()
         fn()
         ends[i].record()
+    host_ms = (time.perf_counter() - host0) * 1e3 / reps
     readings = _sample_until(ends[-1], probe) if probe is not None else []
     torch.cuda.synchronize(dev)
-    clocks = [r[0] for r in readings if math.isfinite(r[0])]
-    power = [r[1] for r in readings if math.isfinite(r[1])]
     return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)],
-                    statistics.median(clocks) if clocks else math.nan,
-                    statistics.median(power) if power else math.nan)
+                    _median_finite([r[0] for r in readings]), _median_finite([r[1] for r in readings]), host_ms)
+
+
+def _settle(fn: Callable[[], object], dev: torch.device, chunk: int, probe: Callable[[], tuple[float, float]],
+            max_ms: float) -> float:
+    """Warm up in chunks of `chunk` calls until the SM clock stops falling; returns the ms spent.
+
+    Stops when a chunk's median clock is not below that of the chunk two before (about 2 x
+    warm-up apart: one 15 MHz NVML step per chunk is within reading noise, two are a trend), or
+    after `max_ms` of device time.
+    """
+    clocks: list[float] = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    while True:
+        for _ in range(chunk):
+            fn()
+        end.record()
+        clocks.append(_median_finite([r[0] for r in _sample_until(end, probe)]))
+        end.synchronize()
+        spent = start.elapsed_time(end)
+        if not math.isfinite(clocks[-1]) or spent >= max_ms:
+            return spent
+        if len(clocks) >= 3 and clocks[-1] >= clocks[-3]:
+            return spent
 
 
 def _sample_until(done: torch.cuda.Event, probe: Callable[[], tuple[float, float]]) -> list[tuple[float, float]]:
@@ -118,22 +166,29 @@ def _sample_until(done: torch.cuda.Event, probe: Callable[[], tuple[float, float
 
 
 def steady_time(fn: Callable[[], object], device: str | torch.device = "cpu", warmup_ms: float = 25.0,
-                rep_ms: float = 100.0, min_reps: int = 1, flush_l2: bool = True) -> Timing:
+                rep_ms: float = 100.0, min_reps: int = 1, flush_l2: bool = True, settle: bool = True,
+                max_warmup_ms: float = 2000.0) -> Timing:
     """Time `fn()` at steady clocks: warm up for `warmup_ms`, then time a window of >= `rep_ms`.
 
     The call count comes from a first estimate of one call (five calls, as do_bench does), so the
     window lasts at least `rep_ms` of device time whatever the call costs; at least `min_reps`
-    calls are timed. Returns per-call milliseconds (median, p10, p90) and, on CUDA with NVML, the
-    SM clock and power sampled while the window ran.
+    calls are timed. `settle` (CUDA with NVML): keep warming up, in chunks of `warmup_ms`, until
+    the sampled SM clock stops falling (at most `max_warmup_ms`). Returns per-call milliseconds
+    (median, p10, p90) and, on CUDA with NVML, the SM clock and power sampled while the window ran.
     """
     warmup_ms = check_float("warmup_ms", warmup_ms, 0.0, 60_000.0)
     rep_ms = check_float("rep_ms", rep_ms, 0.0, 600_000.0)
     min_reps = check_int("min_reps", min_reps, 1, MAX_STEADY_REPS)
+    max_warmup_ms = check_float("max_warmup_ms", max_warmup_ms, 0.0, 600_000.0)
     dev = torch.device(device)
     if dev.type == "cuda":
         est = _time_cuda(fn, dev, 0, 5, flush_l2, None).median_ms
         warm, reps = _counts(est, warmup_ms, rep_ms, min_reps)
-        return _time_cuda(fn, dev, warm, reps, flush_l2, None, gpu_probe(dev))
+        probe = gpu_probe(dev)
+        if not settle or probe is None:
+            return _time_cuda(fn, dev, warm, reps, flush_l2, None, probe)
+        spent = _settle(fn, dev, warm, probe, max(warmup_ms, max_warmup_ms))
+        return replace(_time_cuda(fn, dev, 0, reps, flush_l2, None, probe), warmup_ms=spent)
     t0 = time.perf_counter()
     fn()
     est = (time.perf_counter() - t0) * 1e3
@@ -205,8 +260,7 @@ def gpu_work(ms: float, device: torch.device) -> Callable[[], None]:
     return work
 
 
-def alternating(first: Callable[[], float], second: Callable[[], float], rounds: int
-                ) -> tuple[list[float], list[float]]:
+def alternating(first: Callable[[], A], second: Callable[[], B], rounds: int) -> tuple[list[A], list[B]]:
     """Call two measurements `rounds` times each, swapping which goes first every round (ABBA...);
     returns both lists of what they returned.
 

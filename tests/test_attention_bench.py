@@ -4,6 +4,7 @@ run-time estimates, stopping, the cross-check column, CPU sweeps and the committ
 import json
 import math
 import re
+import types
 
 import pandas as pd
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from engine import attention_backends as abk
 from engine import attention_bench as ab
+from engine import attention_estimate as aest
 from engine import attention_masks as am
 from engine import attention_shapes as ash
 from engine.cli import main
@@ -228,6 +230,8 @@ def test_the_h200_results_hold_fa4_forward_and_backward_at_steady_clocks():
     ok = train.table[train.table["status"] == "ok"]
     assert set(ok["backend"]) >= {"fa4", "sdpa", "sdpa-cudnn", "sdpa-flash"}
     assert ok["sm_mhz"].between(300, 2100).all() and ok["power_w"].between(50, 800).all()
+    # The settled rerun: every row warmed up at least do_bench's 25 ms, queued from the host, two windows each.
+    assert (ok["warmup_ms"] >= 25).all() and (ok["host_ms"] > 0).all() and (ok["window_range_pct"] >= 0).all()
     assert train.table.loc[train.table["backend"] == "fa3", "note"].eq("fa3-fwd is forward only").all()
     assert ok["dq_err"].notna().all()
     masks = ab.load_result(files["attention_sweep_h200_2026-12-03_masks"])
@@ -291,7 +295,7 @@ def test_crosscheck_times_each_rows_own_callable():
         return 2.0
 
     t = ab.run_sweep(ab.replace(TINY, seqlens=(32,), backends=("sdpa-math",)), crosscheck=crosscheck).table
-    assert len(seen) == 2 and (t["do_bench_ms"] == 2.0).all()
+    assert len(seen) == 2 * ab.CROSS_ROUNDS and (t["do_bench_ms"] == 2.0).all()
     pd.testing.assert_series_equal(t["vs_do_bench_pct"], 100 * (t["ms"] / 2.0 - 1), check_names=False)
 
 
@@ -320,13 +324,13 @@ def test_estimate_by_hand_and_reduced_settings_fit():
     # One shape (batch 2, 2 heads, D 16): 4*2*2*64*64*16 = 1,048,576 FLOPs at 1e-6 TFLOP/s = 1.048576 s per
     # call, x2.5 for math; cudnn does not run on a CPU. Row: max(5 ms, t) + max(10 ms, 3t) + 3t = 7t.
     t = 2.5 * 1.048576
-    assert ash.estimate_seconds(s, torch.device("cpu"), tflops=1e-6) == pytest.approx(7 * t)
+    assert aest.estimate_seconds(s, torch.device("cpu"), tflops=1e-6) == pytest.approx(7 * t)
     paper = ab.PRESETS["fa3-paper"]
-    small = ash.reduced(paper, torch.device("cpu"), 60.0, tflops=1e-3)
+    small = aest.reduced(paper, torch.device("cpu"), 60.0, tflops=1e-3)
     cpu = torch.device("cpu")
-    assert ash.estimate_seconds(small, cpu, 1e-3) <= 60.0 < ash.estimate_seconds(paper, cpu, 1e-3)
+    assert aest.estimate_seconds(small, cpu, 1e-3) <= 60.0 < aest.estimate_seconds(paper, cpu, 1e-3)
     assert small.backends == paper.backends and small.dtypes == paper.dtypes
-    assert [ash.format_seconds(x) for x in (0.2, 45, 600, 7200, 10 * 86400)] == [
+    assert [aest.format_seconds(x) for x in (0.2, 45, 600, 7200, 10 * 86400)] == [
         "1 s", "45 s", "10 min", "2.0 h", "10 days"]
 
 
@@ -349,3 +353,44 @@ def test_cli_shows_progress_and_the_training_view(capsys):
     view = {r["backend"]: r for r in doc["training step (attention, forward+backward)"]}
     assert view["sdpa-math"]["ms_per_step"] == pytest.approx(3 * rows["sdpa-math"]["ms"])
     assert view["sdpa"]["speedup_vs_default"] == 1.0
+
+
+def test_fa4_documents_runner_passes_the_longest_document_from_the_host(monkeypatch):
+    seen = {}
+
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+        seen.update(cu=cu_seqlens_q.tolist(), longest=(max_seqlen_q, max_seqlen_k), causal=causal, q=q.shape)
+        return q.clone(), None
+
+    monkeypatch.setattr(abk.fa, "_FA4_MODULE", types.SimpleNamespace(flash_attn_varlen_func=varlen))
+    shape = ab.Shape(2, 3000, 4, 4, 16, True, "fp32", "documents")
+    t = abk.make_inputs(shape, torch.device("cpu"), seed=5, backends=["fa4"], grad=False)
+    assert t["longest_doc"].device.type == "cpu"
+    fn, bhsd = abk.runner("fa4", t, shape)
+    out = fn()
+    lengths = [n for r in am.doc_lengths(3000, 2, 5) for n in r]
+    assert seen["longest"] == (max(lengths), max(lengths)) and seen["causal"] is True
+    assert seen["cu"] == [0, *torch.tensor(lengths).cumsum(0).tolist()] and seen["q"] == (6000, 4, 16)
+    assert not bhsd and out.shape == t["q"].shape
+
+
+def test_estimate_costs_nothing_for_rows_the_sweep_would_skip():
+    cpu = torch.device("cpu")
+    # SDPA-math's scores at seqlen 16k, hidden 2048, head dim 64 (32 heads) are over the CPU budget: skipped.
+    big = ab.replace(ab.PRESETS["fa3-paper"], seqlens=(16384,), head_dims=(64,), causal=(False,),
+                     backends=("sdpa-math", "fa4", "sdpa-cudnn"), dtypes=("fp32",))
+    assert ab.why_skip(ab.shapes_of(big)[0], "sdpa-math", big, cpu, ab.memory_budget(cpu)).startswith("skipped")
+    assert aest.estimate_seconds(big, cpu, tflops=1e-3) == 0.0
+    plan = aest.plan_run(big, cpu, 1.0, tflops=1e-3)
+    assert plan == aest.RunPlan(0.0, False)
+
+
+def test_plan_run_offers_the_reduced_sweep_only_over_the_limit():
+    cpu = torch.device("cpu")
+    paper = ab.PRESETS["fa3-paper"]
+    plan = aest.plan_run(paper, cpu, 60.0, tflops=1e-3)
+    assert plan.too_long and plan.estimate_s == aest.estimate_seconds(paper, cpu, 1e-3) > 60.0
+    assert plan.reduced == aest.reduced(paper, cpu, 60.0, 1e-3)
+    assert plan.reduced_s == aest.estimate_seconds(plan.reduced, cpu, 1e-3) <= 60.0
+    quick = aest.plan_run(plan.reduced, cpu, 60.0, tflops=1e-3)
+    assert not quick.too_long and quick.reduced is None and quick.estimate_s == plan.reduced_s

@@ -76,3 +76,58 @@ def test_no_nvml_means_no_readings(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
     monkeypatch.setattr(timing, "_NVML_HANDLES", {})
     assert timing.gpu_probe(torch.device("cuda", 3)) is None
+
+
+class _FakeCudaEvent:
+    """A CUDA event stand-in: done at once; elapsed time 10 ms per chunk recorded since `start`."""
+
+    records = 0
+
+    def __init__(self, enable_timing: bool = False):
+        pass
+
+    def record(self) -> None:
+        _FakeCudaEvent.records += 1
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end) -> float:
+        return 10.0 * (_FakeCudaEvent.records - 1)
+
+
+@pytest.mark.parametrize("clocks, max_ms, chunks", [
+    # Falling 1980 -> 1750, then level: stops at the first chunk not below the one two before.
+    ([1980, 1900, 1800, 1750, 1750, 1755, 1700, 1600], 1000.0, 6),
+    ([1980, 1980, 1980, 1900], 1000.0, 3),  # level from the start: the three-chunk minimum
+    ([1980, 1965, 1950, 1935, 1920, 1905, 1890, 1875, 1860], 80.0, 8),  # one step per chunk is a trend: to the cap
+    ([1980, 1900, 1800, 1700, 1600, 1500], 30.0, 3),  # still falling at the cap: stops there
+])
+def test_settle_warms_up_until_the_clock_stops_falling(monkeypatch, clocks, max_ms, chunks):
+    monkeypatch.setattr(timing.torch.cuda, "Event", _FakeCudaEvent)
+    monkeypatch.setattr(_FakeCudaEvent, "records", 0)
+    readings = iter([(float(c), 700.0) for c in clocks])
+    calls = []
+    spent = timing._settle(lambda: calls.append(1), torch.device("cuda"), 2, lambda: next(readings), max_ms)
+    assert len(calls) == 2 * chunks and spent == 10.0 * chunks
+
+
+def test_settle_without_clock_readings_stops_after_one_chunk(monkeypatch):
+    monkeypatch.setattr(timing.torch.cuda, "Event", _FakeCudaEvent)
+    monkeypatch.setattr(_FakeCudaEvent, "records", 0)
+    calls = []
+    timing._settle(lambda: calls.append(1), torch.device("cuda"), 3, lambda: (math.nan, math.nan), 1000.0)
+    assert len(calls) == 3
+
+
+def test_combined_takes_the_median_of_each_field_and_sums_reps():
+    a = timing.Timing(1.0, 0.9, 1.2, 10, 1800.0, 650.0, 0.3, 75.0)
+    b = timing.Timing(1.4, 1.1, 1.6, 12, 1700.0, math.nan, 0.5, 100.0)
+    c = timing.Timing(1.2, 1.0, 1.3, 11, 1750.0, 660.0, 0.4, 125.0)
+    assert timing.combined([a, b, c]) == timing.Timing(1.2, 1.0, 1.3, 33, 1750.0, 655.0, 0.4, 100.0)
+    assert timing.combined([a, b]).median_ms == pytest.approx(1.2)
+    with pytest.raises(ValueError, match="windows"):
+        timing.combined([])

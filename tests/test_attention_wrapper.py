@@ -58,7 +58,7 @@ def test_cpu_path_says_why():
     q, k, v = _qkv(1, 4, 2, 2, 8, "bshd")
     path = fa.choose_path(q, k, v)
     assert path.backend == "sdpa"
-    fa3 = "FA3 not installed" if not fa._HAS_FLASH3 else "tensors on cpu; FA3 needs a CUDA Hopper GPU"
+    fa3 = "FA3 not installed" if not fa._HAS_FLASH3 else "tensors on cpu; FA3 needs a Hopper GPU"
     fa4 = "FA4 not installed" if not fa._HAS_FLASH4 else "tensors on cpu; FA4 needs an sm_90 or sm_100 GPU"
     assert path.reason == f"{fa3}; {fa4}"  # forward only: FA3 is tried first
     q.requires_grad_(True)

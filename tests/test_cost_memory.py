@@ -6,6 +6,8 @@ import pytest
 from engine.cost_memory import (TrainLayout, activation_bytes, advice, check_layout, kv_cache_bytes,
                                 layer_activation_bytes, memory_per_gpu, state_bytes)
 from engine.cost_model import PRESETS, TransformerConfig
+from engine.cost_report import report
+from engine.cost_time import GPUS
 
 LLAMA = PRESETS["Llama-2-7B"]
 # Llama-2-7B by hand: 32 layers of 4 x 4096^2 attention and 3 x 4096 x 11008 SwiGLU, untied
@@ -123,6 +125,21 @@ def test_advice_says_which_changes_fit_together_when_none_fits_alone():
     last = advice(LLAMA, TrainLayout(gpus=8), 1e9)[-1]
     assert last.startswith("together, full activation checkpointing, ZeRO stage 3, ")
     assert not last.endswith("(fits)") and float(last.split(": ")[1].split(" GB")[0]) > acts / 1e9
+
+
+def test_report_shows_the_memory_model_computed_once():
+    """The report's memory rows, activation parts, total and advice are those of memory_per_gpu,
+    activation_bytes and advice called one by one; the advice weighs the training memory (the
+    inference KV cache row is not among what it can change)."""
+    layout, gpu = TrainLayout(gpus=8), GPUS["H100 80 GB"]
+    out = report(LLAMA, layout, 1e12, gpu, 0.4, 2.5, kv_tokens=4096)
+    mem, acts = memory_per_gpu(LLAMA, layout), activation_bytes(LLAMA, layout)
+    kv = kv_cache_bytes(LLAMA, 4096, 1, 2)
+    assert dict(zip(out["memory"]["component"], out["memory"]["bytes"])) == {**mem, "KV cache": kv}
+    assert dict(zip(out["activations"]["part"], out["activations"]["bytes"])) == acts
+    assert out["memory_per_gpu"]["total_bytes"] == sum(mem.values()) + kv
+    tips = advice(LLAMA, layout, gpu.memory)
+    assert tips and out["memory_per_gpu"]["advice"] == tips
 
 
 @pytest.mark.parametrize("changes, name", [

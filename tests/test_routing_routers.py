@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine import routing_metrics as rm
 from engine.moe_router import (BalancedHashRouter, DeepSeekV3Router, ExpertChoiceRouter,
                                GShardRouter, HashRouter, Routing, SwitchRouter, TopKRouter,
                                apply_capacity, expert_utilization, load_balance_std,
@@ -214,6 +215,10 @@ def test_apply_capacity_matches_loop_reference(e, k, t, cap, seed):
     # Counts sum to the routed slots minus the drops.
     drops = int(((experts >= 0) & (want < 0)).sum())
     assert int(r.counts.sum()) == int((experts >= 0).sum()) - drops
+    # Choices per slot before the drops, by a loop; choice_counts counts them itself without it.
+    per_slot = [[sum(int(experts[i, j]) == x for i in range(t)) for x in range(e)] for j in range(k)]
+    assert r.slot_demand.tolist() == per_slot
+    assert rm.choice_counts(Routing(experts, weights, e)).tolist() == per_slot
 
 
 def test_switch_and_gshard_follow_their_papers():

@@ -8,7 +8,7 @@ from scipy import stats
 from engine.scaling_breakpoint import data_rng, fit_breakpoint
 from engine.scaling_breaktest import break_test
 from engine.scaling_intervals import N_CAL, bootstrap, profile_interval
-from engine.scaling_robust import fit_breakpoint_huber
+from engine.scaling_robust import break_test_huber, fit_breakpoint_huber
 from tests.test_scaling_ties import lstsq_sse
 
 
@@ -114,6 +114,28 @@ def test_null_draws_depend_on_the_data_not_on_row_order():
     assert not np.array_equal(draw(x, y, 0), draw(x, y, 1))
     t = break_test(x, y, n_sim=99)
     assert t.supf_pvalue == break_test(x[::-1], y[::-1], n_sim=99).supf_pvalue
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_huber_break_test_statistics_match_their_formulas(continuous):
+    """F and BIC of the Huber test are those of the weighted fits at the robust fit's final
+    weights: the line by numpy's weighted polyfit, the broken fit by fit_breakpoint."""
+    x, y = _table(n=20, seed=4)
+    y[6] *= 1.5
+    _, w = fit_breakpoint_huber(x, y, continuous=continuous)
+    t = break_test_huber(x, y, n_sim=0, continuous=continuous)
+    u, v = np.log(x), np.log(y)
+    slope, icpt = np.polyfit(u, v, 1, w=np.sqrt(w))
+    sse1 = float(np.sum(w * (v - icpt - slope * u) ** 2))
+    sse2 = fit_breakpoint(x, y, weights=w, continuous=continuous).sse
+    p = 4 if continuous else 5
+    f = ((sse1 - sse2) / (p - 2)) / (sse2 / (20 - p))
+    assert w.min() < 0.5  # the outlier is down-weighted: a weighted test, not least squares
+    assert t.f_stat == pytest.approx(f, rel=1e-8)
+    assert t.f_pvalue == pytest.approx(stats.f.sf(f, p - 2, 20 - p), rel=1e-6)
+    assert t.bic_single == pytest.approx(20 * np.log(sse1 / 20) + 2 * np.log(20), rel=1e-9)
+    assert t.bic_broken == pytest.approx(20 * np.log(sse2 / 20) + p * np.log(20), rel=1e-9)
+    assert np.isnan(t.supf_pvalue)
 
 
 def test_huber_fit_shrugs_off_an_outlier_that_moves_the_least_squares_knee():

@@ -103,8 +103,7 @@ def _settings(args: argparse.Namespace, model):
 def run(args: argparse.Namespace) -> CommandResult:
     """Run the sweep (or load one) and return its rows, speed-ups, and the training-step view."""
     from engine.attention_bench import load_result, resolve_device, run_sweep
-    from engine.attention_shapes import (CPU_LIMIT_S, device_tflops, estimate_seconds,
-                                         format_seconds, reduced)
+    from engine.attention_estimate import CPU_LIMIT_S, format_seconds, plan_run
     from engine.attention_train import ModelShape, training_view
     from engine.cli import CommandResult
 
@@ -117,15 +116,14 @@ def run(args: argparse.Namespace) -> CommandResult:
     else:
         settings = _settings(args, model)
         device = resolve_device(settings.device)
-        rate = device_tflops(device, settings.dtypes[0])
-        estimate = estimate_seconds(settings, device, rate)
-        if device.type == "cpu" and estimate > max_seconds:
+        plan = plan_run(settings, device, max_seconds)
+        estimate = plan.estimate_s
+        if plan.too_long:
             if not args.reduce:
                 raise ValueError(f"this run would take about {format_seconds(estimate)} on this CPU (estimated from "
                                  f"its shapes), over --max-seconds {max_seconds:g}: add --reduce to run it "
                                  f"at a size that fits, use --preset quick, or run it on a GPU")
-            settings = reduced(settings, device, max_seconds, rate)
-            estimate = estimate_seconds(settings, device, rate)
+            settings, estimate = plan.reduced, plan.reduced_s
             print(f"reduced to tokens {settings.tokens}, seqlens {list(settings.seqlens)}, hidden {settings.hidden} "
                   "to fit --max-seconds", file=sys.stderr)
         print(f"estimated {format_seconds(estimate)} on {device.type}", file=sys.stderr, flush=True)
