@@ -8,6 +8,7 @@ import plotly.express as px
 import streamlit as st
 
 from app_pages._ui import _environment, download_buttons, guarded
+from app_pages._ui import table as ui_table  # `table` here is the results
 from engine.attention_bench import SweepResult, committed_results, load_result, run_sweep
 from engine.attention_masks import MASKS
 from engine.attention_estimate import device_tflops, format_seconds, plan_run
@@ -169,11 +170,10 @@ def _show(result: SweepResult, name: str, here: bool) -> None:
                "sm_mhz and power_w: SM clock and board power sampled during that window; host_ms: the host's time "
                "per call (near ms: the host set the pace); first_call_s: the first call's extra time "
                "(kernel compilation, autotuning), never inside a timing.")
-    st.dataframe(table, hide_index=True, width="stretch",
-                 column_config={"rel_err": st.column_config.NumberColumn("rel err vs fp32", format="%.1e"),
-                                "dq_err": st.column_config.NumberColumn("dq rel err", format="%.1e"),
-                                "tflops": st.column_config.NumberColumn(format="%.1f"),
-                                "ms": st.column_config.NumberColumn(format="%.4f")})
+    # Rows that did not run have no timings: "–" there (ui_table), not "None".
+    ui_table(table.rename(columns={"rel_err": "rel err vs fp32", "dq_err": "dq rel err"}),
+             {"rel err vs fp32": "%.1e", "dq rel err": "%.1e", "tflops": "%.1f", "ms": "%.4f"},
+             hide_index=True, width="stretch")
     download_buttons(name, table, {"env": env, "created": result.created, "settings": result.settings,
                                    "matmul_tflops": result.matmul_tflops})
     if mode == "fwd+bwd" and (table["mask"] == "none").any():  # the view reads unmasked rows

@@ -24,7 +24,7 @@ FIELDS = [
     ("n_heads", "heads", "heads", "int"), ("n_kv_heads", "kv", "KV heads", "int"),
     ("d_ff", "dff", "d_ff (per expert)", "int"), ("vocab", "vocab", "vocabulary", "int"),
     ("seq_len", "seq", "sequence length", "int"), ("ffn", "ffn", "FFN", FFN_TYPES),
-    ("num_experts", "experts", "experts E (0 = dense)", "int"), ("top_k", "k", "top-k", "int"),
+    ("num_experts", "experts", "Experts E (0 = dense)", "int"), ("top_k", "k", "Experts per token k", "int"),
     ("shared_experts", "shared", "shared experts", "int"),
     ("moe_every", "every", "MoE every n-th layer", "int"),
     ("router", "router", "router", ROUTERS), ("tied_embeddings", "tied", "tied embeddings", "bool"),
@@ -33,10 +33,10 @@ _L = TrainLayout()
 LAYOUT_FIELDS = [  # (layout field, URL key, label, kind, default)
     ("precision", "prec", "precision", PRECISIONS, _L.precision),
     ("optimizer", "opt", "optimizer", OPTIMIZERS, _L.optimizer),
-    ("zero", "zero", "ZeRO stage", "int", _L.zero), ("gpus", "gpus", "GPUs N", "int", DEFAULTS["gpus"]),
-    ("ep", "ep", "expert-parallel ranks", "int", DEFAULTS["ep"]),
+    ("zero", "zero", "ZeRO stage", "int", DEFAULTS["zero"]), ("gpus", "gpus", "GPUs N", "int", DEFAULTS["gpus"]),
+    ("ep", "ep", "Ranks R (expert-parallel)", "int", DEFAULTS["ep"]),
     ("micro_batch", "mb", "micro-batch (sequences)", "int", _L.micro_batch),
-    ("checkpointing", "ckpt", "full checkpointing", "bool", _L.checkpointing),
+    ("checkpointing", "ckpt", "full checkpointing", "bool", DEFAULTS["checkpointing"]),
     ("attention", "attn", "attention kernel", ATTENTION_KINDS, _L.attention),
     ("capacity_factor", "cf", "capacity factor", "float", _L.capacity_factor),
 ]
@@ -215,7 +215,7 @@ if result is not None:
     else:
         tips = "\n".join(f"- {a}" for a in fit["advice"]) or "- nothing on this list helps; use a larger GPU"
         st.warning(f"Does not fit: {total_gb:.1f} GB needed, {fit['gpu_bytes'] / 1e9:.0f} GB per GPU. "
-                   f"What to change (each alone):\n{tips}", icon=":material/warning:")
+                   f"What to change:\n{tips}", icon=":material/warning:")
     mfu_text = (f"MFU {ttt['mfu']:.1%} measured on an NVIDIA H200, "
                 f"{committed['env']['date'][:10]} ({committed['calibration']})"
                 if mfu_src != "typed" else f"MFU {ttt['mfu']:.0%} (typed)")

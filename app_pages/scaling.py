@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages._ui import download_buttons, guarded, last_good, refused
+from app_pages._ui import table as show_table  # `table` here is the data
 from engine.scaling_breakpoint import MAX_SEED
 from engine.scaling_data import (DATASETS, MAX_UPLOAD_BYTES, Filter, SyntheticSpec, detection_curve,
                                  generate_synthetic, load_dataset, parse_csv, select_xy)
@@ -63,6 +64,12 @@ def _reset_columns() -> None:
         st.session_state.pop(key, None)
 
 
+def _short(value: float, digits: int) -> str:
+    """`value` to `digits` significant digits, exponents written short: 9.125e7, not 9.125e+07."""
+    mantissa, e, exp = f"{value:.{digits}g}".partition("e")
+    return mantissa + (f"e{int(exp)}" if e else "")
+
+
 def _pick(label: str, options: list[str], default: str | None, key: str, col=st) -> str:
     index = options.index(default) if default in options else 0
     return col.selectbox(label, options, index=index, key=key, **Q)
@@ -88,13 +95,15 @@ if source == "upload":
     up = st.file_uploader(f"CSV with a header row (at most {MAX_UPLOAD_BYTES // 2**20} MiB)", type="csv",
                           key="csv")
     # Replacing a file passes through a run without one: an earlier upload's results stay on
-    # screen (marked as such) rather than the page going blank for a moment.
+    # screen (marked as such) rather than the page going blank for a moment. The notice has its
+    # slot on every run: an element inserted only then would shift every element below it, and
+    # the browser would redraw the charts' places with other elements until the next run.
     no_file = up is None
-    if no_file:
-        st.info("Upload a CSV with a size column and a loss column, or pick a bundled table.")
-        if not str(st.session_state.get("_scaling_source", "")).startswith("upload"):
-            st.stop()
-    else:
+    notice = st.empty()
+    if no_file and not str(st.session_state.get("_scaling_source", "")).startswith("upload"):
+        notice.info("Upload a CSV with a size column and a loss column, or pick a bundled table.")
+        st.stop()
+    if not no_file:
         csv_bytes = up.getvalue()
         source_name = f"upload {up.name!r}"
 elif source == "synthetic":
@@ -171,8 +180,9 @@ stale = stale or refused("scaling_lab")
 if not stale:
     st.session_state["_scaling_source"] = source_name
 shown = st.session_state.get("_scaling_source", "an earlier table")
+earlier_slot = st.empty()  # on every run, for the reason given at the uploader
 if stale and shown != source_name:
-    st.warning(f"The results below are those of the earlier table ({shown})"
+    earlier_slot.warning(f"The results below are those of the earlier table ({shown})"
                + ("." if no_file else f", not of {source_name}, which was refused."),
                icon=":material/history:")
 
@@ -186,8 +196,8 @@ m, t = res.model, res.test
 iv = res.intervals
 lo, hi = iv.breakpoint
 k = st.columns(5)
-k[0].metric("Breakpoint", f"{m.breakpoint:.3g}".replace("e+0", "e").replace("e+", "e"), help=f"{iv.level:.0%} interval: {METHOD_NAMES[iv.method]}")
-k[0].caption(f"{iv.level:.0%} CI {lo:.4g} to {hi:.4g} ({iv.method})")
+k[0].metric("Breakpoint", _short(m.breakpoint, 3), help=f"{iv.level:.0%} interval: {METHOD_NAMES[iv.method]}")
+k[0].caption(f"{iv.level:.0%} CI {_short(lo, 4)} to {_short(hi, 4)} ({iv.method})")
 for col, name, value, (a, b) in ((k[1], "Slope before", m.slope_before, iv.slope_before),
                                  (k[2], "Slope after", m.slope_after, iv.slope_after)):
     col.metric(name, f"{value:.3f}", help="d ln(loss) / d ln(size)")
@@ -260,20 +270,20 @@ right.plotly_chart(hist, key="scaling_boot")
 st.subheader("Two-segment fit")
 st.caption(f"Intervals: {METHOD_NAMES[iv.method]}" + (" (default)" if iv.method == DEFAULT_METHOD else "")
            + ". Other methods: Fit settings, Interval method.")
-st.dataframe(res.summary, hide_index=True, key="scaling_summary")
+show_table(res.summary, hide_index=True, key="scaling_summary")
 if compare:
-    st.dataframe(res.methods, hide_index=True, key="scaling_methods")
+    show_table(res.methods, hide_index=True, key="scaling_methods")
 download_buttons("scaling_fit_summary", res.summary, {"model": m.summary, "settings": fit, "x": x_col,
                                                       "y": y_col})
 st.subheader("Other forms on the same points")
 st.caption("RMSLE is the root mean squared error of natural-log loss; hold-out rows are extrapolated.")
-st.dataframe(form_table, hide_index=True, key="scaling_forms")
+show_table(form_table, hide_index=True, key="scaling_forms")
 download_buttons("scaling_forms", form_table)
 if not res.extrapolation.empty:
     st.subheader("Extrapolation")
-    st.dataframe(res.extrapolation, hide_index=True, key="scaling_extrap")
+    show_table(res.extrapolation, hide_index=True, key="scaling_extrap")
 st.subheader("Predictions per point")
-st.dataframe(pts, hide_index=True, key="scaling_points")
+show_table(pts, hide_index=True, key="scaling_points")
 download_buttons("scaling_predictions", pts)
 
 # ---------------------------------------------------------------- what-if
@@ -287,4 +297,4 @@ if source == "synthetic":
         dfig.update_yaxes(range=[0, 1.05], title="share of 200 seeds where BIC prefers the break")
         dfig.update_layout(title="Detection rate of this knee against noise", height=360)
         st.plotly_chart(dfig, key="scaling_detect")
-        st.dataframe(det, hide_index=True, key="scaling_detect_table")
+        show_table(det, hide_index=True, key="scaling_detect_table")

@@ -188,14 +188,35 @@ def kv_cache_bytes(cfg: TransformerConfig, tokens: int, batch: int = 1, bytes_pe
 
 def advice(cfg: TransformerConfig, layout: TrainLayout, capacity: float,
            total: float | None = None) -> list[str]:
-    """What to change so the run fits in `capacity` bytes per GPU, each with its predicted total.
+    """What to change so the run fits in `capacity` bytes per GPU, each with its predicted total;
+    when no single change fits, also a combination that does (or the closest one found).
 
     total: the layout's own sum of memory_per_gpu (bytes), when the caller has it already."""
     if total is None:
-        total = sum(memory_per_gpu(cfg, layout).values())
+        total = _total(cfg, layout)
     if total <= capacity:
         return []
-    moves: list[tuple[str, TrainLayout]] = []
+    out = []
+    for text, new in _moves(cfg, layout):
+        after = _total(cfg, new)
+        if after < total:
+            out.append(f"{text}: {after / 1e9:.1f} GB per GPU" + (" (fits)" if after <= capacity else ""))
+    if not any(o.endswith("(fits)") for o in out):
+        new = _combined(cfg, layout, capacity)
+        after = _total(cfg, new)
+        if new != layout and after < total:
+            out.append(f"together, {_changes(layout, new)}: {after / 1e9:.1f} GB per GPU"
+                       + (" (fits)" if after <= capacity else ""))
+    return out
+
+
+def _total(cfg: TransformerConfig, layout: TrainLayout) -> float:
+    return sum(memory_per_gpu(cfg, layout).values())
+
+
+def _moves(cfg: TransformerConfig, layout: TrainLayout) -> list[tuple[str, TrainLayout]]:
+    """Single changes that may lower memory per GPU, the cheapest for the run first."""
+    moves = []
     if not layout.checkpointing:
         moves.append(("turn on full activation checkpointing", _with(layout, checkpointing=True)))
     if layout.attention == "math":
@@ -208,15 +229,36 @@ def advice(cfg: TransformerConfig, layout: TrainLayout, capacity: float,
     if cfg.is_moe and layout.ep < cfg.num_experts and layout.ep * 2 <= layout.gpus \
             and cfg.num_experts % (layout.ep * 2) == 0:
         moves.append((f"expert parallelism over {layout.ep * 2} GPUs", _with(layout, ep=layout.ep * 2)))
-    moves.append((f"{layout.gpus * 2} GPUs" + ("" if layout.zero else " with ZeRO stage 1"),
-                  _with(layout, gpus=layout.gpus * 2, zero=max(1, layout.zero))))
-    out = []
-    for text, new in moves:
-        after = sum(memory_per_gpu(cfg, new).values())
-        if after < total:
-            out.append(f"{text}: {after / 1e9:.1f} GB per GPU"
-                       + (" (fits)" if after <= capacity else ""))
-    return out
+    if layout.gpus * 2 <= _MAX_GPUS:
+        moves.append((f"{layout.gpus * 2} GPUs" + ("" if layout.zero else " with ZeRO stage 1"),
+                      _with(layout, gpus=layout.gpus * 2, zero=max(1, layout.zero))))
+    return moves
+
+
+_MAX_GPUS = 1 << 16  # where the combined search stops doubling GPUs
+
+
+def _combined(cfg: TransformerConfig, layout: TrainLayout, capacity: float) -> TrainLayout:
+    """Take the first single change that lowers memory by more than 1%, again and again, until
+    the run fits or nothing does: cheap changes before more GPUs (which stop helping once only
+    activations are left)."""
+    while _total(cfg, layout) > capacity:
+        now = _total(cfg, layout)
+        lower = [new for _, new in _moves(cfg, layout) if _total(cfg, new) < 0.99 * now]
+        if not lower:
+            break
+        layout = lower[0]
+    return layout
+
+
+def _changes(old: TrainLayout, new: TrainLayout) -> str:
+    """The fields `new` changes from `old`, in words."""
+    words = {"checkpointing": lambda v: "full activation checkpointing",
+             "attention": lambda v: f"{v} attention", "zero": lambda v: f"ZeRO stage {v}",
+             "micro_batch": lambda v: f"micro-batch {v}",
+             "ep": lambda v: f"expert parallelism over {v} GPUs", "gpus": lambda v: f"{v} GPUs"}
+    return ", ".join(say(getattr(new, f)) for f, say in words.items()
+                     if getattr(new, f) != getattr(old, f))
 
 
 def _with(layout: TrainLayout, **changes: object) -> TrainLayout:

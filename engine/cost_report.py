@@ -11,9 +11,12 @@ from engine.cost_time import GpuSpec, time_to_train
 if TYPE_CHECKING:
     import pandas as pd
 
-# The page's defaults, which the CLI shares: training tokens, GPUs, price per GPU-hour (USD).
+# The page's defaults, which the CLI shares: training tokens, GPUs, price per GPU-hour (USD), and
+# the layout a run of the default Mixtral 8x7B (32k context) on 64 GPUs would use, which fits an
+# H200: ZeRO stage 1 (a distributed optimizer) and full activation checkpointing (without them its
+# activations alone take 353 GB per GPU).
 DEFAULTS: dict[str, Any] = {"tokens": 1e12, "gpus": 64, "ep": 8, "gpu": "H200 141 GB", "mfu": 0.4,
-                            "price": 2.5}
+                            "price": 2.5, "zero": 1, "checkpointing": True}
 
 
 def report(cfg: TransformerConfig, layout: TrainLayout, tokens: float, gpu: GpuSpec, mfu: float,

@@ -70,10 +70,10 @@ class ModelConfig:
                              f"({self.n_heads}): rotary needs an even head dim")
         check_int("sequence length", self.seq_len, 2, 8192)
         check_int("expert width", self.d_expert, 1, 1 << 16)
-        check_int("experts E", self.num_experts, 1, 1024)
+        check_int("Experts E", self.num_experts, 1, 1024)
         # Switch ignores k (always top-1); the hash routers hash at most two slots.
         hi = min(2, self.num_experts) if self.router in HASH_ROUTERS else self.num_experts
-        check_int("top-k k", self.top_k, 1, hi)
+        check_int("Experts per token k", self.top_k, 1, hi)
         check_int("MoE every n-th layer", self.moe_every, 1, self.n_layers)
         check_choice("router", self.router, ROUTERS)
         check_float("alpha", self.alpha, 0.0, 10.0)

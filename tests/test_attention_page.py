@@ -58,7 +58,9 @@ def test_custom_run_shows_rows_for_every_backend():
         (64, "sdpa-math", "ok"), (64, "sdpa-cudnn", "unavailable")]
     assert list(rows["batch"]) == [4, 4, 2, 2] and set(rows["heads"]) == {2}
     ok = rows[rows["status"] == "ok"]
-    assert (ok["rel_err"] < 1e-5).all()  # fp32 math against the fp32 reference
+    # fp32 math against the fp32 reference; rows that did not run show "–" there (text column).
+    assert (ok["rel err vs fp32"].astype(float) < 1e-5).all()
+    assert set(rows.loc[rows["status"] != "ok", "rel err vs fp32"]) == {"–"}
     assert any("Measured on this machine" in c.value for c in at.caption)
 
 
@@ -88,8 +90,12 @@ def test_committed_results_render_from_a_cold_link():
     assert list(speed_fa4["speedup"].round(6)) == list(expected.speedups("fa4")["speedup"].round(6))
     assert list(speed_fa3["speedup"].round(6)) == list(expected.speedups("fa3")["speedup"].round(6))
     fa4 = rows[(rows["backend"] == "fa4") & (rows["seqlen"] == 16384) & (rows["head_dim"] == 128) & rows["causal"]]
-    want = ab.attention_flops(1, 16, 16384, 16384, 128, causal=True) / (fa4["ms"].iloc[0] / 1e3) / 1e12
-    assert abs(fa4["tflops"].iloc[0] - want) < 1e-6 * want
+    # FA3 did not run on this card: its rows read "–", so the timing columns are shown as text in
+    # their formats (ms "%.4f", TFLOP/s "%.1f"): agree to the digits shown.
+    assert set(rows.loc[rows["status"] != "ok", "ms"]) == {"–"}
+    ms, tflops = float(fa4["ms"].iloc[0]), float(fa4["tflops"].iloc[0])
+    want = ab.attention_flops(1, 16, 16384, 16384, 128, causal=True) / (ms / 1e3) / 1e12
+    assert abs(tflops - want) <= 0.05 + want * 0.5e-4 / ms
     assert any(c.value.startswith("Timer cross-check: ") for c in at.caption)
 
 

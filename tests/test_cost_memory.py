@@ -109,6 +109,24 @@ def test_memory_rows_and_advice():
     assert advice(LLAMA, TrainLayout(gpus=8), total + 1) == []
 
 
+def test_advice_says_which_changes_fit_together_when_none_fits_alone():
+    # Llama-2-7B, mixed-precision Adam on 8 GPUs, 40 GB each: checkpointing alone leaves 16 bytes
+    # per parameter (110 GB), ZeRO-1 alone the full activations (60 GB). Together by hand: 2 + 2
+    # bytes of weights and gradients, 12 / 8 of optimizer states, checkpointed activations.
+    acts = sum(activation_bytes(LLAMA, TrainLayout(gpus=8, checkpointing=True)).values())
+    together = (2 + 2 + 12 / 8) * LLAMA_PARAMS + acts
+    tips = advice(LLAMA, TrainLayout(gpus=8), 40e9)
+    assert not any(t.endswith("(fits)") for t in tips[:-1])
+    assert tips[-1] == (f"together, full activation checkpointing, ZeRO stage 1: "
+                        f"{together / 1e9:.1f} GB per GPU (fits)")
+    assert together <= 40e9
+    # Nothing fits 1 GB (the checkpointed activations alone exceed it): the closest is named, and
+    # the GPUs stop doubling once only activations are left.
+    last = advice(LLAMA, TrainLayout(gpus=8), 1e9)[-1]
+    assert last.startswith("together, full activation checkpointing, ZeRO stage 3, ")
+    assert not last.endswith("(fits)") and float(last.split(": ")[1].split(" GB")[0]) > acts / 1e9
+
+
 def test_report_shows_the_memory_model_computed_once():
     """The report's memory rows, activation parts, total and advice are those of memory_per_gpu,
     activation_bytes and advice called one by one; the advice weighs the training memory (the

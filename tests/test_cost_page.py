@@ -90,19 +90,28 @@ def test_will_it_fit_defaults_advice_and_time_to_train():
 
     at = _page()
     cfg = PRESETS["Mixtral 8x7B"]
-    need = sum(memory_per_gpu(cfg, TrainLayout(gpus=64, ep=8)).values())
-    warning = at.warning[0].value
-    assert warning.startswith(f"Does not fit: {need / 1e9:.1f} GB needed, 141 GB per GPU")
-    assert "activation checkpointing" in warning
+    # The default fits an H200: ZeRO-1 and full checkpointing, as a 64-GPU run would use them.
+    need = sum(memory_per_gpu(cfg, TrainLayout(gpus=64, ep=8, zero=1, checkpointing=True)).values())
+    assert need <= 141e9 and not at.warning
+    assert at.success[0].value.startswith(f"Fits: {need / 1e9:.1f} GB of 141 GB per GPU")
     line = next(m.value for m in at.markdown if m.value.startswith("**Time to train**"))
     t = time_to_train(3 * estimate(cfg).forward_flops * 1e12, 64, 989e12, 0.4, 2.5)
     assert f"**{t.days:,.1f} days**" in line and f"${t.cost:,.0f}" in line
-    at.checkbox(key="ckpt").check().run()
-    assert not at.exception and at.success[0].value.startswith("Fits:")
+    at.checkbox(key="ckpt").uncheck().run()
+    need = sum(memory_per_gpu(cfg, TrainLayout(gpus=64, ep=8, zero=1)).values())
+    warning = at.warning[0].value
+    assert warning.startswith(f"Does not fit: {need / 1e9:.1f} GB needed, 141 GB per GPU")
+    assert "turn on full activation checkpointing" in warning and "(fits)" in warning
+    # On an 80 GB GPU from ZeRO 0 no single change fits: the page says which changes fit together.
+    at.number_input(key="zero").set_value(0)
+    at.selectbox(key="gpu").set_value("H100 80 GB").run()
+    both = sum(memory_per_gpu(cfg, TrainLayout(gpus=64, ep=8, zero=1, checkpointing=True)).values())
+    assert (f"together, full activation checkpointing, ZeRO stage 1: {both / 1e9:.1f} GB per GPU "
+            "(fits)") in at.warning[0].value
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("gpus", 6, '"GPUs N" must be a multiple of "expert-parallel ranks" (8), got 6'),
+    ("gpus", 6, '"GPUs N" must be a multiple of "Ranks R (expert-parallel)" (8), got 6'),
     ("mfu", 1.5, '"MFU" must be <= 1.0, got 1.5'),
     ("zero", 5, '"ZeRO stage" must be >= 0 and <= 3, got 5'),
     ("mb", 0, '"micro-batch (sequences)" must be >= 1'),
@@ -112,7 +121,7 @@ def test_bad_layout_input_shows_one_message_naming_the_field(key, value, message
     at.number_input(key=key).set_value(value).run()
     assert not at.exception
     assert len(at.error) == 1 and at.error[0].value.startswith(message)
-    at.number_input(key=key).set_value({"gpus": 64, "mfu": 0.4, "zero": 0, "mb": 1}[key]).run()
+    at.number_input(key=key).set_value({"gpus": 64, "mfu": 0.4, "zero": 1, "mb": 1}[key]).run()
     assert not at.error
 
 

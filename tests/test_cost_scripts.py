@@ -117,6 +117,11 @@ def test_engine_cost_json_memory_table_and_page_defaults(capsys):
     flops = {r["row"]: r for r in doc["FLOPs"]}["training (3 x forward)"]
     assert flops["FLOPs for D tokens"] == pytest.approx(flops["FLOPs per token"] * 1e12)
     assert doc["time_to_train"]["gpus"] == 64 and doc["layout"]["ep"] == 1
+    assert doc["layout"]["zero"] == 1 and doc["layout"]["checkpointing"] is True
+    _, text, _ = _cli(capsys, "--json", "--no-checkpointing", "--zero", "0")
+    doc = json.loads(text)
+    assert doc["layout"]["checkpointing"] is False and doc["layout"]["zero"] == 0
+    assert not doc["memory_per_gpu"]["fits"]  # Mixtral 8x7B's 32k context without them
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "0"])

@@ -56,6 +56,12 @@ def test_noise_free_synthetic_knee_is_recovered_and_the_url_reproduces_it(monkey
     assert _estimate(at, "slope_after") == pytest.approx(-0.3, abs=1e-9)
     detect = _table(at, "noise", "detection_rate")
     assert detect["detection_rate"].iloc[0] == 1.0  # the lowest noise always finds this knee
+    # Large numbers read 3.162e8, never 3.162e+08; the interval is written "a to b".
+    metric = next(m for m in at.metric if m.label == "Breakpoint")
+    assert metric.value == "3.16e8"
+    low, high = _table(at, "quantity", "low").set_index("quantity").loc["breakpoint", ["low", "high"]]
+    ci = next(c.value for c in at.caption if " CI " in c.value)
+    assert ci.startswith(f"95% CI {float(low):.4g} to {float(high):.4g}".replace("e+0", "e"))
 
 
 def test_filter_on_the_chinchilla_table_keeps_the_pandas_rows(monkeypatch):
@@ -126,8 +132,9 @@ def test_the_readme_fit_command_reproduces_the_page_defaults(monkeypatch, capsys
     at = _page(monkeypatch)
     page = _table(at, "quantity", "estimate").set_index("quantity")
     assert doc["model"]["n"] == page.loc["n train", "estimate"] == 14
-    for col in ("estimate", "low", "high"):
-        assert cli["breakpoint"][col] == pytest.approx(page.loc["breakpoint", col], rel=1e-12)
+    assert cli["breakpoint"]["estimate"] == pytest.approx(page.loc["breakpoint", "estimate"], rel=1e-12)
+    for col in ("low", "high"):  # columns with gaps ("–") are shown as text, "%g"
+        assert f"{cli['breakpoint'][col]:g}" == page.loc["breakpoint", col]
 
 
 def test_interval_method_is_named_and_switchable(monkeypatch):
@@ -139,4 +146,4 @@ def test_interval_method_is_named_and_switchable(monkeypatch):
     assert any("CI" in c.value and " to " in c.value and "(bootstrap)" in c.value for c in at.caption)
     methods = _table(at, "method", "breakpoint_low").set_index("method")
     assert set(methods.index) == {"calibrated", "profile", "bootstrap", "residual"}
-    assert methods.loc["calibrated", "breakpoint_low"] == pytest.approx(default["low"], rel=1e-12)
+    assert f"{methods.loc['calibrated', 'breakpoint_low']:g}" == default["low"]  # shown "%g"

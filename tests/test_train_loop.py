@@ -103,4 +103,6 @@ def test_cli_json_shape(capsys) -> None:
 
 def test_cli_bad_flag_exits_2(capsys) -> None:
     assert main(["train", "--experts", "0", "--steps", "2"]) == 2
-    assert "experts E" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("error: --experts must be >= 1")  # as typed
+    assert main(["train", "--routers", "hash", "--k", "3", "--steps", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: --k must be >= 1 and <= 2, got 3")

@@ -103,8 +103,8 @@ def test_param_counts_by_hand() -> None:
     assert active == total - n * (e - 2) * 2 * d * f
 
 
-@pytest.mark.parametrize("kw, field", [({"num_experts": 0}, "experts E"),
-                                       ({"router": "hash", "top_k": 3}, "top-k k"),
+@pytest.mark.parametrize("kw, field", [({"num_experts": 0}, "Experts E"),
+                                       ({"router": "hash", "top_k": 3}, "Experts per token k"),
                                        ({"n_layers": 1000}, "layers"),
                                        ({"d_model": 18, "n_heads": 4}, "d_model"),
                                        ({"moe_every": 3}, "MoE every")])

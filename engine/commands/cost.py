@@ -45,12 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mem = parser.add_argument_group("memory per GPU and time to train")
     mem.add_argument("--precision", help="e.g. mixed (bf16 with fp32 master weights), bf16, fp32")
     mem.add_argument("--optimizer", help="adam or sgd")
-    mem.add_argument("--zero", type=int, help="ZeRO stage 0-3")
+    mem.add_argument("--zero", type=int, help="ZeRO stage 0-3 (default: the page's, 1)")
     mem.add_argument("--gpus", type=int, help="data-parallel GPUs")
     mem.add_argument("--ep", type=int, help="expert-parallel ranks, divides --gpus (default: the "
                                            "page's for MoE, 1 for dense)")
     mem.add_argument("--micro-batch", type=int, help="sequences per GPU")
-    mem.add_argument("--checkpointing", action="store_true", help="full activation checkpointing")
+    mem.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                     help="full activation checkpointing (default: the page's, on)")
     mem.add_argument("--attention", help="flash (no S^2 scores) or math")
     mem.add_argument("--capacity-factor", type=float)
     mem.add_argument("--kv-tokens", type=int, default=None,
@@ -97,10 +98,12 @@ def _run(args: argparse.Namespace) -> CommandResult:
     cfg = preset_config(args.preset, **overrides)
     given = {field: getattr(args, flag.replace("-", "_")) for flag, field in LAYOUT.items()}
     fields = {k: v for k, v in given.items() if v is not None}
-    fields.setdefault("gpus", DEFAULTS["gpus"])
+    for key in ("gpus", "zero"):
+        fields.setdefault(key, DEFAULTS[key])
     if "ep" not in fields:  # the page's default for MoE; a dense model has no experts to place
         fields["ep"] = DEFAULTS["ep"] if cfg.is_moe else 1
-    layout = TrainLayout(**fields, checkpointing=args.checkpointing)
+    ckpt = DEFAULTS["checkpointing"] if args.checkpointing is None else args.checkpointing
+    layout = TrainLayout(**fields, checkpointing=ckpt)
     rep = report(cfg, layout, tokens, GPUS[gpu], mfu, price,
                  causal=not args.full_attention_flops, kv_tokens=args.kv_tokens)
     tables = {k: v for k, v in rep.items() if isinstance(v, pd.DataFrame)}

@@ -22,6 +22,16 @@ FIELDS = {"steps": ("steps", int), "experts": ("experts", int), "k": ("k", int),
           "device": ("device", str), "dtype": ("dtype", str)}
 
 
+# The names the engine's messages use (the page's labels) -> the flags typed here.
+NAMES = {"vocabulary": "--vocab", "d_model": "--d-model", "layers": "--layers", "heads": "--heads",
+         "sequence length": "--seq-len", "expert width": "--d-expert", "Experts E": "--experts",
+         "Experts per token k": "--k", "MoE every n-th layer": "--moe-every", "alpha": "--alpha",
+         "capacity factor": "--capacity", "DeepSeek gamma": "--gamma", "positions": "--positions",
+         "routers": "--routers", "steps": "--steps", "batch": "--batch", "learning rate": "--lr",
+         "warm-up steps": "--warmup", "evaluate every": "--eval-every",
+         "evaluation batches": "--eval-batches", "dtype": "--dtype"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Routers, seeds, data and every TrainSettings field."""
     parser.add_argument("--routers", default=None,
@@ -45,6 +55,15 @@ def _ints(flag: str, text: str) -> tuple[int, ...]:
 
 def run(args: argparse.Namespace) -> CommandResult:
     """Train every router (progress on stderr); the summary and per-evaluation histories."""
+    from engine.cost_model import relabel
+
+    try:
+        return _run(args)
+    except ValueError as exc:  # in the flags' words
+        raise ValueError(relabel(str(exc), NAMES)) from None
+
+
+def _run(args: argparse.Namespace) -> CommandResult:
     import pandas as pd
 
     from engine.train_data import TEXTS, builtin_text, decode_upload, tokenize
