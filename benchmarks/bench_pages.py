@@ -1,21 +1,28 @@
 """How fast every page answers in a real browser, on this machine.
 
-    .venv/bin/python benchmarks/bench_pages.py [--changes 8] [--json]
+    .venv/bin/python benchmarks/bench_pages.py [--changes 8] [--pages routing,cost] [--json]
 
 Starts `streamlit run app.py` on a free port and drives each page in headless Chromium
 (tests/browser_support.py). Per page it prints:
-- first render: a new browser context (empty cache, new session) opening the page at its defaults,
-  until the run has finished and every chart is drawn and settled; the very first page after the
-  server starts is shown apart (`cold server`), as it also imports the engine;
+- first render: a new browser context (empty cache, new session) opening the page at its defaults;
+  seconds from navigation start to the page's last DOM change once the run has finished and every
+  chart is drawn and settled (in-page clock, as for a widget change); `wall` is the same seen from
+  Python, which adds up to a settle poll (250 ms) on top. Where it goes: `ws` the websocket open
+  (Streamlit's JavaScript loaded and started), `run end` the script run's end as the browser saw
+  it, `busy` the browser's main thread in long tasks (> 50 ms: parsing, React, plotly drawing);
+  the very first page after the server starts is shown apart (`cold server`), as it also imports
+  torch and streamlit's own modules;
 - widget to settled: one widget changed `--changes` times at the defaults, each to a value not seen
   before (no cache hit), from the user's key press or click to the last change of the page's DOM;
-  median and p95 (nearest rank);
-- payload: bytes of each plotly figure's spec as sent over the websocket, and all bytes the browser
-  received per change;
+  median and p95 (nearest rank). /training's widget is the committed results' balance metric
+  (its Train here inputs only set up a run);
+- payload: bytes of each plotly figure's spec as sent over the websocket (first render; pages that
+  draw none at first, those of the changes), and all bytes the browser received per change;
 - figure build: the routing page's main figure built with Plotly Express and with
   app_pages._ui.line_figure, alternating in one run (median ms and their ratio).
 Targets (issue 18): median <= 1.0 s, p95 <= 2 s, first render <= 2.5 s. The machine's load
-(`uptime`) is printed with the figures: other work on the machine slows every number here.
+(`uptime`, before and after) is printed with the figures: other work on the machine slows every
+number here, the browser's share most (it is single-threaded and renders in software).
 """
 
 from __future__ import annotations
@@ -44,17 +51,33 @@ CHANGES: dict[str, tuple[str, tuple] | None] = {
     "attention": ("src", ("Run here", "Committed GPU results") * 5),  # a CPU opens on the latter
     "scaling": ("seed", tuple(range(1, 11))),
     "cost": ("k", (1, 3, 4, 5, 6, 7, 8, 2, 1, 3)),
+    "training": ("gpu_metric", ("MaxVio (max over layers)", "drop rate (capacity)",
+                                "aux loss (sum over layers)", "DeepSeek bias spread (max - min)",
+                                "training tokens/s", "CV of tokens per expert (mean over layers)") * 2),
 }
+# Clicked before the first change: the tab that holds the widget.
+TABS = {"training": "Committed GPU results"}
 
-# In-page: the time of the user's last key press or click, and of the DOM's last change.
+# In-page (ms since navigation start): the user's last key press or click, the DOM's last change,
+# the websocket's opening, and the main thread's long tasks.
 _INPUT_JS = """
 (() => {
-  window.__bench = {input: 0, mutation: 0};
-  const mark = () => { window.__bench.input = performance.now(); };
+  const B = window.__bench = {input: 0, mutation: 0, ws: null, busy: 0};
+  const mark = () => { B.input = performance.now(); };
   addEventListener('keydown', mark, true);
   addEventListener('mousedown', mark, true);
-  new MutationObserver(() => { window.__bench.mutation = performance.now(); })
+  new MutationObserver(() => { B.mutation = performance.now(); })
     .observe(document, {subtree: true, childList: true, attributes: true, characterData: true});
+  const WS = window.WebSocket;
+  window.WebSocket = function (...args) {
+    const ws = new WS(...args);
+    ws.addEventListener('open', () => { if (B.ws === null) B.ws = performance.now(); });
+    return ws;
+  };
+  window.WebSocket.prototype = WS.prototype;
+  Object.assign(window.WebSocket, WS);
+  new PerformanceObserver(list => list.getEntries().forEach(e => { B.busy += e.duration; }))
+    .observe({type: 'longtask', buffered: true});
 })();
 """
 
@@ -65,6 +88,10 @@ class PageResult:
 
     page: str
     first_render_s: float
+    first_render_wall_s: float | None = None
+    websocket_open_s: float | None = None
+    first_run_end_s: float | None = None
+    first_render_busy_s: float | None = None
     redraw_median_s: float | None = None
     redraw_p95_s: float | None = None
     redraws_s: list[float] = field(default_factory=list)
@@ -100,6 +127,10 @@ class Wire:
         self.received, self.figures = 0, []
 
 
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def _p95(xs: list[float]) -> float:
     return sorted(xs)[max(0, math.ceil(0.95 * len(xs)) - 1)]
 
@@ -120,12 +151,16 @@ def measure_page(browser, base: str, path: str, changes: int) -> PageResult:
     page.add_init_script(_INPUT_JS)
     wire = Wire(page)
     try:
-        first = bs.open_page(page, base, path)
-        res = PageResult(path or "home", first, figure_bytes=list(wire.figures))
+        wall = bs.open_page(page, base, path)
+        b = page.evaluate("[window.__bench.mutation, window.__st.t, window.__bench.ws, window.__bench.busy]")
+        res = PageResult(path or "home", max(b[0], b[1]) / 1000, wall, b[2] and b[2] / 1000,
+                         b[1] / 1000, b[3] / 1000, figure_bytes=list(wire.figures))
         spec = CHANGES.get(path)
         if spec is None:
             return res
         key, values = spec
+        if path in TABS:
+            page.get_by_role("tab", name=TABS[path]).click()
         wire.reset()
         res.widget = key
         res.redraws_s = [_settled_change(page, key, v) for v in values[:changes]]
@@ -182,7 +217,7 @@ def main() -> None:
     if not 5 <= args.changes <= 10:
         ap.error("--changes must be 5..10")
     paths = ["" if p == "home" else p for p in args.pages.split(",")]
-    load_before = os.getloadavg()
+    uptime_before = _uptime()
     with bs.streamlit_server() as base, bs.launch_browser() as browser:
         cold = bs.new_app_page(browser)
         try:
@@ -194,26 +229,30 @@ def main() -> None:
     doc = {"pages": [asdict(r) for r in results], "cold_server_first_render_s": cold_s,
            "figure_build": build,
            "cold_server_page": paths[0] or "home",
-           "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
-           "loadavg_before": load_before, "cpus": os.cpu_count(),
+           "uptime_before": uptime_before, "uptime": _uptime(), "cpus": os.cpu_count(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.json:
         print(json.dumps(doc, indent=2))
         return
-    print(f"{doc['date']} · {doc['cpus']} CPUs · {doc['uptime']}")
+    print(f"{doc['date']} · {doc['cpus']} CPUs · before: {uptime_before}\n"
+          f"{' ' * len(doc['date'])} · after:  {doc['uptime']}")
     print(f"cold server, first page ({doc['cold_server_page']}): {cold_s:.2f} s")
     print(f"figure build (routing counts, 448 points), median of alternating rounds: Plotly Express "
           f"{build['px_ms']:.0f} ms, _ui.line_figure {build['ui_ms']:.0f} ms, ratio {build['px_over_ui']:.1f}x")
-    print(f"{'page':16} {'first render':>12} {'redraw median':>14} {'p95':>6}  {'widget':8} "
-          f"{'figure bytes':>28} {'bytes/change':>12}")
+    print(f"{'page':16} {'first render':>12} {'(wall':>6} {'ws':>5} {'run end':>7} {'busy)':>6} "
+          f"{'redraw median':>14} {'p95':>6}  {'widget':10} {'figure bytes':>28} {'bytes/change':>12}")
     for r in results:
         med = f"{r.redraw_median_s:.2f}" if r.redraw_median_s is not None else "-"
         p95 = f"{r.redraw_p95_s:.2f}" if r.redraw_p95_s is not None else "-"
         # The figures of the first render; pages that draw none at first, those of the changes.
         figs = ",".join(f"{b / 1024:.0f}k" for b in r.figure_bytes or r.figure_bytes_changes[:4]) or "-"
         per = f"{r.received_bytes_per_change / 1024:.0f}k" if r.received_bytes_per_change else "-"
-        print(f"{r.page:16} {r.first_render_s:12.2f} {med:>14} {p95:>6}  {r.widget or '-':8} "
-              f"{figs:>28} {per:>12}")
+        print(f"{r.page:16} {r.first_render_s:12.2f} {r.first_render_wall_s:6.2f} "
+              f"{r.websocket_open_s or 0:5.2f} {r.first_run_end_s:7.2f} {r.first_render_busy_s:6.2f} "
+              f"{med:>14} {p95:>6}  {r.widget or '-':10} {figs:>28} {per:>12}")
+    print("first render: navigation start to the last DOM change (in-page); wall: the same from "
+          "Python, with the settle poll; ws: websocket open; run end: the first script run's end; "
+          "busy: the browser's main thread in long tasks. Seconds.")
 
 
 if __name__ == "__main__":
