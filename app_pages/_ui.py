@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
@@ -62,6 +63,7 @@ def warm_up() -> threading.Thread:
 
 
 def _import_pages() -> None:
+    start = time.perf_counter()
     pages = Path(__file__).parent
     names = {node.module if isinstance(node, ast.ImportFrom) else alias.name
              for path in sorted(pages.glob("*.py"))
@@ -74,6 +76,8 @@ def _import_pages() -> None:
             log.exception("warm-up import of %s failed", name)
     gc.collect()
     gc.freeze()
+    log.info("warm-up: %d modules imported in %.1f s, %d objects frozen", len(names),
+             time.perf_counter() - start, gc.get_freeze_count())
 
 
 def environment_badge() -> None:

@@ -4,6 +4,8 @@ Input bounds and the names errors use come from the engine (LIMITS, PAGE_LABELS)
 
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 
 from app_pages._ui import bar_figure, download_buttons, guarded, line_figure
@@ -197,14 +199,19 @@ st.caption("Hash routing needs no training; the learned routers here (top-k, Swi
            "Reproduce any figure with `python -m engine route` (see docs/load_balance.md).")
 lab_settings = _settings()
 progress = st.empty()
+# A bar that comes and goes within a fast rerun only shifts the page under it (and makes the
+# browser lay out every chart twice): it appears once a run has taken this long.
+PROGRESS_AFTER_S = 0.5
+started = time.perf_counter()
 
 
 def _route_showing_progress(settings: LabSettings, key: str) -> LabResult:
     """_one, with a progress bar naming the router (a cold run at 1M tokens takes seconds)."""
     n = len(lab_settings.routers)
     i = lab_settings.routers.index(key)
-    progress.progress(i / n, text=f"Routing {lab_settings.num_tokens:,} tokens: {ROUTERS[key]} "
-                                  f"({i + 1} of {n})")
+    if time.perf_counter() - started > PROGRESS_AFTER_S:
+        progress.progress(i / n, text=f"Routing {lab_settings.num_tokens:,} tokens: {ROUTERS[key]} "
+                                      f"({i + 1} of {n})")
     return _one(settings, key)
 
 

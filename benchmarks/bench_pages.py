@@ -107,6 +107,7 @@ class Wire:
     def __init__(self, page) -> None:
         self.received = 0
         self.figures: list[int] = []
+        self.finished = 0  # script runs the server finished, fragment runs included
         page.on("websocket", lambda ws: ws.on("framereceived", self._frame))
 
     def _frame(self, payload) -> None:
@@ -118,6 +119,7 @@ class Wire:
             msg = ForwardMsg.FromString(data)
         except Exception:  # noqa: BLE001 - not every frame is a ForwardMsg we can read
             return
+        self.finished += msg.WhichOneof("type") == "script_finished"
         if msg.WhichOneof("type") == "delta" and msg.delta.WhichOneof("type") == "new_element":
             el = msg.delta.new_element
             if el.WhichOneof("type") == "plotly_chart":
@@ -125,6 +127,33 @@ class Wire:
 
     def reset(self) -> None:
         self.received, self.figures = 0, []
+
+
+def _server_cpu_s(port: str) -> float:
+    """CPU seconds used so far by the Streamlit server listening on `port` (Linux /proc)."""
+    for cmd in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmd.read_bytes().split(b"\0")
+            if b"streamlit" in b" ".join(args) and port.encode() in args:
+                fields = (cmd.parent / "stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            continue
+    raise RuntimeError(f"no streamlit server on port {port}")
+
+
+def wait_server_idle(base: str, timeout_s: float = 60.0) -> float:
+    """Wait until the server used under 5 % of a core for a second (it imports every page's
+    modules in the background after its first page); returns the seconds waited."""
+    port, t0 = base.rsplit(":", 1)[1], time.perf_counter()
+    last = _server_cpu_s(port)
+    while time.perf_counter() - t0 < timeout_s:
+        time.sleep(1.0)
+        now = _server_cpu_s(port)
+        if now - last < 0.05:
+            break
+        last = now
+    return time.perf_counter() - t0
 
 
 def _uptime() -> str:
@@ -135,11 +164,17 @@ def _p95(xs: list[float]) -> float:
     return sorted(xs)[max(0, math.ceil(0.95 * len(xs)) - 1)]
 
 
-def _settled_change(page, key: str, value) -> float:
+def _settled_change(page, wire: Wire, key: str, value, timeout_s: float = 60.0) -> float:
     """Change widget `key` to `value`; seconds from the input event to the DOM's last change."""
-    before = page.evaluate("window.__st.done")
+    # Counted from the server's script_finished messages, which a fragment's rerun (a chart's own
+    # control) also ends with.
+    runs = wire.finished
     bs.set_widget(page, key, value)
-    bs.wait_for_run(page, before)
+    deadline = time.monotonic() + timeout_s
+    while wire.finished <= runs:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no script run finished within {timeout_s:.0f} s on {page.url}")
+        page.wait_for_timeout(20)
     bs.wait_for_render(page)
     t = page.evaluate("[window.__bench.input, window.__bench.mutation, window.__st.t]")
     return (max(t[1], t[2]) - t[0]) / 1000
@@ -163,7 +198,7 @@ def measure_page(browser, base: str, path: str, changes: int) -> PageResult:
             page.get_by_role("tab", name=TABS[path]).click()
         wire.reset()
         res.widget = key
-        res.redraws_s = [_settled_change(page, key, v) for v in values[:changes]]
+        res.redraws_s = [_settled_change(page, wire, key, v) for v in values[:changes]]
         res.redraw_median_s = statistics.median(res.redraws_s)
         res.redraw_p95_s = _p95(res.redraws_s)
         res.received_bytes_per_change = wire.received // len(res.redraws_s)
@@ -224,9 +259,11 @@ def main() -> None:
             cold_s = bs.open_page(cold, base, paths[0])
         finally:
             cold.context.close()
+        idle_s = wait_server_idle(base)
         results = [measure_page(browser, base, p, args.changes) for p in paths]
     build = figure_build_ms()
     doc = {"pages": [asdict(r) for r in results], "cold_server_first_render_s": cold_s,
+           "server_idle_after_s": idle_s,
            "figure_build": build,
            "cold_server_page": paths[0] or "home",
            "uptime_before": uptime_before, "uptime": _uptime(), "cpus": os.cpu_count(),
@@ -236,7 +273,8 @@ def main() -> None:
         return
     print(f"{doc['date']} · {doc['cpus']} CPUs · before: {uptime_before}\n"
           f"{' ' * len(doc['date'])} · after:  {doc['uptime']}")
-    print(f"cold server, first page ({doc['cold_server_page']}): {cold_s:.2f} s")
+    print(f"cold server, first page ({doc['cold_server_page']}): {cold_s:.2f} s; the server then "
+          f"went idle (background imports done) {idle_s:.1f} s later, before the pages below")
     print(f"figure build (routing counts, 448 points), median of alternating rounds: Plotly Express "
           f"{build['px_ms']:.0f} ms, _ui.line_figure {build['ui_ms']:.0f} ms, ratio {build['px_over_ui']:.1f}x")
     print(f"{'page':16} {'first render':>12} {'(wall':>6} {'ws':>5} {'run end':>7} {'busy)':>6} "
