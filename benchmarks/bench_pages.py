@@ -1,6 +1,7 @@
 """How fast every page answers in a real browser, on this machine.
 
     .venv/bin/python benchmarks/bench_pages.py [--changes 8] [--pages routing,cost] [--json]
+        [--baseline ../other-checkout]
 
 Starts `streamlit run app.py` on a free port and drives each page in headless Chromium
 (tests/browser_support.py). Per page it prints:
@@ -14,10 +15,13 @@ Starts `streamlit run app.py` on a free port and drives each page in headless Ch
   torch and streamlit's own modules;
 - widget to settled: one widget changed `--changes` times at the defaults, each to a value not seen
   before (no cache hit), from the user's key press or click to the last change of the page's DOM;
-  median and p95 (nearest rank). /training's widget is the committed results' balance metric
-  (its Train here inputs only set up a run);
+  median and p95 (nearest rank), and the server's CPU seconds per change (median; /proc, so
+  less sensitive to other load than the wall times). /training's widget is the committed results'
+  balance metric (its Train here inputs only set up a run);
 - payload: bytes of each plotly figure's spec as sent over the websocket (first render; pages that
   draw none at first, those of the changes), and all bytes the browser received per change;
+- with --baseline DIR: a second checkout served at the same time, each page measured on both in
+  turn, and the ratios baseline / this tree;
 - figure build: the routing page's main figure built with Plotly Express and with
   app_pages._ui.line_figure, alternating in one run (median ms and their ratio).
 Targets (issue 18): median <= 1.0 s, p95 <= 2 s, first render <= 2.5 s. The machine's load
@@ -28,6 +32,7 @@ number here, the browser's share most (it is single-threaded and renders in soft
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -95,6 +100,7 @@ class PageResult:
     redraw_median_s: float | None = None
     redraw_p95_s: float | None = None
     redraws_s: list[float] = field(default_factory=list)
+    server_cpu_per_change_s: float | None = None
     widget: str | None = None
     figure_bytes: list[int] = field(default_factory=list)
     figure_bytes_changes: list[int] = field(default_factory=list)
@@ -156,6 +162,27 @@ def wait_server_idle(base: str, timeout_s: float = 60.0) -> float:
     return time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def _server_at(root: Path):
+    """bs.streamlit_server for the app checked out at `root`."""
+    with contextlib.ExitStack() as stack:
+        here, bs.ROOT = bs.ROOT, root.resolve()  # the server's working directory, read at its start
+        try:
+            base = stack.enter_context(bs.streamlit_server())
+        finally:
+            bs.ROOT = here
+        yield base
+
+
+def _cold(browser, base: str, path: str) -> float:
+    """The server's first page (it imports torch and streamlit's own modules): seconds, wall."""
+    page = bs.new_app_page(browser)
+    try:
+        return bs.open_page(page, base, path)
+    finally:
+        page.context.close()
+
+
 def _uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -198,7 +225,12 @@ def measure_page(browser, base: str, path: str, changes: int) -> PageResult:
             page.get_by_role("tab", name=TABS[path]).click()
         wire.reset()
         res.widget = key
-        res.redraws_s = [_settled_change(page, wire, key, v) for v in values[:changes]]
+        port, cpu = base.rsplit(":", 1)[1], []
+        for v in values[:changes]:
+            before = _server_cpu_s(port)
+            res.redraws_s.append(_settled_change(page, wire, key, v))
+            cpu.append(_server_cpu_s(port) - before)
+        res.server_cpu_per_change_s = statistics.median(cpu)
         res.redraw_median_s = statistics.median(res.redraws_s)
         res.redraw_p95_s = _p95(res.redraws_s)
         res.received_bytes_per_change = wire.received // len(res.redraws_s)
@@ -248,19 +280,26 @@ def main() -> None:
     ap.add_argument("--pages", default=",".join(p or "home" for p in CHANGES),
                     help="comma-separated url paths (home for the default page)")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
+    ap.add_argument("--baseline", help="another checkout of the app (e.g. main's) to measure beside this one")
     args = ap.parse_args()
     if not 5 <= args.changes <= 10:
         ap.error("--changes must be 5..10")
     paths = ["" if p == "home" else p for p in args.pages.split(",")]
     uptime_before = _uptime()
-    with bs.streamlit_server() as base, bs.launch_browser() as browser:
-        cold = bs.new_app_page(browser)
-        try:
-            cold_s = bs.open_page(cold, base, paths[0])
-        finally:
-            cold.context.close()
+    with contextlib.ExitStack() as stack:
+        base = stack.enter_context(bs.streamlit_server())
+        other = stack.enter_context(_server_at(Path(args.baseline))) if args.baseline else None
+        browser = stack.enter_context(bs.launch_browser())
+        cold_s = _cold(browser, base, paths[0])
+        if other:
+            _cold(browser, other, paths[0])
         idle_s = wait_server_idle(base)
-        results = [measure_page(browser, base, p, args.changes) for p in paths]
+        results, baseline = [], []
+        for i, p in enumerate(paths):
+            # Alternating which tree goes first, so neither always meets the other's leftovers.
+            for b in ((base, other) if i % 2 else (other, base)):
+                if b is not None:
+                    (results if b == base else baseline).append(measure_page(browser, b, p, args.changes))
     build = figure_build_ms()
     doc = {"pages": [asdict(r) for r in results], "cold_server_first_render_s": cold_s,
            "server_idle_after_s": idle_s,
@@ -268,6 +307,8 @@ def main() -> None:
            "cold_server_page": paths[0] or "home",
            "uptime_before": uptime_before, "uptime": _uptime(), "cpus": os.cpu_count(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.baseline:
+        doc["baseline"] = {"root": str(Path(args.baseline).resolve()), "pages": [asdict(r) for r in baseline]}
     if args.json:
         print(json.dumps(doc, indent=2))
         return
@@ -288,6 +329,19 @@ def main() -> None:
         print(f"{r.page:16} {r.first_render_s:12.2f} {r.first_render_wall_s:6.2f} "
               f"{r.websocket_open_s or 0:5.2f} {r.first_run_end_s:7.2f} {r.first_render_busy_s:6.2f} "
               f"{med:>14} {p95:>6}  {r.widget or '-':10} {figs:>28} {per:>12}")
+    print(f"{'':16} server CPU s per change: " + ", ".join(
+        f"{r.page} {r.server_cpu_per_change_s:.3f}" for r in results if r.server_cpu_per_change_s is not None))
+    if args.baseline:
+        print(f"baseline {doc['baseline']['root']}, same run, pages in turn; ratios baseline / this tree:")
+        print(f"{'page':16} {'first render':>12} {'ratio':>6} {'redraw median':>14} {'ratio':>6} "
+              f"{'server CPU/change':>18} {'ratio':>6}")
+        for r, o in zip(results, baseline):
+            row = f"{o.page:16} {o.first_render_s:12.2f} {o.first_render_s / r.first_render_s:6.2f}"
+            if r.redraw_median_s is not None:
+                row += (f" {o.redraw_median_s:14.2f} {o.redraw_median_s / r.redraw_median_s:6.2f} "
+                        f"{o.server_cpu_per_change_s:18.3f} "
+                        f"{o.server_cpu_per_change_s / max(r.server_cpu_per_change_s, 1e-3):6.2f}")
+            print(row)
     print("first render: navigation start to the last DOM change (in-page); wall: the same from "
           "Python, with the settle poll; ws: websocket open; run end: the first script run's end; "
           "busy: the browser's main thread in long tasks. Seconds.")
