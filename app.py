@@ -4,12 +4,13 @@ from pathlib import Path
 
 import streamlit as st
 
-from app_pages._ui import configure_torch, environment_badge, link_notice
+from app_pages._ui import configure_torch, environment_badge, link_notice, warm_up
 
 # A bundled icon: a ":material/...:" page icon makes every viewer's browser fetch it from a font host.
 st.set_page_config(page_title="ScaleLab", page_icon=str(Path(__file__).parent / "app_pages" / "icon.png"),
                    layout="wide")
 configure_torch()
+warm_up()
 
 # One page per line (icons are from the font Streamlit bundles, drawn without a request).
 PAGES = [

@@ -4,10 +4,11 @@ Input bounds and the names errors use come from the engine (LIMITS, PAGE_LABELS)
 
 from __future__ import annotations
 
-import plotly.graph_objects as go
+import time
+
 import streamlit as st
 
-from app_pages._ui import download_buttons, guarded
+from app_pages._ui import bar_figure, download_buttons, guarded, line_figure
 from engine.routing_lab import (LIMITS, PAGE_LABELS, PRESETS, ROUTERS, LabResult, LabSettings,
                                 route_one, run_lab, settings_dict)
 from engine.workloads import ID_KINDS, KINDS
@@ -114,21 +115,21 @@ def _histogram(result: LabResult, capacity_factor: float) -> None:
     st.subheader("Tokens per expert")
     order = st.radio("Order", ("sorted", "by id"), horizontal=True, key="order", bind=QP)
     x = "load rank" if order == "sorted" else "expert"
-    fig = go.Figure()
-    for router, g in result.counts.groupby("router", sort=False):
-        g = g.sort_values(x, kind="stable")
-        fig.add_scatter(x=g[x], y=g["load/mean"].round(4), name=router, mode="lines",
-                        line_shape="hv", customdata=g[["expert", "tokens"]],
-                        hovertemplate="expert %{customdata[0]}: %{customdata[1]} tokens, "
-                                      "%{y:.3f} x mean<extra>%{fullData.name}</extra>")
-    fig.add_hline(y=1.0, line_dash="dot", annotation_text="perfect balance",
-                  annotation_position="bottom right")
-    fig.add_hline(y=capacity_factor, line_dash="dash", line_color="firebrick",
-                  annotation_text=f"capacity C = {capacity_factor:g}",
-                  annotation_position="top right")
-    fig.update_layout(height=420, legend_title_text="", margin=dict(t=30),
-                      xaxis_title="experts, busiest first" if x == "load rank" else "expert id",
-                      yaxis_title="tokens / mean tokens per expert")
+    counts = result.counts
+    routers = list(dict.fromkeys(counts["router"]))
+    counts = counts.assign(**{"load/mean": counts["load/mean"].round(4)}).sort_values(x, kind="stable")
+    # Horizontal lines across the plot at y (what fig.add_hline draws, without its validation cost).
+    lines = [(1.0, "perfect balance", "dot", None, "top"),
+             (capacity_factor, f"capacity C = {capacity_factor:g}", "dash", "firebrick", "bottom")]
+    fig = line_figure(counts, x, "load/mean", "router", line_shape="hv", hover=("expert", "tokens"),
+                      order=routers, height=420, margin={"t": 30},
+                      labels={"load rank": "experts, busiest first", "expert": "expert id", "router": "",
+                              "load/mean": "tokens / mean tokens per expert"},
+                      shapes=[{"type": "line", "xref": "x domain", "x0": 0, "x1": 1, "y0": y, "y1": y,
+                               "line": {"dash": dash, "color": color}} for y, _, dash, color, _ in lines],
+                      annotations=[{"xref": "x domain", "x": 1, "y": y, "text": text, "showarrow": False,
+                                    "xanchor": "right", "yanchor": anchor}
+                                   for y, text, _, _, anchor in lines])
     st.plotly_chart(fig, width="stretch")
 
 
@@ -150,6 +151,7 @@ _METRIC_HELP = {
 
 def _show(result: LabResult, settings: LabSettings) -> None:
     _histogram(result, settings.capacity_factor)
+    routers = list(dict.fromkeys(result.metrics["router"]))
 
     st.subheader("Balance metrics")
     st.caption("Each router is compared with its own null, uniform random routing at its k: "
@@ -172,10 +174,8 @@ def _show(result: LabResult, settings: LabSettings) -> None:
     c1, c2 = st.columns(2)
     with c1:
         st.subheader(f"Per-rank load (R = {settings.num_ranks})")
-        fig = go.Figure([go.Bar(x=g["rank"], y=g["tokens"], name=router)
-                         for router, g in result.ranks.groupby("router", sort=False)])
-        fig.update_layout(height=360, legend_title_text="", barmode="group", margin=dict(t=30),
-                          xaxis_title="rank", yaxis_title="tokens")
+        fig = bar_figure(result.ranks, "rank", "tokens", "router", barmode="group", order=routers,
+                         labels={"router": ""}, height=360, margin={"t": 30})
         st.plotly_chart(fig, width="stretch")
     with c2:
         st.subheader("DeepSeek-V3 balance over steps")
@@ -183,10 +183,9 @@ def _show(result: LabResult, settings: LabSettings) -> None:
             st.caption("Add the DeepSeek-V3 router to see its bias balancing the load.")
         else:
             b = result.balance
-            fig = go.Figure([go.Scatter(x=b["step"], y=b[c].round(5), name=c,
-                                        mode="lines+markers") for c in ("CV", "MaxVio")])
-            fig.update_layout(height=360, margin=dict(t=30), xaxis_title="step",
-                              yaxis_title="load imbalance (per step's batch)")
+            fig = line_figure(b.round(5), "step", ["CV", "MaxVio"], markers=True, height=360,
+                              margin={"t": 30},
+                              labels={"value": "load imbalance (per step's batch)", "variable": ""})
             st.plotly_chart(fig, width="stretch")
             st.caption(f"Each step routes the next batch of up to 4,096 tokens and nudges every "
                        f"expert's selection bias by ±{settings.bias_update_speed:g} towards the "
@@ -200,14 +199,19 @@ st.caption("Hash routing needs no training; the learned routers here (top-k, Swi
            "Reproduce any figure with `python -m engine route` (see docs/load_balance.md).")
 lab_settings = _settings()
 progress = st.empty()
+# A bar that comes and goes within a fast rerun only shifts the page under it (and makes the
+# browser lay out every chart twice): it appears once a run has taken this long.
+PROGRESS_AFTER_S = 0.5
+started = time.perf_counter()
 
 
 def _route_showing_progress(settings: LabSettings, key: str) -> LabResult:
     """_one, with a progress bar naming the router (a cold run at 1M tokens takes seconds)."""
     n = len(lab_settings.routers)
     i = lab_settings.routers.index(key)
-    progress.progress(i / n, text=f"Routing {lab_settings.num_tokens:,} tokens: {ROUTERS[key]} "
-                                  f"({i + 1} of {n})")
+    if time.perf_counter() - started > PROGRESS_AFTER_S:
+        progress.progress(i / n, text=f"Routing {lab_settings.num_tokens:,} tokens: {ROUTERS[key]} "
+                                      f"({i + 1} of {n})")
     return _one(settings, key)
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages._ui import download_buttons, guarded, table as show_table
+from app_pages._ui import download_buttons, guarded, line_figure, table as show_table
 from engine.train_data import TEXTS, TOKENIZERS, builtin_text, decode_upload, tokenize
 from engine.train_loop import TrainSettings, train
 from engine.train_metrics import history_table
@@ -93,20 +94,28 @@ def _curves(history: pd.DataFrame, metric: str, height: int = 340):
     +- 1 std bars."""
     hist = history.dropna(subset=[metric])
     label = BALANCE.get(metric, metric.replace("_", " "))
+    std = None
     if hist["seed"].nunique() > 1:
         hist = (hist.groupby(["router", "step"], sort=False)[metric].agg(["mean", "std"])
                 .reset_index().rename(columns={"mean": metric}))
-        fig = px.line(hist, x="step", y=metric, color="router", error_y="std", markers=True,
-                      labels={metric: f"{label}, mean +- std over seeds"})
-    else:
-        fig = px.line(hist, x="step", y=metric, color="router", markers=True,
-                      labels={metric: label})
+        label, std = f"{label}, mean +- std over seeds", "std"
+    fig = line_figure(hist, "step", metric, "router", markers=True, error_y=std,
+                      labels={metric: label, "router": ""}, height=height, margin={"t": 10, "b": 10})
     steps = sorted(hist["step"].unique())
     if metric.endswith("loss") and len(steps) > 2:  # the step-0 loss would flatten the rest
         top = hist.loc[hist["step"] == steps[1], metric].max()
         fig.update_yaxes(range=[hist[metric].min() * 0.97, top * 1.03])
-    fig.update_layout(height=height, margin=dict(t=10, b=10), legend_title_text="")
     return fig
+
+
+@st.fragment
+def _balance(history: pd.DataFrame, name: str) -> None:
+    """The balance chart; its metric control reruns only this fragment."""
+    metric = st.selectbox("Balance metric", list(BALANCE), format_func=BALANCE.get, key=f"{name}_metric")
+    if history[metric].notna().any():
+        st.plotly_chart(_curves(history, metric), width="stretch", key=f"{name}_bal")
+    else:
+        st.caption("No run has this metric (dense runs have no experts).")
 
 
 def _show(doc: dict, name: str) -> None:
@@ -117,12 +126,8 @@ def _show(doc: dict, name: str) -> None:
     c1, c2 = st.columns(2)
     c1.markdown("**Validation loss (nats)**")
     c1.plotly_chart(_curves(history, "val_loss"), width="stretch", key=f"{name}_val")
-    metric = c2.selectbox("Balance metric", list(BALANCE), format_func=BALANCE.get,
-                          key=f"{name}_metric")
-    if history[metric].notna().any():
-        c2.plotly_chart(_curves(history, metric), width="stretch", key=f"{name}_bal")
-    else:
-        c2.caption("No run has this metric (dense runs have no experts).")
+    with c2:
+        _balance(history, name)
     table = pd.DataFrame(doc["summary"])
     st.subheader("Summary")
     fmt = {c: "%.4f" for c in ("val loss", "val loss std", "train loss", "CV", "MaxVio",
@@ -147,8 +152,13 @@ def _show(doc: dict, name: str) -> None:
     st.download_button("full result (JSON)", json.dumps(doc, default=str).encode(),
                        f"{name}.json", "application/json", key=f"{name}_doc", on_click="ignore")
     moe = [r for r in runs if r.get("final")]
-    if not moe:
-        return
+    if moe:
+        _tokens_went(moe, name)
+
+
+@st.fragment
+def _tokens_went(moe: list[dict], name: str) -> None:
+    """Loads and specialisation of one run and layer; its two controls rerun only this fragment."""
     st.subheader("Where the tokens went (validation split, end of training)")
     c1, c2 = st.columns(2)
     labels = [f"{r['router']} (seed {r['seed']})" for r in moe]
@@ -161,10 +171,12 @@ def _show(doc: dict, name: str) -> None:
     fig.update_layout(height=300, margin=dict(t=30, b=10))
     st.plotly_chart(fig, width="stretch", key=f"{name}_loads")
     c1, c2 = st.columns(2)
-    heat = px.imshow(final["class_expert"][layer], y=final["classes"], aspect="auto",
-                     labels={"x": "expert", "y": "token class", "color": "share"},
-                     color_continuous_scale="Blues", zmin=0)
-    heat.update_layout(height=320, margin=dict(t=10, b=10))
+    heat = go.Figure({"data": [{"type": "heatmap", "z": final["class_expert"][layer], "y": final["classes"],
+                                "colorscale": "Blues", "zmin": 0, "colorbar": {"title": {"text": "share"}},
+                                "hovertemplate": "expert %{x}, %{y}: %{z:.3f}<extra></extra>"}],
+                      "layout": {"height": 320, "margin": {"t": 10, "b": 10},
+                                 "xaxis": {"title": {"text": "expert"}},
+                                 "yaxis": {"title": {"text": "token class"}, "autorange": "reversed"}}})
     c1.markdown("**Token class x expert** (each class's routed slots; rows sum to 1)")
     c1.plotly_chart(heat, width="stretch", key=f"{name}_heat")
     c2.markdown("**Most routed tokens per expert**")

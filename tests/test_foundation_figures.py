@@ -43,3 +43,11 @@ def test_many_points_draw_with_webgl():
     big = pd.DataFrame({"x": np.arange(n), "y": np.ones(n)})
     assert line_figure(big, "x", "y").data[0].type == "scattergl"
     assert line_figure(big.head(10), "x", "y").data[0].type == "scatter"
+
+
+def test_error_bars_match_plotly_express(table):
+    table = table.assign(err=table["y"] / 10)
+    ours = line_figure(table, "x", "y", "router", markers=True, error_y="err")
+    ref = px.line(table, x="x", y="y", color="router", markers=True, error_y="err")
+    assert _traces(ours) == _traces(ref)
+    assert [list(t.error_y.array) for t in ours.data] == [list(t.error_y.array) for t in ref.data]
