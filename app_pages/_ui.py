@@ -236,27 +236,31 @@ def _slot(key: str) -> str:
 MISSING = "–"  # what a table shows for a missing value (Streamlit's grid would write "None")
 
 
-def table(df: pd.DataFrame, formats: dict[str, str] | None = None, **kwargs: Any) -> None:
+def table(df: pd.DataFrame, formats: dict[str, str] | None = None,
+          helps: dict[str, str] | None = None, **kwargs: Any) -> None:
     """st.dataframe in which a missing value reads "–", never "None".
 
-    `formats` maps columns to printf formats ("%.4f"). A column with gaps is shown as right-aligned
-    text in its format (default "%g"); other columns stay numbers with `formats` as their format.
+    `formats` maps columns to printf formats ("%.4f"), `helps` to hover texts. A column with gaps
+    is shown as right-aligned text in its format (default "%g"); other columns stay numbers with
+    `formats` as their format.
     Downloads keep the numbers (download_buttons takes the frame itself).
     """
-    formats = formats or {}
+    formats, helps = formats or {}, helps or {}
     config = dict(kwargs.pop("column_config", None) or {})
     shown = df.copy()
     for col in df.columns:
         gaps = df[col].isna()
-        fmt = formats.get(col)
+        fmt, hint = formats.get(col), helps.get(col)
+        if gaps.any() and pd.api.types.is_numeric_dtype(df[col]):
+            shown[col] = [MISSING if m else (fmt or "%g") % v for v, m in zip(df[col], gaps)]
+            config.setdefault(col, st.column_config.TextColumn(help=hint, alignment="right"))
+            continue
         if gaps.any():
-            if pd.api.types.is_numeric_dtype(df[col]):
-                shown[col] = [MISSING if m else (fmt or "%g") % v for v, m in zip(df[col], gaps)]
-                config.setdefault(col, st.column_config.TextColumn(alignment="right"))
-            else:
-                shown[col] = df[col].astype(object).where(~gaps, MISSING)
-        elif fmt:
-            config.setdefault(col, st.column_config.NumberColumn(format=fmt))
+            shown[col] = df[col].astype(object).where(~gaps, MISSING)
+        if fmt and not gaps.any():
+            config.setdefault(col, st.column_config.NumberColumn(help=hint, format=fmt))
+        elif hint:
+            config.setdefault(col, st.column_config.Column(help=hint))
     st.dataframe(shown, column_config=config, **kwargs)
 
 

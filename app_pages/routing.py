@@ -8,7 +8,7 @@ import time
 
 import streamlit as st
 
-from app_pages._ui import bar_figure, download_buttons, guarded, line_figure
+from app_pages._ui import bar_figure, download_buttons, guarded, line_figure, table
 from engine.routing_lab import (LIMITS, PAGE_LABELS, PRESETS, ROUTERS, LabResult, LabSettings,
                                 route_one, run_lab, settings_dict)
 from engine.workloads import ID_KINDS, KINDS
@@ -157,14 +157,12 @@ def _show(result: LabResult, settings: LabSettings) -> None:
     st.caption("Each router is compared with its own null, uniform random routing at its k: "
                "hash routers throw k independent slots, sqrt((E-1)/(kT)); routers that pick k "
                "distinct experts, sqrt((E-k)/(kT)). The aux loss is the one each router's paper "
-               "or reference code defines (hover the column names). — marks a figure that does "
+               "or reference code defines (hover the column names). – marks a figure that does "
                "not apply, or is undefined because no token was routed.")
     metrics = result.metrics
     numeric = [c for c in metrics.columns if c not in ("router", "k", "slots routed")]
-    st.dataframe(metrics.style.format("{:.4f}", subset=numeric, na_rep="—"), hide_index=True,
-                 width="stretch",
-                 column_config={c: st.column_config.Column(help=h)
-                                for c, h in _METRIC_HELP.items()})
+    table(metrics, formats=dict.fromkeys(numeric, "%.4f"), helps=_METRIC_HELP, hide_index=True,
+          width="stretch")
     for note in result.notes:
         st.info(note, icon=":material/info:")
     extra = {"settings": settings_dict(settings)}

@@ -98,7 +98,7 @@ def _curves(history: pd.DataFrame, metric: str, height: int = 340):
     if hist["seed"].nunique() > 1:
         hist = (hist.groupby(["router", "step"], sort=False)[metric].agg(["mean", "std"])
                 .reset_index().rename(columns={"mean": metric}))
-        label, std = f"{label}, mean +- std over seeds", "std"
+        label, std = f"{label} ± std", "std"  # points: mean over seeds (the page's caption)
     fig = line_figure(hist, "step", metric, "router", markers=True, error_y=std,
                       labels={metric: label, "router": ""}, height=height, margin={"t": 10, "b": 10})
     steps = sorted(hist["step"].unique())
@@ -123,6 +123,8 @@ def _show(doc: dict, name: str) -> None:
     runs = doc["runs"]
     history = history_table(runs)
     st.info(doc["summary_text"])
+    if history["seed"].nunique() > 1:
+        st.caption(f"Curves: mean over {history['seed'].nunique()} seeds; bars: ± 1 std.")
     c1, c2 = st.columns(2)
     c1.markdown("**Validation loss (nats)**")
     c1.plotly_chart(_curves(history, "val_loss"), width="stretch", key=f"{name}_val")
