@@ -38,8 +38,8 @@ def _environment() -> dict[str, str]:
 def configure_torch() -> None:
     """One intra-op thread per computation: sessions share a few cores with the server itself.
 
-    Measured on the 2-core reference machine: the routing page's recompute at defaults took
-    0.7-0.8 s with torch's default 2 threads and 0.32-0.36 s with 1, and concurrent sessions stop
+    Measured on the 2-core reference machine (2026-12-03): the routing page's recompute at defaults
+    took 0.7-0.8 s with torch's default 2 threads and 0.32-0.36 s with 1, and concurrent sessions stop
     oversubscribing the CPU. The CLI and benchmarks keep torch's default.
     """
     import torch
@@ -52,11 +52,12 @@ def warm_up() -> threading.Thread:
     """Once per server: import in the background what every page imports, then freeze the
     imported objects out of the garbage collector's sight (gc.freeze).
 
-    Measured on the 2-core reference machine (busy): the scaling lab's first run took 1.16 s of
-    CPU, mostly importing scipy, and 0.26 s once warmed up; Streamlit's full collection after every
-    script run (runner.postScriptGC), which holds the GIL while the run's last messages wait to be
-    sent, walked the ~290,000 objects of torch, pandas, scipy and plotly in 0.23-0.37 s each time,
-    and in 0.3 ms once they are frozen.
+    Measured on the 2-core reference machine (busy, 2026-12-03): the scaling lab's first run took
+    1.16 s of CPU, mostly importing scipy, and 0.26 s once warmed up; Streamlit's full collection
+    after every script run (runner.postScriptGC), which holds the GIL while the run's last messages
+    wait to be sent, walked the ~290,000 objects of torch, pandas, scipy and plotly in 0.23-0.37 s
+    each time, and in 0.3 ms once they are frozen. The price: cycles among objects alive at the
+    freeze (the first session's too) are never collected, a one-time amount.
     """
     thread = threading.Thread(target=_import_pages, name="scalelab-warm-up", daemon=True)
     thread.start()

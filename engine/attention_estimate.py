@@ -34,7 +34,7 @@ class RunPlan:
 def device_tflops(device: torch.device, dtype: str) -> float:
     """Attention TFLOP/s to expect on `device`: nominal on GPU; on CPU a 512^3 fp32 matmul's rate,
     measured now (a loaded machine gives a slower, truer estimate; SDPA's CPU flash kernel ran at
-    0.7-1.3x of it on the 2-core reference machine, math at 0.4x)."""
+    0.7-1.3x of it on the 2-core reference machine, 2026-12-03; math at 0.4x)."""
     if device.type == "cuda":
         major = torch.cuda.get_device_capability(device)[0]
         rate = _GPU_TFLOPS.get(major, 100.0)

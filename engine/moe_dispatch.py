@@ -6,7 +6,7 @@ slab (as in Mixtral's block), then run each expert on its slice:
 - loop: one matmul pair per expert, with the slice sizes read back to the host (one sync per
   call). Any device and dtype.
 - grouped: torch._grouped_mm runs all experts in one kernel per matrix, reading the slice ends
-  from a device tensor, so the host never waits for the GPU. CUDA sm90/sm100 in bf16 only (other
+  from a device tensor, so the host never waits for the GPU. CUDA sm90 in bf16 only (other
   GPUs and dtypes take a fallback inside torch that syncs). Empty slots (-1) cannot be cut out of
   the slab without knowing their number on the host, so they sort last and run through the last
   expert with weight 0: every row of the slab is a real product and the result is exact.
@@ -36,13 +36,15 @@ def _act(h: torch.Tensor, ffn: str) -> torch.Tensor:
 
 @functools.cache
 def _grouped_kernel(device: int) -> bool:
-    """Whether torch has _grouped_mm and CUDA device `device` is sm90/sm100 (its fast kernel)."""
-    return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device)[0] in (9, 10)
+    """Whether torch has _grouped_mm and CUDA device `device` is sm90 (its fast kernel). Not sm100
+    yet: there, weight gradients of an empty group were reported non-zero (pytorch/pytorch#172439),
+    and an expert with no tokens in a step is an empty group."""
+    return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def grouped_mm_runs(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> bool:
-    """Whether `grouped_ffn` takes torch._grouped_mm's sync-free kernel for x (T, D): CUDA sm90 or
-    sm100, bf16 inputs or a bf16 autocast, every row 16-byte aligned (widths multiples of 8)."""
+    """Whether `grouped_ffn` takes torch._grouped_mm's sync-free kernel for x (T, D): CUDA sm90,
+    bf16 inputs or a bf16 autocast, every row 16-byte aligned (widths multiples of 8)."""
     if not x.is_cuda or not _grouped_kernel(x.device.index or 0):
         return False
     bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cuda")

@@ -74,8 +74,22 @@ class TrainSettings:
         if not self.seeds or len(self.seeds) > 16:
             raise ValueError("seeds must list 1 to 16 seeds")
         check_choice("dtype", self.dtype, DTYPES)
+        if self.cuda_graphs:
+            self._check_graphs()
         for r in self.routers:  # every field checked before anything is allocated
             self.model_config(r, self.seeds[0], self.vocab if self.tokenizer == "bpe" else 256)
+
+    def _check_graphs(self) -> None:
+        """A captured step must never wait for the host: only the sync-free path can be captured
+        (engine.moe_dispatch.grouped_mm_runs: bf16, widths multiples of 8; Expert Choice reads its
+        per-token width back to the host every step)."""
+        why = ("device must be cuda" if not self.device.startswith("cuda") else
+               "dtype must be bf16" if self.dtype != "bf16" else
+               "expert_choice cannot be captured" if "expert_choice" in self.routers else
+               "d_model and expert width must be multiples of 8"
+               if self.d_model % 8 or self.d_expert % 8 else None)
+        if why:
+            raise ValueError(f"CUDA graphs: {why}")
 
     def model_config(self, router: str, seed: int, vocab: int) -> ModelConfig:
         """The ModelConfig of one run."""

@@ -25,7 +25,7 @@ WARMUP = 3  # steps run as is before a capture
 
 def lr_factor(step: int, warmup: int, steps: int) -> float:
     """Learning-rate multiplier at 0-based step `step`: linear warm-up over `warmup` steps, then
-    cosine from 1 to 0.1 at the last step."""
+    cosine from 1 towards 0.1, which it reaches at step `steps` (one past the last step run)."""
     if step < warmup:
         return (step + 1) / warmup
     t = (step - warmup) / max(1, steps - warmup)

@@ -72,6 +72,17 @@ def test_bad_settings_name_the_field(kw: dict, field: str) -> None:
         TrainSettings(**{**TINY, **kw})
 
 
+@pytest.mark.parametrize("kw, why", [({}, "device must be cuda"),
+                                     ({"device": "cuda"}, "dtype must be bf16"),
+                                     ({"device": "cuda", "dtype": "bf16"}, "expert_choice"),
+                                     ({"device": "cuda", "dtype": "bf16", "routers": ("topk",),
+                                       "d_model": 60}, "multiples of 8")])
+def test_cuda_graphs_refused_where_a_step_would_sync(kw: dict, why: str) -> None:
+    # Checked in the settings, so no CUDA device is needed to see the refusal.
+    with pytest.raises(ValueError, match=f"CUDA graphs: .*{why}"):
+        TrainSettings(**{**TINY, "routers": ("topk", "expert_choice"), **kw, "cuda_graphs": True})
+
+
 def test_memory_budget_refused_before_allocating(corpus, monkeypatch) -> None:
     s = TrainSettings(**{**TINY, "d_model": 4096, "heads": 32, "layers": 48, "experts": 256,
                          "d_expert": 8192})

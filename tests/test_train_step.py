@@ -19,7 +19,7 @@ TEXT = "the cat sat on the mat. the dog sat on the log. " * 60
 
 
 def test_lr_schedule_by_hand() -> None:
-    # Warm-up 4: 1/4, 2/4, 3/4, 4/4; then cosine from 1 down to 0.1 at the last step (10).
+    # Warm-up 4: 1/4, 2/4, 3/4, 4/4; then cosine from 1 down to 0.1 at step 10 (steps 0-9 run).
     assert [lr_factor(i, 4, 10) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_factor(7, 4, 10) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 3 / 6)))
     assert lr_factor(10, 4, 10) == pytest.approx(0.1)

@@ -29,7 +29,8 @@ NAMES = {"vocabulary": "--vocab", "d_model": "--d-model", "layers": "--layers", 
          "capacity factor": "--capacity", "DeepSeek gamma": "--gamma", "positions": "--positions",
          "routers": "--routers", "steps": "--steps", "batch": "--batch", "learning rate": "--lr",
          "warm-up steps": "--warmup", "evaluate every": "--eval-every",
-         "evaluation batches": "--eval-batches", "dtype": "--dtype"}
+         "evaluation batches": "--eval-batches", "dtype": "--dtype", "CUDA graphs": "--cuda-graphs",
+         "device": "--device"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
