@@ -38,8 +38,12 @@ def report(cfg: TransformerConfig, layout: TrainLayout, tokens: float, gpu: GpuS
     total = sum(memory.values())
     train = time_to_train(est.train_flops * tokens, layout.gpus, gpu.peak_flops, mfu, price)
     out["summary"] = summary(est)
+    tips = advice(cfg, layout, gpu.memory, training)
+    if training <= gpu.memory < total:  # only the inference KV cache is over: no training change helps
+        tips = [f"the training state fits ({training / 1e9:.1f} GB per GPU); the KV cache row "
+                f"({memory['KV cache'] / 1e9:.1f} GB) is what goes over: fewer KV-cache tokens"]
     out["memory_per_gpu"] = {"total_bytes": total, "gpu_bytes": gpu.memory, "fits": total <= gpu.memory,
-                             "advice": advice(cfg, layout, gpu.memory, training)}
+                             "advice": tips}
     out["time_to_train"] = {"training_flops": train.flops, "gpus": layout.gpus,
                             "peak_flops_per_gpu": gpu.peak_flops, "mfu": mfu, "seconds": train.seconds,
                             "days": train.days, "gpu_hours": train.gpu_hours, "cost": train.cost,

@@ -1,6 +1,8 @@
 """engine.cost_memory against figures computed here by hand: bytes per parameter, ZeRO, expert
 sharding, Korthikanti et al.'s activation count, the KV cache, advice, bad input."""
 
+import dataclasses
+
 import pytest
 
 from engine.cost_memory import (TrainLayout, activation_bytes, advice, check_layout, kv_cache_bytes,
@@ -140,6 +142,19 @@ def test_report_shows_the_memory_model_computed_once():
     assert out["memory_per_gpu"]["total_bytes"] == sum(mem.values()) + kv
     tips = advice(LLAMA, layout, gpu.memory)
     assert tips and out["memory_per_gpu"]["advice"] == tips
+
+
+def test_report_says_when_only_the_kv_cache_goes_over():
+    """Training memory under the GPU's, training + KV cache over it: the advice names the KV cache
+    (no training change can help), with both figures."""
+    layout = TrainLayout(gpus=8, zero=3, checkpointing=True)
+    training = sum(memory_per_gpu(LLAMA, layout).values())
+    kv = kv_cache_bytes(LLAMA, 4096, 1, 2)
+    gpu = dataclasses.replace(GPUS["H100 80 GB"], memory=training + kv / 2)
+    fit = report(LLAMA, layout, 1e12, gpu, 0.4, 2.5, kv_tokens=4096)["memory_per_gpu"]
+    assert not fit["fits"] and fit["total_bytes"] == training + kv
+    assert fit["advice"] == [f"the training state fits ({training / 1e9:.1f} GB per GPU); the KV cache "
+                             f"row ({kv / 1e9:.1f} GB) is what goes over: fewer KV-cache tokens"]
 
 
 @pytest.mark.parametrize("changes, name", [
