@@ -242,12 +242,13 @@ def _combined(cfg: TransformerConfig, layout: TrainLayout, capacity: float) -> T
     """Take the first single change that lowers memory by more than 1%, again and again, until
     the run fits or nothing does: cheap changes before more GPUs (which stop helping once only
     activations are left)."""
-    while _total(cfg, layout) > capacity:
-        now = _total(cfg, layout)
-        lower = [new for _, new in _moves(cfg, layout) if _total(cfg, new) < 0.99 * now]
-        if not lower:
+    now = _total(cfg, layout)
+    while now > capacity:
+        lower = next(((after, new) for _, new in _moves(cfg, layout)
+                      if (after := _total(cfg, new)) < 0.99 * now), None)
+        if lower is None:
             break
-        layout = lower[0]
+        now, layout = lower
     return layout
 
 
