@@ -19,7 +19,7 @@ from engine.cost_memory import TrainLayout, memory_per_gpu
 from engine.cost_model import TransformerConfig
 from engine.cost_time import predict_step_ms, step_flops
 from engine.moe_block import TinyTransformer, _saved_bytes
-from engine.timing import _summary
+from engine.timing import summarize
 from engine.validation import MAX_BYTES, check_bytes, check_float
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -160,7 +160,7 @@ def measure_step(cfg: TransformerConfig, layout: TrainLayout, device: str = "cpu
         static = float(sum(t.untyped_storage().nbytes() for t in _state_tensors(model, opt)))
         peak, method = _cpu_peak(step, model, opt), "live tensor bytes (torch MemTracker)"
     saved = float("nan") if layout.checkpointing else float(_saved_bytes(_Loss(model), ids))
-    t = _summary(samples)
+    t = summarize(samples)
     out = StepMeasurement(float(peak), float(static), saved, t.median_ms, t.p10_ms, t.p90_ms, t.reps,
                           method)
     del model, opt, params

@@ -56,8 +56,9 @@ class Timing:
         return (self.p90_ms - self.p10_ms) / self.median_ms if self.median_ms > 0 else 0.0
 
 
-def _summary(samples: list[float], sm_mhz: float = math.nan, power_w: float = math.nan,
-             host_ms: float = math.nan) -> Timing:
+def summarize(samples: list[float], sm_mhz: float = math.nan, power_w: float = math.nan,
+              host_ms: float = math.nan) -> Timing:
+    """Timing of per-call samples (ms): median, p10, p90 and count, plus what was sampled beside."""
     s = sorted(samples)
     n = len(s)
     return Timing(statistics.median(s), s[int(0.1 * (n - 1))], s[int(round(0.9 * (n - 1)))], n, sm_mhz, power_w,
@@ -104,7 +105,7 @@ def time_fn(fn: Callable[[], object], device: str | torch.device = "cpu", warmup
         samples.append((time.perf_counter() - t0) * 1e3)
         if len(samples) >= 100_000:
             break
-    return _summary(samples)
+    return summarize(samples)
 
 
 def _time_cuda(fn: Callable[[], object], dev: torch.device, warmup: int, reps: int,
@@ -128,7 +129,7 @@ def _time_cuda(fn: Callable[[], object], dev: torch.device, warmup: int, reps: i
     host_ms = (time.perf_counter() - host0) * 1e3 / reps
     readings = _sample_until(ends[-1], probe) if probe is not None else []
     torch.cuda.synchronize(dev)
-    return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)],
+    return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)],
                     _median_finite([r[0] for r in readings]), _median_finite([r[1] for r in readings]), host_ms)
 
 

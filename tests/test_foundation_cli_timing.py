@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from engine.cli import CommandResult, _jsonable, main
-from engine.timing import _summary, alternating, time_fn
+from engine.timing import alternating, summarize, time_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_main_reports_value_errors_with_exit_code_2(monkeypatch, capsys):
 
 
 def test_summary_percentiles_by_hand():
-    t = _summary([5.0, 1.0, 3.0, 2.0, 4.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0])
+    t = summarize([5.0, 1.0, 3.0, 2.0, 4.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0])
     # Sorted 1..11: median 6; p10 index int(0.1*10)=1 -> 2; p90 index round(0.9*10)=9 -> 10.
     assert (t.median_ms, t.p10_ms, t.p90_ms, t.reps) == (6.0, 2.0, 10.0, 11)
     assert t.spread == pytest.approx((10 - 2) / 6)
