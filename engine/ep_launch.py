@@ -63,9 +63,10 @@ def torchrun(module: str, args: list[str], processes: int, timeout_s: float, wha
         output, _ = proc.communicate()
         raise LaunchError(f"{what} did not finish within {timeout_s:.0f} s:\n{output[-2000:]}")
     if proc.returncode != 0:
-        # The workers' own error (a bad setting, a rank that left), ahead of torchrun's report.
+        # The workers' own error (a bad setting, a rank that left), ahead of torchrun's report;
+        # a rank's torch.distributed errors print with their module (DistBackendError, ...).
         causes = [line for line in output.splitlines()
-                  if re.match(r"(\[rank\d+\]: )?\w*(Error|Exception): ", line)]
+                  if re.match(r"(\[rank\d+\]: [\w.]*|\w*)(Error|Exception): ", line)]
         first = f"{causes[0]}\n" if causes else ""
         raise LaunchError(f"{what} failed (torchrun exit {proc.returncode}): {first}"
                           f"{output[-2000:]}")
