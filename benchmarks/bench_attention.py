@@ -10,8 +10,8 @@ Sweep sections write DIR/attention_sweep_<tag>_<section>.json (loadable by the p
 `python -m engine attention --load`); the others DIR/attention_<section>_<tag>.json. Every
 timed row runs at steady clocks (engine.timing.steady_time, warmed up until the SM clock stops
 falling) and is cross-checked by `do_bench` with its defaults (25 ms warm-up, 100 ms of
-repetitions, median) on the same callable in this process, two windows of each in ABBA order
-(engine.attention_bench.CROSS_ROUNDS): `vs_do_bench_pct` compares their medians,
+repetitions, median) on the same callable in this process, `--rounds` windows of each in ABBA
+order (default 2): `vs_do_bench_pct` compares their medians,
 `window_range_pct` is the larger of the two timers' own window-to-window ranges. A short table
 is printed last, with every row outside 3%.
 """
@@ -108,12 +108,12 @@ def _do_bench():
     return lambda fn: do_bench(fn, return_mode="median")
 
 
-def sweep(section: str, out: Path, tag: str, smoke: bool) -> dict:
+def sweep(section: str, out: Path, tag: str, smoke: bool, rounds: int) -> dict:
     """One preset as the page runs it, each row cross-checked with do_bench; writes the document."""
-    s = settings_for(SWEEPS[section])
+    s = settings_for(SWEEPS[section], cross_rounds=rounds)
     if smoke:
         s = settings_for(SWEEPS[section], seqlens=(64, 128), head_dims=(16,), hidden=32, tokens=256,
-                         dtypes=("fp32",), rep_ms=5.0, warmup_ms=1.0)
+                         dtypes=("fp32",), rep_ms=5.0, warmup_ms=1.0, cross_rounds=rounds)
     t0 = time.perf_counter()
 
     def progress(done: int, total: int, label: str) -> None:
@@ -221,6 +221,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tag", default="gpu")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script runs")
+    ap.add_argument("--rounds", type=int, default=2, help="sweeps: windows of each timer per row (ABBA order)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -231,7 +232,7 @@ def main() -> None:
         doc["cases"] = correctness(dev, args.smoke)
         print(f"correctness: {sum(r['pass'] for r in doc['cases'])}/{len(doc['cases'])} pass")
     elif args.section in SWEEPS:
-        doc.update(sweep(args.section, args.out, args.tag, args.smoke))
+        doc.update(sweep(args.section, args.out, args.tag, args.smoke, args.rounds))
         return
     else:
         doc.update(fa4_extras(dev) if args.section == "fa4-extras" else fa4_overhead(dev))

@@ -34,9 +34,6 @@ from engine.validation import MAX_BYTES, check_bytes
 
 Progress = Callable[[int, int, str], None]
 CrossCheck = Callable[[Callable[[], object]], float]
-# Windows of steady_time and of the cross-check per row, in ABBA order: a drift between windows (clocks,
-# a host's pace) cancels in the comparison, and one noisy window moves each figure by half, not whole.
-CROSS_ROUNDS = 2
 
 @dataclass
 class SweepResult:
@@ -192,8 +189,10 @@ def _time_row(shape: Shape, backend: str, t: dict[str, torch.Tensor], s: SweepSe
 
 def _timed(timed: Callable[[], object], device: torch.device, s: SweepSettings, crosscheck: CrossCheck | None
            ) -> tuple[Timing, float, float]:
-    """The row's timing; with `crosscheck`: CROSS_ROUNDS windows of each timer, alternating, their
+    """The row's timing; with `crosscheck`: `s.cross_rounds` windows of each timer, alternating, their
     medians, and the larger of the two timers' own window-to-window ranges (percent)."""
+    # ABBA order: a drift between windows (clocks, a host's pace) cancels in the comparison, and one
+    # noisy window moves a median of several less than it moves a single window.
     # On a GPU never less than do_bench's 25 ms warm-up and 100 ms window: shorter reads the boost clocks.
     gpu = device.type == "cuda"
     warm, window = (max(s.warmup_ms, 25.0), max(s.rep_ms, 100.0)) if gpu else (s.warmup_ms, s.rep_ms)
@@ -209,7 +208,7 @@ def _timed(timed: Callable[[], object], device: torch.device, s: SweepSettings, 
         done.append(ours(settle=not done))
         return done[-1]
 
-    windows, theirs = alternating(ours_next, lambda: crosscheck(timed), CROSS_ROUNDS)
+    windows, theirs = alternating(ours_next, lambda: crosscheck(timed), s.cross_rounds)
     mine = [w.median_ms for w in windows]
     noise = max((max(x) - min(x)) / statistics.median(x) for x in (mine, theirs))
     return combined(windows), statistics.median(theirs), 100 * noise

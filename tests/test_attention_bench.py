@@ -294,8 +294,9 @@ def test_crosscheck_times_each_rows_own_callable():
         fn()
         return 2.0
 
-    t = ab.run_sweep(ab.replace(TINY, seqlens=(32,), backends=("sdpa-math",)), crosscheck=crosscheck).table
-    assert len(seen) == 2 * ab.CROSS_ROUNDS and (t["do_bench_ms"] == 2.0).all()
+    t = ab.run_sweep(ab.replace(TINY, seqlens=(32,), backends=("sdpa-math",), cross_rounds=3),
+                     crosscheck=crosscheck).table
+    assert len(seen) == 3 * len(t) and (t["do_bench_ms"] == 2.0).all()  # 3 windows per row
     pd.testing.assert_series_equal(t["vs_do_bench_pct"], 100 * (t["ms"] / 2.0 - 1), check_names=False)
 
 
