@@ -99,7 +99,9 @@ if stats is not None:
     fig = bar_figure(table, "rank", "load_pairs", hover=("experts",),
                      labels={"load_pairs": "token-expert pairs computed", "rank": "rank"},
                      title=f"Load per rank ({stats.placement.name})")
-    fig.add_hline(y=stats.mean_load, line_dash="dot", annotation_text="mean")
+    # Beside the plot, not over it: the last rank's bar may rise above the line.
+    fig.add_hline(y=stats.mean_load, line_dash="dot", annotation_text="mean", annotation_position="right")
+    fig.update_layout(margin_r=48)
     left.plotly_chart(fig, key="ep_load")
     # Off-rank pairs only, as in the metric above (their cells add up to it): a rank's rows for its
     # own experts never cross the network, so the diagonal is left blank.

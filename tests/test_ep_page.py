@@ -212,3 +212,13 @@ def test_training_check_button_shows_every_step(at, monkeypatch):
     at.button(key="run_train_check").click().run()
     assert not at.exception
     assert len(_table_with(at, "ref_loss", "grad_max_abs_err")) == 6
+
+
+def test_the_mean_label_sits_beside_the_load_bars_not_over_them(at):
+    import json
+    load = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                if json.loads(c.proto.spec)["layout"]["title"]["text"].startswith("Load per rank"))
+    (label,) = [a for a in load["layout"]["annotations"] if a["text"] == "mean"]
+    # Right of the plot area (x at or past the domain's end, anchored on its left), with a margin to hold it.
+    assert label["xref"].endswith("domain") and label["x"] >= 1 and label["xanchor"] == "left"
+    assert load["layout"]["margin"]["r"] >= 40
