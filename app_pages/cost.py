@@ -203,7 +203,7 @@ if result is not None:
                             hovertemplate=f"{c}: %{{x:.1f}} GB<extra></extra>")
                      for c, b in zip(mem["component"], mem["bytes"])])
     fig.add_vline(x=fit["gpu_bytes"] / 1e9, line_dash="dash", line_color="red",
-                  annotation_text=f"{gpu_name}: {fit['gpu_bytes'] / 1e9:.0f} GB",
+                  annotation_text=f"GPU memory {fit['gpu_bytes'] / 1e9:.0f} GB",
                   annotation_position="top")
     fig.update_layout(barmode="stack", height=220, margin=dict(t=30, b=10), xaxis_title="GB per GPU",
                       legend=dict(orientation="h", y=-0.5, traceorder="normal"))
