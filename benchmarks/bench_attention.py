@@ -11,7 +11,7 @@ Sweep sections write DIR/attention_sweep_<tag>_<section>.json (loadable by the p
 timed row runs at steady clocks (engine.timing.steady_time, warmed up until the SM clock stops
 falling) and is cross-checked by `do_bench` with its defaults (25 ms warm-up, 100 ms of
 repetitions, median) on the same callable in this process, `--rounds` windows of each in ABBA
-order (default 2): `vs_do_bench_pct` compares their medians,
+order (default 4): `vs_do_bench_pct` compares their medians,
 `window_range_pct` is the larger of the two timers' own window-to-window ranges. A short table
 is printed last, with every row outside 3%.
 """
@@ -221,7 +221,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tag", default="gpu")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script runs")
-    ap.add_argument("--rounds", type=int, default=2, help="sweeps: windows of each timer per row (ABBA order)")
+    ap.add_argument("--rounds", type=int, default=4, help="sweeps: windows of each timer per row (ABBA order)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")

@@ -12,7 +12,8 @@ Starts `streamlit run app.py` on a free port and drives each page in headless Ch
   (Streamlit's JavaScript loaded and started), `run end` the script run's end as the browser saw
   it, `busy` the browser's main thread in long tasks (> 50 ms: parsing, React, plotly drawing);
   the very first page after the server starts is shown apart (`cold server`), as it also imports
-  torch and streamlit's own modules;
+  torch and streamlit's own modules; `no charts` opens the page once more in a new context that
+  refuses Streamlit's plotly module (the page then draws no chart): what the page costs without it;
 - widget to settled: one widget changed `--changes` times at the defaults, each to a value not seen
   before (no cache hit), from the user's key press or click to the last change of the page's DOM;
   median and p95 (nearest rank), and the server's CPU seconds per change (median; /proc, so
@@ -63,9 +64,11 @@ CHANGES: dict[str, tuple[str, tuple] | None] = {
 # Clicked before the first change: the tab that holds the widget.
 TABS = {"training": "Committed GPU results"}
 
+# Streamlit's lazily loaded plotly chart component (4.6 MB in 1.67), by file name.
+PLOTLY_MODULE = "PlotlyChart.*.js"
 # In-page (ms since navigation start): the user's last key press or click, the DOM's last change,
 # the websocket's opening, and the main thread's long tasks.
-_INPUT_JS = """
+INPUT_JS = """
 (() => {
   const B = window.__bench = {input: 0, mutation: 0, ws: null, busy: 0};
   const mark = () => { B.input = performance.now(); };
@@ -97,6 +100,7 @@ class PageResult:
     websocket_open_s: float | None = None
     first_run_end_s: float | None = None
     first_render_busy_s: float | None = None
+    first_render_no_charts_s: float | None = None
     redraw_median_s: float | None = None
     redraw_p95_s: float | None = None
     redraws_s: list[float] = field(default_factory=list)
@@ -207,16 +211,30 @@ def _settled_change(page, wire: Wire, key: str, value, timeout_s: float = 60.0) 
     return (max(t[1], t[2]) - t[0]) / 1000
 
 
-def measure_page(browser, base: str, path: str, changes: int) -> PageResult:
-    """First render in a fresh context, then `changes` widget changes with their payloads."""
+def _first_render_no_charts(browser, base: str, path: str) -> float:
+    """First render in a fresh context whose browser is refused plotly's chart module (seconds)."""
     page = bs.new_app_page(browser)
-    page.add_init_script(_INPUT_JS)
+    page.add_init_script(INPUT_JS)
+    page.context.route(f"**/{PLOTLY_MODULE}", lambda route: route.abort())
+    try:
+        bs.open_page(page, base, path)
+        return max(page.evaluate("[window.__bench.mutation, window.__st.t]")) / 1000
+    finally:
+        page.context.close()
+
+
+def measure_page(browser, base: str, path: str, changes: int) -> PageResult:
+    """First render in a fresh context (and without charts), then `changes` widget changes with
+    their payloads."""
+    no_charts = _first_render_no_charts(browser, base, path)
+    page = bs.new_app_page(browser)
+    page.add_init_script(INPUT_JS)
     wire = Wire(page)
     try:
         wall = bs.open_page(page, base, path)
         b = page.evaluate("[window.__bench.mutation, window.__st.t, window.__bench.ws, window.__bench.busy]")
         res = PageResult(path or "home", max(b[0], b[1]) / 1000, wall, b[2] and b[2] / 1000,
-                         b[1] / 1000, b[3] / 1000, figure_bytes=list(wire.figures))
+                         b[1] / 1000, b[3] / 1000, no_charts, figure_bytes=list(wire.figures))
         spec = CHANGES.get(path)
         if spec is None:
             return res
@@ -319,7 +337,7 @@ def main() -> None:
     print(f"figure build (routing counts, 448 points), median of alternating rounds: Plotly Express "
           f"{build['px_ms']:.0f} ms, _ui.line_figure {build['ui_ms']:.0f} ms, ratio {build['px_over_ui']:.1f}x")
     print(f"{'page':16} {'first render':>12} {'(wall':>6} {'ws':>5} {'run end':>7} {'busy)':>6} "
-          f"{'redraw median':>14} {'p95':>6}  {'widget':10} {'figure bytes':>28} {'bytes/change':>12}")
+          f"{'no charts':>9} {'redraw median':>14} {'p95':>6}  {'widget':10} {'figure bytes':>28} {'bytes/change':>12}")
     for r in results:
         med = f"{r.redraw_median_s:.2f}" if r.redraw_median_s is not None else "-"
         p95 = f"{r.redraw_p95_s:.2f}" if r.redraw_p95_s is not None else "-"
@@ -328,7 +346,7 @@ def main() -> None:
         per = f"{r.received_bytes_per_change / 1024:.0f}k" if r.received_bytes_per_change else "-"
         print(f"{r.page:16} {r.first_render_s:12.2f} {r.first_render_wall_s:6.2f} "
               f"{r.websocket_open_s or 0:5.2f} {r.first_run_end_s:7.2f} {r.first_render_busy_s:6.2f} "
-              f"{med:>14} {p95:>6}  {r.widget or '-':10} {figs:>28} {per:>12}")
+              f"{r.first_render_no_charts_s:9.2f} {med:>14} {p95:>6}  {r.widget or '-':10} {figs:>28} {per:>12}")
     print(f"{'':16} server CPU s per change: " + ", ".join(
         f"{r.page} {r.server_cpu_per_change_s:.3f}" for r in results if r.server_cpu_per_change_s is not None))
     if args.baseline:
@@ -344,7 +362,8 @@ def main() -> None:
             print(row)
     print("first render: navigation start to the last DOM change (in-page); wall: the same from "
           "Python, with the settle poll; ws: websocket open; run end: the first script run's end; "
-          "busy: the browser's main thread in long tasks. Seconds.")
+          "busy: the browser's main thread in long tasks; no charts: the first render with plotly's "
+          "module refused. Seconds.")
 
 
 if __name__ == "__main__":
