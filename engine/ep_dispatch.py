@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from engine.cuda_graphs import GRAPH_LIMIT, release_all
-from engine.ep_launch import (MAX_CPU_PROCESSES, add_job_arguments, committed, init_group,
+from engine.ep_launch import (MAX_CPU_PROCESSES, add_job_arguments, committed, in_group, init_group,
                               torchrun)
 # expert_gains and reference_layer are imported from here by the tests, as before the split.
 from engine.ep_measure import expert_gains, measure, reference_layer, working_set_bytes  # noqa: F401
@@ -109,7 +109,7 @@ def worker(argv: list[str] | None = None) -> None:
     # High-priority NCCL streams: exchanges get SMs ahead of the placing of own rows.
     rank, world, device = init_group(args.backend, args.timeout, args.fail_rank, high_priority=True)
     backend = dist.get_backend()
-    try:
+    with in_group(release_all):
         check_int("rounds", args.rounds, 1, 100)
         check_int("batches", args.batches, 1, 16)
         check_float("lead-ms", args.lead_ms, 0.0, 100.0)
@@ -137,9 +137,6 @@ def worker(argv: list[str] | None = None) -> None:
                 summaries.append(median_round(rounds))
         if rank == 0:
             _report(args, backend, world, device, s, summaries, per_rank)
-    finally:
-        release_all()
-        dist.destroy_process_group()
 
 
 def _report(args: argparse.Namespace, backend: str, world: int, device: torch.device,

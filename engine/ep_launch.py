@@ -8,6 +8,7 @@ Pure torch and stdlib: the GPU box runs the workers without pandas or streamlit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -65,8 +67,10 @@ def torchrun(module: str, args: list[str], processes: int, timeout_s: float, wha
     if proc.returncode != 0:
         # The workers' own error (a bad setting, a rank that left), ahead of torchrun's report;
         # a rank's torch.distributed errors print with their module (DistBackendError, ...).
+        # A native abort (SIGABRT) prints no Python error, only C++'s "terminate called ...".
         causes = [line for line in output.splitlines()
-                  if re.match(r"(\[rank\d+\]: [\w.]*|\w*)(Error|Exception): ", line)]
+                  if re.match(r"(\[rank\d+\]: [\w.]*|\w*)(Error|Exception): ", line)
+                  or "terminate called" in line]
         first = f"{causes[0]}\n" if causes else ""
         raise LaunchError(f"{what} failed (torchrun exit {proc.returncode}): {first}"
                           f"{output[-2000:]}")
@@ -115,3 +119,23 @@ def init_group(backend: str, timeout_s: float, fail_rank: int = -1,
     if backend == "gloo":  # names the missing rank instead of hanging in the first collective
         dist.monitored_barrier(timeout=timeout)
     return rank, world, device
+
+
+@contextlib.contextmanager
+def in_group(cleanup: Callable[[], object] | None = None) -> Iterator[None]:
+    """Run a rank's work, then `cleanup()` and leave the process group. After work that finished,
+    the rank first waits for every other (a barrier): none tears down its connections while another
+    still works in the group (a fresh-clone CI run once saw a gloo rank abort, SIGABRT without a
+    Python error, in a check that otherwise passed). After an error it leaves at once."""
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        try:
+            if cleanup is not None:
+                cleanup()
+            if finished:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from engine.cuda_graphs import GRAPH_LIMIT
-from engine.ep_launch import add_job_arguments, committed, init_group
+from engine.ep_launch import add_job_arguments, committed, in_group, init_group
 from engine.ep_measure import measure, working_set_bytes
 from engine.ep_report import environment, format_table
 from engine.ep_settings import EPSettings
@@ -140,7 +140,7 @@ def worker(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     rank, world, device = init_group(args.backend, args.timeout, args.fail_rank,
                                      high_priority=True)
-    try:
+    with in_group():
         check_int("--reps", args.reps, 1, 1000)
         check_int("--batches", args.batches, 1, 16)
         base = EPSettings(experts=args.experts, ranks=world, top_k=args.top_k, tokens=1,
@@ -161,8 +161,6 @@ def worker(argv: list[str] | None = None) -> None:
             summaries.append({"case": case, **summarize(rows, world)})
         if rank == 0:
             _report(args, world, device, base, summaries)
-    finally:
-        dist.destroy_process_group()
 
 
 def _report(args: argparse.Namespace, world: int, device: torch.device, base: EPSettings,

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from engine.ep_autograd import PhaseClock, shard_experts, sync_gradients
-from engine.ep_launch import add_job_arguments, committed, init_group, torchrun
+from engine.ep_launch import add_job_arguments, committed, in_group, init_group, torchrun
 from engine.ep_report import environment
 from engine.flash_attention3 import attention
 from engine.timing import time_fn
@@ -200,7 +200,7 @@ def worker(argv: list[str] | None = None) -> None:
     """Entry point of every torchrun process; rank 0 prints and writes the job's JSON."""
     args = build_parser().parse_args(argv)
     rank, world, device = init_group(args.backend, args.timeout, args.fail_rank)
-    try:
+    with in_group():
         for router in args.router.split(","):
             # Routers whose choice depends on the whole batch (capacity) route each rank's
             # batch apart, unlike one process: they train, but not as the same model.
@@ -225,8 +225,6 @@ def worker(argv: list[str] | None = None) -> None:
                 args.out.mkdir(parents=True, exist_ok=True)
                 (args.out / f"ep_train_{args.mode}_{world}ranks.json").write_text(
                     json.dumps(doc, indent=2))
-    finally:
-        dist.destroy_process_group()
 
 
 def summarize(mode: str, rows: list[dict], world: int, cfg: ModelConfig, batch: int) -> dict:

@@ -3,6 +3,7 @@
 Every launch is bounded by launch()'s own timeout, which kills the whole process tree.
 """
 
+import contextlib
 import datetime
 import json
 import multiprocessing
@@ -308,3 +309,17 @@ def test_combine_sum_rounds_like_the_reference_in_bf16():
     w = weights.to(torch.bfloat16).float()
     expected = (rows[position[:, 0]].float() * w[:, :1] + rows[position[:, 1]].float() * w[:, 1:])
     assert torch.equal(weighted_rows_sum(rows, position, weights), expected.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_rank_leaves_the_group_after_a_barrier_only_when_its_work_finished(monkeypatch, fails):
+    calls = []
+    monkeypatch.setattr(ep_launch.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(ep_launch.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    with pytest.raises(ValueError) if fails else contextlib.nullcontext():
+        with ep_launch.in_group(lambda: calls.append("cleanup")):
+            calls.append("work")
+            if fails:
+                raise ValueError("a bad setting")
+    # After an error a barrier would wait on ranks that may have died: leave at once.
+    assert calls == (["work", "cleanup", "destroy"] if fails else ["work", "cleanup", "barrier", "destroy"])
