@@ -68,7 +68,7 @@ TABS = {"training": "Committed GPU results"}
 PLOTLY_MODULE = "PlotlyChart.*.js"
 # In-page (ms since navigation start): the user's last key press or click, the DOM's last change,
 # the websocket's opening, and the main thread's long tasks.
-INPUT_JS = """
+_INPUT_JS = """
 (() => {
   const B = window.__bench = {input: 0, mutation: 0, ws: null, busy: 0};
   const mark = () => { B.input = performance.now(); };
@@ -214,7 +214,7 @@ def _settled_change(page, wire: Wire, key: str, value, timeout_s: float = 60.0) 
 def _first_render_no_charts(browser, base: str, path: str) -> float:
     """First render in a fresh context whose browser is refused plotly's chart module (seconds)."""
     page = bs.new_app_page(browser)
-    page.add_init_script(INPUT_JS)
+    page.add_init_script(_INPUT_JS)
     page.context.route(f"**/{PLOTLY_MODULE}", lambda route: route.abort())
     try:
         bs.open_page(page, base, path)
@@ -228,7 +228,7 @@ def measure_page(browser, base: str, path: str, changes: int) -> PageResult:
     their payloads."""
     no_charts = _first_render_no_charts(browser, base, path)
     page = bs.new_app_page(browser)
-    page.add_init_script(INPUT_JS)
+    page.add_init_script(_INPUT_JS)
     wire = Wire(page)
     try:
         wall = bs.open_page(page, base, path)
