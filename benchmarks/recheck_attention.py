@@ -63,6 +63,7 @@ def main() -> None:
         within += abs(t["vs_do_bench_pct"]) <= args.limit_pct
         print(f"{label}: was {r['vs_do_bench_pct']:+.2f}% with {base.cross_rounds} windows, now "
               f"{t['vs_do_bench_pct']:+.2f}% with {args.rounds} (own window range {t['window_range_pct']:.1f}%)")
+        # The row's own windows are the last ones: run_sweep first times a matmul for its ceiling.
         print("   steady_time", " ".join(f"{m:.3f}" for m in ours[-args.rounds:]))
         print("   do_bench   ", " ".join(f"{m:.3f}" for m in theirs))
     print(f"{within} of {timed} rows timed again within {args.limit_pct:g}% with {args.rounds} windows per timer "

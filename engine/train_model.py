@@ -165,10 +165,10 @@ class Router(nn.Module):
 
     def loads(self) -> dict[str, torch.Tensor]:
         """The last forward's loads: counts (E,) after capacity drops, demand (E,) before them,
-        unrouted share of tokens (0-dim), experts (T, k); on the model's device."""
+        unrouted share of tokens (0-dim); on the model's device (`last.experts` holds the picks)."""
         r = self.last
         return {"counts": expert_utilization(r), "demand": routing_demand(r),
-                "unrouted": (r.experts < 0).all(dim=1).float().mean(), "experts": r.experts}
+                "unrouted": (r.experts < 0).all(dim=1).float().mean()}
 
     @torch.no_grad()
     def update_bias(self) -> None:
