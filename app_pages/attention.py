@@ -160,14 +160,16 @@ def _show(result: SweepResult, name: str, here: bool) -> None:
                                         "best_sdpa_tflops": st.column_config.NumberColumn(format="%.0f")})
     if ok["vs_do_bench_pct"].notna().any():
         within = (ok["vs_do_bench_pct"].abs() <= 3).sum()
-        ranges = ("; `window_range_pct`: how far each timer's own windows differed among themselves"
-                  if ok["window_range_pct"].notna().any() else "")
         st.caption(f"Timer cross-check: {within} of {len(ok)} rows within 3% of triton's do_bench (25 ms warm-up, "
                    "100 ms window, median) timing the same call in the same process; column "
-                   f"`vs_do_bench_pct`{ranges}.")
+                   "`vs_do_bench_pct`; `window_range_pct`: how far each timer's own windows differed among "
+                   "themselves.")
     st.subheader("All rows")
-    st.caption("ms: median at steady clocks (warm-up until the SM clock stops falling, then a >= 100 ms window); "
-               "sm_mhz and power_w: SM clock and board power sampled during that window; host_ms: the host's time "
+    # Documents written before the field was renamed call it cross_rounds.
+    windows = result.settings.get("windows", result.settings.get("cross_rounds", 1))
+    st.caption(f"ms: median at steady clocks (warm-up until the SM clock stops falling, then the median over {windows} "
+               f"timed window{'s' if windows != 1 else ''} of >= 100 ms each on a GPU; window_range_pct: how far they "
+               "differed); sm_mhz and power_w: SM clock and board power sampled while timing; host_ms: the host's time "
                "per call (near ms: the host set the pace); first_call_s: the first call's extra time "
                "(kernel compilation, autotuning), never inside a timing.")
     # Rows that did not run have no timings: "–" there (ui_table), not "None".

@@ -110,10 +110,10 @@ def _do_bench():
 
 def sweep(section: str, out: Path, tag: str, smoke: bool, rounds: int) -> dict:
     """One preset as the page runs it, each row cross-checked with do_bench; writes the document."""
-    s = settings_for(SWEEPS[section], cross_rounds=rounds)
+    s = settings_for(SWEEPS[section], windows=rounds)
     if smoke:
         s = settings_for(SWEEPS[section], seqlens=(64, 128), head_dims=(16,), hidden=32, tokens=256,
-                         dtypes=("fp32",), rep_ms=5.0, warmup_ms=1.0, cross_rounds=rounds)
+                         dtypes=("fp32",), rep_ms=5.0, warmup_ms=1.0, windows=rounds)
     t0 = time.perf_counter()
 
     def progress(done: int, total: int, label: str) -> None:

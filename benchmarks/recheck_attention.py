@@ -29,7 +29,9 @@ def main() -> None:
     from triton.testing import do_bench
 
     doc = json.loads(args.sweep.read_text())
-    base = SweepSettings(**{k: tuple(v) if isinstance(v, list) else v
+    # Documents written before the field was renamed call the windows per row "cross_rounds".
+    names = {"cross_rounds": "windows"}
+    base = SweepSettings(**{names.get(k, k): tuple(v) if isinstance(v, list) else v
                             for k, v in doc["settings"].items() if k != "device"})
     misses = [r for r in doc["rows"] if r["status"] == "ok" and r["mask"] in ("none", "causal")
               and abs(r["vs_do_bench_pct"]) > args.limit_pct]
@@ -51,7 +53,7 @@ def main() -> None:
     for r in misses:
         s = ab.replace(base, seqlens=(r["seqlen"],), head_dims=(r["head_dim"],), causal=(r["causal"],),
                        backends=(r["backend"],), dtypes=(r["dtype"],), gqa=(r["heads"] // r["kv_heads"],),
-                       cross_rounds=args.rounds)
+                       windows=args.rounds)
         ours.clear()
         theirs.clear()
         t = ab.run_sweep(s, crosscheck=check).table.iloc[0]
@@ -61,7 +63,7 @@ def main() -> None:
             continue
         timed += 1
         within += abs(t["vs_do_bench_pct"]) <= args.limit_pct
-        print(f"{label}: was {r['vs_do_bench_pct']:+.2f}% with {base.cross_rounds} windows, now "
+        print(f"{label}: was {r['vs_do_bench_pct']:+.2f}% with {base.windows} windows, now "
               f"{t['vs_do_bench_pct']:+.2f}% with {args.rounds} (own window range {t['window_range_pct']:.1f}%)")
         # The row's own windows are the last ones: run_sweep first times a matmul for its ceiling.
         print("   steady_time", " ".join(f"{m:.3f}" for m in ours[-args.rounds:]))

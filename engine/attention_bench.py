@@ -187,31 +187,34 @@ def _time_row(shape: Shape, backend: str, t: dict[str, torch.Tensor], s: SweepSe
                 vs_do_bench_pct=100 * (timing.median_ms / checked - 1), window_range_pct=noise)
 
 
+def window_ms(s: SweepSettings, device: torch.device) -> tuple[float, float]:
+    """(warm-up, window) in ms as rows are timed: on a GPU never less than do_bench's 25 ms warm-up
+    and 100 ms window, as shorter ones read the boost clocks."""
+    if device.type == "cuda":
+        return max(s.warmup_ms, 25.0), max(s.rep_ms, 100.0)
+    return s.warmup_ms, s.rep_ms
+
+
 def _timed(timed: Callable[[], object], device: torch.device, s: SweepSettings, crosscheck: CrossCheck | None
            ) -> tuple[Timing, float, float]:
-    """The row's timing; with `crosscheck`: `s.cross_rounds` windows of each timer, alternating, their
-    medians, and the larger of the two timers' own window-to-window ranges (percent)."""
+    """The row's timing: the median of `s.windows` windows (the first settles the clock; the others
+    follow without a pause); with `crosscheck`, as many of do_bench's, alternating, their median,
+    and the window-to-window range (percent; with a cross-check the larger of the two timers')."""
     # ABBA order: a drift between windows (clocks, a host's pace) cancels in the comparison, and one
     # noisy window moves a median of several less than it moves a single window.
-    # On a GPU never less than do_bench's 25 ms warm-up and 100 ms window: shorter reads the boost clocks.
-    gpu = device.type == "cuda"
-    warm, window = (max(s.warmup_ms, 25.0), max(s.rep_ms, 100.0)) if gpu else (s.warmup_ms, s.rep_ms)
-
-    def ours(settle: bool = True) -> Timing:
-        return steady_time(timed, device, warm, window, s.min_reps, settle=settle)
-
-    if crosscheck is None:
-        return ours(), math.nan, math.nan
+    warm, window = window_ms(s, device)
     done: list[Timing] = []
 
-    def ours_next() -> Timing:  # the first window settles the clock; the others follow load without a pause
-        done.append(ours(settle=not done))
+    def ours() -> Timing:
+        done.append(steady_time(timed, device, warm, window, s.min_reps, settle=not done))
         return done[-1]
 
-    windows, theirs = alternating(ours_next, lambda: crosscheck(timed), s.cross_rounds)
-    mine = [w.median_ms for w in windows]
-    noise = max((max(x) - min(x)) / statistics.median(x) for x in (mine, theirs))
-    return combined(windows), statistics.median(theirs), 100 * noise
+    if crosscheck is None:
+        windows, theirs = [ours() for _ in range(s.windows)], []
+    else:
+        windows, theirs = alternating(ours, lambda: crosscheck(timed), s.windows)
+    noise = max((max(x) - min(x)) / statistics.median(x) for x in ([w.median_ms for w in windows], theirs) if x)
+    return combined(windows), statistics.median(theirs) if theirs else math.nan, 100 * noise
 
 
 def _time_shape(shape: Shape, backends: list[str], s: SweepSettings, device: torch.device, ceiling: dict[str, float],

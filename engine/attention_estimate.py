@@ -12,13 +12,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from engine.attention_bench import memory_budget, why_skip
+from engine.attention_bench import memory_budget, why_skip, window_ms
 from engine.attention_shapes import SweepSettings, shape_flops, shapes_of
 
 CPU_LIMIT_S = 120.0  # runs estimated longer than this on a CPU are refused or offered reduced
 # Effective attention TFLOP/s assumed for estimates: about half of what the kernels reach.
 _GPU_TFLOPS = {9: 300.0, 10: 600.0}
 _COMPILE_S = {"fa4": 3.0, "flex": 15.0}  # first call of a new configuration; backward about twice
+# A GPU row's first warm-up goes on until the SM clock stops falling, at least three warm-ups long
+# (engine.timing._settle): a median 85 ms for 25 ms warm-ups on the H200 sweeps of 2026-12-03.
+_SETTLE = 3.5
 
 
 @dataclass(frozen=True)
@@ -51,12 +54,14 @@ def device_tflops(device: torch.device, dtype: str) -> float:
 
 
 def estimate_seconds(s: SweepSettings, device: torch.device, tflops: float | None = None) -> float:
-    """Seconds a sweep should take: per timed row its calls (first, probes, warm-up, window) at
-    `tflops`, plus kernel compilation; rows that cannot run cost nothing. An estimate, not a bound."""
+    """Seconds a sweep should take: per timed row its calls (first, reference, memory probe, and per
+    window a warm-up, the window and on a GPU five estimate calls) at `tflops`, plus kernel
+    compilation; rows that cannot run cost nothing. An estimate, not a bound."""
     shapes = shapes_of(s)
     rate = (tflops or device_tflops(device, s.dtypes[0])) * 1e12
     budget = memory_budget(device)
     total, compiled, cuda = 0.0, set(), device.type == "cuda"
+    warm_ms, rep_ms = window_ms(s, device)
     for shape in shapes:
         call = shape_flops(shape, s.mode, s.seed) / rate
         for b in s.backends:
@@ -65,8 +70,9 @@ def estimate_seconds(s: SweepSettings, device: torch.device, tflops: float | Non
             # SDPA-math materialises the scores (4x); at half precision on a CPU its matmuls are slower still.
             slow = (10.0 if device.type == "cpu" and shape.dtype != "fp32" else 2.5) if b == "sdpa-math" else 1.0
             t = call * slow
-            # Besides warm-up and window: first call, reference, estimate calls (5 on CUDA) and memory probe.
-            total += max(s.warmup_ms / 1e3, t) + max(s.rep_ms / 1e3, t * s.min_reps) + (8 if cuda else 3) * t
+            warm = max(warm_ms / 1e3, t)
+            total += ((_SETTLE if cuda else 1.0) * warm + (s.windows - 1) * warm
+                      + s.windows * (max(rep_ms / 1e3, t * s.min_reps) + (5 * t if cuda else 0.0)) + 3 * t)
             key = (b, shape.head_dim, shape.mask, shape.causal, shape.seqlen if b == "flex" else 0)
             if b in _COMPILE_S and key not in compiled:
                 compiled.add(key)

@@ -31,9 +31,11 @@ class SweepSettings:
     """One sweep: every combination of dtype x head dim x GQA ratio x mask x seqlen, each backend.
 
     `causal` lists plain rows (mask "none" or "causal"); `masks`, when given, replaces it with
-    named masks (engine.attention_masks.MASKS). Timing: warm up for `warmup_ms`, then time a
-    window of at least `rep_ms` and `min_reps` calls (engine.timing.steady_time). With a cross-check
-    (engine.attention_bench.run_sweep), `cross_rounds` windows of each timer per row, in ABBA order.
+    named masks (engine.attention_masks.MASKS). Timing: warm up for `warmup_ms`, then time `windows`
+    windows of at least `rep_ms` and `min_reps` calls each (engine.timing.steady_time) and report
+    their median: on an H200 about one 100 ms window in eight ran 5-19% slow (2026-12-03), which
+    moves a single window's figure but not a median of three. With a cross-check
+    (engine.attention_bench.run_sweep), as many windows of do_bench, in ABBA order.
     """
 
     seqlens: tuple[int, ...]
@@ -49,7 +51,7 @@ class SweepSettings:
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     min_reps: int = 3
-    cross_rounds: int = 2
+    windows: int = 3
     seed: int = 0
     device: str = "auto"
 
@@ -120,7 +122,7 @@ def shapes_of(s: SweepSettings) -> list[Shape]:
     check_float("warmup_ms", s.warmup_ms, 0.0, 10_000.0)
     check_float("rep_ms", s.rep_ms, 1.0, 10_000.0)
     check_int("min_reps", s.min_reps, 1, 1000)
-    check_int("cross_rounds", s.cross_rounds, 1, 100)
+    check_int("windows", s.windows, 1, 100)
     for m in s.masks:
         check_mask(m)
     # Named masks are all causal (decoder training); plain rows are causal or not, mask "none".

@@ -17,7 +17,7 @@ E = 1 starts from exactly the dense FFN's weights (moe_block's _init draws the s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -155,13 +155,17 @@ class Router(nn.Module):
             return self.last, aux
         logits, shape = x @ self.gate, (x.shape[0],)
         if self.kind == "deepseek":
-            self.last = self.rule.route_logits(logits, shape, bias=self.bias)
+            r = self.rule.route_logits(logits, shape, bias=self.bias)
         else:
-            self.last = self.rule.route_logits(logits, shape)
+            r = self.rule.route_logits(logits, shape)
         if self.kind in ("topk", "switch") and self.alpha > 0:
             # topk: all k choices (no drops); switch: top-1, so its choices are its first choices.
-            aux = aux_loss(self.last.probs, routing_demand(self.last))
-        return self.last, aux
+            aux = aux_loss(r.probs, routing_demand(r))
+        # Kept without autograd history: holding the graph past the step kept its buffers alive
+        # (and, under CUDA graphs, its AccumulateGrad nodes, which warn of a stream mismatch).
+        self.last = replace(r, weights=r.weights.detach(),
+                            probs=None if r.probs is None else r.probs.detach())
+        return r, aux
 
     def loads(self) -> dict[str, torch.Tensor]:
         """The last forward's loads: counts (E,) after capacity drops, demand (E,) before them,

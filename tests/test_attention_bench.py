@@ -257,8 +257,18 @@ def test_cli_loads_a_committed_result_and_rejects_bad_input(capsys):
     out = capsys.readouterr().out
     assert "FA4 speed-up over the best SDPA backend" in out and "sdpa-cudnn" in out
     assert main(["attention", "--head-dims", "12", "--device", "cpu"]) == 2
-    assert "head_dim must be a multiple of 8" in capsys.readouterr().err
+    assert "--head-dims must be a multiple of 8" in capsys.readouterr().err
     assert main(["attention", "--load", "no/such/file.json"]) == 2
+
+
+@pytest.mark.parametrize("flag, value", [("--seqlens", "8"), ("--tokens", "0"), ("--hidden", "4"),
+                                         ("--backends", "fa9"), ("--dtypes", "fp8x"), ("--mode", "bwd"),
+                                         ("--rep-ms", "0"), ("--windows", "0"), ("--masks", "zz"),
+                                         ("--gqa", "0"), ("--preset", "nope")])
+def test_cli_errors_name_the_flag_typed(capsys, flag, value):
+    assert main(["attention", "--device", "cpu", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag} " in err and "_" not in err.split("got")[0], err
 
 
 def test_quick_preset_is_cpu_sized():
@@ -294,10 +304,30 @@ def test_crosscheck_times_each_rows_own_callable():
         fn()
         return 2.0
 
-    t = ab.run_sweep(ab.replace(TINY, seqlens=(32,), backends=("sdpa-math",), cross_rounds=3),
+    t = ab.run_sweep(ab.replace(TINY, seqlens=(32,), backends=("sdpa-math",), windows=3),
                      crosscheck=crosscheck).table
     assert len(seen) == 3 * len(t) and (t["do_bench_ms"] == 2.0).all()  # 3 windows per row
     pd.testing.assert_series_equal(t["vs_do_bench_pct"], 100 * (t["ms"] / 2.0 - 1), check_names=False)
+
+
+def test_a_row_without_crosscheck_is_the_median_of_its_windows(monkeypatch):
+    """One slow window must not move the figure: three windows of 1, 1.3 (slow) and 1.02 ms give
+    1.02 ms, and a window-to-window range of (1.3 - 1) / 1.02. Only the first window settles the clock."""
+    medians, settles = iter([1.0, 1.3, 1.02]), []
+
+    def fake_steady(fn, device, *args, settle=None, **kw):
+        fn()
+        if settle is None:  # the matmul ceiling's timing, not the row's
+            return ab.Timing(1.0, 1.0, 1.0, 5)
+        settles.append(settle)
+        m = next(medians)
+        return ab.Timing(m, 0.9 * m, 1.1 * m, 5)
+
+    monkeypatch.setattr(ab, "steady_time", fake_steady)
+    t = ab.run_sweep(ab.replace(TINY, seqlens=(32,), causal=(False,), backends=("sdpa-math",))).table
+    assert settles == [True, False, False]
+    assert t["ms"].iloc[0] == pytest.approx(1.02) and t["window_range_pct"].iloc[0] == pytest.approx(100 * 0.3 / 1.02)
+    assert math.isnan(t["do_bench_ms"].iloc[0])
 
 
 def test_masked_cpu_sweep_checks_output_and_dq_and_counts_kept_pairs():
@@ -321,11 +351,12 @@ def test_a_window_reaching_past_the_sequence_is_a_row_that_says_why():
 
 def test_estimate_by_hand_and_reduced_settings_fit():
     s = ab.replace(TINY, seqlens=(64,), causal=(False,), backends=("sdpa-math", "sdpa-cudnn"), rep_ms=10.0,
-                   warmup_ms=5.0, min_reps=3)
+                   warmup_ms=5.0, min_reps=3, windows=2)
     # One shape (batch 2, 2 heads, D 16): 4*2*2*64*64*16 = 1,048,576 FLOPs at 1e-6 TFLOP/s = 1.048576 s per
-    # call, x2.5 for math; cudnn does not run on a CPU. Row: max(5 ms, t) + max(10 ms, 3t) + 3t = 7t.
+    # call, x2.5 for math; cudnn does not run on a CPU. Row: two windows of max(5 ms, t) warm-up and
+    # max(10 ms, 3t) timed, plus first call, reference and memory probe: 2 (t + 3t) + 3t = 11t.
     t = 2.5 * 1.048576
-    assert aest.estimate_seconds(s, torch.device("cpu"), tflops=1e-6) == pytest.approx(7 * t)
+    assert aest.estimate_seconds(s, torch.device("cpu"), tflops=1e-6) == pytest.approx(11 * t)
     paper = ab.PRESETS["fa3-paper"]
     small = aest.reduced(paper, torch.device("cpu"), 60.0, tflops=1e-3)
     cpu = torch.device("cpu")

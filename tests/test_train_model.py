@@ -31,6 +31,24 @@ def test_gradients_reach_learned_gate(router: str) -> None:
         assert r.gate.grad is not None and float(r.gate.grad.abs().sum()) > 0
 
 
+@pytest.mark.parametrize("router", ["topk", "switch", "expert_choice", "deepseek"])
+def test_kept_routing_holds_no_autograd_graph(router: str) -> None:
+    """The routing a router keeps for its loads outlives the step: it must not keep the step's
+    graph alive. Its tensors are the forward's own (same storage), only without history."""
+    model = _model(router)
+    ids = _ids()
+    logits, aux = model(ids)
+    (lm_loss(logits, ids) + 0.01 * aux).backward()
+    for r in model.routers():
+        kept = r.last
+        assert kept.weights.grad_fn is None and not kept.weights.requires_grad
+        assert kept.probs is None or kept.probs.grad_fn is None
+    model.zero_grad()
+    routing, _ = model.routers()[0](torch.randn(5, 16), torch.arange(5))
+    assert routing.weights.grad_fn is not None  # what forward returns still trains the gate
+    assert routing.weights.data_ptr() == model.routers()[0].last.weights.data_ptr()
+
+
 @pytest.mark.parametrize("router", ["hash", "balanced_hash"])
 def test_hash_router_has_nothing_to_learn(router: str) -> None:
     model = _model(router)

@@ -4,7 +4,9 @@ CUDA GPU no step waits for the GPU (every router) and a CUDA-graph run trains as
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
+import warnings
 
 import pytest
 import torch
@@ -48,6 +50,21 @@ def test_step_uses_the_schedule_and_reports_mean_losses() -> None:
 ROUTERS = ["hash", "balanced_hash", "topk", "switch", "deepseek", "dense"]
 
 
+@pytest.mark.parametrize("router", ROUTERS + ["expert_choice"])
+def test_a_step_leaves_no_autograd_graph_alive(router: str) -> None:
+    """Between steps no tensor may keep the last step's graph (and its AccumulateGrad nodes) alive:
+    under CUDA graphs such a node, made on the warm-up stream, warns of a stream mismatch at the
+    capture and may sync."""
+    cfg = ModelConfig(vocab=64, d_model=16, n_layers=2, n_heads=2, seq_len=8, d_expert=8,
+                      num_experts=4, router=router)
+    trainer = TrainStep(MoELM(cfg, torch.arange(64, dtype=torch.float64) + 1), 0.01, 2, 5, bf16=False)
+    for i in (1, 2):
+        trainer.step(i, torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(i)))
+    gc.collect()
+    held = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+    assert not held, [(tuple(t.shape), type(t.grad_fn).__name__) for t in held]
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("router", ROUTERS)
 def test_cuda_step_never_waits_for_the_gpu(router: str) -> None:
@@ -75,8 +92,11 @@ def test_cuda_graph_run_trains_as_the_eager_run(router: str) -> None:
                       experts=8, k=2, d_expert=64, steps=24, batch=8, seq_len=32, lr=3e-3,
                       warmup=4, eval_every=8, eval_batches=2, device="cuda", dtype="bf16")
     eager = train_run(s, corpus, router, 0, final_stats=False)
-    graphed = train_run(dataclasses.replace(s, cuda_graphs=True), corpus, router, 0,
-                        final_stats=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        graphed = train_run(dataclasses.replace(s, cuda_graphs=True), corpus, router, 0,
+                            final_stats=False)
+    assert not [w for w in seen if "AccumulateGrad" in str(w.message)]  # nothing kept a graph alive
     assert eager.step == graphed.step == [0, 8, 16, 24]
     assert eager.val_loss[-1] < eager.val_loss[0] - 0.5  # it learned something
     # bf16 and atomics: the two runs agree to rounding, not bit for bit.

@@ -59,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                  "(a wrong name lists all)")
     parser.add_argument("--mode", help="forward only (fwd) or forward and backward (fwd+bwd)")
     parser.add_argument("--rep-ms", type=float, help="timed window per row in ms (default 100, as do_bench)")
+    parser.add_argument("--windows", type=int, help="timed windows per row, their median reported (default 3)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to run (default auto)")
     parser.add_argument("--model", type=_model, metavar="B,S,H,HKV,D,LAYERS",
                         help="time this model's attention forward+backward and print the training-step view "
@@ -69,6 +70,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on a CPU, shrink a run estimated over --max-seconds until it fits, instead of refusing")
     parser.add_argument("--save", type=Path, help="also write the result document (JSON) here")
     parser.add_argument("--load", type=Path, help="show a saved result document instead of running")
+
+
+# The settings' names as checks report them -> the flags that set them (errors name what was typed).
+_FLAGS = {"seqlen": "--seqlens", "head_dim": "--head-dims", "gqa": "--gqa", "tokens": "--tokens",
+          "hidden": "--hidden", "backend": "--backends", "backends": "--backends", "dtype": "--dtypes", "mode": "--mode",
+          "rep_ms": "--rep-ms", "windows": "--windows", "mask": "--masks", "preset": "--preset"}
+
+
+def _flagged(exc: ValueError) -> ValueError:
+    """`exc` with its first word, a setting's name, replaced by the flag that sets it."""
+    name, _, rest = str(exc).partition(" ")
+    return ValueError(f"{_FLAGS[name]} {rest}") if name in _FLAGS else exc
 
 
 def _progress(estimate: float, format_seconds):
@@ -94,10 +107,11 @@ def _settings(args: argparse.Namespace, model):
         return replace(base, device=args.device or base.device,
                        backends=args.backends or ("fa4", "fa3", "sdpa", "sdpa-flash", "sdpa-efficient",
                                                   "sdpa-cudnn", "sdpa-math"))
-    check_choice("--preset", args.preset, tuple(sorted(PRESETS)))
+    check_choice("preset", args.preset, tuple(sorted(PRESETS)))
     return settings_for(args.preset, seqlens=args.seqlens, head_dims=args.head_dims, causal=args.causal,
                         masks=args.masks, gqa=args.gqa, dtypes=args.dtypes, tokens=args.tokens, hidden=args.hidden,
-                        backends=args.backends, mode=args.mode, rep_ms=args.rep_ms, device=args.device)
+                        backends=args.backends, mode=args.mode, rep_ms=args.rep_ms, windows=args.windows,
+                        device=args.device)
 
 
 def run(args: argparse.Namespace) -> CommandResult:
@@ -114,9 +128,12 @@ def run(args: argparse.Namespace) -> CommandResult:
             raise ValueError(f"--load must name an existing result file, got {args.load}")
         result = load_result(args.load)
     else:
-        settings = _settings(args, model)
-        device = resolve_device(settings.device)
-        plan = plan_run(settings, device, max_seconds)
+        try:
+            settings = _settings(args, model)
+            device = resolve_device(settings.device)
+            plan = plan_run(settings, device, max_seconds)
+        except ValueError as exc:
+            raise _flagged(exc) from None
         estimate = plan.estimate_s
         if plan.too_long:
             if not args.reduce:
