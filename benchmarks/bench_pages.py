@@ -1,7 +1,7 @@
 """How fast every page answers in a real browser, on this machine.
 
     .venv/bin/python benchmarks/bench_pages.py [--changes 8] [--pages routing,cost] [--json]
-        [--baseline ../other-checkout]
+        [--baseline ../other-checkout] [--profile]
 
 Starts `streamlit run app.py` on a free port and drives each page in headless Chromium
 (tests/browser_support.py). Per page it prints:
@@ -23,6 +23,10 @@ Starts `streamlit run app.py` on a free port and drives each page in headless Ch
   draw none at first, those of the changes), and all bytes the browser received per change;
 - with --baseline DIR: a second checkout served at the same time, each page measured on both in
   turn, and the ratios baseline / this tree;
+- with --profile: each page's first render once more in a new context under Chromium's sampling
+  profiler, the main thread's time by script file (plotly's chart module, React, ...), by `(idle)`
+  (waiting for the server) and by `(program)` (the browser's own work: parsing, style, layout);
+  the profiler slows the page, so these are shares, not the first render's figure;
 - figure build: the routing page's main figure built with Plotly Express and with
   app_pages._ui.line_figure, alternating in one run (median ms and their ratio).
 Targets (issue 18): median <= 1.0 s, p95 <= 2 s, first render <= 2.5 s. The machine's load
@@ -223,6 +227,30 @@ def _first_render_no_charts(browser, base: str, path: str) -> float:
         page.context.close()
 
 
+def profile_first_render(browser, base: str, path: str, top: int = 6) -> dict[str, float]:
+    """Seconds of the main thread by script file (and idle, program, GC) over a first render in a
+    fresh context, from Chromium's sampling profiler (CDP Profiler); the `top` largest, and `total`."""
+    page = bs.new_app_page(browser)
+    try:
+        cdp = page.context.new_cdp_session(page)
+        cdp.send("Profiler.enable")
+        cdp.send("Profiler.setSamplingInterval", {"interval": 500})  # microseconds
+        cdp.send("Profiler.start")
+        bs.open_page(page, base, path)
+        prof = cdp.send("Profiler.stop")["profile"]
+    finally:
+        page.context.close()
+    frames = {n["id"]: n["callFrame"] for n in prof["nodes"]}
+    spent: dict[str, float] = {}
+    # timeDeltas[i] is the time before sample i: sample i lasted until sample i + 1.
+    for node, dt in zip(prof["samples"], prof["timeDeltas"][1:] + [0]):
+        f = frames[node]
+        name = f["url"].rsplit("/", 1)[-1].split("?")[0] or f["functionName"] or "(native)"
+        spent[name] = spent.get(name, 0.0) + dt / 1e6
+    shown = dict(sorted(spent.items(), key=lambda kv: -kv[1])[:top])
+    return {**shown, "total": sum(spent.values())}
+
+
 def measure_page(browser, base: str, path: str, changes: int) -> PageResult:
     """First render in a fresh context (and without charts), then `changes` widget changes with
     their payloads."""
@@ -299,6 +327,8 @@ def main() -> None:
                     help="comma-separated url paths (home for the default page)")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
     ap.add_argument("--baseline", help="another checkout of the app (e.g. main's) to measure beside this one")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile each page's first render: the main thread's seconds by script file")
     args = ap.parse_args()
     if not 5 <= args.changes <= 10:
         ap.error("--changes must be 5..10")
@@ -318,10 +348,11 @@ def main() -> None:
             for b in ((base, other) if i % 2 else (other, base)):
                 if b is not None:
                     (results if b == base else baseline).append(measure_page(browser, b, p, args.changes))
+        profiles = {p or "home": profile_first_render(browser, base, p) for p in paths} if args.profile else {}
     build = figure_build_ms()
     doc = {"pages": [asdict(r) for r in results], "cold_server_first_render_s": cold_s,
            "server_idle_after_s": idle_s,
-           "figure_build": build,
+           "figure_build": build, "first_render_profiles": profiles,
            "cold_server_page": paths[0] or "home",
            "uptime_before": uptime_before, "uptime": _uptime(), "cpus": os.cpu_count(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -349,6 +380,9 @@ def main() -> None:
               f"{r.first_render_no_charts_s:9.2f} {med:>14} {p95:>6}  {r.widget or '-':10} {figs:>28} {per:>12}")
     print(f"{'':16} server CPU s per change: " + ", ".join(
         f"{r.page} {r.server_cpu_per_change_s:.3f}" for r in results if r.server_cpu_per_change_s is not None))
+    for name, prof in profiles.items():
+        print(f"profile {name:15} {prof['total']:5.2f} s: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in prof.items() if k != "total"))
     if args.baseline:
         print(f"baseline {doc['baseline']['root']}, same run, pages in turn; ratios baseline / this tree:")
         print(f"{'page':16} {'first render':>12} {'ratio':>6} {'redraw median':>14} {'ratio':>6} "
