@@ -29,7 +29,7 @@ from torch import nn
 from engine.ep_layer import ExpertParallelLayer
 from engine.ep_placement import contiguous_placement
 from engine.ep_sections import Dispatched
-from engine.moe_block import ffn_forward
+from engine.moe_dispatch import grouped_ffn
 from engine.validation import check_int
 
 
@@ -101,17 +101,18 @@ class _Combine(torch.autograd.Function):
 def expert_ffn(rows: torch.Tensor, ids: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
                first: int, ffn: str) -> torch.Tensor:
     """Rows (N, D) through their experts: expert `first + e` is w_in[e], w_out[e]; rows with
-    another id (a main section's padding) give 0 and no gradient. Returns (N, D)."""
-    n_local = w_in.shape[0]
+    another id (a main section's padding) give 0 and no gradient. Returns (N, D).
+
+    The one-process model's grouped FFN with one slot per row and weight 1 (the combine applies
+    the gate weights): torch._grouped_mm without a host sync where it runs (CUDA sm90, bf16),
+    else its per-expert loop. A loop over the experts here, with a host sync, made the training
+    step at one rank on an H200 2.7-3.3x slower (132-161 ms against 48-50 ms, 2026-12-03)."""
+    if rows.shape[0] == 0:
+        return torch.zeros_like(rows)
     local = ids - first
-    local = torch.where((local >= 0) & (local < n_local), local, n_local)
-    order = torch.argsort(local, stable=True)
-    counts = torch.bincount(local, minlength=n_local + 1).tolist()  # one host sync
-    slab = rows.index_select(0, order)
-    parts = slab.split(counts)
-    outs = [ffn_forward(part, w_in[e], w_out[e], ffn) if counts[e] else part
-            for e, part in enumerate(parts[:n_local])] + [torch.zeros_like(parts[-1])]
-    return torch.cat(outs).index_select(0, torch.argsort(order))
+    mine = (local >= 0) & (local < w_in.shape[0])
+    return grouped_ffn(rows, torch.where(mine, local, -1)[:, None], mine[:, None].to(rows.dtype),
+                       w_in, w_out, ffn)
 
 
 class PhaseClock:
