@@ -104,12 +104,12 @@ def test_expert_ffn_on_a_gpu_agrees_with_float64():
     grad = torch.randn(4096, 512, generator=gen)
     out = {}
     for name, dev, dtype in (("gpu", "cuda", torch.bfloat16), ("ref", "cpu", torch.float64)):
-        wi, wo = (w.to(dev, dtype).requires_grad_() for w in (w_in, w_out))
-        y = expert_ffn(rows.to(dev, dtype), ids.to(dev), wi, wo, 8, "gelu")
+        x, (wi, wo) = rows.to(dev, dtype), (w.to(dev, dtype).requires_grad_() for w in (w_in, w_out))
+        y = expert_ffn(x, ids.to(dev), wi, wo, 8, "gelu")
         y.backward(grad.to(dev, dtype))
         out[name] = [t.double().cpu() for t in (y, wi.grad, wo.grad)]
         if name == "gpu" and torch.cuda.get_device_capability()[0] == 9:
-            assert grouped_mm_runs(y, wi, wo)
+            assert grouped_mm_runs(x, wi, wo)
     for a, b in zip(out["gpu"], out["ref"]):
         assert float((a - b).norm() / b.norm()) < 1e-2
 

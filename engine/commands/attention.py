@@ -74,8 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # The settings' names as checks report them -> the flags that set them (errors name what was typed).
 _FLAGS = {"seqlen": "--seqlens", "head_dim": "--head-dims", "gqa": "--gqa", "tokens": "--tokens",
-          "hidden": "--hidden", "backend": "--backends", "backends": "--backends", "dtype": "--dtypes", "mode": "--mode",
-          "rep_ms": "--rep-ms", "windows": "--windows", "mask": "--masks", "preset": "--preset"}
+          "hidden": "--hidden", "backend": "--backends", "backends": "--backends", "dtype": "--dtypes",
+          "mode": "--mode", "rep_ms": "--rep-ms", "windows": "--windows", "mask": "--masks",
+          "preset": "--preset"}
 
 
 def _flagged(exc: ValueError) -> ValueError:
