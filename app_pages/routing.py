@@ -110,21 +110,26 @@ def _settings() -> LabSettings:
 
 
 @st.fragment
-def _histogram(result: LabResult, capacity_factor: float) -> None:
+def _histogram(result: LabResult, settings: LabSettings) -> None:
     """Tokens per expert; its order control reruns only this fragment."""
     st.subheader("Tokens per expert")
     order = st.radio("Order", ("sorted", "by id"), horizontal=True, key="order", bind=QP)
     x = "load rank" if order == "sorted" else "expert"
     counts = result.counts
     routers = list(dict.fromkeys(counts["router"]))
-    counts = counts.assign(**{"load/mean": counts["load/mean"].round(4)}).sort_values(x, kind="stable")
+    # In units of each router's k T / E, the unit of its capacity ceil(C k T / E): a router that
+    # drops at capacity tops out at C, which its own post-drop mean (load/mean) would hide.
+    even = counts["router"].map(dict(zip(result.metrics["router"], result.metrics["k"]))) \
+        * settings.num_tokens / settings.num_experts
+    counts = counts.assign(load=(counts["tokens"] / even).round(4)).sort_values(x, kind="stable")
+    capacity_factor = settings.capacity_factor
     # Horizontal lines across the plot at y (what fig.add_hline draws, without its validation cost).
-    lines = [(1.0, "perfect balance", "dot", None, "top"),
+    lines = [(1.0, "k T / E: every slot routed, evenly", "dot", None, "top"),
              (capacity_factor, f"capacity C = {capacity_factor:g}", "dash", "firebrick", "bottom")]
-    fig = line_figure(counts, x, "load/mean", "router", line_shape="hv", hover=("expert", "tokens"),
+    fig = line_figure(counts, x, "load", "router", line_shape="hv", hover=("expert", "tokens"),
                       order=routers, height=420, margin={"t": 30},
                       labels={"load rank": "experts, busiest first", "expert": "expert id", "router": "",
-                              "load/mean": "tokens / mean tokens per expert"},
+                              "load": "tokens / (k T / E)"},
                       shapes=[{"type": "line", "xref": "x domain", "x0": 0, "x1": 1, "y0": y, "y1": y,
                                "line": {"dash": dash, "color": color}} for y, _, dash, color, _ in lines],
                       annotations=[{"xref": "x domain", "x": 1, "y": y, "text": text, "showarrow": False,
@@ -150,7 +155,11 @@ _METRIC_HELP = {
 
 
 def _show(result: LabResult, settings: LabSettings) -> None:
-    _histogram(result, settings.capacity_factor)
+    _histogram(result, settings)
+    st.caption("Each router's tokens per expert over k T / E, with its own k. Switch and GShard drop at "
+               "capacity and top out at C; Expert Choice fills every expert to exactly C. Their metrics "
+               "below count the tokens kept after those drops; the other routers drop nothing (their drop "
+               "rate at C is what a capacity would drop).")
     routers = list(dict.fromkeys(result.metrics["router"]))
 
     st.subheader("Balance metrics")

@@ -215,10 +215,17 @@ if iv.note:
     st.caption(f"The breakpoint interval {iv.note}.")
 
 # ---------------------------------------------------------------- figures
+def _label_at(fig: go.Figure, x: float, text: str, xanchor: str = "left") -> None:
+    """A label at the top of the plot at data x on a log x axis. Plotly places an annotation on a
+    log axis at log10 of its x (add_vline's and add_vrect's own labels pass x as is, off the plot)."""
+    fig.add_annotation(x=float(np.log10(x)), xref="x", y=1, yref="paper", text=text, showarrow=False,
+                       xanchor=xanchor, yanchor="top")
+
+
 pts, cur = res.points, res.curve
 fig = go.Figure()
-fig.add_vrect(x0=lo, x1=hi, fillcolor="orange", opacity=0.15, line_width=0,
-              annotation_text=f"breakpoint CI ({iv.method})", annotation_position="top left")
+fig.add_vrect(x0=lo, x1=hi, fillcolor="orange", opacity=0.15, line_width=0)
+_label_at(fig, lo, f"breakpoint CI ({iv.method})")
 fig.add_trace(go.Scatter(x=cur["x"], y=cur["pi_high"], line_width=0, showlegend=False, hoverinfo="skip"))
 fig.add_trace(go.Scatter(x=cur["x"], y=cur["pi_low"], line_width=0, fill="tonexty",
                          fillcolor="rgba(31,119,180,0.12)", name=f"{iv.level:.0%} prediction band"))
@@ -244,7 +251,8 @@ if not res.extrapolation.empty:
                                           array=[e["pi_high"] - e["predicted_loss"]],
                                           arrayminus=[e["predicted_loss"] - e["pi_low"]])))
 if syn is not None:
-    fig.add_vline(x=syn["breakpoint"], line_dash="dash", line_color="green", annotation_text="true knee")
+    fig.add_vline(x=syn["breakpoint"], line_dash="dash", line_color="green")
+    _label_at(fig, syn["breakpoint"], "true knee", xanchor="right")
 # Column names may come from an upload: escaped, as plotly draws <b>, <a href> ... in titles.
 fig.update_xaxes(type="log", title=html.escape(x_col))
 fig.update_yaxes(type="log", title=html.escape(y_col))
@@ -292,7 +300,8 @@ if source == "synthetic":
     det = guarded("scaling_detect", lambda: _detection(syn, int(min_seg)))
     if det is not None:
         dfig = go.Figure(go.Scatter(x=det["noise"], y=det["detection_rate"], mode="lines+markers"))
-        dfig.add_vline(x=syn["noise"] or NOISE_LEVELS[0], line_dash="dot", annotation_text="current noise")
+        dfig.add_vline(x=syn["noise"] or NOISE_LEVELS[0], line_dash="dot")
+        _label_at(dfig, syn["noise"] or NOISE_LEVELS[0], "current noise")
         dfig.update_xaxes(type="log", title="noise (std of ln loss)")
         dfig.update_yaxes(range=[0, 1.05], title="share of 200 seeds where BIC prefers the break")
         dfig.update_layout(title="Detection rate of this knee against noise", height=360)

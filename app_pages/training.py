@@ -10,8 +10,10 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
+import torch
 
 from app_pages._ui import download_buttons, guarded, line_figure, table as show_table
+from engine.commands.train import shell_command
 from engine.train_data import TEXTS, TOKENIZERS, builtin_text, decode_upload, tokenize
 from engine.train_loop import TrainSettings, train
 from engine.train_metrics import history_table
@@ -123,6 +125,10 @@ def _show(doc: dict, name: str) -> None:
     runs = doc["runs"]
     history = history_table(runs)
     st.info(doc["summary_text"])
+    if any(r["router"] == "expert_choice" for r in runs):
+        st.warning("Expert Choice's loss is optimistic, not comparable with the others: each expert "
+                   "picks its tokens from the whole batch, so a token's routing depends on later "
+                   "tokens, which a causal language model must not see.")
     if history["seed"].nunique() > 1:
         st.caption(f"Curves: mean over {history['seed'].nunique()} seeds; bars: ± 1 std.")
     c1, c2 = st.columns(2)
@@ -200,11 +206,13 @@ def _text(data: str) -> str:
 st.title("MoE training lab")
 st.caption("A small decoder-only language model trained once per router, from the same "
            "initialisation, on the same batches, with the same AdamW schedule: the curves differ "
-           "only by the routing rule. Same run from a shell: `python -m engine train --routers "
-           "hash,topk,deepseek,dense --steps 120`.")
+           "only by the routing rule.")
 here, gpu = st.tabs(["Train here", "Committed GPU results"])
 with here:
     parsed = guarded("training_settings", _settings)
+    if parsed is not None:
+        data = parsed[1] if parsed[1] != "upload" else "your.txt"
+        st.caption(f"Same run from a shell: `{shell_command(parsed[0], data, torch.get_num_threads())}`")
     if st.session_state.get("data") == "upload":
         st.file_uploader("UTF-8 text (.txt, up to 5 MB)", type=["txt"], key="upload")
     run = st.button("Run", type="primary", disabled=parsed is None)

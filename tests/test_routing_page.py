@@ -1,10 +1,12 @@
 """The routing page (AppTest) and `python -m engine route`: settings from the URL, tables that hold
 what the engine computes, bad input shown while the last result stays."""
 
+import base64
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -52,6 +54,29 @@ def test_cold_link_reproduces_the_engine_tables():
     assert shown.loc["Hash", "null CV"] == pytest.approx(math.sqrt(15 / (2 * 4096)))
     assert shown.loc["Top-k softmax", "null CV"] == pytest.approx(math.sqrt(14 / (2 * 4096)))
     assert len(at.get("plotly_chart")) == 3  # histogram, per-rank load, DeepSeek balance
+
+
+def _values(v) -> list[float]:
+    """A plotly array from a figure's JSON: a list, or plotly's typed array {dtype, bdata (base64)}."""
+    if isinstance(v, dict):
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).astype(float).tolist()
+    return [float(x) for x in v]
+
+
+def test_histogram_is_in_capacity_units_so_capped_routers_top_out_at_c():
+    """tokens / (k T / E) with each router's k: Switch (k 1) and GShard (k 2) keep at most
+    ceil(C k T / E) tokens per expert, so their highest point is that over k T / E; Expert Choice
+    fills every expert to it; routers that drop nothing average exactly 1."""
+    t, e, c = 4096, 16, 1.25
+    at = _page({"T": str(t), "E": str(e), "C": str(c), "routers": ["topk", "switch", "gshard", "expert_choice"]})
+    assert not at.exception and not at.error
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    ys = {tr["name"]: _values(tr["y"]) for tr in spec["data"]}
+    for name, k in (("Switch top-1", 1), ("GShard top-2", 2)):
+        assert max(ys[name]) == pytest.approx(math.ceil(c * k * t / e) / (k * t / e), abs=1e-4)
+    assert all(y == pytest.approx(math.ceil(c * 2 * t / e) / (2 * t / e), abs=1e-4) for y in ys["Expert Choice"])
+    assert sum(ys["Top-k softmax"]) / e == pytest.approx(1.0, abs=1e-3)
+    assert spec["layout"]["yaxis"]["title"]["text"] == "tokens / (k T / E)"
 
 
 def test_bad_input_shows_the_error_and_keeps_the_last_result():

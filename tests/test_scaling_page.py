@@ -1,5 +1,6 @@
 """The scaling page under AppTest: bundled data, the synthetic generator, filters, bad input, URL."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,27 @@ def test_column_names_from_the_data_are_not_rendered_as_html_in_the_charts(monke
         assert titles and all("<a" not in t and "&lt;a href" in t for t in titles[:2])
     finally:
         st.cache_data.clear()
+
+
+@pytest.mark.parametrize("query", [{}, {"src": "synthetic"}])
+def test_labels_on_log_axes_sit_at_their_lines(monkeypatch, query):
+    """On a log x axis plotly places an annotation at log10(x): every label of a log-x figure must
+    be where its line or band is drawn (x in data units), inside the plotted x range."""
+    at = _page(monkeypatch, **query)
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    checked = 0
+    for s in specs:
+        lay = s["layout"]
+        if lay.get("xaxis", {}).get("type") != "log":
+            continue
+        xs = [x for t in s["data"] for x in (t.get("x") or []) if isinstance(x, (int, float)) and x > 0]
+        edges = [v for sh in lay.get("shapes", []) for v in (sh.get("x0"), sh.get("x1")) if sh.get("xref") == "x"]
+        for a in lay.get("annotations", []):
+            at_x = 10 ** a["x"]
+            assert min(xs + edges) * 0.99 <= at_x <= max(xs + edges) * 1.01, (a["text"], at_x)
+            assert any(abs(at_x / e - 1) < 1e-9 for e in edges), (a["text"], at_x, edges)
+            checked += 1
+    assert checked >= (3 if query else 1)
 
 
 def test_chinchilla_by_model_size_fits_every_row(monkeypatch):

@@ -49,3 +49,22 @@ def test_committed_gpu_results_show_device_and_date():
     text = " ".join(m.value for m in at.markdown)
     if files:
         assert "Measured on" in text and "Compared at step" in text
+
+
+def test_same_run_from_a_shell_is_the_pages_run():
+    """The command the page prints parses to the settings the page runs, evaluation cadence and
+    thread count included (a reduction split over threads rounds differently)."""
+    import shlex
+
+    from engine.cli import build_parser
+    from engine.commands.train import settings_of
+    from engine.train_loop import TrainSettings
+
+    at = _page(**TINY)
+    line = next(c.value for c in at.caption if "Same run from a shell" in c.value).split("`")[1]
+    env, *argv = shlex.split(line)
+    assert env == "OMP_NUM_THREADS=1" and argv[:3] == ["python", "-m", "engine"]
+    got, text = settings_of(build_parser().parse_args(argv[3:]))
+    want = TrainSettings(routers=("hash", "dense"), experts=2, layers=1, d_model=16, steps=6, batch=2,
+                         seq_len=8, tokenizer="byte", d_expert=8, eval_every=1)
+    assert text is None and got == want

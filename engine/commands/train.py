@@ -33,6 +33,31 @@ NAMES = {"vocabulary": "--vocab", "d_model": "--d-model", "layers": "--layers", 
          "device": "--device"}
 
 
+def shell_command(s, data: str, threads: int) -> str:
+    """The `python -m engine train` line that runs TrainSettings `s` on `data` (pydoc, stdlib, or
+    a file's name) with `threads` intra-op threads: only the flags that differ from the defaults.
+    The thread count is part of the run: reductions split over threads round differently."""
+    from dataclasses import fields
+
+    from engine.train_loop import TrainSettings
+
+    default = TrainSettings()
+    words = [f"OMP_NUM_THREADS={threads}", "python -m engine train"]
+    if s.routers != default.routers:
+        words.append("--routers " + ",".join(s.routers))
+    if s.seeds != (0,):
+        words.append("--seeds " + ",".join(map(str, s.seeds)))
+    if data != "pydoc":
+        words.append(f"--data {data}")
+    names = {f.name for f in fields(TrainSettings)}
+    for flag, (field, _) in FIELDS.items():
+        if field in names and getattr(s, field) != getattr(default, field):
+            words.append(f"--{flag} {getattr(s, field)}")
+    if s.cuda_graphs:
+        words.append("--cuda-graphs")
+    return " ".join(words)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Routers, seeds, data and every TrainSettings field."""
     parser.add_argument("--routers", default=None,
@@ -64,12 +89,10 @@ def run(args: argparse.Namespace) -> CommandResult:
         raise ValueError(relabel(str(exc), NAMES)) from None
 
 
-def _run(args: argparse.Namespace) -> CommandResult:
-    import pandas as pd
-
-    from engine.train_data import TEXTS, builtin_text, decode_upload, tokenize
-    from engine.train_loop import TrainSettings, train
-    from engine.train_metrics import history_table
+def settings_of(args: argparse.Namespace):
+    """(TrainSettings, the file's text or None for a built-in text) from the parsed flags."""
+    from engine.train_data import TEXTS, decode_upload
+    from engine.train_loop import TrainSettings
 
     kw = {field: getattr(args, flag.replace("-", "_")) for flag, (field, _) in FIELDS.items()}
     kw = {k: v for k, v in kw.items() if v is not None}
@@ -86,7 +109,17 @@ def _run(args: argparse.Namespace) -> CommandResult:
         if path.stat().st_size > 5 * 2**20:
             raise ValueError(f"--data {args.data} is over the 5 MB limit")
         kw["data"], text = path.name, decode_upload(path.read_bytes(), f"--data {args.data}")
-    s = TrainSettings(**kw)
+    return TrainSettings(**kw), text
+
+
+def _run(args: argparse.Namespace) -> CommandResult:
+    import pandas as pd
+
+    from engine.train_data import builtin_text, tokenize
+    from engine.train_loop import train
+    from engine.train_metrics import history_table
+
+    s, text = settings_of(args)
     corpus = tokenize(builtin_text(s.data) if text is None else text, s.tokenizer, s.vocab)
 
     def progress(frac: float, msg: str, _runs: list) -> None:
