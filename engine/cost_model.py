@@ -336,7 +336,8 @@ def relabel(message: str, names: dict[str, str]) -> str:
 
     if not names:
         return message
-    # Not after a dash or word character: "--tokens" stays as typed when "tokens" is relabelled.
+    # Not after a dash or word character: "--tokens" stays as typed when "tokens" is relabelled;
+    # not before a word character (a name may end in ")").
     words = "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
-    pattern = re.compile(rf"(?<![-\w])({words})\b")
+    pattern = re.compile(rf"(?<![-\w])({words})(?!\w)")
     return pattern.sub(lambda m: names[m.group(1)], message)

@@ -16,8 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.cost_model import PRESETS, dense_counterpart, estimate, human, preset_config  # noqa: E402
-from engine.validation import check_float  # noqa: E402
+from engine.cost_model import PRESETS, dense_counterpart, estimate, human, preset_config, relabel  # noqa: E402
+from engine.validation import check_float, check_int  # noqa: E402
+
+# The config's field names in the engine's messages -> the flags typed here.
+FLAGS = {"d_model": "--d-model", "n_layers": "--layers", "n_heads": "--heads", "n_kv_heads": "--kv-heads",
+         "d_ff": "--d-ff", "num_experts": "--experts", "top_k": "--k", "router": "--router"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,12 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         check_float("--tokens", args.tokens, 0.0, lo_open=True)
+        if args.experts is not None:  # 0 would be the dense model, which this script builds itself
+            check_int("--experts", args.experts, 1)
         moe_cfg = preset_config(args.preset, d_model=args.d_model, n_layers=args.layers,
                                 n_heads=args.heads, n_kv_heads=args.kv_heads, d_ff=args.d_ff,
                                 num_experts=args.experts, top_k=args.k, router=args.router)
         moe, dense = estimate(moe_cfg), estimate(dense_counterpart(moe_cfg, "same_ff"))
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {relabel(str(exc), FLAGS)}", file=sys.stderr)
         return 2
     for label, est in (("with MoE", moe), ("without MoE", dense)):
         print(f"{label:12s} total params {est.total_params:>16,d} ({human(est.total_params)})  "

@@ -16,8 +16,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.cost_measure import CPU_FLOPS  # noqa: E402
-from engine.cost_model import ffn_params  # noqa: E402
+from engine.cost_model import ffn_params, relabel  # noqa: E402
 from engine.moe_block import BlockBenchSettings, time_blocks  # noqa: E402
+
+# BlockBenchSettings' field names in the engine's messages -> the flags typed here.
+FLAGS = {"d_model": "--d-model", "d_ff": "--d-ff", "num_experts": "--experts", "top_k": "--k",
+         "tokens": "--tokens", "reps": "--reps", "seed": "--seed", "ffn": "--ffn"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         dense, moe = time_blocks(s, lambda f, msg: print(f"  [{f:4.0%}] {msg}", file=sys.stderr,
                                                          flush=True))
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {relabel(str(exc), FLAGS)}", file=sys.stderr)
         return 2
     for r in (dense, moe):
         print(f"{r.block:10s} d_ff {r.d_ff:>7d}  forward GFLOP {r.forward_gflop:.6g}  "

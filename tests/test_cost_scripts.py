@@ -1,5 +1,6 @@
 """The seed's scripts and `python -m engine cost`, run as subprocesses from outside the repo."""
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -38,7 +39,24 @@ def test_benchmark_moe_prints_the_engines_growth_and_flop_ratio(tmp_path):
 def test_benchmark_moe_bad_input_exits_2(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "scripts/benchmark_moe.py"), "--k", "9"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "top_k" in out.stderr
+    assert out.returncode == 2 and "--k must be >= 1 and <= 8" in out.stderr
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("benchmark_moe.py", ["--experts", "0"], "--experts must be >= 1"),
+    ("benchmark_moe.py", ["--layers", "0"], "--layers must be >= 1"),
+    ("benchmark_moe.py", ["--d-model", "3"], "--heads must divide --d-model (3)"),
+    ("moe_vs_dense.py", ["--k", "3"], "--k must be >= 1 and <= 2"),
+    ("moe_vs_dense.py", ["--experts", "0"], "--experts must be >= 1"),
+    ("moe_vs_dense.py", ["--tokens", "0"], "--tokens must be >= 1"),
+    ("moe_vs_dense.py", ["--d-model", "-4"], "--d-model must be >= 1"),
+    ("moe_vs_dense.py", ["--seed", "-1"], "--seed must be >= 0")])
+def test_scripts_name_the_flag_typed(capsys, script, argv, message):
+    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / "scripts" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
 
 
 def test_moe_vs_dense_prints_matched_flops(tmp_path):
@@ -93,7 +111,7 @@ def test_moe_vs_dense_zero_d_ff_exits_2_naming_it(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "scripts/moe_vs_dense.py"), "--d-model", "16",
                           "--d-ff", "0", "--tokens", "64", "--reps", "1"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "d_ff must be >= 1" in out.stderr
+    assert out.returncode == 2 and "--d-ff must be >= 1" in out.stderr
 
 
 def _cli(capsys, *args):

@@ -240,6 +240,19 @@ def test_cli_what_if_tables_add_up(capsys):
     assert doc["placement"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
+@pytest.mark.parametrize("argv, flag", [(["--experts", "-5"], "--experts"), (["--ranks", "0"], "--ranks"),
+                                        (["--top-k", "0"], "--top-k"), (["--tokens", "0"], "--tokens"),
+                                        (["--d-model", "0"], "--d-model"), (["--zipf", "-1"], "--zipf"),
+                                        (["--hot-share", "1.5"], "--hot-share"), (["--seed", "-1"], "--seed"),
+                                        (["--placement", "greedy", "--replicas", "-1"], "--replicas"),
+                                        (["--ranks", "128"], "--ranks")])
+def test_cli_errors_name_the_flag_typed(capsys, argv, flag):
+    assert main(["dispatch", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag} "), err
+    assert not any(label in err for label in ("Experts E", "Ranks R", "Token skew", "Hot expert", "Seed"))
+
+
 def test_cli_refuses_a_map_that_misses_an_expert(capsys):
     assert main(["dispatch", "--experts", "8", "--map", "0-3;4-6"]) == 2
     assert "misses experts [7]" in capsys.readouterr().err

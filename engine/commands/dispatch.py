@@ -57,9 +57,25 @@ def _settings(args: argparse.Namespace, ranks: int | None) -> EPSettings:
     return EPSettings(**{k: v for k, v in given.items() if v is not None})
 
 
+# The page's labels, which the settings' checks use -> the flags typed here.
+NAMES = {"Experts E": "--experts", "Ranks R": "--ranks", "Experts per token k": "--top-k",
+         "Tokens per rank": "--tokens", "d_model": "--d-model", "Payload dtype": "--dtype",
+         "Placement": "--placement", "Replicas of hot experts": "--replicas", "Router": "--router",
+         "Token skew (Zipf exponent)": "--zipf", "Hot expert share": "--hot-share", "Seed": "--seed"}
+
+
 def run(args: argparse.Namespace) -> CommandResult:
     """The what-if tables, the measured per-rank and summary tables of a launch, or the
-    training check's steps."""
+    training check's steps; errors in the flags' words."""
+    from engine.cost_model import relabel
+
+    try:
+        return _run(args)
+    except ValueError as exc:
+        raise ValueError(relabel(str(exc), NAMES)) from None
+
+
+def _run(args: argparse.Namespace) -> CommandResult:
     import pandas as pd
 
     from engine.cli import CommandResult
