@@ -174,7 +174,7 @@ def _show(result: SweepResult, name: str, here: bool) -> None:
                "(kernel compilation, autotuning), never inside a timing.")
     # Rows that did not run have no timings: "–" there (ui_table), not "None".
     ui_table(table.rename(columns={"rel_err": "rel err vs fp32", "dq_err": "dq rel err"}),
-             {"rel err vs fp32": "%.1e", "dq rel err": "%.1e", "tflops": "%.1f", "ms": "%.4f"},
+             {"rel err vs fp32": "%.1e", "dq rel err": "%.1e", "tflops": "%.4g", "ms": "%.4f"},
              hide_index=True, width="stretch")
     download_buttons(name, table, {"env": env, "created": result.created, "settings": result.settings,
                                    "matmul_tflops": result.matmul_tflops})

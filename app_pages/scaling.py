@@ -202,7 +202,9 @@ for col, name, value, (a, b) in ((k[1], "Slope before", m.slope_before, iv.slope
                                  (k[2], "Slope after", m.slope_after, iv.slope_after)):
     col.metric(name, f"{value:.3f}", help="d ln(loss) / d ln(size)")
     col.caption(f"CI {a:.3f} to {b:.3f}")
-k[3].metric("sup-F p-value", f"{t.supf_pvalue:.3g}", help="Monte Carlo p-value of 'no break' that "
+# No simulated sup-F reached the observed one: the p-value is the Monte Carlo floor 1 / (n_sim + 1).
+floor = t.n_sim and t.supf_pvalue <= 1 / (t.n_sim + 1)
+k[3].metric("sup-F p-value", f"{'≤ ' if floor else ''}{t.supf_pvalue:.3g}", help="Monte Carlo p-value of 'no break' that "
             "accounts for the breakpoint being searched (Davies-type); naive F-test p "
             f"{t.f_pvalue:.2g}")
 k[4].metric("BIC(broken) - BIC(single)", f"{t.delta_bic:.1f}", help="negative favours a break")

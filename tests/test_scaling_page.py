@@ -130,6 +130,13 @@ def test_labels_on_log_axes_sit_at_their_lines(monkeypatch, query):
     assert checked >= (3 if query else 1)
 
 
+def test_p_value_at_the_monte_carlo_floor_reads_as_a_bound(monkeypatch):
+    """The bundled table's break is far beyond every simulated null: p = 1 / (999 + 1) is a floor."""
+    at = _page(monkeypatch)
+    shown = next(m.value for m in at.metric if m.label == "sup-F p-value")
+    assert shown == "≤ 0.001"
+
+
 def test_chinchilla_by_model_size_fits_every_row(monkeypatch):
     """Model sizes repeat across compute budgets: offered as x and fitted on all 245 rows."""
     at = _page(monkeypatch, src="chinchilla", x="Model Size")
