@@ -217,10 +217,10 @@ if iv.note:
     st.caption(f"The breakpoint interval {iv.note}.")
 
 # ---------------------------------------------------------------- figures
-def _label_at(fig: go.Figure, x: float, text: str, xanchor: str = "left") -> None:
-    """A label at the top of the plot at data x on a log x axis. Plotly places an annotation on a
-    log axis at log10 of its x (add_vline's and add_vrect's own labels pass x as is, off the plot)."""
-    fig.add_annotation(x=float(np.log10(x)), xref="x", y=1, yref="paper", text=text, showarrow=False,
+def _label_at(fig: go.Figure, x: float, text: str, xanchor: str = "left", y: float = 1.0) -> None:
+    """A label at height y (1: the plot's top) at data x on a log x axis. Plotly places an annotation
+    on a log axis at log10 of its x (add_vline's and add_vrect's own labels pass x as is, off the plot)."""
+    fig.add_annotation(x=float(np.log10(x)), xref="x", y=y, yref="paper", text=text, showarrow=False,
                        xanchor=xanchor, yanchor="top")
 
 
@@ -254,7 +254,7 @@ if not res.extrapolation.empty:
                                           arrayminus=[e["predicted_loss"] - e["pi_low"]])))
 if syn is not None:
     fig.add_vline(x=syn["breakpoint"], line_dash="dash", line_color="green")
-    _label_at(fig, syn["breakpoint"], "true knee", xanchor="right")
+    _label_at(fig, syn["breakpoint"], "true knee", xanchor="right", y=0.94)  # below the interval's label
 # Column names may come from an upload: escaped, as plotly draws <b>, <a href> ... in titles.
 fig.update_xaxes(type="log", title=html.escape(x_col))
 fig.update_yaxes(type="log", title=html.escape(y_col))
