@@ -12,10 +12,11 @@ import plotly.graph_objects as go
 import streamlit as st
 import torch
 
-from app_pages._ui import download_buttons, guarded, line_figure, table as show_table
+from app_pages._ui import download_buttons, guarded, line_figure, refused, table as show_table
 from engine.commands.train import shell_command
 from engine.train_data import TEXTS, TOKENIZERS, builtin_text, decode_upload, tokenize
-from engine.train_loop import TrainSettings, train
+from engine.attention_estimate import format_seconds
+from engine.train_loop import TrainSettings, estimate_seconds, resolve_device, train
 from engine.train_metrics import history_table
 from engine.train_model import ROUTERS
 
@@ -50,7 +51,7 @@ def _settings() -> tuple[TrainSettings, str]:
                           help="hash routers: 1 or 2; Switch is always top-1")
     layers = c[2].number_input("Layers", 1, 100_000, D.layers, key="layers", bind=QP)
     d_model = c[3].number_input("d_model", 8, 100_000, D.d_model, step=16, key="d", bind=QP)
-    steps = c[4].number_input("Steps", 1, 10**9, D.steps, step=20, key="steps", bind=QP)
+    steps = c[4].number_input("Steps", 1, 100_000, D.steps, step=20, key="steps", bind=QP)
     batch = c[5].number_input("Batch (sequences)", 1, 100_000, D.batch, key="batch", bind=QP)
     c = st.columns(6)
     seq_len = c[0].number_input("Sequence length", 2, 100_000, D.seq_len, step=16, key="seq",
@@ -86,9 +87,23 @@ def _settings() -> tuple[TrainSettings, str]:
                       d_model=int(d_model), layers=int(layers), experts=int(experts), k=int(k),
                       d_expert=int(d_expert), moe_every=int(every), positions=pos,
                       steps=int(steps), batch=int(batch), seq_len=int(seq_len), lr=float(lr),
-                      eval_every=max(1, int(steps) // 6), alpha=float(alpha),
+                      eval_every=min(100_000, max(1, int(steps) // 6)), alpha=float(alpha),
                       capacity=float(capacity), gamma=float(gamma), seeds=seed_list)
     return s, data
+
+
+CPU_LIMIT_S = 600.0  # a run estimated longer on a CPU is refused: the app is shared
+
+
+def _within_limit(s: TrainSettings, corpus) -> float:
+    """The run's estimated seconds; ValueError with the estimate if a CPU run would pass CPU_LIMIT_S."""
+    total, step = estimate_seconds(s, corpus)
+    if resolve_device(s.device).type == "cpu" and total > CPU_LIMIT_S:
+        raise ValueError(f"This run would take about {format_seconds(total)} on this CPU "
+                         f"({len(s.routers) * len(s.seeds)} runs of {s.steps:,} Steps at {1e3 * step:.0f} ms "
+                         f"a step, timed now), over the page's {format_seconds(CPU_LIMIT_S)}: lower Steps, "
+                         "Batch, Experts E or the routers, or run it from a shell (the command above)")
+    return total
 
 
 def _curves(history: pd.DataFrame, metric: str, height: int = 340):
@@ -223,7 +238,13 @@ with here:
                          lambda: tokenize(_text(data), settings.tokenizer, settings.vocab))
         key = (settings, corpus.text_sha if corpus is not None else None)
         if run and corpus is not None and key not in store:
-            bar = st.progress(0.0, "starting")
+            bar = st.progress(0.0, "timing one step to estimate the run")
+            try:  # not guarded(): a refusal must not fall back to an earlier estimate
+                estimate = _within_limit(settings, corpus)
+                bar.progress(0.0, f"starting: about {format_seconds(estimate)} in all")
+            except ValueError as exc:
+                estimate = None
+                st.error(str(exc))
             live = st.columns(2)
             slots = [live[0].empty(), live[1].empty()]
 
@@ -239,11 +260,12 @@ with here:
                     slots[1].plotly_chart(_curves(history, "cv", 300), width="stretch",
                                           key=f"live_cv_{n}")
 
-            doc = guarded("training", lambda: train(settings, corpus, progress).as_dict())
+            doc = None if estimate is None else guarded(
+                "training", lambda: train(settings, corpus, progress).as_dict())
             bar.empty()
             for slot in slots:
                 slot.empty()
-            if doc is not None:
+            if doc is not None and not refused("training"):  # not an earlier run's, shown after an error
                 store[key] = doc
         if key in store:
             _show(store[key], "training")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -193,6 +193,21 @@ class TrainResult:
                 "runs": runs, "summary": table.to_dict(orient="records"),
                 "summary_text": summary_text(table, self.settings.steps,
                                              int(self.corpus.get("train_tokens", 0)))}
+
+
+PROBE_STEPS = 2
+
+
+def estimate_seconds(s: TrainSettings, corpus: Corpus) -> tuple[float, float]:
+    """(seconds `train(s, corpus)` should take here, seconds of one step), from PROBE_STEPS steps
+    of the first router timed now (the first step's allocations included, so it errs long). Every
+    run is counted at that step's time, its evaluations (val batches of the training batch's size)
+    and the closing statistics at a third of a step per batch, a forward against forward and
+    backward. An estimate, not a bound: routers differ by about a third on a CPU (2026-12-03)."""
+    probe = replace(s, steps=PROBE_STEPS, eval_every=PROBE_STEPS, eval_batches=1, warmup=1)
+    step_s = train_run(probe, corpus, s.routers[0], s.seeds[0], final_stats=False).train_seconds / PROBE_STEPS
+    forwards = (math.ceil(s.steps / s.eval_every) + 2) * s.eval_batches
+    return len(s.routers) * len(s.seeds) * step_s * (s.steps + forwards / 3), step_s
 
 
 def train(s: TrainSettings, corpus: Corpus,

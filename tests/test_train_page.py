@@ -68,3 +68,34 @@ def test_same_run_from_a_shell_is_the_pages_run():
     want = TrainSettings(routers=("hash", "dense"), experts=2, layers=1, d_model=16, steps=6, batch=2,
                          seq_len=8, tokenizer="byte", d_expert=8, eval_every=1)
     assert text is None and got == want
+
+
+def test_a_run_over_the_cpu_limit_is_refused_with_its_estimate():
+    """100,000 steps of a small model: one step is timed, the estimate is far over the page's
+    limit, so nothing trains and the error says how long and which inputs to lower."""
+    at = _page(**{**TINY, "steps": "100000", "batch": "64", "seq": "64"})
+    at.button[0].click().run()
+    assert not at.exception
+    err = " ".join(e.value for e in at.error)
+    assert "This run would take about" in err and "2 runs of 100,000 Steps" in err and "lower Steps" in err
+    # No summary of these routers (the committed GPU results' tables are on the page too).
+    assert not any(list(d.value.get("router", [])) == ["hash", "dense"] for d in at.dataframe)
+
+
+def test_estimate_counts_every_run_step_and_evaluation(monkeypatch):
+    """estimate_seconds by hand: a probe step of 0.1 s; 3 routers x 2 seeds x (100 steps + (ceil(100 /
+    25) + 2) evaluations x 4 batches / 3)."""
+    import engine.train_loop as tl
+    from engine.train_metrics import RunHistory
+
+    def probe(s, corpus, router, seed, final_stats):
+        assert s.steps == tl.PROBE_STEPS and router == "hash" and seed == 5 and not final_stats
+        h = RunHistory(router, seed, 0, 0)
+        h.train_seconds = 0.1 * tl.PROBE_STEPS
+        return h
+
+    monkeypatch.setattr(tl, "train_run", probe)
+    s = tl.TrainSettings(routers=("hash", "topk", "dense"), seeds=(5, 6), steps=100, eval_every=25,
+                         eval_batches=4)
+    total, step = tl.estimate_seconds(s, None)
+    assert step == 0.1 and abs(total - 6 * 0.1 * (100 + 6 * 4 / 3)) < 1e-9
