@@ -99,3 +99,13 @@ def test_estimate_counts_every_run_step_and_evaluation(monkeypatch):
                          eval_batches=4)
     total, step = tl.estimate_seconds(s, None)
     assert step == 0.1 and abs(total - 6 * 0.1 * (100 + 6 * 4 / 3)) < 1e-9
+
+
+def test_a_run_with_expert_choice_says_its_loss_is_optimistic():
+    at = _page(**{**TINY, "routers": ["hash", "expert_choice"]})
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("Expert Choice's loss is optimistic" in w.value for w in at.warning)
+    plain = _page(**TINY)  # hash and dense: no such warning
+    plain.button[0].click().run()
+    assert not any("Expert Choice" in w.value for w in plain.warning)
