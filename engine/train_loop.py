@@ -198,12 +198,25 @@ class TrainResult:
 PROBE_STEPS = 2
 
 
+def check_runs(s: TrainSettings, corpus: Corpus) -> None:
+    """ValueError if the corpus cannot fill a batch, bf16 is asked off CUDA, or a run would not fit
+    the device's memory (80% of a GPU's, the engine's budget on a CPU)."""
+    check_fits(corpus, s.batch, s.seq_len)
+    dev = resolve_device(s.device)
+    if s.dtype == "bf16" and dev.type != "cuda":
+        raise ValueError("dtype bf16 needs a CUDA device here; use float32 on cpu")
+    limit = int(0.8 * torch.cuda.get_device_properties(dev).total_memory) if dev.type == "cuda" \
+        else MAX_BYTES
+    check_bytes("this training run", s.memory_bytes(corpus.vocab), limit)
+
+
 def estimate_seconds(s: TrainSettings, corpus: Corpus) -> tuple[float, float]:
     """(seconds `train(s, corpus)` should take here, seconds of one step), from PROBE_STEPS steps
     of the first router timed now (the first step's allocations included, so it errs long). Every
     run is counted at that step's time, its evaluations (val batches of the training batch's size)
     and the closing statistics at a third of a step per batch, a forward against forward and
     backward. An estimate, not a bound: routers differ by about a third on a CPU (2026-12-03)."""
+    check_runs(s, corpus)  # before the probe builds a model
     probe = replace(s, steps=PROBE_STEPS, eval_every=PROBE_STEPS, eval_batches=1, warmup=1)
     step_s = train_run(probe, corpus, s.routers[0], s.seeds[0], final_stats=False).train_seconds / PROBE_STEPS
     forwards = (math.ceil(s.steps / s.eval_every) + 2) * s.eval_batches
@@ -214,13 +227,7 @@ def train(s: TrainSettings, corpus: Corpus,
           progress: Callable[[float, str, list[RunHistory]], None] | None = None) -> TrainResult:
     """Train every router of `s` for every seed, in order; `progress(fraction, message, runs)`
     is called after every evaluation with the runs so far (the current one last)."""
-    check_fits(corpus, s.batch, s.seq_len)
-    dev = resolve_device(s.device)
-    if s.dtype == "bf16" and dev.type != "cuda":
-        raise ValueError("dtype bf16 needs a CUDA device here; use float32 on cpu")
-    limit = int(0.8 * torch.cuda.get_device_properties(dev).total_memory) if dev.type == "cuda" \
-        else MAX_BYTES
-    check_bytes("this training run", s.memory_bytes(corpus.vocab), limit)
+    check_runs(s, corpus)
     result = TrainResult(s, corpus={"tokenizer": corpus.tokenizer, "vocab": corpus.vocab,
                                     "train_tokens": corpus.train.numel(),
                                     "val_tokens": corpus.val.numel(), "chars": corpus.chars,

@@ -95,6 +95,7 @@ def test_estimate_counts_every_run_step_and_evaluation(monkeypatch):
         return h
 
     monkeypatch.setattr(tl, "train_run", probe)
+    monkeypatch.setattr(tl, "check_runs", lambda s, corpus: None)
     s = tl.TrainSettings(routers=("hash", "topk", "dense"), seeds=(5, 6), steps=100, eval_every=25,
                          eval_batches=4)
     total, step = tl.estimate_seconds(s, None)
@@ -109,3 +110,17 @@ def test_a_run_with_expert_choice_says_its_loss_is_optimistic():
     plain = _page(**TINY)  # hash and dense: no such warning
     plain.button[0].click().run()
     assert not any("Expert Choice" in w.value for w in plain.warning)
+
+
+def test_estimate_checks_the_run_before_its_probe_builds_a_model(monkeypatch):
+    import pytest
+
+    import engine.train_loop as tl
+
+    def refuse(s, corpus):
+        raise ValueError("this training run needs more memory than allowed")
+
+    monkeypatch.setattr(tl, "check_runs", refuse)
+    monkeypatch.setattr(tl, "train_run", lambda *a, **k: pytest.fail("probed before the checks"))
+    with pytest.raises(ValueError, match="more memory"):
+        tl.estimate_seconds(tl.TrainSettings(), None)
