@@ -98,9 +98,10 @@ CPU_LIMIT_S = 600.0  # a run estimated longer on a CPU is refused: the app is sh
 def _within_limit(s: TrainSettings, corpus) -> float:
     """The run's estimated seconds; ValueError with the estimate if a CPU run would pass CPU_LIMIT_S."""
     total, step = estimate_seconds(s, corpus)
+    runs = len(s.routers) * len(s.seeds)
     if resolve_device(s.device).type == "cpu" and total > CPU_LIMIT_S:
         raise ValueError(f"This run would take about {format_seconds(total)} on this CPU "
-                         f"({len(s.routers) * len(s.seeds)} runs of {s.steps:,} Steps at {1e3 * step:.0f} ms "
+                         f"({runs} run{'s' if runs > 1 else ''} of {s.steps:,} Steps at {1e3 * step:.0f} ms "
                          f"a step, timed now), over the page's {format_seconds(CPU_LIMIT_S)}: lower Steps, "
                          "Batch, Experts E or the routers, or run it from a shell (the command above)")
     return total

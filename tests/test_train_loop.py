@@ -103,7 +103,9 @@ def test_cli_json_shape(capsys) -> None:
                "--experts", "2", "--d-expert", "8", "--batch", "2", "--seq-len", "8",
                "--eval-batches", "1", "--json"])
     assert rc == 0
-    doc = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    doc = json.loads(out.out)
+    assert out.err.startswith("estimated ") and "2 runs of 4 steps at" in out.err.splitlines()[0]
     assert [r["router"] for r in doc["runs"]] == ["hash", "dense"]
     for r in doc["runs"]:
         assert r["step"] == [0, 2, 4]

@@ -115,12 +115,17 @@ def settings_of(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> CommandResult:
     import pandas as pd
 
+    from engine.attention_estimate import format_seconds
     from engine.train_data import builtin_text, tokenize
-    from engine.train_loop import train
+    from engine.train_loop import estimate_seconds, train
     from engine.train_metrics import history_table
 
     s, text = settings_of(args)
     corpus = tokenize(builtin_text(s.data) if text is None else text, s.tokenizer, s.vocab)
+    total, step = estimate_seconds(s, corpus)
+    runs = len(s.routers) * len(s.seeds)
+    print(f"estimated {format_seconds(total)}: {runs} run{'s' if runs > 1 else ''} of {s.steps:,} steps at "
+          f"{1e3 * step:.1f} ms a step (timed now)", file=sys.stderr, flush=True)
 
     def progress(frac: float, msg: str, _runs: list) -> None:
         print(f"[{100 * frac:5.1f}%] {msg}", file=sys.stderr, flush=True)
