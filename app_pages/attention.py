@@ -165,8 +165,7 @@ def _show(result: SweepResult, name: str, here: bool) -> None:
                    "`vs_do_bench_pct`; `window_range_pct`: how far each timer's own windows differed among "
                    "themselves.")
     st.subheader("All rows")
-    # Documents written before the field was renamed call it cross_rounds.
-    windows = result.settings.get("windows", result.settings.get("cross_rounds", 1))
+    windows = result.settings.get("windows", 1)
     st.caption(f"ms: median at steady clocks (warm-up until the SM clock stops falling, then the median over {windows} "
                f"timed window{'s' if windows != 1 else ''} of >= 100 ms each on a GPU; window_range_pct: how far they "
                "differed); sm_mhz and power_w: SM clock and board power sampled while timing; host_ms: the host's time "

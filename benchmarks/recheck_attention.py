@@ -10,7 +10,6 @@ Only plain (unmasked) rows; a backend this machine lacks is reported and skipped
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,12 +27,10 @@ def main() -> None:
     args = ap.parse_args()
     from triton.testing import do_bench
 
-    doc = json.loads(args.sweep.read_text())
-    # Documents written before the field was renamed call the windows per row "cross_rounds".
-    names = {"cross_rounds": "windows"}
-    base = SweepSettings(**{names.get(k, k): tuple(v) if isinstance(v, list) else v
-                            for k, v in doc["settings"].items() if k != "device"})
-    misses = [r for r in doc["rows"] if r["status"] == "ok" and r["mask"] in ("none", "causal")
+    doc = ab.load_result(args.sweep)
+    base = SweepSettings(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in doc.settings.items() if k != "device"})
+    misses = [r for r in doc.table.to_dict("records") if r["status"] == "ok" and r["mask"] in ("none", "causal")
               and abs(r["vs_do_bench_pct"]) > args.limit_pct]
     ours: list[float] = []
     theirs: list[float] = []

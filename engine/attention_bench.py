@@ -68,7 +68,10 @@ class SweepResult:
         ceiling = doc["matmul_tflops"]
         if not isinstance(ceiling, dict):  # documents from before per-dtype ceilings: one, at the first dtype
             ceiling = {doc["settings"]["dtypes"][0]: ceiling}
-        return cls(table, doc["env"], ceiling, doc["elapsed_s"], doc["settings"], doc["created"])
+        settings = dict(doc["settings"])
+        if "cross_rounds" in settings:  # documents from before the field's rename
+            settings["windows"] = settings.pop("cross_rounds")
+        return cls(table, doc["env"], ceiling, doc["elapsed_s"], settings, doc["created"])
 
 
 KEYS = ["dtype", "head_dim", "causal", "mask", "batch", "seqlen", "heads", "kv_heads"]

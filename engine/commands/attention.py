@@ -73,16 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # The settings' names as checks report them -> the flags that set them (errors name what was typed).
-_FLAGS = {"seqlen": "--seqlens", "head_dim": "--head-dims", "gqa": "--gqa", "tokens": "--tokens",
+NAMES = {"seqlen": "--seqlens", "head_dim": "--head-dims", "gqa": "--gqa", "tokens": "--tokens",
           "hidden": "--hidden", "backend": "--backends", "backends": "--backends", "dtype": "--dtypes",
           "mode": "--mode", "rep_ms": "--rep-ms", "windows": "--windows", "mask": "--masks",
           "preset": "--preset"}
-
-
-def _flagged(exc: ValueError) -> ValueError:
-    """`exc` with its first word, a setting's name, replaced by the flag that sets it."""
-    name, _, rest = str(exc).partition(" ")
-    return ValueError(f"{_FLAGS[name]} {rest}") if name in _FLAGS else exc
 
 
 def _progress(estimate: float, format_seconds):
@@ -134,7 +128,9 @@ def run(args: argparse.Namespace) -> CommandResult:
             device = resolve_device(settings.device)
             plan = plan_run(settings, device, max_seconds)
         except ValueError as exc:
-            raise _flagged(exc) from None
+            from engine.cost_model import relabel
+
+            raise ValueError(relabel(str(exc), NAMES)) from None
         estimate = plan.estimate_s
         if plan.too_long:
             if not args.reduce:

@@ -37,8 +37,6 @@ def shell_command(s, data: str, threads: int) -> str:
     """The `python -m engine train` line that runs TrainSettings `s` on `data` (pydoc, stdlib, or
     a file's name) with `threads` intra-op threads: only the flags that differ from the defaults.
     The thread count is part of the run: reductions split over threads round differently."""
-    from dataclasses import fields
-
     from engine.train_loop import TrainSettings
 
     default = TrainSettings()
@@ -49,9 +47,8 @@ def shell_command(s, data: str, threads: int) -> str:
         words.append("--seeds " + ",".join(map(str, s.seeds)))
     if data != "pydoc":
         words.append(f"--data {data}")
-    names = {f.name for f in fields(TrainSettings)}
     for flag, (field, _) in FIELDS.items():
-        if field in names and getattr(s, field) != getattr(default, field):
+        if getattr(s, field) != getattr(default, field):
             words.append(f"--{flag} {getattr(s, field)}")
     if s.cuda_graphs:
         words.append("--cuda-graphs")
