@@ -11,10 +11,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages._ui import _environment, bar_figure, download_buttons, guarded, last_good
+from app_pages._ui import _environment, bar_figure, download_buttons, guarded, last_good, refused
 from engine.cost_memory import ATTENTION_KINDS, OPTIMIZERS, PRECISIONS, TrainLayout
 from engine.cost_model import FFN_TYPES, PRESETS, ROUTERS, ConfigError, TransformerConfig, relabel
-from engine.cost_report import DEFAULTS, report
+from engine.cost_report import DEFAULTS, sizing, training_time
 from engine.cost_time import GPUS, GpuSpec
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cost_memory_h200_2026-12-03.json"
@@ -53,14 +53,24 @@ def _load_preset() -> None:
         st.session_state[key] = getattr(cfg, field)
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
-def _cost(values: tuple, layout: tuple, tokens: float, gpu: GpuSpec, mfu: float, price: float,
-          causal: bool, kv_tokens: int | None) -> dict:
+def _in_page_words(compute):
     try:
-        return report(TransformerConfig(**dict(values)), TrainLayout(**dict(layout)), tokens, gpu,
-                      mfu, price, causal, kv_tokens)
-    except ValueError as exc:  # in the words on the page
+        return compute()
+    except ValueError as exc:
         raise ValueError(relabel(str(exc), LABELS)) from None
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _cost(values: tuple, layout: tuple, tokens: float, gpu: GpuSpec, causal: bool,
+          kv_tokens: int | None) -> dict:
+    return _in_page_words(lambda: sizing(TransformerConfig(**dict(values)), TrainLayout(**dict(layout)),
+                                         tokens, gpu, causal, kv_tokens))
+
+
+def _time(values: dict, layout: dict, tokens: float, gpu: GpuSpec, mfu: float, price: float,
+          causal: bool) -> dict:
+    return _in_page_words(lambda: training_time(TransformerConfig(**values), TrainLayout(**layout),
+                                                tokens, gpu, mfu, price, causal))
 
 
 @st.cache_data(show_spinner=False)
@@ -179,8 +189,7 @@ except ConfigError as exc:  # shown beside its field, once; the figures below st
     slots[exc.field].error(relabel(str(exc), LABELS), icon=":material/error:")
 if config_error is None:
     result = guarded("cost", lambda: _cost(tuple(values.items()), tuple(lay.items()), float(tokens),
-                                           gpu, float(mfu), float(price), not full_attn,
-                                           int(kv_tokens) or None))
+                                           gpu, not full_attn, int(kv_tokens) or None))
 else:
     result = last_good("cost")
     if result is not None:
@@ -198,7 +207,7 @@ if result is not None:
                      "score and value terms, below 1 from the embedding lookup (not a matmul).")
 
     st.subheader("Will it fit?")
-    mem, fit, ttt = result["memory"], result["memory_per_gpu"], result["time_to_train"]
+    mem, fit = result["memory"], result["memory_per_gpu"]
     fig = go.Figure([go.Bar(y=["per GPU"], x=[b / 1e9], name=c, orientation="h",
                             hovertemplate=f"{c}: %{{x:.1f}} GB<extra></extra>")
                      for c, b in zip(mem["component"], mem["bytes"])])
@@ -216,13 +225,18 @@ if result is not None:
         tips = "\n".join(f"- {a}" for a in fit["advice"]) or "- nothing on this list helps; use a larger GPU"
         st.warning(f"Does not fit: {total_gb:.1f} GB needed, {fit['gpu_bytes'] / 1e9:.0f} GB per GPU. "
                    f"What to change:\n{tips}", icon=":material/warning:")
-    mfu_text = (f"MFU {ttt['mfu']:.1%} measured on an NVIDIA H200, "
-                f"{committed['env']['date'][:10]} ({committed['calibration']})"
-                if mfu_src != "typed" else f"MFU {ttt['mfu']:.0%} (typed)")
-    st.markdown(f"**Time to train** {tokens:.3g} tokens on {ttt['gpus']} x {gpu_name} at {mfu_text}: "
-                f"**{ttt['days']:,.1f} days**, {ttt['gpu_hours']:,.0f} GPU-hours, "
-                f"**${ttt['cost']:,.0f}** at ${price:,.2f} per GPU-hour "
-                f"({ttt['training_flops']:.3e} training FLOPs, attention {ttt['attention_flops']}).")
+    # MFU and price change only this line: a bad one is refused here, and every figure above stays.
+    ttt = (guarded("cost_time", lambda: _time(values, lay, float(tokens), gpu, float(mfu), float(price),
+                                                not full_attn))
+           if config_error is None and not refused("cost") else last_good("cost_time"))
+    if ttt is not None:
+        mfu_text = (f"MFU {ttt['mfu']:.1%} measured on an NVIDIA H200, "
+                    f"{committed['env']['date'][:10]} ({committed['calibration']})"
+                    if mfu_src != "typed" else f"MFU {ttt['mfu']:.0%} (typed)")
+        st.markdown(f"**Time to train** {ttt['tokens']:.3g} tokens on {ttt['gpus']} x {gpu_name} at "
+                    f"{mfu_text}: **{ttt['days']:,.1f} days**, {ttt['gpu_hours']:,.0f} GPU-hours, "
+                    f"**${ttt['cost']:,.0f}** at ${ttt['price_per_gpu_hour']:,.2f} per GPU-hour "
+                    f"({ttt['training_flops']:.3e} training FLOPs, attention {ttt['attention_flops']}).")
     with st.expander("Memory by component and activation parts (bytes per GPU)"):
         c1, c2 = st.columns(2)
         c1.dataframe(mem, hide_index=True,

@@ -12,8 +12,8 @@ from engine.ep_dispatch import committed_results, launch
 from engine.ep_launch import LaunchError
 from engine.ep_sweep import NVLINK_GBPS, committed_sweeps
 from engine.ep_training import BENCH_ARGS, committed_training, launch_check
-from engine.expert_parallel import (DTYPES, MAX_EXPERTS, MAX_RANKS, MAX_TOP_K, PLACEMENTS, ROUTERS,
-                                    SWEEP_TOKENS, EPSettings, EPStats, ep_stats, hot_expert_sweep,
+from engine.expert_parallel import (DTYPES, MAX_EXPERTS, MAX_RANKS, MAX_TOP_K, MAX_ZIPF, PLACEMENTS,
+                                    ROUTERS, SWEEP_TOKENS, EPSettings, EPStats, ep_stats, hot_expert_sweep,
                                     rank_table, traffic_table)
 
 HOT_SHARES = tuple(round(0.05 * i, 2) for i in range(11))
@@ -70,12 +70,12 @@ d_model = c[0].select_slider("d_model", [2**i for i in range(6, 15)], 4096, key=
 dtype = c[1].selectbox("Payload dtype", list(DTYPES), index=1, key="dtype", **Q)
 router = c[2].selectbox("Router", list(ROUTERS), key="router", **Q,
                         help="hash: Hash Layers on token ids (k <= 2); topk: softmax top-k gate")
-zipf = c[3].slider("Token skew (Zipf exponent)", 0.0, 2.0, 1.0, 0.1, key="zipf", **Q)
+zipf = c[3].slider("Token skew (Zipf exponent)", 0.0, MAX_ZIPF, 1.0, 0.1, key="zipf", **Q)
 c = st.columns(4)
 placement = c[0].radio("Placement", list(PLACEMENTS), key="place", **Q,
                        help="greedy: EPLB-style packing by load, with replicas of hot experts")
 replicas = c[1].slider("Replicas of hot experts (greedy)", 0, 64, 0, key="rep", **Q)
-hot = c[2].slider("Hot expert share", 0.0, 0.9, 0.0, 0.05, key="hot", **Q,
+hot = c[2].slider("Hot expert share", 0.0, 1.0, 0.0, 0.05, key="hot", **Q,
                   help="share of tokens whose first expert is forced to expert 0")
 seed = c[3].number_input("Seed", 0, 2**31 - 1, 0, key="seed", **Q)
 
@@ -103,10 +103,8 @@ if stats is not None:
     fig.add_hline(y=stats.mean_load, line_dash="dot", annotation_text="mean", annotation_position="right")
     fig.update_layout(margin_r=48)
     left.plotly_chart(fig, key="ep_load")
-    # Off-rank pairs only, as in the metric above (their cells add up to it): a rank's rows for its
-    # own experts never cross the network, so the diagonal is left blank.
-    mb = [[None if src == dst else b / 1e6 for dst, b in enumerate(row)]
-          for src, row in enumerate(stats.dispatch_bytes())]
+    # Off-rank pairs only, as in the metric above (their cells add up to it): the diagonal is blank.
+    mb = stats.off_rank_mb()
     # Colour from 0, so a few percent of difference between pairs does not look like a hot spot.
     heat = go.Figure(go.Heatmap(z=mb, colorscale="Viridis", colorbar={"title": "MB"}, zmin=0,
                                 zmax=max((v for row in mb for v in row if v is not None),

@@ -154,6 +154,11 @@ _METRIC_HELP = {
 }
 
 
+# The first metrics table: how tokens spread over experts; the second holds the rest (slots routed,
+# drops at capacity, unrouted tokens, the aux loss, rank balancedness).
+_BALANCE_COLUMNS = ["k", "CV", "null CV", "max/mean", "MaxVio", "Gini", "norm. entropy"]
+
+
 def _show(result: LabResult, settings: LabSettings) -> None:
     _histogram(result, settings)
     st.caption("Each router's tokens per expert over k T / E, with its own k. Switch and GShard drop at "
@@ -169,9 +174,13 @@ def _show(result: LabResult, settings: LabSettings) -> None:
                "or reference code defines (hover the column names). – marks a figure that does "
                "not apply, or is undefined because no token was routed.")
     metrics = result.metrics
-    numeric = [c for c in metrics.columns if c not in ("router", "k", "slots routed")]
-    table(metrics, formats=dict.fromkeys(numeric, "%.4f"), helps=_METRIC_HELP, hide_index=True,
-          width="stretch")
+    formats = dict.fromkeys([c for c in metrics.columns if c not in ("router", "k", "slots routed")],
+                            "%.4f")
+    # Two tables of at most eight columns: one of thirteen scrolls sideways on a laptop's screen.
+    rest = [c for c in metrics.columns if c not in ("router", *_BALANCE_COLUMNS)]
+    for columns in (_BALANCE_COLUMNS, rest):
+        table(metrics[["router", *columns]], formats=formats, helps=_METRIC_HELP, hide_index=True,
+              width="stretch")
     for note in result.notes:
         st.info(note, icon=":material/info:")
     extra = {"settings": settings_dict(settings)}

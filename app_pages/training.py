@@ -14,9 +14,9 @@ import torch
 
 from app_pages._ui import download_buttons, guarded, line_figure, refused, table as show_table
 from engine.commands.train import shell_command
-from engine.train_data import TEXTS, TOKENIZERS, builtin_text, decode_upload, tokenize
+from engine.train_data import BPE_VOCAB, TEXTS, TOKENIZERS, builtin_text, decode_upload, tokenize
 from engine.attention_estimate import format_seconds
-from engine.train_loop import TrainSettings, estimate_seconds, resolve_device, train
+from engine.train_loop import LIMITS, TrainSettings, estimate_seconds, resolve_device, train
 from engine.train_metrics import history_table
 from engine.train_model import ROUTERS
 
@@ -46,23 +46,24 @@ def _settings() -> tuple[TrainSettings, str]:
                              "dense: FFN of k x expert width (same active parameters); "
                              "dense_total: FFN of E x expert width (same total).")
     c = st.columns(6)
-    experts = c[0].number_input("Experts E", 1, 100_000, D.experts, key="E", bind=QP)
-    k = c[1].number_input("Experts per token k", 1, 100_000, D.k, key="k", bind=QP,
+    experts = c[0].number_input("Experts E", *LIMITS["experts"], D.experts, key="E", bind=QP)
+    k = c[1].number_input("Experts per token k", 1, LIMITS["experts"][1], D.k, key="k", bind=QP,
                           help="hash routers: 1 or 2; Switch is always top-1")
-    layers = c[2].number_input("Layers", 1, 100_000, D.layers, key="layers", bind=QP)
-    d_model = c[3].number_input("d_model", 8, 100_000, D.d_model, step=16, key="d", bind=QP)
-    steps = c[4].number_input("Steps", 1, 100_000, D.steps, step=20, key="steps", bind=QP)
-    batch = c[5].number_input("Batch (sequences)", 1, 100_000, D.batch, key="batch", bind=QP)
+    layers = c[2].number_input("Layers", *LIMITS["layers"], D.layers, key="layers", bind=QP)
+    d_model = c[3].number_input("d_model", *LIMITS["d_model"], D.d_model, step=16, key="d", bind=QP)
+    steps = c[4].number_input("Steps", *LIMITS["steps"], D.steps, step=20, key="steps", bind=QP)
+    batch = c[5].number_input("Batch (sequences)", *LIMITS["batch"], D.batch, key="batch", bind=QP)
     c = st.columns(6)
-    seq_len = c[0].number_input("Sequence length", 2, 100_000, D.seq_len, step=16, key="seq",
+    seq_len = c[0].number_input("Sequence length", *LIMITS["seq_len"], D.seq_len, step=16, key="seq",
                                 bind=QP)
-    alpha = c[1].number_input("Aux loss weight alpha", 0.0, 10.0, D.alpha, step=0.005,
+    alpha = c[1].number_input("Aux loss weight alpha", *LIMITS["alpha"], D.alpha, step=0.005,
                               format="%.3f", key="alpha", bind=QP)
-    capacity = c[2].number_input("Capacity factor C", 0.05, 64.0, D.capacity, step=0.25,
+    capacity = c[2].number_input("Capacity factor C", 0.05, LIMITS["capacity"][1], D.capacity, step=0.25,
                                  key="C", bind=QP)
-    gamma = c[3].number_input("DeepSeek gamma", 0.0, 1.0, D.gamma, step=0.005, format="%.3f",
-                              key="gamma", bind=QP, help="bias update speed per step")
-    lr = c[4].number_input("Learning rate", 1e-6, 1e4, D.lr, step=1e-3, format="%.4f", key="lr",
+    gamma = c[3].number_input("DeepSeek bias update speed", *LIMITS["gamma"], D.gamma, step=0.005,
+                              format="%.3f", key="gamma", bind=QP,
+                              help="gamma: each expert's selection bias moves by +-gamma a step")
+    lr = c[4].number_input("Learning rate", 1e-6, LIMITS["lr"][1], D.lr, step=1e-3, format="%.4f", key="lr",
                            bind=QP)
     seeds = c[5].text_input("Seeds", "0", key="seeds", bind=QP, help="comma-separated, e.g. 0,1,2")
     with st.expander("Data and model details"):
@@ -72,11 +73,11 @@ def _settings() -> tuple[TrainSettings, str]:
                                    "stdlib: the standard library's sources (5 MB); upload: your "
                                    "UTF-8 .txt")
         tok = c[1].selectbox("Tokenizer", TOKENIZERS, key="tok", bind=QP)
-        vocab = c[2].number_input("BPE vocabulary", 300, 32768, D.vocab, step=256, key="V",
+        vocab = c[2].number_input("BPE vocabulary", *BPE_VOCAB, D.vocab, step=256, key="V",
                                   bind=QP)
-        d_expert = c[3].number_input("Expert width", 1, 100_000, D.d_expert, step=32, key="dff",
+        d_expert = c[3].number_input("Expert width", *LIMITS["d_expert"], D.d_expert, step=32, key="dff",
                                      bind=QP)
-        every = c[4].number_input("MoE every n-th layer", 1, 100_000, D.moe_every, key="every",
+        every = c[4].number_input("MoE every n-th layer", 1, LIMITS["layers"][1], D.moe_every, key="every",
                                   bind=QP)
         pos = c[5].selectbox("Positions", ("rope", "learned"), key="pos", bind=QP)
     try:
@@ -87,7 +88,7 @@ def _settings() -> tuple[TrainSettings, str]:
                       d_model=int(d_model), layers=int(layers), experts=int(experts), k=int(k),
                       d_expert=int(d_expert), moe_every=int(every), positions=pos,
                       steps=int(steps), batch=int(batch), seq_len=int(seq_len), lr=float(lr),
-                      eval_every=min(100_000, max(1, int(steps) // 6)), alpha=float(alpha),
+                      eval_every=min(LIMITS["eval_every"][1], max(1, int(steps) // 6)), alpha=float(alpha),
                       capacity=float(capacity), gamma=float(gamma), seeds=seed_list)
     return s, data
 

@@ -22,7 +22,14 @@ DEFAULTS: dict[str, Any] = {"tokens": 1e12, "gpus": 64, "ep": 8, "gpu": "H200 14
 def report(cfg: TransformerConfig, layout: TrainLayout, tokens: float, gpu: GpuSpec, mfu: float,
            price: float, causal: bool = True, kv_tokens: int | None = None) -> dict[str, Any]:
     """Parameters, FLOPs (for `tokens` training tokens), MoE/dense ratios, memory per GPU (bytes),
-    activation parts, whether it fits `gpu`, what to change, and the time to train."""
+    activation parts, whether it fits `gpu`, what to change (sizing), and the time to train."""
+    return {**sizing(cfg, layout, tokens, gpu, causal, kv_tokens),
+            "time_to_train": training_time(cfg, layout, tokens, gpu, mfu, price, causal)}
+
+
+def sizing(cfg: TransformerConfig, layout: TrainLayout, tokens: float, gpu: GpuSpec,
+           causal: bool = True, kv_tokens: int | None = None) -> dict[str, Any]:
+    """Everything of `report` that MFU and price do not change: a bad MFU hides only the time."""
     import pandas as pd
 
     est = estimate(cfg, causal)
@@ -36,7 +43,6 @@ def report(cfg: TransformerConfig, layout: TrainLayout, tokens: float, gpu: GpuS
     out["memory"] = pd.DataFrame({"component": list(memory), "bytes": list(memory.values())})
     out["activations"] = pd.DataFrame({"part": list(acts), "bytes": list(acts.values())})
     total = sum(memory.values())
-    train = time_to_train(est.train_flops * tokens, layout.gpus, gpu.peak_flops, mfu, price)
     out["summary"] = summary(est)
     tips = advice(cfg, layout, gpu.memory, training)
     if training <= gpu.memory < total:  # only the inference KV cache is over: no training change helps
@@ -44,8 +50,15 @@ def report(cfg: TransformerConfig, layout: TrainLayout, tokens: float, gpu: GpuS
                 f"({memory['KV cache'] / 1e9:.1f} GB) is what goes over: fewer KV-cache tokens"]
     out["memory_per_gpu"] = {"total_bytes": total, "gpu_bytes": gpu.memory, "fits": total <= gpu.memory,
                              "advice": tips}
-    out["time_to_train"] = {"training_flops": train.flops, "gpus": layout.gpus,
-                            "peak_flops_per_gpu": gpu.peak_flops, "mfu": mfu, "seconds": train.seconds,
-                            "days": train.days, "gpu_hours": train.gpu_hours, "cost": train.cost,
-                            "attention_flops": "causal (S² terms halved)" if causal else "full S²"}
     return out
+
+
+def training_time(cfg: TransformerConfig, layout: TrainLayout, tokens: float, gpu: GpuSpec,
+                  mfu: float, price: float, causal: bool = True) -> dict[str, Any]:
+    """Wall time, GPU-hours and cost of training on `tokens` tokens at `mfu` (`report`'s time)."""
+    train = time_to_train(estimate(cfg, causal).train_flops * tokens, layout.gpus, gpu.peak_flops,
+                          mfu, price)
+    return {"tokens": tokens, "training_flops": train.flops, "gpus": layout.gpus,
+            "peak_flops_per_gpu": gpu.peak_flops, "mfu": mfu, "price_per_gpu_hour": price,
+            "seconds": train.seconds, "days": train.days, "gpu_hours": train.gpu_hours,
+            "cost": train.cost, "attention_flops": "causal (S² terms halved)" if causal else "full S²"}

@@ -30,6 +30,7 @@ VOCAB = 32768
 GATE_DIM = 64  # width of the token feature the gated routers read (the what-if never builds d_model)
 # Limits of EPSettings, which the page's inputs share.
 MAX_EXPERTS, MAX_RANKS, MAX_TOP_K, MAX_TOKENS = 4096, 1024, 8, 1 << 20
+MAX_ZIPF = 3.0
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class EPSettings:
         check_choice("Payload dtype", self.dtype, tuple(DTYPES))
         check_choice("Placement", self.placement, PLACEMENTS)
         check_int("Replicas of hot experts", self.replicas, 0, self.experts * (self.ranks - 1))
-        check_float("Token skew (Zipf exponent)", self.zipf, 0.0, 3.0)
+        check_float("Token skew (Zipf exponent)", self.zipf, 0.0, MAX_ZIPF)
         check_float("Hot expert share", self.hot_share, 0.0, 1.0)
         check_int("Seed", self.seed, 0, 2**31 - 1)
         return self

@@ -23,15 +23,15 @@ from engine import routing_metrics
 from engine.ep_placement import (PLACEMENTS, Placement, contiguous_placement, destinations,
                                  greedy_placement, parse_placement, round_robin_placement,
                                  validate_placement)
-from engine.ep_settings import (DTYPES, GATE_DIM, MAX_EXPERTS, MAX_RANKS, MAX_TOP_K, ROUTERS,
-                                EPSettings, make_placement, rank_batch, token_features)
+from engine.ep_settings import (DTYPES, GATE_DIM, MAX_EXPERTS, MAX_RANKS, MAX_TOP_K, MAX_ZIPF,
+                                ROUTERS, EPSettings, make_placement, rank_batch, token_features)
 from engine.validation import check_bytes, check_int
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["DTYPES", "MAX_EXPERTS", "MAX_RANKS", "MAX_TOP_K", "MAX_WHATIF_TOKENS", "PLACEMENTS",
-           "ROUTERS", "SWEEP_TOKENS", "EPSettings", "EPStats", "Placement", "all_experts",
+__all__ = ["DTYPES", "MAX_EXPERTS", "MAX_RANKS", "MAX_TOP_K", "MAX_WHATIF_TOKENS", "MAX_ZIPF",
+           "PLACEMENTS", "ROUTERS", "SWEEP_TOKENS", "EPSettings", "EPStats", "Placement", "all_experts",
            "contiguous_placement", "destinations", "ep_stats", "greedy_placement",
            "hot_expert_sweep", "parse_placement", "rank_batch", "rank_table", "round_robin_placement",
            "token_features", "traffic_table", "validate_placement"]
@@ -64,6 +64,12 @@ class EPStats:
     def dispatch_bytes(self) -> list[list[int]]:
         """Bytes sent [src][dst] in the dispatch (the diagonal stays on its rank)."""
         return [[c * self.row_bytes for c in row] for row in self.pair_matrix]
+
+    def off_rank_mb(self) -> list[list[float | None]]:
+        """Dispatch MB [src][dst] that cross ranks: the diagonal is None (a rank's rows for its own
+        experts are never sent), so the cells add up to off_rank_bytes()."""
+        return [[None if src == dst else b / 1e6 for dst, b in enumerate(row)]
+                for src, row in enumerate(self.dispatch_bytes())]
 
     def combine_bytes(self) -> list[list[int]]:
         """Bytes sent [src][dst] in the combine: results return, so the dispatch transposed."""
@@ -155,8 +161,10 @@ def rank_table(stats: EPStats) -> "pd.DataFrame":
 
 
 def traffic_table(stats: EPStats) -> "pd.DataFrame":
-    """Dispatch bytes [src][dst] as a long table (src, dst, pairs, MB); combine is its transpose."""
+    """Dispatch bytes [src][dst] as a long table (src, dst, pairs, MB, whether they cross ranks);
+    combine is its transpose."""
     import pandas as pd
 
-    return pd.DataFrame([{"src": i, "dst": j, "pairs": c, "MB": c * stats.row_bytes / 1e6}
+    return pd.DataFrame([{"src": i, "dst": j, "pairs": c, "MB": c * stats.row_bytes / 1e6,
+                          "off_rank": i != j}
                          for i, row in enumerate(stats.pair_matrix) for j, c in enumerate(row)])

@@ -28,15 +28,15 @@ from engine.validation import check_bytes, check_choice, check_float, check_int
 # Router key -> label shown in tables and legends.
 ROUTERS: dict[str, str] = {
     "hash": "Hash",
-    "hash_balanced": "Hash (balanced table)",
+    "balanced_hash": "Hash (balanced table)",
     "topk": "Top-k softmax",
     "switch": "Switch top-1",
     "gshard": "GShard top-2",
     "expert_choice": "Expert Choice",
     "deepseek": "DeepSeek-V3 bias",
 }
-HASH_ROUTERS = ("hash", "hash_balanced")
-_CLASSES = {"hash": HashRouter, "hash_balanced": BalancedHashRouter, "topk": TopKRouter,
+HASH_ROUTERS = ("hash", "balanced_hash")
+_CLASSES = {"hash": HashRouter, "balanced_hash": BalancedHashRouter, "topk": TopKRouter,
             "switch": SwitchRouter, "gshard": GShardRouter, "expert_choice": ExpertChoiceRouter,
             "deepseek": DeepSeekV3Router}
 # Each router's auxiliary loss, by the paper / reference code that defines it (routing_metrics).
@@ -59,7 +59,7 @@ PAGE_LABELS = {
     "zipf_s": "Zipf exponent s", "d_model": "Hidden size D", "clusters": "Clusters",
     "num_experts": "Experts E", "top_k": "Experts per token k",
     "capacity_factor": "Capacity factor C", "num_ranks": "Ranks R", "routers": "Routers",
-    "deepseek_steps": "DeepSeek-V3 bias steps", "bias_update_speed": "Bias update speed",
+    "deepseek_steps": "DeepSeek-V3 bias steps", "bias_update_speed": "DeepSeek bias update speed",
     "seed": "Seed", "n_groups": "Expert groups", "topk_groups": "Groups per token",
     "route_scale": "Routed scaling factor",
 }
@@ -89,7 +89,7 @@ class LabSettings:
     top_k: int = 2
     capacity_factor: float = 1.25
     num_ranks: int = 8
-    routers: tuple[str, ...] = ("hash", "hash_balanced", "topk", "switch", "gshard",
+    routers: tuple[str, ...] = ("hash", "balanced_hash", "topk", "switch", "gshard",
                                 "expert_choice", "deepseek")
     deepseek_steps: int = 30
     bias_update_speed: float = 0.01
@@ -220,7 +220,7 @@ def _route(s: LabSettings, key: str) -> tuple[Routing | None, pd.DataFrame, tupl
     if key == "hash":
         x = ids if ids is not None else _hidden(*work, s.d_model, s.clusters, s.seed)
         return HashRouter(e, k, s.seed)(x), balance, ()
-    if key == "hash_balanced":
+    if key == "balanced_hash":
         if ids is None:
             return None, balance, (f"{label} needs token ids: skipped for hidden states.",)
         pmf = wl.id_pmf(s.workload, s.vocab_size, s.zipf_s, s.seed)

@@ -22,6 +22,7 @@ from engine.validation import check_choice, check_int
 MAX_TEXT_BYTES = 5 * 2**20
 TEXTS = ("pydoc", "stdlib")
 TOKENIZERS = ("bpe", "byte")
+BPE_VOCAB = (300, 32768)  # 256 bytes + some merges; the page's "BPE vocabulary" takes these bounds
 CLASSES = ("words", "identifiers", "digits", "punctuation", "whitespace")
 VAL_SHARE = 0.1
 CACHE_DIR = Path(os.environ.get("SCALELAB_CACHE", Path.home() / ".cache" / "scalelab"))
@@ -105,7 +106,7 @@ def tokenize(text: str, tokenizer: str = "bpe", vocab: int = 1024) -> Corpus:
     """Tokenize `text` and split it (last 10% held out); cached in memory by (hash, tokenizer, V)."""
     check_choice("tokenizer", tokenizer, TOKENIZERS)
     if tokenizer == "bpe":
-        check_int("vocabulary", vocab, 300, 32768)  # 256 bytes + some merges
+        check_int("vocabulary", vocab, *BPE_VOCAB)
     if not text.strip():
         raise ValueError("the text is empty")
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()

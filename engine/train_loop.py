@@ -21,12 +21,17 @@ from engine.train_data import Corpus, check_fits, train_batches, val_batches
 from engine.env_info import environment
 from engine.train_metrics import (RunHistory, eval_metrics, specialisation, summary_table,
                                   summary_text)
-from engine.train_model import MOE_ROUTERS, ROUTERS, ModelConfig, MoELM, lm_loss
+from engine.train_model import LIMITS as MODEL_LIMITS, MOE_ROUTERS, ROUTERS, ModelConfig, MoELM, lm_loss
 from engine.train_step import TrainStep
 from engine.validation import MAX_BYTES, check_bytes, check_choice, check_float, check_int
 
 DEFAULT_ROUTERS = ("hash", "balanced_hash", "topk", "switch", "expert_choice", "deepseek", "dense")
 DTYPES = ("float32", "bf16")
+# The run's input ranges (the model's from train_model.LIMITS): the checks below and the page's
+# widgets read them.
+LIMITS: dict[str, tuple[float, float]] = {
+    **MODEL_LIMITS, "steps": (1, 100_000), "batch": (1, 4096), "lr": (0.0, 1e4),
+    "warmup": (0, 100_000), "eval_every": (1, 100_000), "eval_batches": (1, 1000), "seeds": (1, 16)}
 
 
 @dataclass(frozen=True)
@@ -65,14 +70,15 @@ class TrainSettings:
             raise ValueError("routers must name at least one of " + ", ".join(ROUTERS))
         for r in self.routers:
             check_choice("routers", r, ROUTERS)
-        check_int("steps", self.steps, 1, 100_000)
-        check_int("batch", self.batch, 1, 4096)
-        check_float("learning rate", self.lr, 0.0, 1e4, lo_open=True)
-        check_int("warm-up steps", self.warmup, 0, 100_000)  # capped at steps when used
-        check_int("evaluate every", self.eval_every, 1, 100_000)
-        check_int("evaluation batches", self.eval_batches, 1, 1000)
-        if not self.seeds or len(self.seeds) > 16:
-            raise ValueError("seeds must list 1 to 16 seeds")
+        check_int("steps", self.steps, *LIMITS["steps"])
+        check_int("batch", self.batch, *LIMITS["batch"])
+        check_float("learning rate", self.lr, *LIMITS["lr"], lo_open=True)
+        check_int("warm-up steps", self.warmup, *LIMITS["warmup"])  # capped at steps when used
+        check_int("evaluate every", self.eval_every, *LIMITS["eval_every"])
+        check_int("evaluation batches", self.eval_batches, *LIMITS["eval_batches"])
+        lo, hi = LIMITS["seeds"]
+        if not lo <= len(self.seeds) <= hi:
+            raise ValueError(f"seeds must list {lo} to {hi} seeds")
         check_choice("dtype", self.dtype, DTYPES)
         if self.cuda_graphs:
             self._check_graphs()

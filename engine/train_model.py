@@ -37,6 +37,12 @@ from engine.validation import check_choice, check_float, check_int
 MOE_ROUTERS = ("hash", "balanced_hash", "topk", "switch", "expert_choice", "deepseek")
 ROUTERS = MOE_ROUTERS + ("dense", "dense_total")
 HASH_ROUTERS = ("hash", "balanced_hash")
+# The one source of the model's input ranges, by TrainSettings' field names: ModelConfig checks
+# them and the training page's widgets take their bounds from here.
+LIMITS: dict[str, tuple[float, float]] = {
+    "vocab": (2, 1 << 17), "d_model": (8, 8192), "layers": (1, 64), "heads": (1, 128),
+    "seq_len": (2, 8192), "d_expert": (1, 1 << 16), "experts": (1, 1024), "alpha": (0.0, 10.0),
+    "capacity": (0.0, 64.0), "gamma": (0.0, 1.0), "seed": (0, 2**31 - 1)}
 
 
 @dataclass(frozen=True)
@@ -61,27 +67,27 @@ class ModelConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_int("vocabulary", self.vocab, 2, 1 << 17)
-        check_int("d_model", self.d_model, 8, 8192)
-        check_int("layers", self.n_layers, 1, 64)
-        check_int("heads", self.n_heads, 1, 128)
+        check_int("vocabulary", self.vocab, *LIMITS["vocab"])
+        check_int("d_model", self.d_model, *LIMITS["d_model"])
+        check_int("layers", self.n_layers, *LIMITS["layers"])
+        check_int("heads", self.n_heads, *LIMITS["heads"])
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of 2 x heads "
                              f"({self.n_heads}): rotary needs an even head dim")
-        check_int("sequence length", self.seq_len, 2, 8192)
-        check_int("expert width", self.d_expert, 1, 1 << 16)
-        check_int("Experts E", self.num_experts, 1, 1024)
+        check_int("sequence length", self.seq_len, *LIMITS["seq_len"])
+        check_int("expert width", self.d_expert, *LIMITS["d_expert"])
+        check_int("Experts E", self.num_experts, *LIMITS["experts"])
         # Switch ignores k (always top-1); the hash routers hash at most two slots.
         hi = min(2, self.num_experts) if self.router in HASH_ROUTERS else self.num_experts
         check_int("Experts per token k", self.top_k, 1, hi)
         check_int("MoE every n-th layer", self.moe_every, 1, self.n_layers)
         check_choice("router", self.router, ROUTERS)
-        check_float("alpha", self.alpha, 0.0, 10.0)
-        check_float("capacity factor", self.capacity, 0.0, 64.0, lo_open=True)
-        check_float("DeepSeek gamma", self.gamma, 0.0, 1.0)
+        check_float("alpha", self.alpha, *LIMITS["alpha"])
+        check_float("capacity factor", self.capacity, *LIMITS["capacity"], lo_open=True)
+        check_float("DeepSeek bias update speed", self.gamma, *LIMITS["gamma"])
         check_choice("positions", self.positions, ("rope", "learned"))
         check_choice("ffn", self.ffn, ("gelu", "swiglu"))
-        check_int("seed", self.seed, 0, 2**31 - 1)
+        check_int("seed", self.seed, *LIMITS["seed"])
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether layer `layer` (0-based) has an MoE FFN."""

@@ -415,6 +415,13 @@ def table_count(page) -> int:
     return page.locator("[data-testid=stDataFrame], [data-testid=stTable]").count()
 
 
+def table_overflow_px(page) -> list[int]:
+    """For each drawn table (st.dataframe's grid; none in a closed expander), in page order, how
+    many pixels of it lie beyond its width: 0 when no sideways scrolling is needed."""
+    return page.evaluate("""() => [...document.querySelectorAll('[data-testid=stDataFrame] .dvn-scroller')]
+        .map(s => s.scrollWidth - s.clientWidth)""")
+
+
 def exceptions(page) -> list[str]:
     """Texts of exception elements (tracebacks or Streamlit's redacted error box)."""
     return page.get_by_test_id("stException").all_inner_texts()
@@ -463,7 +470,8 @@ class PageSpec:
     path: the url_path in app.py ('' is Home). query: settings for the cold link (keys are widget
     keys). change: (key, value) that must redraw the first figure. csv: a download button label
     whose file must parse and hold `csv_columns`; csv_check(table, query) is True when the table
-    agrees with what the settings imply. figures/tables: at least this many on the page.
+    agrees with what the settings imply. figures/tables: at least this many on the page. fit_tables:
+    the first this many drawn tables fit the page's width (the ones a viewer reads first).
     """
 
     path: str
@@ -474,6 +482,7 @@ class PageSpec:
     csv_check: Callable[[Any, dict[str, Any]], bool] | None = None
     figures: int = 0
     tables: int = 0
+    fit_tables: int = 0
 
 
 def _ep_ranks_ok(t, q: dict[str, Any]) -> bool:
@@ -548,7 +557,7 @@ PAGES: dict[str, PageSpec] = {
         "routing", query={"wl": "zipf", "T": 16384, "E": 32, "k": 2, "R": 4, "s": 1.2},
         change=("E", 16), csv="routing_counts.csv",
         csv_columns=("router", "expert", "tokens", "load/mean", "load rank"),
-        csv_check=_routing_counts_ok, figures=3, tables=1),
+        csv_check=_routing_counts_ok, figures=3, tables=2, fit_tables=2),
     "expert-parallel": PageSpec(
         "expert-parallel",
         # hash router and 4 ranks: the hot-expert sweep under it costs seconds, not tens of them.
@@ -557,7 +566,7 @@ PAGES: dict[str, PageSpec] = {
         change=("ranks", 2), csv="ep_ranks.csv",
         csv_columns=("rank", "experts", "load_pairs", "sent_off_rank_MB",
                      "received_off_rank_MB"),
-        csv_check=_ep_ranks_ok, figures=3, tables=2),
+        csv_check=_ep_ranks_ok, figures=3, tables=2, fit_tables=2),
     # Committed GPU results: figures without timing anything on this machine.
     "attention": PageSpec(
         "attention", query={"src": "Committed GPU results"},
@@ -567,9 +576,9 @@ PAGES: dict[str, PageSpec] = {
     "scaling": PageSpec(
         "scaling", query={"src": "bnsl_4digit", "seed": 3}, change=("seed", 4),
         csv="scaling_predictions.csv", csv_columns=("x", "y", "fitted", "residual", "train"),
-        csv_check=_scaling_points_ok, figures=3, tables=3),
+        csv_check=_scaling_points_ok, figures=3, tables=3, fit_tables=1),
     "cost": PageSpec(
         "cost", query={"preset": "Mixtral 8x7B", "experts": 16, "k": 4}, change=("k", 1),
         csv="cost_params.csv", csv_columns=("component", "total", "active"),
-        csv_check=_cost_params_ok, figures=1, tables=2),
+        csv_check=_cost_params_ok, figures=1, tables=2, fit_tables=2),
 }

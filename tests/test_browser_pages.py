@@ -49,6 +49,7 @@ def test_page_end_to_end(browser, page, server, path):
     before = bs.figures(page)
     assert len(before) >= spec.figures
     assert bs.table_count(page) >= spec.tables
+    assert bs.table_overflow_px(page)[:spec.fit_tables] == [0] * spec.fit_tables
 
     if spec.csv is not None:
         table = bs.download_csv(page, spec.csv)

@@ -125,6 +125,14 @@ def test_bad_layout_input_shows_one_message_naming_the_field(key, value, message
     assert not at.error
 
 
+def test_a_cold_link_with_a_bad_mfu_refuses_only_the_time_to_train():
+    at = _page(mfu="7")
+    assert not at.exception
+    assert [e.value for e in at.error] == ['"MFU" must be <= 1.0, got 7.0']
+    assert _params_total(at) == _params_total(_page())  # the figures MFU does not change stay
+    assert at.success and not any(m.value.startswith("**Time to train**") for m in at.markdown)
+
+
 @pytest.mark.slow
 def test_measure_button_runs_a_scaled_step_on_this_cpu():
     at = _page(layers="2")

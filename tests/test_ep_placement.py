@@ -104,6 +104,12 @@ def test_ep_stats_match_a_pair_by_pair_loop(placement, replicas, hot):
     assert st_.leave_share == pytest.approx((total - sum(m[i][i] for i in range(3))) / total)
     assert st_.dispatch_bytes()[0][1] == m[0][1] * 96 * 2  # fp16 rows of 96 values
     assert st_.combine_bytes()[1][0] == st_.dispatch_bytes()[0][1]
+    # The heatmap's and the CLI's matrix: off-rank cells only, adding up to the off-rank metric.
+    off = st_.off_rank_mb()
+    assert [off[i][j] for i in range(3) for j in range(3) if i == j] == [None] * 3
+    assert off[2][0] == pytest.approx(m[2][0] * 96 * 2 / 1e6)
+    assert sum(v for row in off for v in row if v is not None) == pytest.approx(
+        (total - sum(m[i][i] for i in range(3))) * 96 * 2 / 1e6)
 
 
 def test_hot_share_one_sends_every_first_slot_to_expert_zero_and_keeps_weights():

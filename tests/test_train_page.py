@@ -3,6 +3,7 @@ beside a working page, committed GPU results readable without a GPU."""
 
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -33,9 +34,9 @@ def test_tiny_run_from_url_settings_then_cached():
 
 
 def test_bad_input_is_named_and_page_keeps_working():
-    at = _page(**{**TINY, "layers": "500"})
+    at = _page(**{**TINY, "layers": "500"})  # over the engine's 64: the link's value is not used
     assert not at.exception
-    assert any("layers" in e.value for e in at.error)
+    assert "`layers=500` (using `2`)" in at.warning[0].value  # the default
     at = _page(**{**TINY, "seeds": "0,x"})
     assert any("Seeds" in e.value for e in at.error)
     at = _page(**{**TINY, "data": "upload"})
@@ -124,3 +125,27 @@ def test_estimate_checks_the_run_before_its_probe_builds_a_model(monkeypatch):
     monkeypatch.setattr(tl, "train_run", lambda *a, **k: pytest.fail("probed before the checks"))
     with pytest.raises(ValueError, match="more memory"):
         tl.estimate_seconds(tl.TrainSettings(), None)
+
+
+def test_inputs_allow_exactly_what_the_engine_accepts():
+    from engine.train_data import BPE_VOCAB, tokenize
+    from engine.train_loop import LIMITS, TrainSettings
+
+    at = _page()
+    bounds = {"E": "experts", "layers": "layers", "d": "d_model", "steps": "steps", "batch": "batch",
+              "seq": "seq_len", "alpha": "alpha", "dff": "d_expert", "gamma": "gamma"}
+    for key, name in bounds.items():
+        widget = at.number_input(key=key)
+        assert (widget.min, widget.max) == LIMITS[name], key
+    assert (at.number_input(key="V").min, at.number_input(key="V").max) == BPE_VOCAB
+    # Each bound passes the engine's own check; one past it is refused (the page's widgets hold
+    # no value the run would refuse, and no smaller range than it takes).
+    for name in ("experts", "layers", "d_model", "steps", "batch", "seq_len", "d_expert"):
+        lo, hi = LIMITS[name]
+        extra = {"moe_every": 1, "heads": 1} if name == "d_model" else {"heads": 1}
+        for v in (lo, hi):
+            TrainSettings(routers=("topk",), k=1, **extra, **{name: v})
+        with pytest.raises(ValueError):
+            TrainSettings(routers=("topk",), k=1, **extra, **{name: hi + 1})
+    with pytest.raises(ValueError, match="vocabulary"):
+        tokenize("some text", "bpe", BPE_VOCAB[1] + 1)
