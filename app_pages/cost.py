@@ -14,7 +14,7 @@ import streamlit as st
 from app_pages._ui import _environment, bar_figure, download_buttons, guarded, last_good, refused
 from engine.cost_memory import ATTENTION_KINDS, OPTIMIZERS, PRECISIONS, TrainLayout
 from engine.cost_model import FFN_TYPES, PRESETS, ROUTERS, ConfigError, TransformerConfig, relabel
-from engine.cost_report import DEFAULTS, sizing, training_time
+from engine.cost_report import DEFAULTS, fit_text, sizing, time_text, training_time
 from engine.cost_time import GPUS, GpuSpec
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cost_memory_h200_2026-12-03.json"
@@ -217,14 +217,11 @@ if result is not None:
     fig.update_layout(barmode="stack", height=220, margin=dict(t=30, b=10), xaxis_title="GB per GPU",
                       legend=dict(orientation="h", y=-0.5, traceorder="normal"))
     st.plotly_chart(fig, width="stretch")
-    total_gb = fit["total_bytes"] / 1e9
+    # The same sentences as `python -m engine cost` prints (engine.cost_report).
     if fit["fits"]:
-        st.success(f"Fits: {total_gb:.1f} GB of {fit['gpu_bytes'] / 1e9:.0f} GB per GPU.",
-                   icon=":material/check_circle:")
+        st.success(fit_text(fit), icon=":material/check_circle:")
     else:
-        tips = "\n".join(f"- {a}" for a in fit["advice"]) or "- nothing on this list helps; use a larger GPU"
-        st.warning(f"Does not fit: {total_gb:.1f} GB needed, {fit['gpu_bytes'] / 1e9:.0f} GB per GPU. "
-                   f"What to change:\n{tips}", icon=":material/warning:")
+        st.warning(fit_text(fit), icon=":material/warning:")
     # MFU and price change only this line: a bad one is refused here, and every figure above stays.
     ttt = (guarded("cost_time", lambda: _time(values, lay, float(tokens), gpu, float(mfu), float(price),
                                                 not full_attn))
@@ -233,10 +230,7 @@ if result is not None:
         mfu_text = (f"MFU {ttt['mfu']:.1%} measured on an NVIDIA H200, "
                     f"{committed['env']['date'][:10]} ({committed['calibration']})"
                     if mfu_src != "typed" else f"MFU {ttt['mfu']:.0%} (typed)")
-        st.markdown(f"**Time to train** {ttt['tokens']:.3g} tokens on {ttt['gpus']} x {gpu_name} at "
-                    f"{mfu_text}: **{ttt['days']:,.1f} days**, {ttt['gpu_hours']:,.0f} GPU-hours, "
-                    f"**${ttt['cost']:,.0f}** at ${ttt['price_per_gpu_hour']:,.2f} per GPU-hour "
-                    f"({ttt['training_flops']:.3e} training FLOPs, attention {ttt['attention_flops']}).")
+        st.markdown(time_text(ttt, gpu_name, mfu_text).replace("$", "\\$"))  # dollars, not LaTeX
     with st.expander("Memory by component and activation parts (bytes per GPU)"):
         c1, c2 = st.columns(2)
         c1.dataframe(mem, hide_index=True,

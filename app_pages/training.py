@@ -14,11 +14,11 @@ import torch
 
 from app_pages._ui import download_buttons, guarded, line_figure, refused, table as show_table
 from engine.commands.train import shell_command
-from engine.train_data import BPE_VOCAB, TEXTS, TOKENIZERS, builtin_text, decode_upload, tokenize
+from engine.train_data import TEXTS, TOKENIZERS, builtin_text, decode_upload, tokenize
 from engine.attention_estimate import format_seconds
-from engine.train_loop import LIMITS, TrainSettings, estimate_seconds, resolve_device, train
+from engine.train_fields import BPE_VOCAB, LIMITS, ROUTERS
+from engine.train_loop import TrainSettings, estimate_seconds, resolve_device, train
 from engine.train_metrics import history_table
-from engine.train_model import ROUTERS
 
 QP = "query-params"
 D = TrainSettings()

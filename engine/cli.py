@@ -27,14 +27,18 @@ if TYPE_CHECKING:
 
 # Sub-command name -> module engine.commands.<name>; a missing module is skipped.
 COMMANDS = ("route", "attention", "fit", "cost", "dispatch", "train")
+# A missing value (NaN, None) in a printed table, as the pages' tables show it (app_pages/_ui.MISSING).
+MISSING = "–"
 
 
 @dataclass
 class CommandResult:
-    """What a command prints: titled tables for humans, one JSON document for --json."""
+    """What a command prints: titled tables (then titled text) for humans, one JSON document of
+    the tables and `data` for --json; `text` words facts that `data` holds, so JSON leaves it out."""
 
     tables: dict[str, pd.DataFrame]
     data: dict[str, Any] = field(default_factory=dict)
+    text: dict[str, str] = field(default_factory=dict)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -79,8 +83,11 @@ def _print(result: CommandResult, as_json: bool) -> None:
     with pd.option_context("display.width", 200, "display.max_columns", 50, "display.max_rows", 500):
         for title, table in result.tables.items():
             print(f"== {title}")
-            print(table.to_string(index=False))
+            # na_rep covers NaN only: None (object columns) is made NaN first.
+            print(table.mask(table.isna()).to_string(index=False, na_rep=MISSING))
             print()
+    for title, text in result.text.items():
+        print(f"== {title}\n{text}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,3 +62,22 @@ def training_time(cfg: TransformerConfig, layout: TrainLayout, tokens: float, gp
             "peak_flops_per_gpu": gpu.peak_flops, "mfu": mfu, "price_per_gpu_hour": price,
             "seconds": train.seconds, "days": train.days, "gpu_hours": train.gpu_hours,
             "cost": train.cost, "attention_flops": "causal (S² terms halved)" if causal else "full S²"}
+
+
+def fit_text(fit: dict[str, Any]) -> str:
+    """The cost page's "Will it fit?" verdict from `report`'s memory_per_gpu: fits, or what is
+    needed and what to change (one "- " line each)."""
+    need, have = fit["total_bytes"] / 1e9, fit["gpu_bytes"] / 1e9
+    if fit["fits"]:
+        return f"Fits: {need:.1f} GB of {have:.0f} GB per GPU."
+    tips = "\n".join(f"- {a}" for a in fit["advice"]) or "- nothing on this list helps; use a larger GPU"
+    return f"Does not fit: {need:.1f} GB needed, {have:.0f} GB per GPU. What to change:\n{tips}"
+
+
+def time_text(ttt: dict[str, Any], gpu_name: str, mfu_text: str) -> str:
+    """The cost page's time-to-train sentence from `training_time`'s dict; `mfu_text` names the
+    MFU and where it came from, e.g. "MFU 40% (typed)"."""
+    return (f"Time to train {ttt['tokens']:.3g} tokens on {ttt['gpus']} x {gpu_name} at {mfu_text}: "
+            f"{ttt['days']:,.1f} days, {ttt['gpu_hours']:,.0f} GPU-hours, ${ttt['cost']:,.0f} at "
+            f"${ttt['price_per_gpu_hour']:,.2f} per GPU-hour ({ttt['training_flops']:.3e} training "
+            f"FLOPs, attention {ttt['attention_flops']}).")

@@ -17,38 +17,21 @@ import torch
 from engine import workloads
 from engine.ep_placement import (PLACEMENTS, Placement, check_experts_ranks, contiguous_placement,
                                  greedy_placement, round_robin_placement)
+# The plain fields and limits; the lab's modules import them from here.
+from engine.ep_fields import (K_RANGE, MAX_D_MODEL, MAX_EXPERTS, MAX_RANKS, MAX_SEED,  # noqa: F401
+                              MAX_TOKENS, MAX_TOP_K, MAX_ZIPF, ROUTERS, EPFields)
 from engine.moe_router import (ExpertChoiceRouter, GShardRouter, HashRouter, SwitchRouter,
                                TopKRouter)
 from engine.validation import check_choice, check_float, check_int
 
-# Engine routers by key (as in the routing lab); hash routes token ids, the gated ones a token
-# feature. Switch and GShard apply their capacity per rank's batch (capacity factor 1).
-ROUTERS = ("hash", "topk", "switch", "gshard", "expert_choice")
-_K_RANGE = {"hash": (1, 2), "switch": (1, 1), "gshard": (2, 2)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VOCAB = 32768
 GATE_DIM = 64  # width of the token feature the gated routers read (the what-if never builds d_model)
-# Limits of EPSettings, which the page's inputs share.
-MAX_EXPERTS, MAX_RANKS, MAX_TOP_K, MAX_TOKENS = 4096, 1024, 8, 1 << 20
-MAX_ZIPF = 3.0
 
 
 @dataclass(frozen=True)
-class EPSettings:
-    """One expert-parallel layer: experts on ranks, tokens per rank, payload width and dtype."""
-
-    experts: int = 64
-    ranks: int = 4
-    top_k: int = 2
-    tokens: int = 4096  # per rank
-    d_model: int = 4096
-    dtype: str = "bf16"
-    placement: str = "contiguous"
-    replicas: int = 0  # extra physical experts for hot ones; greedy placement only
-    router: str = "hash"
-    zipf: float = 1.0  # exponent of the token-id distribution; 0 is uniform
-    hot_share: float = 0.0  # share of tokens whose first slot is forced to expert 0
-    seed: int = 0
+class EPSettings(EPFields):
+    """One expert-parallel layer (fields and defaults: EPFields), checked and sized."""
 
     def validated(self) -> "EPSettings":
         """Return self after checking every field; raises ValueError naming the bad one."""
@@ -56,17 +39,17 @@ class EPSettings:
         check_int("Ranks R", self.ranks, 1, MAX_RANKS)
         check_experts_ranks(self.experts, self.ranks)
         check_choice("Router", self.router, ROUTERS)
-        lo, hi = _K_RANGE.get(self.router, (1, MAX_TOP_K))
+        lo, hi = K_RANGE.get(self.router, (1, MAX_TOP_K))
         check_int(f"Experts per token k ({self.router} router)", self.top_k, lo,
                   min(self.experts, hi))
         check_int("Tokens per rank", self.tokens, 1, MAX_TOKENS)
-        check_int("d_model", self.d_model, 1, 65536)
+        check_int("d_model", self.d_model, 1, MAX_D_MODEL)
         check_choice("Payload dtype", self.dtype, tuple(DTYPES))
         check_choice("Placement", self.placement, PLACEMENTS)
         check_int("Replicas of hot experts", self.replicas, 0, self.experts * (self.ranks - 1))
         check_float("Token skew (Zipf exponent)", self.zipf, 0.0, MAX_ZIPF)
         check_float("Hot expert share", self.hot_share, 0.0, 1.0)
-        check_int("Seed", self.seed, 0, 2**31 - 1)
+        check_int("Seed", self.seed, 0, MAX_SEED)
         return self
 
     @property

@@ -11,7 +11,7 @@ kernel); Python loops over experts at most, never over tokens.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -347,3 +347,24 @@ def time_blocks(s: BlockBenchSettings,
     if progress:
         progress(1.0, "done")
     return rows
+
+
+# Tokens of the probe estimate_seconds times: at fewer, the MoE block's per-expert overhead
+# dominates and the estimate comes out up to 1.5x long at the script's default shapes.
+PROBE_TOKENS = 2048
+
+
+def estimate_seconds(s: BlockBenchSettings) -> float:
+    """Rough wall time of time_blocks(s) on a CPU (s), scaled linearly in tokens from time_blocks
+    itself on at most PROBE_TOKENS tokens (one warm-up round, one timed).
+
+    Timed, not derived from FLOPs: a CPU's rate varies several-fold with the machine, its load and
+    the shapes (cost_measure.CPU_FLOPS' 10 GFLOP/s made the estimate 10x long on a 2-core machine
+    that runs these blocks at about 100).
+    """
+    probe = replace(s, tokens=min(s.tokens, PROBE_TOKENS), warmup=1, reps=1)
+    # Per block, time_blocks runs a forward and a forward+backward each round, then one more
+    # forward+backward that counts the saved activations.
+    ms = sum((s.warmup + s.reps) * (r.forward_ms + r.fwd_bwd_ms) + r.fwd_bwd_ms
+             for r in time_blocks(probe))
+    return ms / 1e3 * s.tokens / probe.tokens

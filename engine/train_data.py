@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
+from engine.train_fields import BPE_VOCAB
 from engine.validation import check_choice, check_int
 
 MAX_TEXT_BYTES = 5 * 2**20
 TEXTS = ("pydoc", "stdlib")
 TOKENIZERS = ("bpe", "byte")
-BPE_VOCAB = (300, 32768)  # 256 bytes + some merges; the page's "BPE vocabulary" takes these bounds
 CLASSES = ("words", "identifiers", "digits", "punctuation", "whitespace")
 VAL_SHARE = 0.1
 CACHE_DIR = Path(os.environ.get("SCALELAB_CACHE", Path.home() / ".cache" / "scalelab"))

@@ -19,51 +19,17 @@ import torch
 
 from engine.train_data import Corpus, check_fits, train_batches, val_batches
 from engine.env_info import environment
+from engine.train_fields import DTYPES, LIMITS, MOE_ROUTERS, ROUTERS, TrainFields
 from engine.train_metrics import (RunHistory, eval_metrics, specialisation, summary_table,
                                   summary_text)
-from engine.train_model import LIMITS as MODEL_LIMITS, MOE_ROUTERS, ROUTERS, ModelConfig, MoELM, lm_loss
+from engine.train_model import ModelConfig, MoELM, lm_loss
 from engine.train_step import TrainStep
 from engine.validation import MAX_BYTES, check_bytes, check_choice, check_float, check_int
 
-DEFAULT_ROUTERS = ("hash", "balanced_hash", "topk", "switch", "expert_choice", "deepseek", "dense")
-DTYPES = ("float32", "bf16")
-# The run's input ranges (the model's from train_model.LIMITS): the checks below and the page's
-# widgets read them.
-LIMITS: dict[str, tuple[float, float]] = {
-    **MODEL_LIMITS, "steps": (1, 100_000), "batch": (1, 4096), "lr": (0.0, 1e4),
-    "warmup": (0, 100_000), "eval_every": (1, 100_000), "eval_batches": (1, 1000), "seeds": (1, 16)}
-
 
 @dataclass(frozen=True)
-class TrainSettings:
-    """One experiment: data, model shape, optimiser and the routers to compare (plain values)."""
-
-    routers: tuple[str, ...] = DEFAULT_ROUTERS
-    data: str = "pydoc"
-    tokenizer: str = "bpe"
-    vocab: int = 1024
-    d_model: int = 64
-    layers: int = 2
-    heads: int = 4
-    experts: int = 8
-    k: int = 2
-    d_expert: int = 96
-    moe_every: int = 1
-    positions: str = "rope"
-    steps: int = 120
-    batch: int = 16
-    seq_len: int = 64
-    lr: float = 1e-2
-    warmup: int = 12
-    eval_every: int = 20
-    eval_batches: int = 4
-    alpha: float = 0.01
-    capacity: float = 1.25
-    gamma: float = 0.01
-    seeds: tuple[int, ...] = (0,)
-    device: str = "cpu"
-    dtype: str = "float32"
-    cuda_graphs: bool = False  # replay each training step from a CUDA graph (engine.train_step)
+class TrainSettings(TrainFields):
+    """One experiment (fields and defaults: TrainFields), checked before anything is allocated."""
 
     def __post_init__(self) -> None:
         if not self.routers:

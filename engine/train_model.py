@@ -30,19 +30,8 @@ from engine.moe_router import (BalancedHashRouter, DeepSeekV3Router, ExpertChoic
                                HashRouter, Routing, SwitchRouter, TopKRouter, expert_utilization)
 from engine.routing_deepseek import update_bias as deepseek_bias_step
 from engine.routing_metrics import aux_loss, demand as routing_demand
+from engine.train_fields import HASH_ROUTERS, LIMITS, MOE_ROUTERS, ROUTERS
 from engine.validation import check_choice, check_float, check_int
-
-# Routers the lab trains; "dense" has the MoE's active FFN width (k x expert width), "dense_total"
-# its total width (E x expert width).
-MOE_ROUTERS = ("hash", "balanced_hash", "topk", "switch", "expert_choice", "deepseek")
-ROUTERS = MOE_ROUTERS + ("dense", "dense_total")
-HASH_ROUTERS = ("hash", "balanced_hash")
-# The one source of the model's input ranges, by TrainSettings' field names: ModelConfig checks
-# them and the training page's widgets take their bounds from here.
-LIMITS: dict[str, tuple[float, float]] = {
-    "vocab": (2, 1 << 17), "d_model": (8, 8192), "layers": (1, 64), "heads": (1, 128),
-    "seq_len": (2, 8192), "d_expert": (1, 1 << 16), "experts": (1, 1024), "alpha": (0.0, 10.0),
-    "capacity": (0.0, 64.0), "gamma": (0.0, 1.0), "seed": (0, 2**31 - 1)}
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.cost_measure import CPU_FLOPS  # noqa: E402
-from engine.cost_model import ffn_params, relabel  # noqa: E402
-from engine.moe_block import BlockBenchSettings, time_blocks  # noqa: E402
+from engine.attention_estimate import format_seconds  # noqa: E402
+from engine.cost_model import relabel  # noqa: E402
+from engine.moe_block import BlockBenchSettings, estimate_seconds, time_blocks  # noqa: E402
 
 # BlockBenchSettings' field names in the engine's messages -> the flags typed here.
 FLAGS = {"d_model": "--d-model", "d_ff": "--d-ff", "num_experts": "--experts", "top_k": "--k",
@@ -39,13 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         d_ff = 4 * args.d_model if args.d_ff is None else args.d_ff
         s = BlockBenchSettings(args.d_model, d_ff, args.experts, args.k,
                                args.ffn, args.tokens, ("hash",), reps=args.reps, seed=args.seed)
-        # Per round and block: a forward and a forward+backward, 4 forwards' FLOPs; the dense
-        # block's FLOPs stand for the MoE's (matched by construction).
-        flops = 4 * 2 * ffn_params(s.d_model, s.top_k * s.d_ff, s.ffn) * s.tokens
-        rounds = s.warmup + s.reps
-        print(f"timing 2 blocks over {rounds} rounds ({s.warmup} warm-up) on the CPU: about "
-              f"{2 * rounds * flops / CPU_FLOPS['fp32']:.0f} s at {CPU_FLOPS['fp32'] / 1e9:.0f} "
-              "GFLOP/s", file=sys.stderr, flush=True)
+        print(f"timing 2 blocks over {s.warmup + s.reps} rounds ({s.warmup} warm-up) on the CPU: "
+              f"about {format_seconds(estimate_seconds(s))} (scaled from a timed probe)",
+              file=sys.stderr, flush=True)
         dense, moe = time_blocks(s, lambda f, msg: print(f"  [{f:4.0%}] {msg}", file=sys.stderr,
                                                          flush=True))
     except ValueError as exc:

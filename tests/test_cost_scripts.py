@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from engine import moe_block
 from engine.cost_model import dense_counterpart, estimate, preset_config
+from engine.timing import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,6 +20,14 @@ def _run(args, cwd):
     out = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout
+
+
+def _load(script):
+    """The script as a module, so a test can call main() in this process."""
+    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / "scripts" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _figure(text, label):
@@ -52,10 +62,7 @@ def test_benchmark_moe_bad_input_exits_2(tmp_path):
     ("moe_vs_dense.py", ["--d-model", "-4"], "--d-model must be >= 1"),
     ("moe_vs_dense.py", ["--seed", "-1"], "--seed must be >= 0")])
 def test_scripts_name_the_flag_typed(capsys, script, argv, message):
-    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / "scripts" / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(argv) == 2
+    assert _load(script).main(argv) == 2
     assert capsys.readouterr().err.startswith(f"error: {message}")
 
 
@@ -72,6 +79,18 @@ def test_moe_vs_dense_prints_matched_flops(tmp_path):
     dense_ms, moe_ms = (float(t) for t in re.findall(r"fwd\+bwd +([0-9.]+) ms", text))
     lo, hi = (moe_ms - 0.005) / (dense_ms + 0.005), (moe_ms + 0.005) / (dense_ms - 0.005)
     assert lo - 5e-4 <= _figure(text, "fwd+bwd time ratio") <= hi + 5e-4
+
+
+def test_moe_vs_dense_estimate_scales_a_timed_probe(monkeypatch, capsys):
+    # Every timed call "takes" 0.5 s; the probe runs on 2048 of the 8192 tokens, so a call of the
+    # real run takes 0.5 x 8192 / 2048 = 2 s. The run times 2 blocks (dense, moe-hash), each over
+    # 1 warm-up + 2 rounds of a forward and a forward+backward, then one more forward+backward
+    # counting saved activations: 2 x (3 x 2 + 1) calls of 2 s = 28 s. (The old estimate divided
+    # FLOPs by a fixed 10 GFLOP/s and printed "about 0 s" here.)
+    monkeypatch.setattr(moe_block, "time_fn", lambda *args, **kwargs: summarize([500.0]))
+    assert _load("moe_vs_dense.py").main(["--d-model", "16", "--d-ff", "24", "--experts", "4",
+                                          "--tokens", "8192", "--reps", "2"]) == 0
+    assert "on the CPU: about 28 s " in capsys.readouterr().err
 
 
 def test_help_works_from_anywhere(tmp_path):
@@ -140,6 +159,30 @@ def test_engine_cost_json_memory_table_and_page_defaults(capsys):
     doc = json.loads(text)
     assert doc["layout"]["checkpointing"] is False and doc["layout"]["zero"] == 0
     assert not doc["memory_per_gpu"]["fits"]  # Mixtral 8x7B's 32k context without them
+
+
+def test_engine_cost_text_says_whether_it_fits_and_how_long_training_takes(capsys):
+    # The page's defaults: Mixtral 8x7B, 1e12 tokens on 64 H200s (141 GB, 989 TFLOP/s bf16) at
+    # MFU 0.4 and $2.50 per GPU-hour; the sentences are the page's, under its heading.
+    _, text, _ = _cli(capsys)
+    doc = json.loads(_cli(capsys, "--json")[1])
+    need_gb = sum(r["bytes"] for r in doc["memory"]) / 1e9
+    assert f"== Will it fit?\nFits: {need_gb:.1f} GB of 141 GB per GPU.\nTime to train " in text
+    flops = estimate(preset_config("Mixtral 8x7B")).train_flops * 1e12
+    seconds = flops / (64 * 989e12 * 0.4)
+    gpu_hours = 64 * seconds / 3600
+    assert (f"Time to train 1e+12 tokens on 64 x H200 141 GB at MFU 40% (typed): "
+            f"{seconds / 86400:,.1f} days, {gpu_hours:,.0f} GPU-hours, ${2.5 * gpu_hours:,.0f} at $2.50 "
+            f"per GPU-hour ({flops:.3e} training FLOPs, attention causal (S² terms halved)).") in text
+    assert "Will it fit?" not in doc  # JSON holds the figures, not the sentences
+
+    _, text, _ = _cli(capsys, "--no-checkpointing", "--zero", "0")
+    doc = json.loads(_cli(capsys, "--json", "--no-checkpointing", "--zero", "0")[1])
+    need_gb = sum(r["bytes"] for r in doc["memory"]) / 1e9
+    advice = doc["memory_per_gpu"]["advice"]
+    assert advice[0].startswith("turn on full activation checkpointing")
+    assert (f"Does not fit: {need_gb:.1f} GB needed, 141 GB per GPU. What to change:\n"
+            + "".join(f"- {a}\n" for a in advice) + "Time to train ") in text
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "0"])

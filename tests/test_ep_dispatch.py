@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import json
 import multiprocessing
+import re
 import socket
 import subprocess
 import sys
@@ -251,6 +252,26 @@ def test_cli_errors_name_the_flag_typed(capsys, argv, flag):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {flag} "), err
     assert not any(label in err for label in ("Experts E", "Ranks R", "Token skew", "Hot expert", "Seed"))
+
+
+@pytest.mark.parametrize("flag, field, others", [
+    ("experts", "experts", {}), ("ranks", "ranks", {"experts": 4096}),
+    ("top-k", "top_k", {"router": "topk", "experts": 64}), ("tokens", "tokens", {}),
+    ("d-model", "d_model", {}), ("zipf", "zipf", {}), ("seed", "seed", {})])
+def test_cli_help_states_the_default_and_the_largest_value_the_engine_takes(capsys, flag, field,
+                                                                            others):
+    """`dispatch --help` says "... to HI ... (default D)" for each setting: D is EPSettings'
+    default, HI the largest value it accepts (one more is refused)."""
+    with pytest.raises(SystemExit):
+        main(["dispatch", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps help across lines
+    own = text.split(f" --{flag} {flag.upper().replace('-', '_')} ")[1].split(" --")[0]
+    hi = float(re.search(r"to ([0-9.]+)", own).group(1))
+    assert float(re.search(r"\(default ([0-9.]+)\)", own).group(1)) == getattr(EPSettings(), field)
+    top = int(hi) if isinstance(getattr(EPSettings(), field), int) else hi
+    EPSettings(**{**others, field: top}).validated()
+    with pytest.raises(ValueError):
+        EPSettings(**{**others, field: top + 1}).validated()
 
 
 def test_cli_refuses_a_map_that_misses_an_expert(capsys):

@@ -1,15 +1,18 @@
 """The CLI dispatcher and the timing helper, checked against hand-computed values."""
 
+import argparse
+import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 
-from engine.cli import CommandResult, _jsonable, main
+from engine.cli import CommandResult, _jsonable, build_parser, main
 from engine.timing import alternating, summarize, time_fn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +52,14 @@ def test_help_imports_no_heavy_library(command):
     assert out.stdout.strip().splitlines()[-1] == "HEAVY", out.stdout[-300:]
 
 
+def test_every_flag_of_every_command_has_help():
+    """`python -m engine COMMAND --help` says what each flag does; none is listed bare."""
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    bare = [(name, action.dest) for name, parser in commands.choices.items()
+            for action in parser._actions if not action.help]
+    assert bare == []
+
+
 def test_closed_pipe_ends_quietly():
     """`python -m engine ... | head`: the reader goes away before the output is written; the
     command exits 0 with nothing on stderr (no BrokenPipeError traceback)."""
@@ -67,28 +78,42 @@ def test_jsonable_turns_tables_and_nonfinite_into_json_values():
     assert _jsonable({"x": (1, float("nan"))}) == {"x": [1, None]}
 
 
-def test_main_reports_value_errors_with_exit_code_2(monkeypatch, capsys):
+def _only_command(monkeypatch, run, add_arguments=lambda p: None):
+    """Make `fake`, running `run(args)`, the CLI's only command."""
     import engine.cli as cli
 
-    class Fake:
-        HELP = "fake"
-
-        @staticmethod
-        def add_arguments(p):
-            p.add_argument("--n", type=int, default=1)
-
-        @staticmethod
-        def run(args):
-            if args.n < 1:
-                raise ValueError("n must be >= 1, got 0")
-            return CommandResult({"t": pd.DataFrame({"n": [args.n]})}, {"ok": True})
-
+    fake = SimpleNamespace(HELP="fake", add_arguments=add_arguments, run=run)
     monkeypatch.setattr(cli, "COMMANDS", ("fake",))
-    monkeypatch.setattr(cli.importlib, "import_module", lambda name: Fake)
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: fake)
+
+
+def test_main_reports_value_errors_with_exit_code_2(monkeypatch, capsys):
+    def run(args):
+        if args.n < 1:
+            raise ValueError("n must be >= 1, got 0")
+        return CommandResult({"t": pd.DataFrame({"n": [args.n]})}, {"ok": True})
+
+    _only_command(monkeypatch, run, lambda p: p.add_argument("--n", type=int, default=1))
     assert main(["fake", "--n", "0"]) == 2
     assert "n must be >= 1" in capsys.readouterr().err
     assert main(["fake", "--n", "3", "--json"]) == 0
     assert '"ok": true' in capsys.readouterr().out
+
+
+def test_tables_print_missing_values_as_a_dash_and_json_as_null(monkeypatch, capsys):
+    """A missing value reads "–" in a printed table, as on the pages (not NaN or None); --json
+    keeps null."""
+    table = pd.DataFrame({"router": ["hash", None], "ms": [1.5, math.nan], "label": ["a", None],
+                          "n": [3, 4]})
+    _only_command(monkeypatch, lambda args: CommandResult({"t": table}))
+    assert main(["fake"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows == [["==", "t"], ["router", "ms", "label", "n"], ["hash", "1.5", "a", "3"],
+                    ["–", "–", "–", "4"], []]
+    assert main(["fake", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"t": [
+        {"router": "hash", "ms": 1.5, "label": "a", "n": 3},
+        {"router": None, "ms": None, "label": None, "n": 4}]}
 
 
 def test_summary_percentiles_by_hand():

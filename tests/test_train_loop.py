@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from engine.cli import main
 from engine.train_data import tokenize
 from engine.train_loop import TrainSettings, train, train_run
 from engine.train_metrics import summary_table
-from engine.train_model import ROUTERS
+from engine.train_fields import ROUTERS
 
 TEXT = "the cat sat on the mat. the dog sat on the log. " * 60
 TINY = dict(tokenizer="byte", d_model=32, layers=1, heads=2, experts=4, k=2, d_expert=32,
@@ -112,6 +113,33 @@ def test_cli_json_shape(capsys) -> None:
         assert all(len(r[k]) == 3 for k in ("train_loss", "val_loss", "cv"))
     assert doc["runs"][1]["cv"] == [None, None, None]  # dense: no experts to balance
     assert {row["router"] for row in doc["summary"]} == {"hash", "dense"}
+
+
+@pytest.mark.parametrize("flag, field", [("steps", "steps"), ("experts", "experts"),
+                                         ("layers", "layers"), ("d-model", "d_model"),
+                                         ("seq-len", "seq_len"), ("batch", "batch"),
+                                         ("gamma", "gamma"), ("vocab", "vocab")])
+def test_cli_help_states_the_default_and_the_largest_value_the_engine_takes(capsys, flag, field):
+    """`train --help` says "..., LO to HI (default D)": D is TrainSettings' default, HI the largest
+    value the run accepts (one more is refused, naming the flag)."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps help across lines
+    own = text.split(f" --{flag} {flag.upper().replace('-', '_')} ")[1].split(" --")[0]
+    hi = re.search(r"to ([0-9.]+) \(default ([0-9.]+)\)", own)
+    default = getattr(TrainSettings(), field)
+    assert float(hi.group(2)) == default
+    top = type(default)(float(hi.group(1)))
+    extra = {"heads": 1} if field == "d_model" else {}
+    if field == "vocab":  # the BPE vocabulary: checked where the text is tokenized
+        tokenize("some text to learn merges from", "bpe", top)
+        with pytest.raises(ValueError, match="vocabulary"):
+            tokenize("some text", "bpe", top + 1)
+        return
+    TrainSettings(routers=("topk",), k=1, **extra, **{field: top})
+    bad = top + (1 if isinstance(top, int) else 0.5)
+    assert main(["train", "--routers", "topk", "--k", "1", f"--{flag}", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --{flag} must be")
 
 
 def test_cli_bad_flag_exits_2(capsys) -> None:

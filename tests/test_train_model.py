@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.train_model import MOE_ROUTERS, ModelConfig, MoELM, lm_loss
+from engine.train_fields import MOE_ROUTERS
+from engine.train_model import ModelConfig, MoELM, lm_loss
 
 SMALL = dict(vocab=64, d_model=16, n_layers=2, n_heads=2, seq_len=8, d_expert=8, num_experts=4,
              top_k=2)

@@ -128,8 +128,9 @@ def test_estimate_checks_the_run_before_its_probe_builds_a_model(monkeypatch):
 
 
 def test_inputs_allow_exactly_what_the_engine_accepts():
-    from engine.train_data import BPE_VOCAB, tokenize
-    from engine.train_loop import LIMITS, TrainSettings
+    from engine.train_data import tokenize
+    from engine.train_fields import BPE_VOCAB, LIMITS
+    from engine.train_loop import TrainSettings
 
     at = _page()
     bounds = {"E": "experts", "layers": "layers", "d": "d_model", "steps": "steps", "batch": "batch",

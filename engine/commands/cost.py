@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mem.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                      help="full activation checkpointing (default: the page's, on)")
     mem.add_argument("--attention", help="flash (no S^2 scores) or math")
-    mem.add_argument("--capacity-factor", type=float)
+    mem.add_argument("--capacity-factor", type=float,
+                     help="expert slots per routed token, sizing the MoE activations (1: dropless)")
     mem.add_argument("--kv-tokens", type=int, default=None,
                      help="add the inference KV cache of --micro-batch sequences of this length")
     mem.add_argument("--gpu", help='GPU preset, e.g. "H200 141 GB" (default), "H100 80 GB"')
@@ -82,7 +83,7 @@ def _run(args: argparse.Namespace) -> CommandResult:
     from engine.cli import CommandResult
     from engine.cost_memory import TrainLayout
     from engine.cost_model import PRESETS, preset_config
-    from engine.cost_report import DEFAULTS, report
+    from engine.cost_report import DEFAULTS, fit_text, report, time_text
     from engine.cost_time import GPUS
     from engine.validation import check_choice, check_float
 
@@ -113,5 +114,8 @@ def _run(args: argparse.Namespace) -> CommandResult:
         s = BlockBenchSettings.from_config(cfg, args.bench_d_model, args.bench_tokens, args.reps)
         tables["block timing"] = pd.DataFrame([dataclasses.asdict(r) for r in time_blocks(s)])
     data = {k: v for k, v in rep.items() if not isinstance(v, pd.DataFrame)}
+    # The page's sentences under its "Will it fit?" heading; --mfu is its typed MFU.
+    verdict = (f"{fit_text(rep['memory_per_gpu'])}\n"
+               f"{time_text(rep['time_to_train'], gpu, f'MFU {mfu:.0%} (typed)')}")
     return CommandResult(tables, {"config": dataclasses.asdict(cfg), "layout": dataclasses.asdict(layout),
-                                  "gpu": gpu, **data})
+                                  "gpu": gpu, **data}, {"Will it fit?": verdict})

@@ -15,30 +15,46 @@ HELP = "expert parallelism: per-rank load and all-to-all bytes of a placement, o
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Settings of EPSettings (unset flags keep its defaults), a custom --map, and --launch N."""
-    p.add_argument("--experts", type=int, help="experts E")
-    p.add_argument("--ranks", type=int, help="ranks R of the what-if")
-    p.add_argument("--top-k", type=int, help="experts per token k")
-    p.add_argument("--tokens", type=int, help="tokens per rank")
-    p.add_argument("--d-model", type=int)
-    p.add_argument("--dtype", help="fp32, bf16 or fp16")
-    p.add_argument("--placement", help="contiguous, round_robin or greedy")
-    p.add_argument("--replicas", type=int, help="extra slots (greedy only)")
-    p.add_argument("--router", help="e.g. hash, topk (a wrong name lists all)")
-    p.add_argument("--zipf", type=float)
-    p.add_argument("--hot-share", type=float)
-    p.add_argument("--seed", type=int)
+    """Settings of EPSettings (unset flags keep its defaults), a custom --map, and --launch N.
+
+    Defaults and limits are stated from engine.ep_fields (stdlib only: `--help` stays fast)."""
+    from engine.ep_fields import (K_RANGE, MAX_D_MODEL, MAX_EXPERTS, MAX_RANKS, MAX_SEED,
+                                  MAX_TOKENS, MAX_TOP_K, MAX_ZIPF, ROUTERS, EPFields)
+
+    d = EPFields()
+    by_router = "; ".join(f"{r} {lo}" if lo == hi else f"{r} {lo} or {hi}"
+                          for r, (lo, hi) in K_RANGE.items())
+    p.add_argument("--experts", type=int, help=f"experts E, 1 to {MAX_EXPERTS} (default {d.experts})")
+    p.add_argument("--ranks", type=int,
+                   help=f"ranks R of the what-if, 1 to {MAX_RANKS} and at most E (default {d.ranks})")
+    p.add_argument("--top-k", type=int, help=f"experts per token k, 1 to {MAX_TOP_K} and at most E; "
+                                             f"{by_router} (default {d.top_k})")
+    p.add_argument("--tokens", type=int, help=f"tokens per rank, 1 to {MAX_TOKENS} (default {d.tokens})")
+    p.add_argument("--d-model", type=int,
+                   help=f"hidden size of a token's payload, 1 to {MAX_D_MODEL} (default {d.d_model})")
+    p.add_argument("--dtype", help=f"payload dtype: fp32, bf16 or fp16 (default {d.dtype})")
+    p.add_argument("--placement", help=f"contiguous, round_robin or greedy (default {d.placement})")
+    p.add_argument("--replicas", type=int, help=f"extra slots for hot experts (greedy only), 0 to "
+                                                f"E x (R - 1) (default {d.replicas})")
+    p.add_argument("--router", help=f"{', '.join(ROUTERS)} (default {d.router})")
+    p.add_argument("--zipf", type=float, help=f"token skew: Zipf exponent of the token ids, 0 "
+                                              f"(uniform) to {MAX_ZIPF:g} (default {d.zipf:g})")
+    p.add_argument("--hot-share", type=float,
+                   help=f"share of tokens whose first expert is forced to expert 0, 0 to 1 "
+                        f"(default {d.hot_share:g})")
+    p.add_argument("--seed", type=int, help=f"seed of the token draws, 0 to {MAX_SEED} (default {d.seed})")
     p.add_argument("--map", default="",
                    help="custom placement 'ids;ids;...' (one group per rank, e.g. '0-3;4-7')")
     p.add_argument("--launch", type=int, metavar="N",
                    help="run the real dispatch on N local processes (torchrun, gloo) instead")
-    p.add_argument("--chunks", type=int, default=1, help="micro-batches pipelined in --launch")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--chunks", type=int, default=1,
+                   help="micro-batches pipelined in --launch (default %(default)s)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions of --launch (default %(default)s)")
     p.add_argument("--train-check", action="store_true",
                    help="train a small MoE model with its experts on 2 local processes (gloo) "
                         "beside the single-process model: losses and gradients per step")
     p.add_argument("--timeout", type=float, default=120.0,
-                   help="wall-time limit of --launch or --train-check, s")
+                   help="wall-time limit of --launch or --train-check, s (default %(default)g)")
 
 
 def _settings(args: argparse.Namespace, ranks: int | None) -> EPSettings:

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--gshard-renormalize", action="store_true", default=None,
       help="GShard: renormalise a token's surviving weight to 1 after a drop (DeepSpeed, "
            "fairseq) instead of keeping g/(g1+g2) (GShard's Algorithm 1)")
-    a("--seed", type=int)
+    a("--seed", type=int, help="seed of the generated tokens and the routers' weights")
     a("--counts", action="store_true", help="also print tokens per expert for every router")
 
 

@@ -10,23 +10,37 @@ from engine.cli import CommandResult
 
 HELP = "train a small MoE language model per router (same init, batches, optimiser) and compare"
 
-# flag -> (TrainSettings field, type); defaults come from TrainSettings.
-FIELDS = {"steps": ("steps", int), "experts": ("experts", int), "k": ("k", int),
-          "layers": ("layers", int), "d-model": ("d_model", int), "heads": ("heads", int),
-          "d-expert": ("d_expert", int), "moe-every": ("moe_every", int),
-          "batch": ("batch", int), "seq-len": ("seq_len", int), "lr": ("lr", float),
-          "warmup": ("warmup", int), "eval-every": ("eval_every", int),
-          "eval-batches": ("eval_batches", int), "alpha": ("alpha", float),
-          "capacity": ("capacity", float), "gamma": ("gamma", float), "vocab": ("vocab", int),
-          "tokenizer": ("tokenizer", str), "positions": ("positions", str),
-          "device": ("device", str), "dtype": ("dtype", str)}
+# flag -> (TrainSettings field, type, help); defaults come from TrainSettings.
+FIELDS = {"steps": ("steps", int, "training steps per run"),
+          "experts": ("experts", int, "experts E per MoE layer"),
+          "k": ("k", int, "experts per token k (hash routers: 1 or 2; switch is always top-1)"),
+          "layers": ("layers", int, "transformer layers"),
+          "d-model": ("d_model", int, "hidden size d_model"),
+          "heads": ("heads", int, "attention heads; divide d_model into an even head size"),
+          "d-expert": ("d_expert", int, "hidden width of one expert's FFN"),
+          "moe-every": ("moe_every", int, "an MoE FFN in every n-th layer, dense FFNs between"),
+          "batch": ("batch", int, "sequences per batch"),
+          "seq-len": ("seq_len", int, "tokens per sequence"),
+          "lr": ("lr", float, "peak learning rate (AdamW): linear warm-up to it, cosine decay to 10%%"),
+          "warmup": ("warmup", int, "learning-rate warm-up steps (capped at --steps)"),
+          "eval-every": ("eval_every", int, "evaluate on held-out batches every this many steps"),
+          "eval-batches": ("eval_batches", int, "held-out batches per evaluation"),
+          "alpha": ("alpha", float, "aux (load-balancing) loss weight alpha"),
+          "capacity": ("capacity", float, "capacity factor C (switch, expert_choice)"),
+          "gamma": ("gamma", float, "DeepSeek bias update speed: each expert's selection bias "
+                                    "moves by +-gamma a step"),
+          "vocab": ("vocab", int, "BPE vocabulary (the byte tokenizer has 256)"),
+          "tokenizer": ("tokenizer", str, "bpe or byte"),
+          "positions": ("positions", str, "rope or learned position embeddings"),
+          "device": ("device", str, "cpu or cuda[:N]"),
+          "dtype": ("dtype", str, "float32, or bf16 autocast")}
 
 
 # The names the engine's messages use (the page's labels) -> the flags typed here.
 NAMES = {"vocabulary": "--vocab", "d_model": "--d-model", "layers": "--layers", "heads": "--heads",
          "sequence length": "--seq-len", "expert width": "--d-expert", "Experts E": "--experts",
          "Experts per token k": "--k", "MoE every n-th layer": "--moe-every", "alpha": "--alpha",
-         "capacity factor": "--capacity", "DeepSeek gamma": "--gamma", "positions": "--positions",
+         "capacity factor": "--capacity", "DeepSeek bias update speed": "--gamma", "positions": "--positions",
          "routers": "--routers", "steps": "--steps", "batch": "--batch", "learning rate": "--lr",
          "warm-up steps": "--warmup", "evaluate every": "--eval-every",
          "evaluation batches": "--eval-batches", "dtype": "--dtype", "CUDA graphs": "--cuda-graphs",
@@ -47,7 +61,7 @@ def shell_command(s, data: str, threads: int) -> str:
         words.append("--seeds " + ",".join(map(str, s.seeds)))
     if data != "pydoc":
         words.append(f"--data {data}")
-    for flag, (field, _) in FIELDS.items():
+    for flag, (field, _, _) in FIELDS.items():
         if getattr(s, field) != getattr(default, field):
             words.append(f"--{flag} {getattr(s, field)}")
     if s.cuda_graphs:
@@ -56,15 +70,27 @@ def shell_command(s, data: str, threads: int) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Routers, seeds, data and every TrainSettings field."""
+    """Routers, seeds, data and every TrainSettings field, with the training page's defaults and
+    ranges (engine.train_fields: stdlib only, so --help imports no torch)."""
+    from engine.train_fields import BPE_VOCAB, DEFAULT_ROUTERS, LIMITS, ROUTERS, TrainFields
+
+    d, ranges = TrainFields(), {**LIMITS, "vocab": BPE_VOCAB}
+    left_out = ", ".join(r for r in ROUTERS if r not in DEFAULT_ROUTERS)
     parser.add_argument("--routers", default=None,
-                        help="comma-separated: hash, balanced_hash, topk, switch, expert_choice, "
-                             "deepseek, dense, dense_total (default: all but dense_total)")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+                        help=f"comma-separated: {', '.join(ROUTERS)} (default: all but {left_out})")
+    lo, hi = LIMITS["seeds"]
+    parser.add_argument("--seeds", default="0", help=f"comma-separated seeds, {lo} to {hi} of them "
+                                                     "(default 0)")
     parser.add_argument("--data", default="pydoc",
                         help="pydoc (default), stdlib, or the path of a UTF-8 .txt file (<= 5 MB)")
-    for flag, (field, typ) in FIELDS.items():
-        parser.add_argument(f"--{flag}", type=typ, default=None, help=f"TrainSettings.{field}")
+    parser.epilog = "A value out of range is refused, naming the flag and its range."
+    for flag, (field, typ, text) in FIELDS.items():
+        if field in ranges:
+            lo, hi = ranges[field]
+            # Learning rate and capacity factor refuse 0 itself (engine.validation's lo_open).
+            text += f", {'above ' if field in ('lr', 'capacity') else ''}{lo:g} to {hi:g}"
+        parser.add_argument(f"--{flag}", type=typ, default=None,
+                            help=f"{text} (default {getattr(d, field)})")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay each training step from a CUDA graph (CUDA devices)")
 
@@ -91,7 +117,7 @@ def settings_of(args: argparse.Namespace):
     from engine.train_data import TEXTS, decode_upload
     from engine.train_loop import TrainSettings
 
-    kw = {field: getattr(args, flag.replace("-", "_")) for flag, (field, _) in FIELDS.items()}
+    kw = {field: getattr(args, flag.replace("-", "_")) for flag, (field, _, _) in FIELDS.items()}
     kw = {k: v for k, v in kw.items() if v is not None}
     if args.routers is not None:
         kw["routers"] = tuple(r.strip() for r in args.routers.split(",") if r.strip())
