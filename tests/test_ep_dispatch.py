@@ -239,6 +239,13 @@ def test_cli_what_if_tables_add_up(capsys):
     pairs = sum(int((rank_batch(s, r)[1] >= 0).sum()) for r in range(2))
     assert sum(row["load_pairs"] for row in doc["per rank"]) == pairs
     assert doc["placement"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # The matrix is the page heatmap's: off-rank cells (same-rank ones null), adding up to the
+    # summary's off-rank MB; each off-rank pair is a row of 10 fp32 values.
+    matrix = doc["off-rank dispatch MB (combine = transpose)"]
+    assert [matrix[i][str(i)] for i in range(2)] == [None, None]
+    assert matrix[0]["1"] + matrix[1]["0"] == pytest.approx(doc["summary"][0]["dispatch_off_rank_MB"])
+    assert doc["summary"][0]["dispatch_off_rank_MB"] == pytest.approx(
+        doc["summary"][0]["leave_share"] * pairs * 10 * 4 / 1e6)
 
 
 @pytest.mark.parametrize("argv, flag", [(["--experts", "-5"], "--experts"), (["--ranks", "0"], "--ranks"),

@@ -121,10 +121,11 @@ def _run(args: argparse.Namespace) -> CommandResult:
         settings = dataclasses.replace(settings, ranks=placement.num_ranks)
     ranks = settings.ranks
     stats = ep_stats(settings, placement)
-    traffic = pd.DataFrame(stats.dispatch_bytes()).map(lambda b: b / 1e6)
+    # As the page's heatmap: off-rank MB only, same-rank cells "–" (their sum is the summary's).
+    traffic = pd.DataFrame(stats.off_rank_mb(), dtype=float)
     traffic.insert(0, "src \\ dst", range(ranks))
     summary = pd.DataFrame([{"placement": stats.placement.name, "balancedness": stats.balancedness,
                              "leave_share": stats.leave_share, "max_load": max(stats.load),
                              "dispatch_off_rank_MB": stats.off_rank_bytes() / 1e6}])
-    return CommandResult({"per rank": rank_table(stats), "dispatch MB (combine = transpose)": traffic,
+    return CommandResult({"per rank": rank_table(stats), "off-rank dispatch MB (combine = transpose)": traffic,
                           "summary": summary}, {"placement": [list(s) for s in stats.placement.slots]})
