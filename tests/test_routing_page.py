@@ -114,6 +114,17 @@ def test_cli_json_matches_an_independent_recomputation(capsys):
     assert sum(counts) == rows["Hash"]["slots routed"]
 
 
+def test_cli_text_shows_the_notes_the_page_shows(capsys):
+    """GShard's note on what its capacity dropped reaches the text output, as on the page."""
+    argv = ["route", "--tokens", "4096", "--experts", "16", "--routers", "hash,gshard"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert main(argv + ["--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert len(notes) == 1 and notes[0].startswith("GShard top-2: ")
+    assert f"== notes\n{notes[0]}\n" in text
+
+
 def test_cli_bad_input_exits_2_with_the_argument_named(capsys):
     assert main(["route", "--k", "0"]) == 2
     assert "error: --k must be >= 1" in capsys.readouterr().err

@@ -78,4 +78,6 @@ def run(args: argparse.Namespace) -> CommandResult:
         tables["DeepSeek-V3 balance over steps"] = result.balance
     if args.counts or args.json:
         tables["tokens per expert"] = result.counts
-    return CommandResult(tables, {"settings": settings_dict(settings), "notes": list(result.notes)})
+    # The notes the page shows under its metrics (e.g. what GShard's capacity did), in text too.
+    text = {"notes": "\n".join(result.notes)} if result.notes else {}
+    return CommandResult(tables, {"settings": settings_dict(settings), "notes": list(result.notes)}, text)
