@@ -298,7 +298,8 @@ if mc[2].button("Measure", icon=":material/speed:", key="measure"):
         layout = TrainLayout(**{**lay, "precision": m_prec, "gpus": 1, "zero": 0, "ep": 1,
                                 "capacity_factor": 1.0})
         est = estimated_step_s(cfg, layout)
-        bar = st.progress(0.0, f"about {est:.0f} s per step here" if est else "measuring")
+        # An upper figure: CPU_FLOPS are rates seen under load (2.4-5.5x under a quiet machine's).
+        bar = st.progress(0.0, f"up to about {est:.0f} s per step here" if est else "measuring")
         m = measure_step(cfg, layout, "cpu" if _environment()["cuda"] == "none" else "cuda", 0.5, 1.0,
                          progress=lambda f, msg: bar.progress(f, msg))
         bar.empty()
