@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 import pandas as pd
 import streamlit as st
 
+from engine.cli import MISSING  # what a table shows for a missing value, here and in the CLI
+
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
@@ -233,8 +235,6 @@ def _no_markdown_links(text: str) -> str:
 def _slot(key: str) -> str:
     return f"_last_good_{key}"
 
-
-MISSING = "–"  # what a table shows for a missing value (Streamlit's grid would write "None")
 
 
 def table(df: pd.DataFrame, formats: dict[str, str] | None = None,

@@ -68,9 +68,11 @@ def _cost(values: tuple, layout: tuple, tokens: float, gpu: GpuSpec, causal: boo
 
 
 def _time(values: dict, layout: dict, tokens: float, gpu: GpuSpec, mfu: float, price: float,
-          causal: bool) -> dict:
-    return _in_page_words(lambda: training_time(TransformerConfig(**values), TrainLayout(**layout),
-                                                tokens, gpu, mfu, price, causal))
+          causal: bool, gpu_name: str, mfu_text: str) -> str:
+    """The time-to-train sentence, whole: shown again after a refusal, it keeps its own GPU and MFU."""
+    return _in_page_words(lambda: time_text(training_time(TransformerConfig(**values),
+                                                          TrainLayout(**layout), tokens, gpu, mfu,
+                                                          price, causal), gpu_name, mfu_text))
 
 
 @st.cache_data(show_spinner=False)
@@ -223,14 +225,13 @@ if result is not None:
     else:
         st.warning(fit_text(fit), icon=":material/warning:")
     # MFU and price change only this line: a bad one is refused here, and every figure above stays.
-    ttt = (guarded("cost_time", lambda: _time(values, lay, float(tokens), gpu, float(mfu), float(price),
-                                                not full_attn))
-           if config_error is None and not refused("cost") else last_good("cost_time"))
-    if ttt is not None:
-        mfu_text = (f"MFU {ttt['mfu']:.1%} measured on an NVIDIA H200, "
-                    f"{committed['env']['date'][:10]} ({committed['calibration']})"
-                    if mfu_src != "typed" else f"MFU {ttt['mfu']:.0%} (typed)")
-        st.markdown(time_text(ttt, gpu_name, mfu_text).replace("$", "\\$"))  # dollars, not LaTeX
+    mfu_text = (f"MFU {mfu:.1%} measured on an NVIDIA H200, {committed['env']['date'][:10]} "
+                f"({committed['calibration']})" if mfu_src != "typed" else f"MFU {mfu:.0%} (typed)")
+    sentence = (guarded("cost_time", lambda: _time(values, lay, float(tokens), gpu, float(mfu),
+                                                   float(price), not full_attn, gpu_name, mfu_text))
+                if config_error is None and not refused("cost") else last_good("cost_time"))
+    if sentence is not None:
+        st.markdown(sentence.replace("$", "\\$"))  # dollars, not LaTeX
     with st.expander("Memory by component and activation parts (bytes per GPU)"):
         c1, c2 = st.columns(2)
         c1.dataframe(mem, hide_index=True,
@@ -297,10 +298,11 @@ if mc[2].button("Measure", icon=":material/speed:", key="measure"):
         cfg = scaled_copy(cfg) if scaled else cfg
         layout = TrainLayout(**{**lay, "precision": m_prec, "gpus": 1, "zero": 0, "ep": 1,
                                 "capacity_factor": 1.0})
-        est = estimated_step_s(cfg, layout)
+        device = "cpu" if _environment()["cuda"] == "none" else "cuda"
+        est = estimated_step_s(cfg, layout, device)  # None on a GPU
         # An upper figure: CPU_FLOPS are rates seen under load (2.4-5.5x under a quiet machine's).
         bar = st.progress(0.0, f"up to about {est:.0f} s per step here" if est else "measuring")
-        m = measure_step(cfg, layout, "cpu" if _environment()["cuda"] == "none" else "cuda", 0.5, 1.0,
+        m = measure_step(cfg, layout, device, 0.5, 1.0,
                          progress=lambda f, msg: bar.progress(f, msg))
         bar.empty()
         prev = st.session_state.get("cost_measured")

@@ -159,7 +159,15 @@ _METRIC_HELP = {
 _BALANCE_COLUMNS = ["k", "CV", "null CV", "max/mean", "MaxVio", "Gini", "norm. entropy"]
 
 
+def _notes(result: LabResult) -> None:
+    for note in result.notes:
+        st.info(note, icon=":material/info:")
+
+
 def _show(result: LabResult, settings: LabSettings) -> None:
+    if result.metrics.empty:  # every chosen router was skipped: only their notes say why
+        _notes(result)
+        return
     _histogram(result, settings)
     st.caption("Each router's tokens per expert over k T / E, with its own k. Switch and GShard drop at "
                "capacity and top out at C; Expert Choice fills every expert to exactly C. Their metrics "
@@ -181,8 +189,7 @@ def _show(result: LabResult, settings: LabSettings) -> None:
     for columns in (_BALANCE_COLUMNS, rest):
         table(metrics[["router", *columns]], formats=formats, helps=_METRIC_HELP, hide_index=True,
               width="stretch")
-    for note in result.notes:
-        st.info(note, icon=":material/info:")
+    _notes(result)
     extra = {"settings": settings_dict(settings)}
     download_buttons("routing_metrics", metrics, extra)
     download_buttons("routing_counts", result.counts, extra)

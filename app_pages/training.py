@@ -60,7 +60,7 @@ def _settings() -> tuple[TrainSettings, str]:
                               format="%.3f", key="alpha", bind=QP)
     capacity = c[2].number_input("Capacity factor C", 0.05, LIMITS["capacity"][1], D.capacity, step=0.25,
                                  key="C", bind=QP)
-    gamma = c[3].number_input("DeepSeek bias update speed", *LIMITS["gamma"], D.gamma, step=0.005,
+    gamma = c[3].number_input("DeepSeek-V3 bias update speed", *LIMITS["gamma"], D.gamma, step=0.005,
                               format="%.3f", key="gamma", bind=QP,
                               help="gamma: each expert's selection bias moves by +-gamma a step")
     lr = c[4].number_input("Learning rate", 1e-6, LIMITS["lr"][1], D.lr, step=1e-3, format="%.4f", key="lr",

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 # Sub-command name -> module engine.commands.<name>; a missing module is skipped.
 COMMANDS = ("route", "attention", "fit", "cost", "dispatch", "train")
-# A missing value (NaN, None) in a printed table, as the pages' tables show it (app_pages/_ui.MISSING).
+# A missing value (NaN, None) in a printed table, and in the pages' tables (app_pages._ui.table):
+# Streamlit's grid would write "None".
 MISSING = "–"
 
 

@@ -1,4 +1,5 @@
-"""Every table the cost page and `python -m engine cost` show, from one call (so both agree)."""
+"""Every table and sentence the cost page and `python -m engine cost` show, from the same functions
+(so both agree): `report` for the CLI; the page calls its two parts, `sizing` and `training_time`."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def training_time(cfg: TransformerConfig, layout: TrainLayout, tokens: float, gp
 
 
 def fit_text(fit: dict[str, Any]) -> str:
-    """The cost page's "Will it fit?" verdict from `report`'s memory_per_gpu: fits, or what is
+    """The cost page's "Will it fit?" verdict from `sizing`'s memory_per_gpu: fits, or what is
     needed and what to change (one "- " line each)."""
     need, have = fit["total_bytes"] / 1e9, fit["gpu_bytes"] / 1e9
     if fit["fits"]:

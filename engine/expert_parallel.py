@@ -67,7 +67,7 @@ class EPStats:
 
     def off_rank_mb(self) -> list[list[float | None]]:
         """Dispatch MB [src][dst] that cross ranks: the diagonal is None (a rank's rows for its own
-        experts are never sent), so the cells add up to off_rank_bytes()."""
+        experts are never sent), so the cells add up to off_rank_bytes() / 1e6."""
         return [[None if src == dst else b / 1e6 for dst, b in enumerate(row)]
                 for src, row in enumerate(self.dispatch_bytes())]
 

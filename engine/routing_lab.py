@@ -59,7 +59,7 @@ PAGE_LABELS = {
     "zipf_s": "Zipf exponent s", "d_model": "Hidden size D", "clusters": "Clusters",
     "num_experts": "Experts E", "top_k": "Experts per token k",
     "capacity_factor": "Capacity factor C", "num_ranks": "Ranks R", "routers": "Routers",
-    "deepseek_steps": "DeepSeek-V3 bias steps", "bias_update_speed": "DeepSeek bias update speed",
+    "deepseek_steps": "DeepSeek-V3 bias steps", "bias_update_speed": "DeepSeek-V3 bias update speed",
     "seed": "Seed", "n_groups": "Expert groups", "topk_groups": "Groups per token",
     "route_scale": "Routed scaling factor",
 }

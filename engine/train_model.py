@@ -50,7 +50,7 @@ class ModelConfig:
     router: str = "topk"
     alpha: float = 0.01          # load-balancing loss weight (topk, switch)
     capacity: float = 1.25       # capacity factor C (switch, expert_choice)
-    gamma: float = 0.01          # DeepSeek bias update speed per step
+    gamma: float = 0.01          # DeepSeek-V3 bias update speed per step
     positions: str = "rope"
     ffn: str = "gelu"
     seed: int = 0
@@ -73,7 +73,7 @@ class ModelConfig:
         check_choice("router", self.router, ROUTERS)
         check_float("alpha", self.alpha, *LIMITS["alpha"])
         check_float("capacity factor", self.capacity, *LIMITS["capacity"], lo_open=True)
-        check_float("DeepSeek bias update speed", self.gamma, *LIMITS["gamma"])
+        check_float("DeepSeek-V3 bias update speed", self.gamma, *LIMITS["gamma"])
         check_choice("positions", self.positions, ("rope", "learned"))
         check_choice("ffn", self.ffn, ("gelu", "swiglu"))
         check_int("seed", self.seed, *LIMITS["seed"])

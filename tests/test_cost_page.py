@@ -133,6 +133,22 @@ def test_a_cold_link_with_a_bad_mfu_refuses_only_the_time_to_train():
     assert at.success and not any(m.value.startswith("Time to train") for m in at.markdown)
 
 
+def test_a_refused_time_keeps_its_own_gpu_and_a_refused_layout_shows_one_error():
+    at = _page()
+    line = next(m.value for m in at.markdown if m.value.startswith("Time to train"))
+    assert "64 x H200 141 GB at MFU 40% (typed)" in line
+    at.number_input(key="gpus").set_value(0).run()  # refused by the layout: one error, not two
+    assert len(at.error) == 1 and at.error[0].value.startswith('"GPUs N" must be >= 1')
+    assert next(m.value for m in at.markdown if m.value.startswith("Time to train")) == line
+    at.number_input(key="gpus").set_value(64)
+    at.number_input(key="mfu").set_value(7.0).run()
+    at.selectbox(key="gpu").set_value("H100 80 GB").run()  # the memory follows; the time is the last good
+    assert [e.value for e in at.error] == ['"MFU" must be <= 1.0, got 7.0']
+    assert "Showing the last valid result." in [c.value for c in at.caption]
+    assert at.success[0].value.endswith("of 80 GB per GPU.")
+    assert next(m.value for m in at.markdown if m.value.startswith("Time to train")) == line
+
+
 @pytest.mark.slow
 def test_measure_button_runs_a_scaled_step_on_this_cpu():
     at = _page(layers="2")

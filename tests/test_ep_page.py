@@ -140,6 +140,12 @@ def test_page_inputs_take_the_engine_limits(at):
     assert at.number_input(key="experts").max == MAX_EXPERTS
     assert at.number_input(key="ranks").max == MAX_RANKS
     assert at.number_input(key="k").max == MAX_TOP_K
+    # The sliders' top values are accepted by the engine (Zipf 3, every token's first expert hot).
+    zipf, hot = at.slider(key="zipf"), at.slider(key="hot")
+    assert (zipf.max, hot.max) == (3.0, 1.0)
+    EPSettings(zipf=zipf.max, hot_share=hot.max).validated()
+    with pytest.raises(ValueError):
+        EPSettings(zipf=zipf.max + 0.1).validated()
 
 
 def test_heatmap_holds_exactly_the_off_rank_megabytes_of_the_metric(at):

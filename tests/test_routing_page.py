@@ -96,6 +96,16 @@ def test_bad_input_shows_the_error_and_keeps_the_last_result():
     pd.testing.assert_frame_equal(_metrics(at), before)
 
 
+def test_only_skipped_routers_show_why_and_the_page_stays_up():
+    # The balanced hash table needs token ids; on hidden states it is skipped, and with it alone
+    # there is no table to show (the page raised KeyError 'router').
+    at = _page({"wl": "gaussian", "routers": ["balanced_hash"], "T": "2048"})
+    assert not at.exception and not at.error
+    assert [i.value for i in at.info] == ["Hash (balanced table) needs token ids: skipped for "
+                                          "hidden states."]
+    assert not at.dataframe
+
+
 def test_cli_json_matches_an_independent_recomputation(capsys):
     argv = ["route", "--tokens", "3000", "--experts", "8", "--routers", "hash,switch",
             "--workload", "uniform", "--vocab", "500", "--capacity-factor", "1.0", "--json"]

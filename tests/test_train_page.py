@@ -150,3 +150,17 @@ def test_inputs_allow_exactly_what_the_engine_accepts():
             TrainSettings(routers=("topk",), k=1, **extra, **{name: hi + 1})
     with pytest.raises(ValueError, match="vocabulary"):
         tokenize("some text", "bpe", BPE_VOCAB[1] + 1)
+
+
+def test_settings_both_labs_share_have_one_name():
+    """The routing lab and the training lab call the same things the same: the balanced hash
+    router's key, and DeepSeek-V3's bias speed (label on both pages, and in the engine's error)."""
+    from engine import routing_lab, train_fields
+    from engine.train_loop import TrainSettings
+
+    shared = set(routing_lab.ROUTERS) & set(train_fields.ROUTERS)
+    assert {"hash", "balanced_hash", "topk", "switch", "expert_choice", "deepseek"} <= shared
+    label = routing_lab.PAGE_LABELS["bias_update_speed"]
+    assert _page().number_input(key="gamma").label == label
+    with pytest.raises(ValueError, match=f"^{label} must be <= 1.0"):
+        TrainSettings(gamma=2.0)
