@@ -27,8 +27,9 @@ Starts `streamlit run app.py` on a free port and drives each page in headless Ch
   profiler, the main thread's time by script file (plotly's chart module, React, ...), by `(idle)`
   (waiting for the server) and by `(program)` (the browser's own work: parsing, style, layout);
   the profiler slows the page, so these are shares, not the first render's figure;
-- from home: how a viewer reaches a page once the app is open. A fresh context opens Home, then
-  the page's sidebar link is clicked: click to settled page (plotly's module still loads then);
+- from home / from lab: how a viewer reaches a page once the app is open. A fresh context opens
+  Home (or a lab with charts: /routing, /cost for /routing itself), then the page's sidebar link is
+  clicked: click to settled page. From Home plotly's module still loads then, from a lab it has;
 - figure build: the routing page's main figure built with Plotly Express and with
   app_pages._ui.line_figure, alternating in one run (median ms and their ratio).
 Targets (issue 18): median <= 1.0 s, p95 <= 2 s, first render <= 2.5 s. The machine's load
@@ -67,6 +68,8 @@ CHANGES: dict[str, tuple[str, tuple] | None] = {
                                 "aux loss (sum over layers)", "DeepSeek bias spread (max - min)",
                                 "training tokens/s", "CV of tokens per expert (mean over layers)") * 2),
 }
+# The lab a page is reached from in `from lab` (plotly's module loaded), and for that lab itself.
+LAB, LAB_2 = "routing", "cost"
 # Clicked before the first change: the tab that holds the widget.
 TABS = {"training": "Committed GPU results"}
 
@@ -108,6 +111,7 @@ class PageResult:
     first_render_busy_s: float | None = None
     first_render_no_charts_s: float | None = None
     from_home_s: float | None = None
+    from_lab_s: float | None = None  # from another lab with charts (LAB, or LAB_2 for LAB itself)
     redraw_median_s: float | None = None
     redraw_p95_s: float | None = None
     redraws_s: list[float] = field(default_factory=list)
@@ -230,15 +234,15 @@ def _first_render_no_charts(browser, base: str, path: str) -> float:
         page.context.close()
 
 
-def switch_from_home(browser, base: str, path: str, timeout_s: float = 60.0) -> float:
-    """How a viewer reaches a page once the app is open: in a fresh context, open Home, then click
-    the page's sidebar link; seconds from the click to the DOM's last change once the run has
-    finished and every chart is drawn (Streamlit's JavaScript is loaded; plotly's is not: Home
-    draws no chart)."""
+def switch_page(browser, base: str, start: str, path: str, timeout_s: float = 60.0) -> float:
+    """How a viewer reaches a page once the app is open: in a fresh context, open `start`, then
+    click the page's sidebar link; seconds from the click to the DOM's last change once the run has
+    finished and every chart is drawn. From Home (which draws no chart) plotly's module still loads
+    then; from a lab with charts it is already loaded, as for every lab after a tab's first."""
     page = bs.new_app_page(browser)
     page.add_init_script(_INPUT_JS)
     try:
-        bs.open_page(page, base, "")
+        bs.open_page(page, base, start)
         link = page.get_by_test_id("stSidebarNav").locator(f'a[href$="/{path}"]')
         before = page.evaluate("window.__st.done")
         link.click()
@@ -278,7 +282,8 @@ def measure_page(browser, base: str, path: str, changes: int) -> PageResult:
     """First render in a fresh context (and without charts), then `changes` widget changes with
     their payloads."""
     no_charts = _first_render_no_charts(browser, base, path)
-    from_home = switch_from_home(browser, base, path) if path else None
+    from_home = switch_page(browser, base, "", path) if path else None
+    from_lab = switch_page(browser, base, LAB if path != LAB else LAB_2, path) if path else None
     page = bs.new_app_page(browser)
     page.add_init_script(_INPUT_JS)
     wire = Wire(page)
@@ -286,7 +291,8 @@ def measure_page(browser, base: str, path: str, changes: int) -> PageResult:
         wall = bs.open_page(page, base, path)
         b = page.evaluate("[window.__bench.mutation, window.__st.t, window.__bench.ws, window.__bench.busy]")
         res = PageResult(path or "home", max(b[0], b[1]) / 1000, wall, b[2] and b[2] / 1000,
-                         b[1] / 1000, b[3] / 1000, no_charts, from_home, figure_bytes=list(wire.figures))
+                         b[1] / 1000, b[3] / 1000, no_charts, from_home, from_lab,
+                         figure_bytes=list(wire.figures))
         spec = CHANGES.get(path)
         if spec is None:
             return res
@@ -392,17 +398,18 @@ def main() -> None:
     print(f"figure build (routing counts, 448 points), median of alternating rounds: Plotly Express "
           f"{build['px_ms']:.0f} ms, _ui.line_figure {build['ui_ms']:.0f} ms, ratio {build['px_over_ui']:.1f}x")
     print(f"{'page':16} {'first render':>12} {'(wall':>6} {'ws':>5} {'run end':>7} {'busy)':>6} "
-          f"{'no charts':>9} {'from home':>9} {'redraw median':>14} {'p95':>6}  {'widget':10} {'figure bytes':>28} {'bytes/change':>12}")
+          f"{'no charts':>9} {'from home':>9} {'from lab':>8} {'redraw median':>14} {'p95':>6}  {'widget':10} {'figure bytes':>28} {'bytes/change':>12}")
     for r in results:
         med = f"{r.redraw_median_s:.2f}" if r.redraw_median_s is not None else "-"
         p95 = f"{r.redraw_p95_s:.2f}" if r.redraw_p95_s is not None else "-"
         home = f"{r.from_home_s:.2f}" if r.from_home_s is not None else "-"
+        lab = f"{r.from_lab_s:.2f}" if r.from_lab_s is not None else "-"
         # The figures of the first render; pages that draw none at first, those of the changes.
         figs = ",".join(f"{b / 1024:.0f}k" for b in r.figure_bytes or r.figure_bytes_changes[:4]) or "-"
         per = f"{r.received_bytes_per_change / 1024:.0f}k" if r.received_bytes_per_change else "-"
         print(f"{r.page:16} {r.first_render_s:12.2f} {r.first_render_wall_s:6.2f} "
               f"{r.websocket_open_s or 0:5.2f} {r.first_run_end_s:7.2f} {r.first_render_busy_s:6.2f} "
-              f"{r.first_render_no_charts_s:9.2f} {home:>9} {med:>14} {p95:>6}  {r.widget or '-':10} {figs:>28} {per:>12}")
+              f"{r.first_render_no_charts_s:9.2f} {home:>9} {lab:>8} {med:>14} {p95:>6}  {r.widget or '-':10} {figs:>28} {per:>12}")
     print(f"{'':16} server CPU s per change: " + ", ".join(
         f"{r.page} {r.server_cpu_per_change_s:.3f}" for r in results if r.server_cpu_per_change_s is not None))
     for name, prof in profiles.items():
@@ -423,7 +430,8 @@ def main() -> None:
           "Python, with the settle poll; ws: websocket open; run end: the first script run's end; "
           "busy: the browser's main thread in long tasks; no charts: the first render with plotly's "
           "module refused; from home: Home opened first, then the page's sidebar link clicked, "
-          "click to settled page. Seconds.")
+          f"click to settled page; from lab: the same from /{LAB} (/{LAB_2} for /{LAB}), whose charts "
+          "have loaded plotly's module. Seconds.")
 
 
 if __name__ == "__main__":
