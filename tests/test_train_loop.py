@@ -125,7 +125,9 @@ def test_cli_help_states_the_default_and_the_largest_value_the_engine_takes(caps
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps help across lines
-    own = text.split(f" --{flag} {flag.upper().replace('-', '_')} ")[1].split(" --")[0]
+    name = flag.upper().replace("-", "_")
+    # "--gamma GAMMA, --ds-speed GAMMA help ...": the help runs to the next flag.
+    own = re.search(rf" --{flag} {name}(?:, --[\w-]+ {name})* (.*?)(?= --[a-z]|$)", text).group(1)
     hi = re.search(r"to ([0-9.]+) \(default ([0-9.]+)\)", own)
     default = getattr(TrainSettings(), field)
     assert float(hi.group(2)) == default
@@ -140,6 +142,18 @@ def test_cli_help_states_the_default_and_the_largest_value_the_engine_takes(caps
     bad = top + (1 if isinstance(top, int) else 0.5)
     assert main(["train", "--routers", "topk", "--k", "1", f"--{flag}", str(bad)]) == 2
     assert capsys.readouterr().err.startswith(f"error: --{flag} must be")
+
+
+def test_deepseek_speed_takes_either_commands_flag() -> None:
+    """`route --ds-speed` and `train --gamma` name one setting: each command takes both."""
+    from engine.cli import build_parser
+    from engine.commands.route import settings_from_args
+    from engine.commands.train import settings_of
+
+    parser = build_parser()
+    for flag in ("--gamma", "--ds-speed"):
+        assert settings_of(parser.parse_args(["train", flag, "0.03"]))[0].gamma == 0.03
+        assert settings_from_args(parser.parse_args(["route", flag, "0.03"])).bias_update_speed == 0.03
 
 
 def test_cli_bad_flag_exits_2(capsys) -> None:

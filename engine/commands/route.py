@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--ranks", type=int, help="expert-parallel ranks R (1 to E)")
     a("--routers", help="comma-separated router names, e.g. hash,topk (a wrong name lists all)")
     a("--ds-steps", type=int, help="DeepSeek-V3 bias update steps")
-    a("--ds-speed", type=float, help="DeepSeek-V3 bias update speed")
+    a("--ds-speed", "--gamma", type=float,
+      help="DeepSeek-V3 bias update speed (--gamma, as `train` names it, is the same)")
     a("--ds-groups", type=int, help="DeepSeek-V3 expert groups (1: no group limit)")
     a("--ds-topk-groups", type=int, help="DeepSeek-V3 groups each token may use")
     a("--ds-scale", type=float, help="DeepSeek-V3 routed scaling factor")

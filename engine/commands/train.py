@@ -36,6 +36,9 @@ FIELDS = {"steps": ("steps", int, "training steps per run"),
           "dtype": ("dtype", str, "float32, or bf16 autocast")}
 
 
+# Other names of a flag: those another command gives the same setting (`route --ds-speed`).
+ALIASES = {"gamma": ("--ds-speed",)}
+
 # The names the engine's messages use (the page's labels) -> the flags typed here.
 NAMES = {"vocabulary": "--vocab", "d_model": "--d-model", "layers": "--layers", "heads": "--heads",
          "sequence length": "--seq-len", "expert width": "--d-expert", "Experts E": "--experts",
@@ -90,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             lo, hi = ranges[field]
             # Learning rate and capacity factor refuse 0 itself (engine.validation's lo_open).
             text += f", {'above ' if field in ('lr', 'capacity') else ''}{lo:g} to {hi:g}"
-        parser.add_argument(f"--{flag}", type=typ, default=None,
+        parser.add_argument(f"--{flag}", *ALIASES.get(flag, ()), type=typ, default=None,
                             help=f"{text} (default {getattr(d, field)})")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay each training step from a CUDA graph (CUDA devices)")
