@@ -236,7 +236,6 @@ def _slot(key: str) -> str:
     return f"_last_good_{key}"
 
 
-
 def table(df: pd.DataFrame, formats: dict[str, str] | None = None,
           helps: dict[str, str] | None = None, **kwargs: Any) -> None:
     """st.dataframe in which a missing value reads "–", never "None".

@@ -14,7 +14,7 @@ import streamlit as st
 from app_pages._ui import _environment, bar_figure, download_buttons, guarded, last_good, refused
 from engine.cost_memory import ATTENTION_KINDS, OPTIMIZERS, PRECISIONS, TrainLayout
 from engine.cost_model import FFN_TYPES, PRESETS, ROUTERS, ConfigError, TransformerConfig, relabel
-from engine.cost_report import DEFAULTS, fit_text, sizing, time_text, training_time
+from engine.cost_report import DEFAULTS, fit_text, mfu_text, sizing, time_text, training_time
 from engine.cost_time import GPUS, GpuSpec
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cost_memory_h200_2026-12-03.json"
@@ -68,11 +68,11 @@ def _cost(values: tuple, layout: tuple, tokens: float, gpu: GpuSpec, causal: boo
 
 
 def _time(values: dict, layout: dict, tokens: float, gpu: GpuSpec, mfu: float, price: float,
-          causal: bool, gpu_name: str, mfu_text: str) -> str:
+          causal: bool, gpu_name: str, mfu_named: str) -> str:
     """The time-to-train sentence, whole: shown again after a refusal, it keeps its own GPU and MFU."""
     return _in_page_words(lambda: time_text(training_time(TransformerConfig(**values),
                                                           TrainLayout(**layout), tokens, gpu, mfu,
-                                                          price, causal), gpu_name, mfu_text))
+                                                          price, causal), gpu_name, mfu_named))
 
 
 @st.cache_data(show_spinner=False)
@@ -225,10 +225,11 @@ if result is not None:
     else:
         st.warning(fit_text(fit), icon=":material/warning:")
     # MFU and price change only this line: a bad one is refused here, and every figure above stays.
-    mfu_text = (f"MFU {mfu:.1%} measured on an NVIDIA H200, {committed['env']['date'][:10]} "
-                f"({committed['calibration']})" if mfu_src != "typed" else f"MFU {mfu:.0%} (typed)")
+    where = (f"on an NVIDIA H200, {committed['env']['date'][:10]} ({committed['calibration']})"
+             if mfu_src != "typed" else None)
+    named = mfu_text(mfu, where)
     sentence = (guarded("cost_time", lambda: _time(values, lay, float(tokens), gpu, float(mfu),
-                                                   float(price), not full_attn, gpu_name, mfu_text))
+                                                   float(price), not full_attn, gpu_name, named))
                 if config_error is None and not refused("cost") else last_good("cost_time"))
     if sentence is not None:
         st.markdown(sentence.replace("$", "\\$"))  # dollars, not LaTeX

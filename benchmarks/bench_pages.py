@@ -206,6 +206,12 @@ def _p95(xs: list[float]) -> float:
     return sorted(xs)[max(0, math.ceil(0.95 * len(xs)) - 1)]
 
 
+def _input_to_settled_s(page) -> float:
+    """Seconds from the user's last key press or click to the DOM's last change or run end."""
+    t = page.evaluate("[window.__bench.input, window.__bench.mutation, window.__st.t]")
+    return (max(t[1], t[2]) - t[0]) / 1000
+
+
 def _settled_change(page, wire: Wire, key: str, value, timeout_s: float = 60.0) -> float:
     """Change widget `key` to `value`; seconds from the input event to the DOM's last change."""
     # Counted from the server's script_finished messages, which a fragment's rerun (a chart's own
@@ -218,8 +224,7 @@ def _settled_change(page, wire: Wire, key: str, value, timeout_s: float = 60.0) 
             raise AssertionError(f"no script run finished within {timeout_s:.0f} s on {page.url}")
         page.wait_for_timeout(20)
     bs.wait_for_render(page)
-    t = page.evaluate("[window.__bench.input, window.__bench.mutation, window.__st.t]")
-    return (max(t[1], t[2]) - t[0]) / 1000
+    return _input_to_settled_s(page)
 
 
 def _first_render_no_charts(browser, base: str, path: str) -> float:
@@ -248,8 +253,7 @@ def switch_page(browser, base: str, start: str, path: str, timeout_s: float = 60
         link.click()
         bs.wait_for_run(page, before, timeout_s)
         bs.wait_for_render(page, timeout_s=timeout_s)
-        t = page.evaluate("[window.__bench.input, window.__bench.mutation, window.__st.t]")
-        return (max(t[1], t[2]) - t[0]) / 1000
+        return _input_to_settled_s(page)
     finally:
         page.context.close()
 

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        # NAMES: the names a command's engine checks use -> its flags, so errors say what was typed.
+        p.set_defaults(_run=mod.run, _names=getattr(mod, "NAMES", {}))
     return parser
 
 
@@ -98,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result: CommandResult = args._run(args)
         except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            from engine.cost_model import relabel
+
+            print(f"error: {relabel(str(exc), args._names)}", file=sys.stderr)
             return 2
         _print(result, args.json)
         sys.stdout.flush()

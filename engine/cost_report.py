@@ -75,10 +75,15 @@ def fit_text(fit: dict[str, Any]) -> str:
     return f"Does not fit: {need:.1f} GB needed, {have:.0f} GB per GPU. What to change:\n{tips}"
 
 
-def time_text(ttt: dict[str, Any], gpu_name: str, mfu_text: str) -> str:
-    """The cost page's time-to-train sentence from `training_time`'s dict; `mfu_text` names the
-    MFU and where it came from, e.g. "MFU 40% (typed)"."""
-    return (f"Time to train {ttt['tokens']:.3g} tokens on {ttt['gpus']} x {gpu_name} at {mfu_text}: "
+def mfu_text(mfu: float, measured: str | None = None) -> str:
+    """How the time-to-train sentence names its MFU: typed, or `measured` (where and when)."""
+    return f"MFU {mfu:.1%} measured {measured}" if measured else f"MFU {mfu:.0%} (typed)"
+
+
+def time_text(ttt: dict[str, Any], gpu_name: str, mfu_named: str) -> str:
+    """The cost page's time-to-train sentence from `training_time`'s dict; `mfu_named` names the
+    MFU and where it came from (mfu_text)."""
+    return (f"Time to train {ttt['tokens']:.3g} tokens on {ttt['gpus']} x {gpu_name} at {mfu_named}: "
             f"{ttt['days']:,.1f} days, {ttt['gpu_hours']:,.0f} GPU-hours, ${ttt['cost']:,.0f} at "
             f"${ttt['price_per_gpu_hour']:,.2f} per GPU-hour ({ttt['training_flops']:.3e} training "
             f"FLOPs, attention {ttt['attention_flops']}).")

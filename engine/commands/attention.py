@@ -123,14 +123,9 @@ def run(args: argparse.Namespace) -> CommandResult:
             raise ValueError(f"--load must name an existing result file, got {args.load}")
         result = load_result(args.load)
     else:
-        try:
-            settings = _settings(args, model)
-            device = resolve_device(settings.device)
-            plan = plan_run(settings, device, max_seconds)
-        except ValueError as exc:
-            from engine.cost_model import relabel
-
-            raise ValueError(relabel(str(exc), NAMES)) from None
+        settings = _settings(args, model)
+        device = resolve_device(settings.device)
+        plan = plan_run(settings, device, max_seconds)
         estimate = plan.estimate_s
         if plan.too_long:
             if not args.reduce:

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Preset, field overrides, training tokens, layout, GPU, and the optional block timing.
 
     Nothing here imports the engine (`--help` stays fast): flags left out take the page's
-    defaults in _run, where names and ranges are checked (a wrong name lists the choices)."""
+    defaults in run, where names and ranges are checked (a wrong name lists the choices)."""
     parser.add_argument("--preset", default="Mixtral 8x7B",
                         help='a model preset, e.g. "Mixtral 8x7B" (default), "Llama-2-7B"')
     for flag, (field, typ) in FIELDS.items():
@@ -69,21 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> CommandResult:
     """The cost page's tables for the chosen config."""
-    from engine.cost_model import relabel
-
-    try:
-        return _run(args)
-    except ValueError as exc:
-        raise ValueError(relabel(str(exc), NAMES)) from None
-
-
-def _run(args: argparse.Namespace) -> CommandResult:
     import pandas as pd
 
     from engine.cli import CommandResult
     from engine.cost_memory import TrainLayout
     from engine.cost_model import PRESETS, preset_config
-    from engine.cost_report import DEFAULTS, fit_text, report, time_text
+    from engine.cost_report import DEFAULTS, fit_text, mfu_text, report, time_text
     from engine.cost_time import GPUS
     from engine.validation import check_choice, check_float
 
@@ -116,6 +107,6 @@ def _run(args: argparse.Namespace) -> CommandResult:
     data = {k: v for k, v in rep.items() if not isinstance(v, pd.DataFrame)}
     # The page's sentences under its "Will it fit?" heading; --mfu is its typed MFU.
     verdict = (f"{fit_text(rep['memory_per_gpu'])}\n"
-               f"{time_text(rep['time_to_train'], gpu, f'MFU {mfu:.0%} (typed)')}")
+               f"{time_text(rep['time_to_train'], gpu, mfu_text(mfu))}")
     return CommandResult(tables, {"config": dataclasses.asdict(cfg), "layout": dataclasses.asdict(layout),
                                   "gpu": gpu, **data}, {"Will it fit?": verdict})

@@ -82,16 +82,7 @@ NAMES = {"Experts E": "--experts", "Ranks R": "--ranks", "Experts per token k": 
 
 def run(args: argparse.Namespace) -> CommandResult:
     """The what-if tables, the measured per-rank and summary tables of a launch, or the
-    training check's steps; errors in the flags' words."""
-    from engine.cost_model import relabel
-
-    try:
-        return _run(args)
-    except ValueError as exc:
-        raise ValueError(relabel(str(exc), NAMES)) from None
-
-
-def _run(args: argparse.Namespace) -> CommandResult:
+    training check's steps."""
     import pandas as pd
 
     from engine.cli import CommandResult

@@ -55,13 +55,13 @@ def shell_command(s, data: str, threads: int) -> str:
     """The `python -m engine train` line that runs TrainSettings `s` on `data` (pydoc, stdlib, or
     a file's name) with `threads` intra-op threads: only the flags that differ from the defaults.
     The thread count is part of the run: reductions split over threads round differently."""
-    from engine.train_loop import TrainSettings
+    from engine.train_fields import TrainFields
 
-    default = TrainSettings()
+    default = TrainFields()
     words = [f"OMP_NUM_THREADS={threads}", "python -m engine train"]
     if s.routers != default.routers:
         words.append("--routers " + ",".join(s.routers))
-    if s.seeds != (0,):
+    if s.seeds != default.seeds:
         words.append("--seeds " + ",".join(map(str, s.seeds)))
     if data != "pydoc":
         words.append(f"--data {data}")
@@ -106,16 +106,6 @@ def _ints(flag: str, text: str) -> tuple[int, ...]:
         raise ValueError(f"--{flag} must be comma-separated integers, got {text!r}") from None
 
 
-def run(args: argparse.Namespace) -> CommandResult:
-    """Train every router (progress on stderr); the summary and per-evaluation histories."""
-    from engine.cost_model import relabel
-
-    try:
-        return _run(args)
-    except ValueError as exc:  # in the flags' words
-        raise ValueError(relabel(str(exc), NAMES)) from None
-
-
 def settings_of(args: argparse.Namespace):
     """(TrainSettings, the file's text or None for a built-in text) from the parsed flags."""
     from engine.train_data import TEXTS, decode_upload
@@ -139,7 +129,8 @@ def settings_of(args: argparse.Namespace):
     return TrainSettings(**kw), text
 
 
-def _run(args: argparse.Namespace) -> CommandResult:
+def run(args: argparse.Namespace) -> CommandResult:
+    """Train every router (progress on stderr); the summary and per-evaluation histories."""
     import pandas as pd
 
     from engine.attention_estimate import format_seconds
