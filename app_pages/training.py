@@ -58,12 +58,12 @@ def _settings() -> tuple[TrainSettings, str]:
                                 bind=QP)
     alpha = c[1].number_input("Aux loss weight alpha", *LIMITS["alpha"], D.alpha, step=0.005,
                               format="%.3f", key="alpha", bind=QP)
-    capacity = c[2].number_input("Capacity factor C", 0.05, LIMITS["capacity"][1], D.capacity, step=0.25,
+    capacity = c[2].number_input("Capacity factor C", *LIMITS["capacity"], D.capacity, step=0.25,
                                  key="C", bind=QP)
     gamma = c[3].number_input("DeepSeek-V3 bias update speed", *LIMITS["gamma"], D.gamma, step=0.005,
                               format="%.3f", key="gamma", bind=QP,
                               help="gamma: each expert's selection bias moves by +-gamma a step")
-    lr = c[4].number_input("Learning rate", 1e-6, LIMITS["lr"][1], D.lr, step=1e-3, format="%.4f", key="lr",
+    lr = c[4].number_input("Learning rate", *LIMITS["lr"], D.lr, step=1e-3, format="%g", key="lr",
                            bind=QP)
     seeds = c[5].text_input("Seeds", "0", key="seeds", bind=QP, help="comma-separated, e.g. 0,1,2")
     with st.expander("Data and model details"):

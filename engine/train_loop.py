@@ -38,7 +38,7 @@ class TrainSettings(TrainFields):
             check_choice("routers", r, ROUTERS)
         check_int("steps", self.steps, *LIMITS["steps"])
         check_int("batch", self.batch, *LIMITS["batch"])
-        check_float("learning rate", self.lr, *LIMITS["lr"], lo_open=True)
+        check_float("learning rate", self.lr, *LIMITS["lr"])
         check_int("warm-up steps", self.warmup, *LIMITS["warmup"])  # capped at steps when used
         check_int("evaluate every", self.eval_every, *LIMITS["eval_every"])
         check_int("evaluation batches", self.eval_batches, *LIMITS["eval_batches"])

@@ -72,7 +72,7 @@ class ModelConfig:
         check_int("MoE every n-th layer", self.moe_every, 1, self.n_layers)
         check_choice("router", self.router, ROUTERS)
         check_float("alpha", self.alpha, *LIMITS["alpha"])
-        check_float("capacity factor", self.capacity, *LIMITS["capacity"], lo_open=True)
+        check_float("capacity factor", self.capacity, *LIMITS["capacity"])
         check_float("DeepSeek-V3 bias update speed", self.gamma, *LIMITS["gamma"])
         check_choice("positions", self.positions, ("rope", "learned"))
         check_choice("ffn", self.ffn, ("gelu", "swiglu"))

@@ -134,7 +134,8 @@ def test_inputs_allow_exactly_what_the_engine_accepts():
 
     at = _page()
     bounds = {"E": "experts", "layers": "layers", "d": "d_model", "steps": "steps", "batch": "batch",
-              "seq": "seq_len", "alpha": "alpha", "dff": "d_expert", "gamma": "gamma"}
+              "seq": "seq_len", "alpha": "alpha", "dff": "d_expert", "gamma": "gamma", "C": "capacity",
+              "lr": "lr"}
     for key, name in bounds.items():
         widget = at.number_input(key=key)
         assert (widget.min, widget.max) == LIMITS[name], key
@@ -148,6 +149,15 @@ def test_inputs_allow_exactly_what_the_engine_accepts():
             TrainSettings(routers=("topk",), k=1, **extra, **{name: v})
         with pytest.raises(ValueError):
             TrainSettings(routers=("topk",), k=1, **extra, **{name: hi + 1})
+    # The float ranges are closed too: each bound passes, a little beyond either is refused.
+    for name, label in (("capacity", "capacity factor"), ("lr", "learning rate"), ("alpha", "alpha"),
+                        ("gamma", "DeepSeek-V3 bias update speed")):
+        lo, hi = LIMITS[name]
+        for v in (lo, hi):
+            TrainSettings(**{name: v})
+        for v in (lo - abs(lo) * 0.01 - 1e-9, hi * 1.01):
+            with pytest.raises(ValueError, match=f"^{label} must be"):
+                TrainSettings(**{name: v})
     with pytest.raises(ValueError, match="vocabulary"):
         tokenize("some text", "bpe", BPE_VOCAB[1] + 1)
 

@@ -91,8 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, (field, typ, text) in FIELDS.items():
         if field in ranges:
             lo, hi = ranges[field]
-            # Learning rate and capacity factor refuse 0 itself (engine.validation's lo_open).
-            text += f", {'above ' if field in ('lr', 'capacity') else ''}{lo:g} to {hi:g}"
+            text += f", {lo:g} to {hi:g}"
         parser.add_argument(f"--{flag}", *ALIASES.get(flag, ()), type=typ, default=None,
                             help=f"{text} (default {getattr(d, field)})")
     parser.add_argument("--cuda-graphs", action="store_true",
