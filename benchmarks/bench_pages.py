@@ -10,7 +10,10 @@ Starts `streamlit run app.py` on a free port and drives each page in headless Ch
   chart is drawn and settled (in-page clock, as for a widget change); `wall` is the same seen from
   Python, which adds up to a settle poll (250 ms) on top. Where it goes: `ws` the websocket open
   (Streamlit's JavaScript loaded and started), `run end` the script run's end as the browser saw
-  it, `busy` the browser's main thread in long tasks (> 50 ms: parsing, React, plotly drawing);
+  it, `busy` the browser's main thread in long tasks (> 50 ms: parsing, React, plotly drawing),
+  `lcp` the largest contentful paint (web vitals' loading metric, "good" at <= 2.5 s: the largest
+  text block or image drawn; a chart's SVG or canvas is not a candidate, so it marks the page's text
+  standing, not its charts drawn);
   the very first page after the server starts is shown apart (`cold server`), as it also imports
   torch and streamlit's own modules; `no charts` opens the page once more in a new context that
   refuses Streamlit's plotly module (the page then draws no chart): what the page costs without it;
@@ -76,10 +79,10 @@ TABS = {"training": "Committed GPU results"}
 # Streamlit's lazily loaded plotly chart component (4.6 MB in 1.67), by file name.
 PLOTLY_MODULE = "PlotlyChart.*.js"
 # In-page (ms since navigation start): the user's last key press or click, the DOM's last change,
-# the websocket's opening, and the main thread's long tasks.
+# the websocket's opening, the main thread's long tasks, and the largest contentful paint.
 _INPUT_JS = """
 (() => {
-  const B = window.__bench = {input: 0, mutation: 0, ws: null, busy: 0};
+  const B = window.__bench = {input: 0, mutation: 0, ws: null, busy: 0, lcp: null};
   const mark = () => { B.input = performance.now(); };
   addEventListener('keydown', mark, true);
   addEventListener('mousedown', mark, true);
@@ -95,6 +98,8 @@ _INPUT_JS = """
   Object.assign(window.WebSocket, WS);
   new PerformanceObserver(list => list.getEntries().forEach(e => { B.busy += e.duration; }))
     .observe({type: 'longtask', buffered: true});
+  new PerformanceObserver(list => list.getEntries().forEach(e => { B.lcp = e.startTime; }))
+    .observe({type: 'largest-contentful-paint', buffered: true});
 })();
 """
 
@@ -109,6 +114,7 @@ class PageResult:
     websocket_open_s: float | None = None
     first_run_end_s: float | None = None
     first_render_busy_s: float | None = None
+    first_render_lcp_s: float | None = None  # largest contentful paint (web vitals)
     first_render_no_charts_s: float | None = None
     from_home_s: float | None = None
     from_lab_s: float | None = None  # from another lab with charts (LAB, or LAB_2 for LAB itself)
@@ -293,9 +299,10 @@ def measure_page(browser, base: str, path: str, changes: int) -> PageResult:
     wire = Wire(page)
     try:
         wall = bs.open_page(page, base, path)
-        b = page.evaluate("[window.__bench.mutation, window.__st.t, window.__bench.ws, window.__bench.busy]")
+        b = page.evaluate("[window.__bench.mutation, window.__st.t, window.__bench.ws, window.__bench.busy, "
+                          "window.__bench.lcp]")
         res = PageResult(path or "home", max(b[0], b[1]) / 1000, wall, b[2] and b[2] / 1000,
-                         b[1] / 1000, b[3] / 1000, no_charts, from_home, from_lab,
+                         b[1] / 1000, b[3] / 1000, b[4] and b[4] / 1000, no_charts, from_home, from_lab,
                          figure_bytes=list(wire.figures))
         spec = CHANGES.get(path)
         if spec is None:
@@ -401,7 +408,7 @@ def main() -> None:
           f"went idle (background imports done) {idle_s:.1f} s later, before the pages below")
     print(f"figure build (routing counts, 448 points), median of alternating rounds: Plotly Express "
           f"{build['px_ms']:.0f} ms, _ui.line_figure {build['ui_ms']:.0f} ms, ratio {build['px_over_ui']:.1f}x")
-    print(f"{'page':16} {'first render':>12} {'(wall':>6} {'ws':>5} {'run end':>7} {'busy)':>6} "
+    print(f"{'page':16} {'first render':>12} {'(wall':>6} {'ws':>5} {'run end':>7} {'busy':>5} {'lcp)':>5} "
           f"{'no charts':>9} {'from home':>9} {'from lab':>8} {'redraw median':>14} {'p95':>6}  {'widget':10} {'figure bytes':>28} {'bytes/change':>12}")
     for r in results:
         med = f"{r.redraw_median_s:.2f}" if r.redraw_median_s is not None else "-"
@@ -412,7 +419,8 @@ def main() -> None:
         figs = ",".join(f"{b / 1024:.0f}k" for b in r.figure_bytes or r.figure_bytes_changes[:4]) or "-"
         per = f"{r.received_bytes_per_change / 1024:.0f}k" if r.received_bytes_per_change else "-"
         print(f"{r.page:16} {r.first_render_s:12.2f} {r.first_render_wall_s:6.2f} "
-              f"{r.websocket_open_s or 0:5.2f} {r.first_run_end_s:7.2f} {r.first_render_busy_s:6.2f} "
+              f"{r.websocket_open_s or 0:5.2f} {r.first_run_end_s:7.2f} {r.first_render_busy_s:5.2f} "
+              f"{r.first_render_lcp_s or 0:5.2f} "
               f"{r.first_render_no_charts_s:9.2f} {home:>9} {lab:>8} {med:>14} {p95:>6}  {r.widget or '-':10} {figs:>28} {per:>12}")
     print(f"{'':16} server CPU s per change: " + ", ".join(
         f"{r.page} {r.server_cpu_per_change_s:.3f}" for r in results if r.server_cpu_per_change_s is not None))
@@ -432,7 +440,9 @@ def main() -> None:
             print(row)
     print("first render: navigation start to the last DOM change (in-page); wall: the same from "
           "Python, with the settle poll; ws: websocket open; run end: the first script run's end; "
-          "busy: the browser's main thread in long tasks; no charts: the first render with plotly's "
+          "busy: the browser's main thread in long tasks; lcp: the largest contentful paint (web "
+          "vitals' loading metric: the largest text block or image drawn; plotly's SVG and canvas are "
+          "not candidates, so it is when the page's text stands, before its charts); no charts: the first render with plotly's "
           "module refused; from home: Home opened first, then the page's sidebar link clicked, "
           f"click to settled page; from lab: the same from /{LAB} (/{LAB_2} for /{LAB}), whose charts "
           "have loaded plotly's module. Seconds.")
