@@ -20,7 +20,7 @@ PAGES = [
     st.Page("app_pages/attention.py", title="Attention kernels", icon=":material/bolt:", url_path="attention"),
     st.Page("app_pages/scaling.py", title="Scaling breakpoints", icon=":material/show_chart:", url_path="scaling"),
     st.Page("app_pages/cost.py", title="MoE vs dense cost", icon=":material/calculate:", url_path="cost"),
-    st.Page("app_pages/training.py", title="MoE training lab", icon="🧪", url_path="training"),
+    st.Page("app_pages/training.py", title="MoE training lab", icon=":material/model_training:", url_path="training"),
 ]
 
 page = st.navigation(PAGES)
