@@ -240,9 +240,10 @@ def table(df: pd.DataFrame, formats: dict[str, str] | None = None,
           helps: dict[str, str] | None = None, **kwargs: Any) -> None:
     """st.dataframe in which a missing value reads "–", never "None".
 
-    `formats` maps columns to printf formats ("%.4f"), `helps` to hover texts. A column with gaps
-    is shown as right-aligned text in its format (default "%g"); other columns stay numbers with
-    `formats` as their format.
+    `formats` maps columns to printf formats ("%.4f"), `helps` to hover texts. A column with gaps,
+    or with a %g format and a value of 1e6 or more (the grid's printf writes %g without an
+    exponent below 1e21: all 21 digits of Chinchilla's 1e20 FLOPs), is shown as right-aligned text
+    in its format (default "%g"); other columns stay numbers with `formats` as their format.
     Downloads keep the numbers (download_buttons takes the frame itself).
     """
     formats, helps = formats or {}, helps or {}
@@ -251,7 +252,9 @@ def table(df: pd.DataFrame, formats: dict[str, str] | None = None,
     for col in df.columns:
         gaps = df[col].isna()
         fmt, hint = formats.get(col), helps.get(col)
-        if gaps.any() and pd.api.types.is_numeric_dtype(df[col]):
+        numeric = pd.api.types.is_numeric_dtype(df[col])
+        long_g = numeric and (fmt or "").endswith("g") and bool((df[col].abs() >= 1e6).any())
+        if numeric and (gaps.any() or long_g):
             shown[col] = [MISSING if m else (fmt or "%g") % v for v, m in zip(df[col], gaps)]
             config.setdefault(col, st.column_config.TextColumn(help=hint, alignment="right"))
             continue

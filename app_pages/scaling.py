@@ -280,9 +280,13 @@ right.plotly_chart(hist, key="scaling_boot")
 st.subheader("Two-segment fit")
 st.caption(f"Intervals: {METHOD_NAMES[iv.method]}" + (" (default)" if iv.method == DEFAULT_METHOD else "")
            + ". Other methods: Fit settings, Interval method.")
-show_table(res.summary, hide_index=True, key="scaling_summary")
+# Sizes reach 1e20 (Chinchilla's FLOPs): one %g format per column (table() writes it as text).
+SIG = "%.6g"
+show_table(res.summary, formats=dict.fromkeys(("estimate", "low", "high"), SIG), hide_index=True,
+           key="scaling_summary")
 if compare:
-    show_table(res.methods, hide_index=True, key="scaling_methods")
+    show_table(res.methods, formats=dict.fromkeys(("breakpoint_low", "breakpoint_high"), SIG),
+               hide_index=True, key="scaling_methods")
 download_buttons("scaling_fit_summary", res.summary, {"model": m.summary, "settings": fit, "x": x_col,
                                                       "y": y_col})
 st.subheader("Other forms on the same points")
@@ -291,9 +295,9 @@ show_table(form_table, hide_index=True, key="scaling_forms")
 download_buttons("scaling_forms", form_table)
 if not res.extrapolation.empty:
     st.subheader("Extrapolation")
-    show_table(res.extrapolation, hide_index=True, key="scaling_extrap")
+    show_table(res.extrapolation, formats={"target": SIG}, hide_index=True, key="scaling_extrap")
 st.subheader("Predictions per point")
-show_table(pts, hide_index=True, key="scaling_points")
+show_table(pts, formats={"x": SIG}, hide_index=True, key="scaling_points")
 download_buttons("scaling_predictions", pts)
 
 # ---------------------------------------------------------------- what-if

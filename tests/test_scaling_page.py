@@ -1,6 +1,7 @@
 """The scaling page under AppTest: bundled data, the synthetic generator, filters, bad input, URL."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,15 @@ def test_interval_method_is_named_and_switchable(monkeypatch):
     methods = _table(at, "method", "breakpoint_low").set_index("method")
     assert set(methods.index) == {"calibrated", "profile", "bootstrap", "residual"}
     assert f"{methods.loc['calibrated', 'breakpoint_low']:g}" == default["low"]  # shown "%g"
+
+
+def test_sizes_near_1e20_read_with_an_exponent_in_every_table(monkeypatch):
+    """The grid's printf writes %g below 1e21 without an exponent (Chinchilla's breakpoint read
+    102302042342268450000 beside its interval's 3.28506e+19): such columns are sent as text."""
+    at = _page(monkeypatch, src="chinchilla")
+    summary = _table(at, "quantity", "estimate")
+    row = summary[summary["quantity"] == "breakpoint"].iloc[0]
+    assert all(re.fullmatch(r"\d\.\d+e\+(19|20)", row[c]) for c in ("estimate", "low", "high")), row
+    assert float(row["low"]) < float(row["estimate"]) < float(row["high"])
+    points = _table(at, "x", "fitted")
+    assert all(re.fullmatch(r"\d(\.\d+)?e\+\d\d", v) for v in points["x"])
