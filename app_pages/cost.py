@@ -106,6 +106,13 @@ def _sci(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return table.assign(**{c: table[c].map("{:.4e}".format) for c in columns})
 
 
+def _dense_fixed(label: str, key: str) -> int:
+    """A MoE-only setting of a dense model (E = 0): shown greyed at 1, the value that counts, under
+    its own key, so the value typed for the MoE model comes back when E is set again."""
+    return st.number_input(label, value=1, key=f"{key}_dense", disabled=True,
+                           help="used by MoE configs only (a dense model: E = 0)")
+
+
 st.title("MoE vs dense cost")
 st.caption("Parameters and matmul FLOPs per token from the config (engine.cost_model), memory per "
            "GPU and time to train (engine.cost_memory, engine.cost_time), checked against measured "
@@ -126,7 +133,9 @@ for title, group in (("Transformer", FIELDS[:8] + FIELDS[13:]), ("Mixture of exp
     for i, (field, key, label, kind) in enumerate(group):
         with cols[i % 4]:
             default = getattr(base, field)
-            if kind == "int":
+            if field == "top_k" and not values["num_experts"]:
+                values[field] = _dense_fixed(label, key)
+            elif kind == "int":
                 values[field] = st.number_input(label, value=default, step=1, key=key,
                                                 bind="query-params")
             elif kind == "bool":
@@ -158,9 +167,7 @@ lc = st.columns(4)
 for i, (field, key, label, kind, default) in enumerate(LAYOUT_FIELDS):
     with lc[i % 4]:
         if field == "ep" and not values["num_experts"]:  # a dense model has no experts to place
-            lay[field] = 1
-            st.number_input(label, value=default, step=1, key=key, bind="query-params", disabled=True,
-                            help="used by MoE configs only")
+            lay[field] = _dense_fixed(label, key)
         elif kind == "int":
             lay[field] = st.number_input(label, value=default, step=1, key=key, bind="query-params")
         elif kind == "float":

@@ -62,6 +62,24 @@ def test_cold_link_with_query_params_reproduces_figures():
     assert _params_total(at) == (estimate(cfg).total_params, estimate(cfg).active_params)
 
 
+def test_experts_0_is_the_dense_model_whatever_k_and_ranks_were():
+    """E = 0 is a dense model whatever k was, not an error: k and R are greyed at 1 (the engine,
+    given both, refuses k = 2 for a dense model); setting E again brings back the k typed."""
+    at = _page()
+    at.number_input(key="k").set_value(4).run()
+    at.number_input(key="experts").set_value(0).run()
+    assert not at.exception and not at.error
+    cfg = PRESETS["Mixtral 8x7B"].replace(num_experts=0, top_k=1)
+    total = estimate(cfg).total_params
+    assert _params_total(at) == (total, total)
+    fixed = {w.key: (w.value, w.disabled) for w in at.number_input if w.key in ("k_dense", "ep_dense")}
+    assert fixed == {"k_dense": (1, True), "ep_dense": (1, True)}
+    at.number_input(key="experts").set_value(8).run()
+    assert not at.error and at.number_input(key="k").value == 4
+    top4 = estimate(PRESETS["Mixtral 8x7B"].replace(top_k=4))
+    assert _params_total(at) == (top4.total_params, top4.active_params)
+
+
 def test_timing_button_runs_blocks_at_small_size():
     at = _page(layers="1")
     at.number_input(key="bd").set_value(16)
