@@ -121,8 +121,9 @@ def unused_link_settings(requested: Mapping[str, list[str]],
 
 
 def _link_value_matches(raw: list[str], value: Any) -> bool:
-    if isinstance(value, (list, tuple)):
-        return len(raw) == len(value) and all(map(_text_matches, raw, value))
+    if isinstance(value, (list, tuple)):  # an empty choice is in the URL as one empty value
+        return raw == [""] and not value or (len(raw) == len(value)
+                                             and all(map(_text_matches, raw, value)))
     return bool(raw) and _text_matches(raw[-1], value)  # a single-value widget takes the last
 
 

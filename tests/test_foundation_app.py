@@ -37,7 +37,7 @@ def test_unused_link_settings_by_hand():
     from app_pages._ui import unused_link_settings
 
     values = {"E": 64, "T": 65536, "s": 1.2, "routers": ["hash", "topk"], "tied": False,
-              "preset": "Mixtral 8x7B", "target": None}
+              "preset": "Mixtral 8x7B", "target": None, "forms": []}
     link = {"E": ["-5"],                # refused: the widget kept its default
             "T": ["65536"],             # used
             "s": ["1.20"],              # used: the same number written differently
@@ -45,6 +45,7 @@ def test_unused_link_settings_by_hand():
             "tied": ["false"],          # used (Streamlit writes booleans in lower case)
             "preset": ["Nope"],         # not an option
             "target": [""],             # an empty number input: used
+            "forms": [""],              # an empty multiselect: used (the page says what it needs)
             "embed": ["true"],          # Streamlit's own parameter
             "zz": ["1"]}                # no such widget on the page
     assert unused_link_settings(link, values) == [

@@ -173,3 +173,14 @@ def test_deepseek_v3_preset_button_sets_v3_settings():
     shown = _metrics(at)
     assert shown.loc["DeepSeek-V3 bias", "k"] == 8
     assert shown.loc["DeepSeek-V3 bias", "slots routed"] == 8 * 2048
+
+
+def test_a_link_with_no_routers_says_so_once():
+    """`routers=` is the page with every router removed: the one error says what is needed; the
+    link notice does not also claim the value could not be used (it was)."""
+    at = _page({"routers": [""], "T": "4096"})
+    assert not at.exception and at.multiselect(key="routers").value == []
+    assert [e.value for e in at.error] == [
+        "Routers must name at least one of hash, balanced_hash, topk, switch, gshard, "
+        "expert_choice, deepseek"]
+    assert not at.warning
