@@ -59,7 +59,8 @@ def _settings() -> LabSettings:
     capacity = _num(c1, "capacity_factor", "C", D.capacity_factor, step=0.25,
                     help="capacity per expert = ceil(C k T / E), exact for the decimal typed")
     ranks = _num(c2, "num_ranks", "R", D.num_ranks,
-                 help="expert parallel: experts placed contiguously, E / R per rank (R <= E)")
+                 help="expert parallel: experts placed contiguously, E / R per rank (an R above "
+                      "E places one expert per rank)")
     if workload in ID_KINDS:
         vocab = _num(c3, "vocab_size", "V", D.vocab_size, step=1000)
         lo, hi = LIMITS["zipf_s"]
@@ -100,6 +101,10 @@ def _settings() -> LabSettings:
                                                           0.03, 0.1), D.bias_update_speed,
                                  key="gamma", bind=QP)
         seed = _num(c4, "seed", "seed", D.seed)
+    if ranks > experts:  # lowering E below R is a natural step: not an error, but said
+        st.info(f"{L['num_ranks']} = {ranks} is more than {L['num_experts']} = {experts}: the "
+                f"per-rank load uses R = {experts}, one expert per rank.", icon=":material/info:")
+        ranks = experts
     return LabSettings(workload=workload, num_tokens=int(tokens), vocab_size=int(vocab),
                        zipf_s=float(zipf_s), d_model=int(d_model), clusters=int(clusters),
                        num_experts=int(experts), top_k=int(k), capacity_factor=float(capacity),

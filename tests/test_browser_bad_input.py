@@ -82,10 +82,13 @@ def test_routing_absurd_numbers(page, server):
     bs.open_page(page, server, "routing", spec.query, spec.figures)
     good = bs.figures(page)
 
-    # Inside the widget's range but refused by the engine (R <= E): the field named as on the page.
-    bs.rerun(page, lambda: bs.set_widget(page, "R", 64), spec.figures)
+    # Inside the widget's range but refused by the engine (groups must divide E): the field named
+    # as on the page.
+    page.get_by_text("More settings").click()
+    bs.rerun(page, lambda: bs.set_widget(page, "groups", 3), spec.figures)
     errors = bs.errors(page)
-    assert len(errors) == 1 and "Ranks R must be" in errors[0] and "32, got 64" in errors[0]
+    assert len(errors) == 1 and errors[0].endswith(
+        "Expert groups must divide the 32 experts into groups of 2 or more, got 3")
     assert bs.exceptions(page) == [] and bs.figures(page) == good
 
     # Outside the widget's range: the browser refuses it and nothing runs.
@@ -93,13 +96,13 @@ def test_routing_absurd_numbers(page, server):
     bs.widget(page, "E").get_by_text("outside the allowed range").wait_for(timeout=10_000)
     assert bs.exceptions(page) == [] and bs.figures(page) == good
 
-    # The next action works: a valid rank count and a new expert count redraw.
-    bs.rerun(page, lambda: bs.set_widget(page, "R", spec.query["R"]), spec.figures)
+    # The next action works: a valid group count and a new expert count redraw.
+    bs.rerun(page, lambda: bs.set_widget(page, "groups", 1), spec.figures)
     assert bs.errors(page) == [] and bs.figures(page) == good
     bs.rerun(page, lambda: bs.set_widget(page, "E", 16), spec.figures)
     assert bs.errors(page) == [] and bs.exceptions(page) == []
     assert bs.figures(page) != good
-    assert "input refused by routing: Ranks R" in server.log.read_text()
+    assert "input refused by routing: Expert groups" in server.log.read_text()
 
 
 def test_expert_parallel_absurd_cold_link(page, server):

@@ -85,11 +85,11 @@ def test_bad_input_shows_the_error_and_keeps_the_last_result():
     at = _page(SMALL)
     before = _metrics(at)
     # Inside every widget's range, refused by the engine with the field named as on the page.
-    at.number_input(key="R").set_value(32).run()
+    at.number_input(key="groups").set_value(3).run()
     assert not at.exception
-    assert at.error[0].value == "Ranks R must be >= 1 and <= 16, got 32"
+    assert at.error[0].value == "Expert groups must divide the 16 experts into groups of 2 or more, got 3"
     pd.testing.assert_frame_equal(_metrics(at), before)
-    at.number_input(key="R").set_value(8)
+    at.number_input(key="groups").set_value(1)
     at.number_input(key="T").set_value(1 << 22)
     at.number_input(key="E").set_value(1024).run()
     assert "these settings would need about" in at.error[0].value
@@ -184,3 +184,14 @@ def test_a_link_with_no_routers_says_so_once():
         "Routers must name at least one of hash, balanced_hash, topk, switch, gshard, "
         "expert_choice, deepseek"]
     assert not at.warning
+
+
+def test_experts_below_the_ranks_place_one_expert_per_rank_and_say_so():
+    """E = 4 under the default R = 8 (a natural step in a demo) is not an error: the per-rank load
+    uses R = E, and a note says so."""
+    at = _page({**SMALL, "E": "4"})
+    assert not at.exception and not at.error
+    assert at.number_input(key="R").value == 8
+    assert [i.value for i in at.info if "Ranks R" in i.value] == [
+        "Ranks R = 8 is more than Experts E = 4: the per-rank load uses R = 4, one expert per rank."]
+    assert "Per-rank load (R = 4)" in [h.value for h in at.subheader]
