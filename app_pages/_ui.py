@@ -22,6 +22,7 @@ import pandas as pd
 import streamlit as st
 
 from engine.cli import MISSING  # what a table shows for a missing value, here and in the CLI
+from engine.validation import relabel
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -185,20 +186,23 @@ def link_notice(page_path: str) -> Iterator[None]:
                          icon=":material/link_off:")
 
 
-def guarded(key: str, compute: Callable[[], T]) -> T | None:
+def guarded(key: str, compute: Callable[[], T], names: Mapping[str, str] | None = None) -> T | None:
     """Run `compute`; on bad input show the message and return the last good result for `key`.
 
-    ValueError is the engine's "your input is wrong" signal: shown as is. Anything else is a bug or
-    a resource failure: logged with its traceback, shown to the user as one friendly line.
+    ValueError is the engine's "your input is wrong" signal: shown as is, with the engine's names
+    of settings replaced by the page's labels (`names`, e.g. min_segment -> "Min points per
+    segment"). Anything else is a bug or a resource failure: logged with its traceback, shown to
+    the user as one friendly line.
     """
     slot = _slot(key)
     st.session_state[_refused(key)] = True  # until compute() returns
     try:
         result = compute()
     except ValueError as exc:
+        message = relabel(str(exc), dict(names or {}))
         # Logged too: whoever runs the demo can see in the server log what was refused.
-        log.warning("input refused by %s: %s", key, exc)
-        st.error(_no_markdown_links(str(exc)), icon=":material/error:")
+        log.warning("input refused by %s: %s", key, message)
+        st.error(_no_markdown_links(message), icon=":material/error:")
         result = st.session_state.get(slot)
         if result is not None:
             st.caption("Showing the last valid result.")

@@ -13,9 +13,10 @@ import streamlit as st
 
 from app_pages._ui import _environment, bar_figure, download_buttons, guarded, last_good, refused
 from engine.cost_memory import ATTENTION_KINDS, OPTIMIZERS, PRECISIONS, TrainLayout
-from engine.cost_model import FFN_TYPES, PRESETS, ROUTERS, ConfigError, TransformerConfig, relabel
+from engine.cost_model import FFN_TYPES, PRESETS, ROUTERS, ConfigError, TransformerConfig
 from engine.cost_report import DEFAULTS, fit_text, mfu_text, sizing, time_text, training_time
 from engine.cost_time import GPUS, GpuSpec
+from engine.validation import relabel
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cost_memory_h200_2026-12-03.json"
 # (config field, URL key, label, kind); kind "int" is a number_input, a tuple a selectbox.
@@ -53,26 +54,18 @@ def _load_preset() -> None:
         st.session_state[key] = getattr(cfg, field)
 
 
-def _in_page_words(compute):
-    try:
-        return compute()
-    except ValueError as exc:
-        raise ValueError(relabel(str(exc), LABELS)) from None
-
-
 @st.cache_data(show_spinner=False, max_entries=256)
 def _cost(values: tuple, layout: tuple, tokens: float, gpu: GpuSpec, causal: bool,
           kv_tokens: int | None) -> dict:
-    return _in_page_words(lambda: sizing(TransformerConfig(**dict(values)), TrainLayout(**dict(layout)),
-                                         tokens, gpu, causal, kv_tokens))
+    return sizing(TransformerConfig(**dict(values)), TrainLayout(**dict(layout)), tokens, gpu, causal,
+                  kv_tokens)
 
 
 def _time(values: dict, layout: dict, tokens: float, gpu: GpuSpec, mfu: float, price: float,
           causal: bool, gpu_name: str, mfu_named: str) -> str:
     """The time-to-train sentence, whole: shown again after a refusal, it keeps its own GPU and MFU."""
-    return _in_page_words(lambda: time_text(training_time(TransformerConfig(**values),
-                                                          TrainLayout(**layout), tokens, gpu, mfu,
-                                                          price, causal), gpu_name, mfu_named))
+    return time_text(training_time(TransformerConfig(**values), TrainLayout(**layout), tokens, gpu, mfu,
+                                   price, causal), gpu_name, mfu_named)
 
 
 @st.cache_data(show_spinner=False)
@@ -198,7 +191,7 @@ except ConfigError as exc:  # shown beside its field, once; the figures below st
     slots[exc.field].error(relabel(str(exc), LABELS), icon=":material/error:")
 if config_error is None:
     result = guarded("cost", lambda: _cost(tuple(values.items()), tuple(lay.items()), float(tokens),
-                                           gpu, not full_attn, int(kv_tokens) or None))
+                                           gpu, not full_attn, int(kv_tokens) or None), LABELS)
 else:
     result = last_good("cost")
     if result is not None:
@@ -236,7 +229,8 @@ if result is not None:
              if mfu_src != "typed" else None)
     named = mfu_text(mfu, where)
     sentence = (guarded("cost_time", lambda: _time(values, lay, float(tokens), gpu, float(mfu),
-                                                   float(price), not full_attn, gpu_name, named))
+                                                   float(price), not full_attn, gpu_name, named),
+                        LABELS)
                 if config_error is None and not refused("cost") else last_good("cost_time"))
     if sentence is not None:
         st.markdown(sentence.replace("$", "\\$"))  # dollars, not LaTeX

@@ -17,7 +17,7 @@ from engine.scaling_data import (DATASETS, MAX_UPLOAD_BYTES, Filter, SyntheticSp
                                  generate_synthetic, load_dataset, parse_csv, select_xy)
 from engine.scaling_forms import FORMS
 from engine.scaling_intervals import DEFAULT_METHOD, METHOD_NAMES, METHODS
-from engine.scaling_lab import LOSSES, FitSettings, LabResult, analyse, other_forms
+from engine.scaling_lab import LOSSES, PAGE_LABELS, FitSettings, LabResult, analyse, other_forms
 
 Q = {"bind": "query-params"}
 NONE = "(none)"
@@ -117,7 +117,7 @@ elif source == "synthetic":
         seed=int(seed)))
 
 table = last_good("scaling_table") if no_file else \
-    guarded("scaling_table", lambda: _table(source, csv_bytes, syn))
+    guarded("scaling_table", lambda: _table(source, csv_bytes, syn), PAGE_LABELS)
 if table is None:
     st.stop()
 ds = DATASETS.get(source)
@@ -163,6 +163,8 @@ flt = None
 if f_col != NONE:
     lo, _, hi = f_range.partition(",")
     flt = (f_col, lo, hi)
+elif f_range.strip():
+    st.info("The filter range applies once a Filter column is chosen.", icon=":material/info:")
 fit = asdict(FitSettings(min_segment=int(min_seg), continuous=bool(continuous), n_boot=int(n_boot),
                          level=float(level), seed=int(seed), holdout=holdout, first_k=int(first_k),
                          target=float(target) if target else None, forms=tuple(forms), method=method,
@@ -173,7 +175,8 @@ split = split_col if holdout == "split" and split_col != NONE else None
 # marked as the earlier table's: the uploader already shows the new file's name.
 stale = no_file or refused("scaling_table")
 res: LabResult | None = last_good("scaling_lab") if stale else \
-    guarded("scaling_lab", lambda: _lab(source, csv_bytes, syn, x_col, y_col, flt, nd, split, fit))
+    guarded("scaling_lab", lambda: _lab(source, csv_bytes, syn, x_col, y_col, flt, nd, split, fit),
+            PAGE_LABELS)
 if res is None:
     st.stop()
 stale = stale or refused("scaling_lab")
@@ -188,7 +191,7 @@ if stale and shown != source_name:
 
 form_keys = ("min_segment", "holdout", "first_k", "target", "forms")
 forms_res = last_good("scaling_forms") if stale else guarded("scaling_forms", lambda: _forms(
-    source, csv_bytes, syn, x_col, y_col, flt, nd, split, {k: fit[k] for k in form_keys}))
+    source, csv_bytes, syn, x_col, y_col, flt, nd, split, {k: fit[k] for k in form_keys}), PAGE_LABELS)
 form_table, form_curves = forms_res if forms_res is not None else (pd.DataFrame(), pd.DataFrame())
 
 # ---------------------------------------------------------------- headline
@@ -303,7 +306,7 @@ download_buttons("scaling_predictions", pts)
 # ---------------------------------------------------------------- what-if
 if source == "synthetic":
     st.subheader("When does the knee stop being detectable?")
-    det = guarded("scaling_detect", lambda: _detection(syn, int(min_seg)))
+    det = guarded("scaling_detect", lambda: _detection(syn, int(min_seg)), PAGE_LABELS)
     if det is not None:
         dfig = go.Figure(go.Scatter(x=det["noise"], y=det["detection_rate"], mode="lines+markers"))
         dfig.add_vline(x=syn["noise"] or NOISE_LEVELS[0], line_dash="dot")

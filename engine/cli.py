@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result: CommandResult = args._run(args)
         except ValueError as exc:
-            from engine.cost_model import relabel
+            from engine.validation import relabel
 
             print(f"error: {relabel(str(exc), args._names)}", file=sys.stderr)
             return 2

@@ -328,16 +328,3 @@ def preset_config(preset: str, **overrides: object) -> TransformerConfig:
     """PRESETS[preset] with the fields in `overrides` replaced (None values ignored), validated."""
     check_choice("preset", preset, tuple(PRESETS))
     return PRESETS[preset].replace(**{k: v for k, v in overrides.items() if v is not None})
-
-
-def relabel(message: str, names: dict[str, str]) -> str:
-    """`message` with each field name (a whole word) replaced by what the user typed it as."""
-    import re
-
-    if not names:
-        return message
-    # Not after a dash or word character: "--tokens" stays as typed when "tokens" is relabelled;
-    # not before a word character (a name may end in ")").
-    words = "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
-    pattern = re.compile(rf"(?<![-\w])({words})(?!\w)")
-    return pattern.sub(lambda m: names[m.group(1)], message)

@@ -7,6 +7,7 @@ naming the column and the CSV line of the first bad value (line 1 is the header)
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,10 +156,17 @@ class Filter:
             if text is None or not str(text).strip():
                 return None
             try:
-                return float(text)
+                value = float(text)
             except ValueError:
-                raise ValueError(f"filter {name} bound for {column!r} must be a number, got {text!r}") from None
-        return Filter(column, bound("low", low), bound("high", high))
+                value = math.nan
+            if not math.isfinite(value):
+                raise ValueError(f"filter {name} bound for {column!r} must be a number (empty: "
+                                 f"unbounded), got {text!r}")
+            return value
+        lo, hi = bound("low", low), bound("high", high)
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"filter range for {column!r}: low {lo:g} is above high {hi:g}")
+        return Filter(column, lo, hi)
 
 
 @dataclass(frozen=True)

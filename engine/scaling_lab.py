@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from engine.scaling_data import Selection
 
 LOSSES = ("squared", "huber")
+# The page's labels, by the name a check reports (validation.relabel; `fit` has its NAMES).
+PAGE_LABELS = {"min_segment": '"Min points per segment"', "first_k": '"k" (the k smallest sizes)',
+               "n_boot": '"Bootstrap resamples"', "level": '"Interval level"', "seed": '"Seed"',
+               "target": '"Extrapolate to size"'}
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 
 # Budget for one generated tensor or working set. The CI/dev machine has 24 GiB and two users may
 # run at once; 4 GiB keeps a single request from taking the machine down.
@@ -58,3 +59,13 @@ def check_bytes(name: str, nbytes: float, limit: int = MAX_BYTES) -> None:
             "limit; choose smaller sizes"
         )
 
+
+def relabel(message: str, names: dict[str, str]) -> str:
+    """`message` with each field name (a whole word) replaced by what the user typed it as."""
+    if not names:
+        return message
+    # Not after a dash or word character: "--tokens" stays as typed when "tokens" is relabelled;
+    # not before a word character (a name may end in ")").
+    words = "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
+    pattern = re.compile(rf"(?<![-\w])({words})(?!\w)")
+    return pattern.sub(lambda m: names[m.group(1)], message)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.cost_model import PRESETS, dense_counterpart, estimate, human, preset_config, relabel  # noqa: E402
+from engine.cost_model import PRESETS, dense_counterpart, estimate, human, preset_config  # noqa: E402
+from engine.validation import relabel  # noqa: E402
 from engine.validation import check_float, check_int  # noqa: E402
 
 # The config's field names in the engine's messages -> the flags typed here.

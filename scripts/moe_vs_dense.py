@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.attention_estimate import format_seconds  # noqa: E402
-from engine.cost_model import relabel  # noqa: E402
+from engine.validation import relabel  # noqa: E402
 from engine.moe_block import BlockBenchSettings, estimate_seconds, time_blocks  # noqa: E402
 
 # BlockBenchSettings' field names in the engine's messages -> the flags typed here.

@@ -74,6 +74,10 @@ def test_filters_keep_the_same_rows_as_pandas():
     assert Filter.parse("tokens", "", " ") == Filter("tokens", None, None)
     with pytest.raises(ValueError, match="filter high bound for 'tokens' must be a number"):
         Filter.parse("tokens", "1", "lots")
+    with pytest.raises(ValueError, match="filter low bound for 'tokens' must be a number"):
+        Filter.parse("tokens", "nan", "")  # a NaN bound kept no row, and said only that
+    with pytest.raises(ValueError, match=r"filter range for 'tokens': low 5e\+09 is above high 1e\+09"):
+        Filter.parse("tokens", "5e9", "1e9")
     with pytest.raises(ValueError, match="keep no rows"):
         select_xy(df, "Training FLOP", "loss", (Filter("tokens", 1e30, None),))
 
@@ -145,6 +149,15 @@ def test_cli_csv_with_filter_and_first_k_holdout(tmp_path, capsys):
 def test_cli_names_the_flag_of_a_bad_number(flag, value, capsys):
     assert main(["fit", "--dataset", "bnsl_4digit", flag, value]) == 2
     assert f"{flag} must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--min-segment", "20"], "need at least 2 * --min-segment = 40 distinct sizes"),
+    (["--holdout", "first_k", "--first-k", "200"], "--first-k must be >= 4 and <= 17, got 200"),
+])
+def test_cli_names_the_flag_of_a_number_the_data_refuses(args, error, capsys):
+    assert main(["fit", "--dataset", "bnsl_4digit", *args]) == 2
+    assert error in capsys.readouterr().err
 
 
 def test_minimum_sizes_are_stated_the_same_way():

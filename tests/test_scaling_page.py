@@ -87,6 +87,23 @@ def test_bad_filter_shows_an_error_and_keeps_the_last_result(monkeypatch):
     assert _estimate(at, "breakpoint") == before
 
 
+@pytest.mark.parametrize("query, error", [
+    ({"m": "20"}, 'need at least 2 * "Min points per segment" = 40 distinct sizes for two '
+                  'segments, got 14'),
+    # The bundled table has 17 rows: k may be 4 to 17.
+    ({"hold": "first_k", "k": "200"}, '"k" (the k smallest sizes) must be >= 4 and <= 17, got 200'),
+])
+def test_fit_settings_refused_by_the_data_are_named_by_their_labels(monkeypatch, query, error):
+    at = _page(monkeypatch, **query)
+    assert not at.exception and [e.value for e in at.error] == [error]
+
+
+def test_a_filter_range_without_a_filter_column_says_it_is_unused(monkeypatch):
+    at = _page(monkeypatch, frange="abc")
+    assert not at.exception and not at.error
+    assert "The filter range applies once a Filter column is chosen." in [i.value for i in at.info]
+
+
 def test_column_names_from_the_data_are_not_rendered_as_html_in_the_charts(monkeypatch):
     """Plotly draws <b>, <a href> ... in titles; a column name from an upload must show as text."""
     import json

@@ -11,6 +11,9 @@ if TYPE_CHECKING:
     from engine.scaling_data import Filter
 
 HELP = "exact two-segment power-law fit of a CSV or bundled table, with CIs, tests and other forms"
+# The engine's names -> flags, for the checks that depend on the data (2 * --min-segment points).
+NAMES = {"min_segment": "--min-segment", "first_k": "--first-k", "n_boot": "--n-boot",
+         "level": "--level", "n_sim": "--n-sim", "target": "--target"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
