@@ -12,11 +12,11 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages._ui import _environment, bar_figure, download_buttons, guarded, last_good, refused
-from engine.cost_memory import ATTENTION_KINDS, OPTIMIZERS, PRECISIONS, TrainLayout
+from engine.cost_memory import ATTENTION_KINDS, MAX_KV_TOKENS, OPTIMIZERS, PRECISIONS, TrainLayout
 from engine.cost_model import FFN_TYPES, PRESETS, ROUTERS, ConfigError, TransformerConfig
 from engine.cost_report import DEFAULTS, fit_text, mfu_text, sizing, time_text, training_time
 from engine.cost_time import GPUS, GpuSpec
-from engine.validation import relabel
+from engine.validation import CAPACITY_FACTOR, relabel
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cost_memory_h200_2026-12-03.json"
 # (config field, URL key, label, kind); kind "int" is a number_input, a tuple a selectbox.
@@ -39,7 +39,7 @@ LAYOUT_FIELDS = [  # (layout field, URL key, label, kind, default)
     ("micro_batch", "mb", "micro-batch (sequences)", "int", _L.micro_batch),
     ("checkpointing", "ckpt", "full checkpointing", "bool", DEFAULTS["checkpointing"]),
     ("attention", "attn", "attention kernel", ATTENTION_KINDS, _L.attention),
-    ("capacity_factor", "cf", "capacity factor", "float", _L.capacity_factor),
+    ("capacity_factor", "cf", "Capacity factor C", "float", _L.capacity_factor),
 ]
 # Engine argument names -> the labels the user sees, for error messages.
 LABELS = {**{f: f'"{label}"' for f, _, label, _ in FIELDS},
@@ -163,8 +163,9 @@ for i, (field, key, label, kind, default) in enumerate(LAYOUT_FIELDS):
             lay[field] = _dense_fixed(label, key)
         elif kind == "int":
             lay[field] = st.number_input(label, value=default, step=1, key=key, bind="query-params")
-        elif kind == "float":
-            lay[field] = st.number_input(label, value=default, step=0.25, key=key, bind="query-params")
+        elif kind == "float":  # the capacity factor, in every lab's range
+            lay[field] = st.number_input(label, *CAPACITY_FACTOR, default, step=0.25, key=key,
+                                         bind="query-params")
         elif kind == "bool":
             lay[field] = st.checkbox(label, value=default, key=key, bind="query-params")
         else:
@@ -178,8 +179,8 @@ mfu = tc[1].number_input("MFU (typed)", value=DEFAULTS["mfu"], step=0.05, key="m
                          bind="query-params", disabled=mfu_src != "typed")
 price = tc[2].number_input("Price per GPU-hour (USD)", value=DEFAULTS["price"], step=0.5,
                            key="price", bind="query-params")
-kv_tokens = tc[3].number_input("KV cache at tokens (0 = off)", value=0, step=1024, key="kvtok",
-                               bind="query-params")
+kv_tokens = tc[3].number_input("KV cache at tokens (0 = off)", 0, MAX_KV_TOKENS, 0, step=1024,
+                               key="kvtok", bind="query-params")
 if mfu_src != "typed" and committed:
     mfu = committed["mfu"]
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.cost_model import TransformerConfig, estimate
-from engine.validation import check_choice, check_float, check_int
+from engine.validation import CAPACITY_FACTOR, check_choice, check_float, check_int
 
 PRECISIONS = ("fp32", "bf16", "mixed")
 OPTIMIZERS = ("adam", "sgd")
@@ -73,7 +73,7 @@ class TrainLayout:
         check_int("ep", self.ep, 1, 1 << 16)
         check_int("micro_batch", self.micro_batch, 1, 1 << 16)
         check_choice("attention", self.attention, ATTENTION_KINDS)
-        check_float("capacity_factor", self.capacity_factor, 1.0, 64.0)
+        check_float("capacity_factor", self.capacity_factor, *CAPACITY_FACTOR)
         if not isinstance(self.checkpointing, bool):
             raise ValueError("checkpointing must be True or False")
         if self.gpus % self.ep:
@@ -178,9 +178,12 @@ def memory_per_gpu(cfg: TransformerConfig, layout: TrainLayout) -> dict[str, flo
     return memory_parts(cfg, layout)[0]
 
 
+MAX_KV_TOKENS = 1 << 24
+
+
 def kv_cache_bytes(cfg: TransformerConfig, tokens: int, batch: int = 1, bytes_per: int = 2) -> int:
     """KV cache of `batch` sequences of `tokens` tokens: layers x 2 x KV heads x head dim x bytes."""
-    check_int("tokens", tokens, 1, 1 << 24)
+    check_int("tokens", tokens, 1, MAX_KV_TOKENS)
     check_int("batch", batch, 1, 1 << 20)
     check_int("bytes_per", bytes_per, 1, 8)
     return cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * bytes_per * tokens * batch

@@ -23,7 +23,7 @@ from engine.moe_router import (DEEPSEEK_V3, BalancedHashRouter, DeepSeekV3Router
                                TopKRouter, expert_capacity, expert_utilization, lsh_bits,
                                router_probs)
 from engine.routing_deepseek import check_groups
-from engine.validation import check_bytes, check_choice, check_float, check_int
+from engine.validation import CAPACITY_FACTOR, check_bytes, check_choice, check_float, check_int
 
 # Router key -> label shown in tables and legends.
 ROUTERS: dict[str, str] = {
@@ -45,11 +45,11 @@ NULL_LABEL = "null CV"  # the metrics column holding each router's own uniform n
 MAX_EXPERTS = 1024
 
 # The one source of the lab's input ranges: LabSettings.validate checks them and the page's
-# widgets take their bounds from here. Capacity factor: (0.01 to 64).
+# widgets take their bounds from here.
 LIMITS: dict[str, tuple[float, float]] = {
     "num_tokens": (1000, wl.MAX_TOKENS), "vocab_size": (2, wl.MAX_VOCAB), "zipf_s": (0.0, 2.0),
     "d_model": (2, 4096), "clusters": (1, 4096), "num_experts": (2, MAX_EXPERTS),
-    "top_k": (1, 8), "capacity_factor": (0.01, 64.0), "num_ranks": (1, MAX_EXPERTS),
+    "top_k": (1, 8), "capacity_factor": CAPACITY_FACTOR, "num_ranks": (1, MAX_EXPERTS),
     "deepseek_steps": (0, 500), "bias_update_speed": (0.0, 1.0), "seed": (0, 2**31 - 1),
     "n_groups": (1, MAX_EXPERTS), "topk_groups": (1, MAX_EXPERTS), "route_scale": (0.01, 100.0),
 }

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.validation import CAPACITY_FACTOR
+
 # Routers the lab trains; "dense" has the MoE's active FFN width (k x expert width), "dense_total"
 # its total width (E x expert width).
 MOE_ROUTERS = ("hash", "balanced_hash", "topk", "switch", "expert_choice", "deepseek")
@@ -20,12 +22,12 @@ BPE_VOCAB = (300, 32768)  # 256 bytes + some merges
 
 # The one source of the input ranges, by TrainFields' names: ModelConfig and TrainSettings check
 # them, the training page's widgets and `train --help` take their bounds from here. Every range is
-# closed (a page's number input cannot express "above 0"): a capacity factor under 0.05 drops over
-# 95% of the slots, and a learning rate under 1e-6 does not move a one-minute run.
+# closed (a page's number input cannot express "above 0"): a learning rate under 1e-6 does not move
+# a one-minute run; the capacity factor's range is every lab's (validation.CAPACITY_FACTOR).
 LIMITS: dict[str, tuple[float, float]] = {
     "vocab": (2, 1 << 17), "d_model": (8, 8192), "layers": (1, 64), "heads": (1, 128),
     "seq_len": (2, 8192), "d_expert": (1, 1 << 16), "experts": (1, 1024), "alpha": (0.0, 10.0),
-    "capacity": (0.05, 64.0), "gamma": (0.0, 1.0), "seed": (0, 2**31 - 1),
+    "capacity": CAPACITY_FACTOR, "gamma": (0.0, 1.0), "seed": (0, 2**31 - 1),
     "steps": (1, 100_000), "batch": (1, 4096), "lr": (1e-6, 1e4), "warmup": (0, 100_000),
     "eval_every": (1, 100_000), "eval_batches": (1, 1000), "seeds": (1, 16)}
 

@@ -12,6 +12,9 @@ import re
 # Budget for one generated tensor or working set. The CI/dev machine has 24 GiB and two users may
 # run at once; 4 GiB keeps a single request from taking the machine down.
 MAX_BYTES = 4 * 2**30
+# A capacity factor's range on every page and command (routing, training, cost): under 0.05 a
+# router drops over 95% of its slots; 64 holds any realistic imbalance.
+CAPACITY_FACTOR = (0.05, 64.0)
 
 
 def check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:

@@ -46,6 +46,7 @@ SAME_NAMES = {
     "Experts E": [("routing", "E"), ("expert_parallel", "experts"), ("training", "E"), ("cost", "experts")],
     "Experts per token k": [("routing", "k"), ("expert_parallel", "k"), ("training", "k"), ("cost", "k")],
     "Ranks R": [("routing", "R"), ("expert_parallel", "ranks"), ("cost", "ep")],
+    "Capacity factor C": [("routing", "C"), ("training", "C"), ("cost", "cf")],
 }
 
 
@@ -56,3 +57,24 @@ def test_same_quantity_same_name_on_every_page(monkeypatch):
     wrong = {use: labels[use] for name, uses in SAME_NAMES.items() for use in uses
              if not labels[use].startswith(name)}
     assert wrong == {}
+
+
+def test_capacity_factor_takes_one_range_everywhere(monkeypatch):
+    """Routing took 0.01, training 0.05 and cost only 1.0 upwards; now each takes the engine's
+    range, and each lab's own check refuses just outside it."""
+    from engine.cost_memory import TrainLayout
+    from engine.routing_lab import LabSettings
+    from engine.train_loop import TrainSettings
+    from engine.validation import CAPACITY_FACTOR
+
+    lo, hi = CAPACITY_FACTOR
+    for page, key in SAME_NAMES["Capacity factor C"]:
+        box = _page(page, monkeypatch).number_input(key=key)
+        assert (box.min, box.max) == (lo, hi), page
+    for build in (lambda c: LabSettings(capacity_factor=c).validate(),
+                  lambda c: TrainLayout(capacity_factor=c),
+                  lambda c: TrainSettings(capacity=c)):
+        build(lo), build(hi)
+        for c in (lo * 0.99, hi * 1.01):
+            with pytest.raises(ValueError, match="capacity"):
+                build(c)

@@ -159,7 +159,7 @@ def test_report_says_when_only_the_kv_cache_goes_over():
 
 @pytest.mark.parametrize("changes, name", [
     ({"gpus": 6, "ep": 4}, "gpus must be a multiple of ep"), ({"zero": 4}, "zero"),
-    ({"micro_batch": 0}, "micro_batch"), ({"gpus": 0}, "gpus"), ({"capacity_factor": 0.5}, "capacity_factor"),
+    ({"micro_batch": 0}, "micro_batch"), ({"gpus": 0}, "gpus"), ({"capacity_factor": 0.01}, "capacity_factor"),
     ({"precision": "fp8"}, "precision"), ({"capacity_factor": float("nan")}, "capacity_factor"),
 ])
 def test_bad_layouts_name_the_field(changes, name):

@@ -183,3 +183,15 @@ def test_committed_h200_comparison_is_shown_without_none():
     assert len(table) == 7 and (table["verdict"] == "within").sum() >= 4
     assert "None" not in table.astype(str).to_numpy().ravel().tolist()
     assert any("MFU" in c.value and "H200" in c.value for c in at.caption)
+
+
+def test_kv_tokens_take_the_engine_range_and_a_bad_link_value_is_named():
+    """0 (off) to the engine's MAX_KV_TOKENS; `kvtok=-5` read "must be >= 1", though 0 is valid."""
+    from engine.cost_memory import MAX_KV_TOKENS
+
+    at = _page(kvtok="-5")
+    kv = at.number_input(key="kvtok")
+    assert (kv.min, kv.max, kv.value) == (0, MAX_KV_TOKENS, 0)
+    assert not at.error
+    assert [w.value for w in at.warning] == [
+        "Some settings in the link could not be used: `kvtok=-5` (using `0`)."]
