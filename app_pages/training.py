@@ -45,7 +45,8 @@ def _settings() -> tuple[TrainSettings, str]:
                              "tokens: not causal, its loss is optimistic); deepseek: bias balancing, no aux loss; "
                              "dense: FFN of k x expert width (same active parameters); "
                              "dense_total: FFN of E x expert width (same total).")
-    c = st.columns(6)
+    # Inputs aligned at the bottom: a label that wraps in its column must not push its box down.
+    c = st.columns(6, vertical_alignment="bottom")
     experts = c[0].number_input("Experts E", *LIMITS["experts"], D.experts, key="E", bind=QP)
     k = c[1].number_input("Experts per token k", 1, LIMITS["experts"][1], D.k, key="k", bind=QP,
                           help="hash routers: 1 or 2; Switch is always top-1")
@@ -53,7 +54,7 @@ def _settings() -> tuple[TrainSettings, str]:
     d_model = c[3].number_input("d_model", *LIMITS["d_model"], D.d_model, step=16, key="d", bind=QP)
     steps = c[4].number_input("Steps", *LIMITS["steps"], D.steps, step=20, key="steps", bind=QP)
     batch = c[5].number_input("Batch (sequences)", *LIMITS["batch"], D.batch, key="batch", bind=QP)
-    c = st.columns(6)
+    c = st.columns(6, vertical_alignment="bottom")
     seq_len = c[0].number_input("Sequence length", *LIMITS["seq_len"], D.seq_len, step=16, key="seq",
                                 bind=QP)
     alpha = c[1].number_input("Aux loss weight alpha", *LIMITS["alpha"], D.alpha, step=0.005,
@@ -67,7 +68,7 @@ def _settings() -> tuple[TrainSettings, str]:
                            bind=QP)
     seeds = c[5].text_input("Seeds", "0", key="seeds", bind=QP, help="comma-separated, e.g. 0,1,2")
     with st.expander("Data and model details"):
-        c = st.columns(6)
+        c = st.columns(6, vertical_alignment="bottom")
         data = c[0].selectbox("Data", TEXTS + ("upload",), key="data", bind=QP,
                               help="pydoc: the Python reference manual (ships with Python); "
                                    "stdlib: the standard library's sources (5 MB); upload: your "

@@ -422,6 +422,33 @@ def table_overflow_px(page) -> list[int]:
         .map(s => s.scrollWidth - s.clientWidth)""")
 
 
+def misaligned_inputs(page) -> list[str]:
+    """Labels of drawn number and text inputs whose box sits lower than that of an input at the same
+    place (n-th element) in another column of the same st.columns row: a label that wraps pushes
+    its box down unless the row aligns at the bottom."""
+    return page.evaluate("""() => {
+        const out = [], groups = new Map();
+        const inputs = '[data-testid=stNumberInput], [data-testid=stTextInput]';
+        for (const w of document.querySelectorAll(inputs)) {
+            const col = w.closest('[data-testid=stColumn]'), box = w.querySelector('input');
+            const rect = box.getBoundingClientRect();
+            if (!col || rect.height === 0) continue;  // not in columns, or in a closed expander
+            const items = [...col.querySelectorAll('[data-testid=stElementContainer]')]
+                .filter(e => e.closest('[data-testid=stColumn]') === col);
+            const place = items.indexOf(w.closest('[data-testid=stElementContainer]'));
+            const key = [col.closest('[data-testid=stHorizontalBlock]'), place];
+            const found = [...groups.keys()].find(k => k[0] === key[0] && k[1] === key[1]);
+            if (found) groups.get(found).push([w.innerText.split('\\n')[0], rect.top]);
+            else groups.set(key, [[w.innerText.split('\\n')[0], rect.top]]);
+        }
+        for (const boxes of groups.values()) {
+            const top = Math.min(...boxes.map(([, t]) => t));
+            out.push(...boxes.filter(([, t]) => t - top > 1).map(([label]) => label));
+        }
+        return out;
+    }""")
+
+
 def exceptions(page) -> list[str]:
     """Texts of exception elements (tracebacks or Streamlit's redacted error box)."""
     return page.get_by_test_id("stException").all_inner_texts()

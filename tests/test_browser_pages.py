@@ -50,6 +50,7 @@ def test_page_end_to_end(browser, page, server, path):
     assert len(before) >= spec.figures
     assert bs.table_count(page) >= spec.tables
     assert bs.table_overflow_px(page)[:spec.fit_tables] == [0] * spec.fit_tables
+    assert bs.misaligned_inputs(page) == []
 
     if spec.csv is not None:
         table = bs.download_csv(page, spec.csv)
