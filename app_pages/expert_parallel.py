@@ -92,7 +92,9 @@ if stats is not None:
     m[0].metric("Balancedness (mean / max load)", f"{stats.balancedness:.3f}")
     m[1].metric("Slowest rank vs mean", f"{1 / stats.balancedness:.2f}x")
     m[2].metric("Pairs leaving their rank", f"{stats.leave_share:.1%}")
-    m[3].metric("Off-rank MB per layer, each way", f"{stats.off_rank_bytes() / 1e6:,.1f}")
+    m[3].metric("Off-rank MB, all ranks", f"{stats.off_rank_bytes() / 1e6:,.1f}",
+                help="one layer's dispatch: the bytes that leave their rank, summed over every "
+                     "rank (the heatmap's cells); the combine sends as many back")
 
     left, right = st.columns(2)
     table = rank_table(stats)

@@ -157,7 +157,7 @@ def test_heatmap_holds_exactly_the_off_rank_megabytes_of_the_metric(at):
     z = heat["data"][0]["z"]
     assert all(z[i][i] is None for i in range(3))  # same-rank rows never cross the network
     total = sum(v for row in z for v in row if v is not None)
-    metric = next(m for m in at.metric if m.label == "Off-rank MB per layer, each way")
+    metric = next(m for m in at.metric if m.label == "Off-rank MB, all ranks")
     assert f"{total:,.1f}" == metric.value
     assert heat["layout"]["title"]["text"].startswith("Off-rank dispatch MB")
 
