@@ -128,18 +128,19 @@ def _histogram(result: LabResult, settings: LabSettings) -> None:
         * settings.num_tokens / settings.num_experts
     counts = counts.assign(load=(counts["tokens"] / even).round(4)).sort_values(x, kind="stable")
     capacity_factor = settings.capacity_factor
-    # Horizontal lines across the plot at y (what fig.add_hline draws, without its validation cost).
-    lines = [(1.0, "k T / E: every slot routed, evenly", "dot", None, "top"),
-             (capacity_factor, f"capacity C = {capacity_factor:g}", "dash", "firebrick", "bottom")]
+    # Horizontal lines across the plot at y (what fig.add_hline draws, without its validation cost),
+    # named in the legend: a label on the plot lay over the curves near it.
+    lines = [(1.0, "k T / E: every slot routed, evenly", "dot", "black"),
+             (capacity_factor, f"capacity C = {capacity_factor:g}", "dash", "firebrick")]
     fig = line_figure(counts, x, "load", "router", line_shape="hv", hover=("expert", "tokens"),
                       order=routers, height=420, margin={"t": 30},
                       labels={"load rank": "experts, busiest first", "expert": "expert id", "router": "",
                               "load": "tokens / (k T / E)"},
                       shapes=[{"type": "line", "xref": "x domain", "x0": 0, "x1": 1, "y0": y, "y1": y,
-                               "line": {"dash": dash, "color": color}} for y, _, dash, color, _ in lines],
-                      annotations=[{"xref": "x domain", "x": 1, "y": y, "text": text, "showarrow": False,
-                                    "xanchor": "right", "yanchor": anchor}
-                                   for y, text, _, _, anchor in lines])
+                               "line": {"dash": dash, "color": color}} for y, _, dash, color in lines])
+    for _, text, dash, color in lines:  # legend entries only: no points to draw or hover
+        fig.add_scatter(x=[None], y=[None], mode="lines", name=text, hoverinfo="skip",
+                        line={"dash": dash, "color": color})
     st.plotly_chart(fig, width="stretch")
 
 

@@ -73,7 +73,12 @@ def test_histogram_is_in_capacity_units_so_capped_routers_top_out_at_c():
     at = _page({"T": str(t), "E": str(e), "C": str(c), "routers": ["topk", "switch", "gshard", "expert_choice"]})
     assert not at.exception and not at.error
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)
-    ys = {tr["name"]: _values(tr["y"]) for tr in spec["data"]}
+    # The two reference lines are named in the legend, not by labels over the curves.
+    *routers, even, cap = spec["data"]
+    assert (even["name"], cap["name"]) == ("k T / E: every slot routed, evenly", "capacity C = 1.25")
+    assert even["y"] == cap["y"] == [None] and not spec["layout"].get("annotations")
+    assert sorted(s["y0"] for s in spec["layout"]["shapes"]) == [1.0, c]
+    ys = {tr["name"]: _values(tr["y"]) for tr in routers}
     for name, k in (("Switch top-1", 1), ("GShard top-2", 2)):
         assert max(ys[name]) == pytest.approx(math.ceil(c * k * t / e) / (k * t / e), abs=1e-4)
     assert all(y == pytest.approx(math.ceil(c * 2 * t / e) / (2 * t / e), abs=1e-4) for y in ys["Expert Choice"])
