@@ -224,7 +224,8 @@ def _label_at(fig: go.Figure, x: float, text: str, xanchor: str = "left", y: flo
     """A label at height y (1: the plot's top) at data x on a log x axis. Plotly places an annotation
     on a log axis at log10 of its x (add_vline's and add_vrect's own labels pass x as is, off the plot)."""
     fig.add_annotation(x=float(np.log10(x)), xref="x", y=y, yref="paper", text=text, showarrow=False,
-                       xanchor=xanchor, yanchor="top")
+                       xanchor=xanchor, yanchor="top",
+                       xshift=4 if xanchor == "left" else -4)  # off a line drawn at that x
 
 
 pts, cur = res.points, res.curve

@@ -144,6 +144,8 @@ def test_labels_on_log_axes_sit_at_their_lines(monkeypatch, query):
             at_x = 10 ** a["x"]
             assert min(xs + edges) * 0.99 <= at_x <= max(xs + edges) * 1.01, (a["text"], at_x)
             assert any(abs(at_x / e - 1) < 1e-9 for e in edges), (a["text"], at_x, edges)
+            # Shifted a few pixels away from the line, on the side the text extends to.
+            assert a["xshift"] == (4 if a["xanchor"] == "left" else -4), a["text"]
             checked += 1
     assert checked >= (3 if query else 1)
 
