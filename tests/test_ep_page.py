@@ -121,8 +121,11 @@ def test_committed_results_show_the_phase_ratios(at, monkeypatch):
         pytest.approx([0.5, 0.25, 0.25])
     # The configuration (with the GPU work queued before each call and the share of calls
     # replayed from graphs), then the rounds' dispatch ratios beside the reported one.
-    assert list(table.columns[:6]) == ["tokens", "chunks", "lead_ms", "graph_share",
-                                       "dispatch_ratio", "dispatch_ratio_rounds"]
+    assert list(table.columns[:7]) == ["tokens", "chunks", "lead_ms", "graph_share",
+                                       "dispatch_ratio", "dispatch >= 0.7", "dispatch_ratio_rounds"]
+    # 0.5 is under the 0.7 target: the row says so, and the count under the table agrees.
+    assert table.loc[0, "dispatch >= 0.7"] == "below"
+    assert "0 of 1 rows meet the dispatch target." in [c.value for c in at.caption]
 
 
 def test_a_bad_field_is_one_error_naming_it(at):
