@@ -15,7 +15,7 @@ from app_pages._ui import table as show_table  # `table` here is the data
 from engine.scaling_breakpoint import MAX_SEED
 from engine.scaling_data import (DATASETS, MAX_UPLOAD_BYTES, Filter, SyntheticSpec, detection_curve,
                                  generate_synthetic, load_dataset, parse_csv, select_xy)
-from engine.scaling_forms import FORMS
+from engine.scaling_forms import FORMS, smooth_rivals
 from engine.scaling_intervals import DEFAULT_METHOD, METHOD_NAMES, METHODS
 from engine.scaling_lab import LOSSES, PAGE_LABELS, FitSettings, LabResult, analyse, other_forms
 
@@ -213,9 +213,13 @@ k[3].metric("sup-F p-value", f"{'≤ ' if floor else ''}{t.supf_pvalue:.3g}", he
 k[4].metric("BIC(broken) - BIC(single)", f"{t.delta_bic:.1f}", help="negative favours a break")
 verdict = t.supported(0.05)
 earlier = f"Last valid result ({shown}): " if stale else ""
-(st.info if stale else st.success if verdict else st.warning)(
+rivals = smooth_rivals(form_table) if verdict else []
+bend = "; ".join(f"{f} {d:+.1f}" for f, d in rivals)
+(st.info if stale else st.warning if rivals or not verdict else st.success)(
     earlier + ("A break is supported: sup-F rejects a single power law at 5 % and BIC prefers the break."
-               if verdict else "No convincing break: a single power law is not rejected, or BIC prefers it."))
+               if verdict else "No convincing break: a single power law is not rejected, or BIC prefers it.")
+    + (f" But a smooth bend fits about as well or better (BIC against the break: {bend}): the data "
+       "show curvature, not necessarily a sharp knee." if rivals else ""))
 if iv.note:
     st.caption(f"The breakpoint interval {iv.note}.")
 

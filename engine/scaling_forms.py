@@ -277,3 +277,15 @@ def holdout_mask(n: int, first_k: int | None = None, split: object = None,
         return np.ones(n, bool)
     k = check_int("first_k", first_k, 4, n)
     return np.arange(n) < k
+
+
+def smooth_rivals(table: pd.DataFrame, margin: float = 2.0) -> list[tuple[str, float]]:
+    """Smooth forms (saturating, BNSL) of a compare_forms table whose BIC is below the two-segment
+    law's or within `margin` above it: (form, BIC minus the break's), best first. A BIC difference
+    under 2 is barely worth a mention (Kass and Raftery 1995), so such a form explains the points
+    about as well with a gradual bend as the break does with a knee."""
+    bic = dict(zip(table["form"], table["bic"])) if len(table) else {}
+    if "broken" not in bic:
+        return []
+    rivals = [(f, float(bic[f] - bic["broken"])) for f in ("saturating", "bnsl") if f in bic]
+    return sorted([r for r in rivals if r[1] < margin], key=lambda r: r[1])

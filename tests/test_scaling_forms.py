@@ -78,3 +78,18 @@ def test_chinchilla_form_is_skipped_without_tokens_and_unknown_forms_are_refused
     with pytest.raises(ValueError, match="form must be one of"):
         compare_forms(x, 2 * x ** -0.1, forms=("cubic",))
     assert isinstance(table, pd.DataFrame)
+
+
+def test_smooth_rivals_are_the_smooth_forms_within_2_bic_of_the_break_best_first():
+    import pandas as pd
+
+    from engine.scaling_forms import smooth_rivals
+
+    table = pd.DataFrame({"form": ["power", "saturating", "broken", "bnsl", "chinchilla"],
+                          "bic": [-10.0, -29.0, -30.0, -35.0, -99.0]})
+    # saturating is 1 above the break (within 2), bnsl 5 below; power and chinchilla are not smooth
+    # one-variable rivals of the knee.
+    assert smooth_rivals(table) == [("bnsl", -5.0), ("saturating", 1.0)]
+    assert smooth_rivals(table, margin=0.5) == [("bnsl", -5.0)]
+    assert smooth_rivals(table[table["form"] != "broken"]) == []
+    assert smooth_rivals(pd.DataFrame()) == []

@@ -208,3 +208,14 @@ def test_sizes_near_1e20_read_with_an_exponent_in_every_table(monkeypatch):
     assert float(row["low"]) < float(row["estimate"]) < float(row["high"])
     points = _table(at, "x", "fitted")
     assert all(re.fullmatch(r"\d(\.\d+)?e\+\d\d", v) for v in points["x"])
+
+
+def test_a_break_beside_a_smooth_form_that_fits_as_well_says_so(monkeypatch):
+    """Chinchilla's break is supported, but BNSL's BIC is 7.8 lower and the saturating form's 0.6
+    higher (the forms table): the verdict says a smooth bend fits as well, not only 'supported'."""
+    at = _page(monkeypatch, src="chinchilla", forms=["power", "saturating", "broken", "bnsl"])
+    forms = _table(at, "form", "bic").set_index("form")["bic"]
+    d = {f: forms[f] - forms["broken"] for f in ("saturating", "bnsl")}
+    assert not at.success
+    (verdict,) = [w.value for w in at.warning if w.value.startswith("A break is supported")]
+    assert f"(BIC against the break: bnsl {d['bnsl']:+.1f}; saturating {d['saturating']:+.1f})" in verdict
