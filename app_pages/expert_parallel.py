@@ -77,7 +77,7 @@ d_model = c[0].select_slider("d_model", [2**i for i in range(6, 15)], 4096, key=
 dtype = c[1].selectbox("Payload dtype", list(DTYPES), index=1, key="dtype", **Q)
 router = c[2].selectbox("Router", list(ROUTERS), key="router", **Q,
                         help="hash: Hash Layers on token ids (k <= 2); topk: softmax top-k gate")
-zipf = c[3].slider("Token skew (Zipf exponent)", 0.0, MAX_ZIPF, 1.0, 0.1, key="zipf", **Q)
+zipf = c[3].slider("Zipf exponent s", 0.0, MAX_ZIPF, 1.0, 0.1, key="zipf", **Q)
 c = st.columns(4)
 placement = c[0].radio("Placement", list(PLACEMENTS), key="place", **Q,
                        help="greedy: EPLB-style packing by load, with replicas of hot experts")

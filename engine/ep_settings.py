@@ -47,7 +47,7 @@ class EPSettings(EPFields):
         check_choice("Payload dtype", self.dtype, tuple(DTYPES))
         check_choice("Placement", self.placement, PLACEMENTS)
         check_int("Replicas of hot experts", self.replicas, 0, self.experts * (self.ranks - 1))
-        check_float("Token skew (Zipf exponent)", self.zipf, 0.0, MAX_ZIPF)
+        check_float("Zipf exponent s", self.zipf, 0.0, MAX_ZIPF)
         check_float("Hot expert share", self.hot_share, 0.0, 1.0)
         check_int("Seed", self.seed, 0, MAX_SEED)
         return self

@@ -47,12 +47,21 @@ SAME_NAMES = {
     "Experts per token k": [("routing", "k"), ("expert_parallel", "k"), ("training", "k"), ("cost", "k")],
     "Ranks R": [("routing", "R"), ("expert_parallel", "ranks"), ("cost", "ep")],
     "Capacity factor C": [("routing", "C"), ("training", "C"), ("cost", "cf")],
+    "Zipf exponent s": [("routing", "s"), ("expert_parallel", "zipf")],
 }
+
+
+def _widget(at: AppTest, key: str):
+    """The number input or slider with this key."""
+    try:
+        return at.number_input(key=key)
+    except KeyError:
+        return at.slider(key=key)
 
 
 def test_same_quantity_same_name_on_every_page(monkeypatch):
     pages = {p: _page(p, monkeypatch) for p in {p for uses in SAME_NAMES.values() for p, _ in uses}}
-    labels = {(p, key): pages[p].number_input(key=key).label
+    labels = {(p, key): _widget(pages[p], key).label
               for uses in SAME_NAMES.values() for p, key in uses}
     wrong = {use: labels[use] for name, uses in SAME_NAMES.items() for use in uses
              if not labels[use].startswith(name)}

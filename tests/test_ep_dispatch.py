@@ -258,7 +258,7 @@ def test_cli_errors_name_the_flag_typed(capsys, argv, flag):
     assert main(["dispatch", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {flag} "), err
-    assert not any(label in err for label in ("Experts E", "Ranks R", "Token skew", "Hot expert", "Seed"))
+    assert not any(label in err for label in ("Experts E", "Ranks R", "Zipf exponent", "Hot expert", "Seed"))
 
 
 @pytest.mark.parametrize("flag, field, others", [

@@ -77,7 +77,7 @@ def _settings(args: argparse.Namespace, ranks: int | None) -> EPSettings:
 NAMES = {"Experts E": "--experts", "Ranks R": "--ranks", "Experts per token k": "--top-k",
          "Tokens per rank": "--tokens", "d_model": "--d-model", "Payload dtype": "--dtype",
          "Placement": "--placement", "Replicas of hot experts": "--replicas", "Router": "--router",
-         "Token skew (Zipf exponent)": "--zipf", "Hot expert share": "--hot-share", "Seed": "--seed"}
+         "Zipf exponent s": "--zipf", "Hot expert share": "--hot-share", "Seed": "--seed"}
 
 
 def run(args: argparse.Namespace) -> CommandResult:
