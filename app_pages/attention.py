@@ -207,11 +207,15 @@ def _training(result: SweepResult, here: bool) -> None:
     st.metric(f"Fastest: {best['backend']}", f"{best['ms_per_step']:.1f} ms per step",
               f"{best['speedup_vs_default']:.2f}x SDPA's default choice", delta_color="off")
     st.dataframe(view, hide_index=True, width="stretch",
-                 column_config={"speedup_vs_default": st.column_config.NumberColumn(format="%.2fx"),
-                                "memory_vs_default": st.column_config.NumberColumn(format="%.2fx"),
-                                "ms_per_step": st.column_config.NumberColumn(format="%.1f"),
-                                "ms_per_layer": st.column_config.NumberColumn(format="%.3f"),
-                                "peak_mib_per_layer": st.column_config.NumberColumn(format="%.0f")})
+                 # Short headers, so the eight columns fit a laptop's width without scrolling.
+                 column_config={"speedup_vs_default": st.column_config.NumberColumn(
+                                    "speedup", format="%.2fx", help="against SDPA's default choice"),
+                                "memory_vs_default": st.column_config.NumberColumn(
+                                    "memory", format="%.2fx", help="against SDPA's default choice"),
+                                "ms_per_step": st.column_config.NumberColumn("ms/step", format="%.1f"),
+                                "ms_per_layer": st.column_config.NumberColumn("ms/layer", format="%.3f"),
+                                "peak_mib_per_layer": st.column_config.NumberColumn(
+                                    "peak MiB/layer", format="%.0f")})
     where = "this machine" if here else measured_on(result.env, result.created)
     st.caption(f"{model.layers} layers x one layer's forward+backward ({where}). "
                "Rows at another batch or head count are scaled by B·H (FLOPs and memory grow linearly in it); "

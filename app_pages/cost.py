@@ -267,9 +267,19 @@ if result is not None:
         st.subheader("MoE / dense ratios")
         st.caption("Dense baselines: the same d_ff (the MoE model without experts), and d_ff widened "
                    "to equal the MoE's active or total parameters.")
+        num, text = st.column_config.NumberColumn, st.column_config.TextColumn
+        # Short headers (the full names in the download): eight columns fit without scrolling.
         st.dataframe(_sci(result["MoE / dense"], ["MoE training FLOPs", "dense training FLOPs"]),
                      hide_index=True,
-                     column_config={"dense params": st.column_config.NumberColumn(format="localized")})
+                     column_config={"dense baseline": text("baseline"), "dense d_ff": num("d_ff"),
+                                    "dense params": num("params", format="localized"),
+                                    **{c: num(c.removesuffix(" ratio") + " x", format="%.3f",
+                                              help="MoE / dense")
+                                       for c in ("total params ratio", "active params ratio",
+                                                 "forward FLOPs ratio")},
+                                    **{f"{m} training FLOPs": text(f"{m} FLOPs",
+                                                                   help="training FLOPs for D tokens")
+                                       for m in ("MoE", "dense")}})
         download_buttons("cost_compare", result["MoE / dense"], {"config": values, "tokens": tokens})
 
 st.subheader("Predicted beside measured")

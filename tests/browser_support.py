@@ -603,9 +603,9 @@ PAGES: dict[str, PageSpec] = {
     "scaling": PageSpec(
         "scaling", query={"src": "bnsl_4digit", "seed": 3}, change=("seed", 4),
         csv="scaling_predictions.csv", csv_columns=("x", "y", "fitted", "residual", "train"),
-        csv_check=_scaling_points_ok, figures=3, tables=3, fit_tables=1),
+        csv_check=_scaling_points_ok, figures=3, tables=3, fit_tables=3),
     "cost": PageSpec(
         "cost", query={"preset": "Mixtral 8x7B", "experts": 16, "k": 4}, change=("k", 1),
         csv="cost_params.csv", csv_columns=("component", "total", "active"),
-        csv_check=_cost_params_ok, figures=1, tables=2, fit_tables=2),
+        csv_check=_cost_params_ok, figures=1, tables=2, fit_tables=3),
 }
