@@ -301,7 +301,7 @@ st.subheader("Other forms on the same points")
 st.caption("RMSLE is the root mean squared error of natural-log loss; hold-out rows are extrapolated.")
 # Short numbers and headers, so the fit column fits beside them without scrolling.
 num = st.column_config.NumberColumn
-show_table(form_table, formats={"train_rmsle": "%.4f", "bic": "%.1f", "holdout_rmsle": "%.4f"},
+show_table(form_table, formats={"bic": "%.1f", "holdout_rmsle": "%.4f"},
            hide_index=True, key="scaling_forms",
            column_config={"parameters": num("params"),
                           "train_rmsle": num("RMSLE", format="%.4f", help="on the fitted rows")})
