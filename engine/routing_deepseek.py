@@ -4,7 +4,7 @@ and the routed scaling factor."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -72,8 +72,11 @@ class DeepSeekV3Router(_GatedRouter):
         return cls(d_model=d_model, seed=seed, bias_update_speed=bias_update_speed, **DEEPSEEK_V3)
 
     def _select(self, scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Expert ids (T, k) from scores (T, E): group limit, then top-k of s + b."""
-        biased = scores + bias.to(scores)
+        """Expert ids (T, k) from scores (T, E): group limit, then top-k of s + b, summed in
+        float32 as the reference adds its float32 bias (bf16 holds a bias of 2-4 to steps of
+        0.016, more than a trained gate's typical score of 0.01: it tied a quarter of the tokens'
+        k-th and (k+1)-th experts, and a constant added to every bias changed the routing)."""
+        biased = scores.float() + bias.float()
         if self.n_groups > 1:
             grouped = biased.view(scores.shape[0], self.n_groups, -1)
             group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
@@ -121,8 +124,10 @@ class DeepSeekV3Router(_GatedRouter):
     def route_logits(self, logits: torch.Tensor, batch_shape: tuple[int, ...],
                      probs: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> Routing:
         """Route gate logits (T, E) with the current bias or `bias` (probs unused: scores are
-        sigmoids)."""
-        return self.route_scores(torch.sigmoid(logits), batch_shape, bias)
+        sigmoids). The sigmoid and the selection run in float32 (bf16 scores of a trained gate,
+        about 0.01, tie often); the weights are cast to the logits' dtype at the end."""
+        r = self.route_scores(torch.sigmoid(logits.float()), batch_shape, bias)
+        return replace(r, weights=r.weights.to(logits.dtype))
 
 
 def update_bias(bias: torch.Tensor, counts: torch.Tensor, gamma: float) -> None:
