@@ -110,7 +110,9 @@ def sweep(args: argparse.Namespace, s: TrainSettings, corpus_path: str) -> dict:
             router, seed = pending.pop(0)
             out = tmp / f"{router}_{seed}.json"
             left = max(10.0, deadline_s - (time.monotonic() - t0))
-            cmd = base + ["--job", f"{router}:{seed}", "--job-out", str(out),
+            # The job's own router only: the settings are checked for every router they name
+            # (Expert Choice, a default router, cannot be captured in a CUDA graph).
+            cmd = base + ["--routers", router, "--job", f"{router}:{seed}", "--job-out", str(out),
                           "--time-limit", str(left)]
             procs.append((subprocess.Popen(cmd), out))
         time.sleep(1)
