@@ -174,3 +174,21 @@ def test_settings_both_labs_share_have_one_name():
     assert _page().number_input(key="gamma").label == label
     with pytest.raises(ValueError, match=f"^{label} must be <= 1.0"):
         TrainSettings(gamma=2.0)
+
+
+def test_deepseek_rerun_note_quotes_the_committed_summaries():
+    """The note shown with the float32 rerun states CVs that the committed files hold."""
+    import json
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+    def cv(name: str, router: str = "deepseek") -> str:
+        doc = json.loads((results / f"{name}.json").read_text())
+        return f"{next(r for r in doc['summary'] if r['router'] == router)['CV']:.3f}"
+
+    note = json.loads((results / "train_h200_2026-12-04_deepseek.json").read_text())["note"]
+    for figure in (cv("train_h200_2026-12-03"), cv("train_h200_2026-12-04_deepseek"),
+                   cv("train_h200_2026-12-03", "topk"), cv("train_h200_2026-12-04_deepseek_gamma0.001")):
+        assert figure in note
+    # Top-k's rerun reproduces the earlier sweep, as the note says.
+    assert cv("train_h200_2026-12-04_deepseek", "topk") == cv("train_h200_2026-12-03", "topk")
