@@ -123,8 +123,8 @@ def unused_link_settings(requested: Mapping[str, list[str]],
 
 def _link_value_matches(raw: list[str], value: Any) -> bool:
     if isinstance(value, (list, tuple)):  # an empty choice is in the URL as one empty value
-        return raw == [""] and not value or (len(raw) == len(value)
-                                             and all(map(_text_matches, raw, value)))
+        return (raw == [""] and not value) or (len(raw) == len(value)
+                                               and all(map(_text_matches, raw, value)))
     return bool(raw) and _text_matches(raw[-1], value)  # a single-value widget takes the last
 
 
@@ -199,7 +199,7 @@ def guarded(key: str, compute: Callable[[], T], names: Mapping[str, str] | None 
     try:
         result = compute()
     except ValueError as exc:
-        message = relabel(str(exc), dict(names or {}))
+        message = relabel(str(exc), names or {})
         # Logged too: whoever runs the demo can see in the server log what was refused.
         log.warning("input refused by %s: %s", key, message)
         st.error(_no_markdown_links(message), icon=":material/error:")
@@ -320,10 +320,10 @@ def _figure(traces: list[dict], x: str, y: str, labels: dict[str, str], legend: 
 def line_figure(df: pd.DataFrame, x: str, y: str | list[str], color: str | None = None, *,
                 markers: bool = False, line_shape: str | None = None, hover: tuple[str, ...] = (),
                 labels: dict[str, str] | None = None, order: list | None = None,
-                error_y: str | None = None, **layout: Any) -> go.Figure:
+                error_y: str | None = None, extra: tuple[dict, ...] = (), **layout: Any) -> go.Figure:
     """Lines of `y` against `x`, one per `color` group (or per column when `y` is a list), like
-    px.line; `error_y` names a column of symmetric error bars; `layout` goes to the figure's layout
-    (height, title, ...)."""
+    px.line; `error_y` names a column of symmetric error bars; `extra` adds plain trace dicts after
+    the lines (validated with them, once); `layout` goes to the figure's layout (height, title, ...)."""
     labels = labels or {}
     if isinstance(y, list):  # wide form: one line per column
         df = df.melt(id_vars=[x, *hover], value_vars=y, var_name="variable", value_name="value")
@@ -338,7 +338,7 @@ def line_figure(df: pd.DataFrame, x: str, y: str | list[str], color: str | None 
                "customdata": g[list(hover)].to_numpy() if hover else None,
                "hovertemplate": _hover(x, y, hover, labels) + "<extra>%{fullData.name}</extra>"}
               for name, g in groups]
-    return _figure(traces, x, y, labels, labels.get(color, color), **layout)
+    return _figure(traces + list(extra), x, y, labels, labels.get(color, color), **layout)
 
 
 def bar_figure(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, barmode: str = "relative",

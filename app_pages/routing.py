@@ -137,10 +137,12 @@ def _histogram(result: LabResult, settings: LabSettings) -> None:
                       labels={"load rank": "experts, busiest first", "expert": "expert id", "router": "",
                               "load": "tokens / (k T / E)"},
                       shapes=[{"type": "line", "xref": "x domain", "x0": 0, "x1": 1, "y0": y, "y1": y,
-                               "line": {"dash": dash, "color": color}} for y, _, dash, color in lines])
-    for _, text, dash, color in lines:  # legend entries only: no points to draw or hover
-        fig.add_scatter(x=[None], y=[None], mode="lines", name=text, hoverinfo="skip",
-                        line={"dash": dash, "color": color})
+                               "line": {"dash": dash, "color": color}} for y, _, dash, color in lines],
+                      # Legend entries only: no points to draw or hover.
+                      extra=tuple({"type": "scatter", "x": [None], "y": [None], "mode": "lines",
+                                   "name": text, "hoverinfo": "skip",
+                                   "line": {"dash": dash, "color": color}}
+                                  for _, text, dash, color in lines))
     st.plotly_chart(fig, width="stretch")
 
 

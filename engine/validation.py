@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import operator
 import re
+from collections.abc import Mapping
 
 # Budget for one generated tensor or working set. The CI/dev machine has 24 GiB and two users may
 # run at once; 4 GiB keeps a single request from taking the machine down.
@@ -63,7 +64,7 @@ def check_bytes(name: str, nbytes: float, limit: int = MAX_BYTES) -> None:
         )
 
 
-def relabel(message: str, names: dict[str, str]) -> str:
+def relabel(message: str, names: Mapping[str, str]) -> str:
     """`message` with each field name (a whole word) replaced by what the user typed it as."""
     if not names:
         return message
